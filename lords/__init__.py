@@ -1,0 +1,10 @@
+"""lords: Low-Rank Decomposed Scaling for 2-4 bit LLM quantization and adaptation."""
+
+__version__ = "0.1.0"
+
+from .config import LoRDSConfig  # noqa: E402
+from .linear import LoRDSLinear  # noqa: E402
+from .model import quantize  # noqa: E402
+from .checkpoint import load, save  # noqa: E402
+
+__all__ = ["LoRDSConfig", "LoRDSLinear", "quantize", "save", "load", "__version__"]

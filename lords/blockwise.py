@@ -1,0 +1,51 @@
+"""Block-wise absmax quantization: one scale per `block_size` consecutive input elements of a row.
+
+At 4 bits with the NF codebook and block_size 64 this is bitsandbytes' NF4 (for in_features divisible by 64, the
+flattened 64-element blocks of bitsandbytes are exactly these row blocks). It is both the LoRDS baseline and the
+source of the LoRDS initialization.
+"""
+
+import torch
+
+from .codebooks import nearest_codes
+
+
+def check_block_size(in_features: int, block_size: int) -> None:
+    if block_size < 1 or in_features % block_size:
+        raise ValueError(f"in_features={in_features} is not divisible by block_size={block_size}")
+
+
+def block_absmax(weight: torch.Tensor, block_size: int) -> torch.Tensor:
+    """(..., n, m) -> (..., n, m // block_size): max |w| over each block of a row."""
+    *lead, in_features = weight.shape
+    check_block_size(in_features, block_size)
+    return weight.abs().reshape(*lead, in_features // block_size, block_size).amax(dim=-1)
+
+
+def expand_blocks(block_scale: torch.Tensor, block_size: int) -> torch.Tensor:
+    """(..., n, g) -> (..., n, g * block_size): the piecewise-constant scale matrix S_blk."""
+    return block_scale.repeat_interleave(block_size, dim=-1)
+
+
+def safe_divide(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """W / S with S kept away from zero (sign preserved, 0 treated as +), so no NaN/Inf can appear."""
+    tiny = 1e-12
+    guarded = torch.where(scale < 0, scale.clamp(max=-tiny), scale.clamp(min=tiny))
+    return weight / guarded
+
+
+def compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """Quantization math runs in float32, or float64 when given float64 (the tests' references)."""
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+
+def quantize_blockwise(weight: torch.Tensor, codebook: torch.Tensor, block_size: int):
+    """Round-to-nearest with absmax block scales. Returns (codes uint8 (..., n, m), absmax (..., n, m/b))."""
+    weight = weight.to(compute_dtype(weight))
+    absmax = block_absmax(weight, block_size)
+    codes = nearest_codes(safe_divide(weight, expand_blocks(absmax, block_size)), codebook)
+    return codes, absmax
+
+
+def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor, block_size: int):
+    return expand_blocks(absmax, block_size) * codebook.to(absmax.device)[codes.long()]

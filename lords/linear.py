@@ -1,0 +1,81 @@
+"""LoRDSLinear: a linear layer stored as packed codes, a codebook and low-rank scales B (n x r), A (r x m)."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .codebooks import check_bits, get_codebook
+from .factorize import LoRDSFactors, bits_per_weight
+from .packing import pack_codes, packed_size, unpack_codes
+
+BACKENDS = ("torch",)
+
+
+class LoRDSLinear(nn.Module):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        rank: int,
+        codebook: str = "nf",
+        bias: bool = False,
+        scale_dtype: torch.dtype = torch.bfloat16,
+        device=None,
+    ):
+        super().__init__()
+        check_bits(bits)
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.rank, self.codebook_kind = bits, rank, codebook
+        self.backend = "torch"
+        self.register_buffer(
+            "codes", torch.zeros(packed_size(in_features * out_features, bits), dtype=torch.uint8, device=device)
+        )
+        self.register_buffer("codebook", get_codebook(codebook, bits).to(device))
+        self.scale_b = nn.Parameter(torch.zeros(out_features, rank, dtype=scale_dtype, device=device))
+        self.scale_a = nn.Parameter(torch.zeros(rank, in_features, dtype=scale_dtype, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
+
+    @classmethod
+    def from_factors(
+        cls, factors: LoRDSFactors, bits: int, codebook: str = "nf", bias: torch.Tensor | None = None
+    ) -> "LoRDSLinear":
+        out_features, rank = factors.scale_b.shape
+        in_features = factors.scale_a.shape[1]
+        layer = cls(
+            in_features, out_features, bits, rank, codebook, bias is not None, factors.scale_b.dtype,
+            factors.scale_b.device,
+        )
+        with torch.no_grad():
+            layer.codes.copy_(pack_codes(factors.codes, bits))
+            layer.scale_b.copy_(factors.scale_b)
+            layer.scale_a.copy_(factors.scale_a)
+            if bias is not None:
+                layer.bias = nn.Parameter(bias.detach().clone())
+        return layer
+
+    def unpacked_codes(self) -> torch.Tensor:
+        return unpack_codes(self.codes, self.bits, (self.out_features, self.in_features))
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense weight (B A) * C[codes]; scales multiply in float32 before the cast."""
+        scale = self.scale_b.float() @ self.scale_a.float()
+        return (scale * self.codebook.float()[self.unpacked_codes().long()]).to(dtype)
+
+    @property
+    def bits_per_weight(self) -> float:
+        scale_bits = torch.finfo(self.scale_b.dtype).bits
+        return bits_per_weight(self.out_features, self.in_features, self.bits, self.rank, scale_bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The single dispatch point between the torch reference and fused kernels.
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; choose one of {BACKENDS}")
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantize(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"rank={self.rank}, codebook={self.codebook_kind}, bias={self.bias is not None}"
+        )

@@ -1,0 +1,217 @@
+"""Walk a Hugging Face causal LM, gather calibration statistics block by block, and replace linears."""
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .codebooks import get_codebook
+from .config import LoRDSConfig
+from .factorize import LoRDSFactors, lords_quantize, parity_rank, reconstruct, relative_error
+from .linear import LoRDSLinear
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder blocks: the ModuleList holding config.num_hidden_layers modules (model.layers for Llama/Qwen)."""
+    count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and (count is None or len(module) == count):
+            return name, module
+    raise ValueError(f"{type(model).__name__} has no ModuleList of decoder blocks; only transformer LMs are supported")
+
+
+def block_targets(block: nn.Module, prefix: str, config: LoRDSConfig) -> list[tuple[str, nn.Linear]]:
+    """The targeted nn.Linear modules of one block. A targeted module that holds a 2-D weight but is not an
+    nn.Linear (GPT-2's Conv1D, a custom projection) is an error rather than silently left in full precision."""
+    targets = []
+    for name, module in block.named_modules():
+        full = f"{prefix}.{name}"
+        if not config.matches(full):
+            continue
+        if isinstance(module, nn.Linear):
+            targets.append((full, module))
+        elif _is_linear_like(module):
+            raise TypeError(f"module {full} ({type(module).__name__}) matches the targets but is not an nn.Linear")
+    return targets
+
+
+def _is_linear_like(module: nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return (
+        isinstance(weight, torch.Tensor)
+        and weight.dim() == 2
+        and not isinstance(module, (nn.Embedding, LoRDSLinear))
+    )
+
+
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+class _StopForward(Exception):
+    pass
+
+
+def capture_block_inputs(model: nn.Module, first_block: nn.Module, calibration: torch.Tensor, batch_size: int):
+    """Run the model up to the first block on each calibration batch; return [(args, kwargs)] per batch."""
+    captured = []
+
+    def hook(_module, args, kwargs):
+        captured.append((args, kwargs))
+        raise _StopForward
+
+    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    device = next(model.parameters()).device
+    try:
+        for batch in calibration.split(batch_size):
+            try:
+                model(batch.to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def block_output(block: nn.Module, args, kwargs) -> torch.Tensor:
+    out = block(*args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def channel_second_moments(block: nn.Module, linears: list[nn.Linear], inputs) -> dict[nn.Module, torch.Tensor]:
+    """h_k = E[x_k^2] of each linear's input over the calibration tokens (the activation-aware column weights)."""
+    sums = {layer: torch.zeros(layer.in_features, dtype=torch.float64) for layer in linears}
+    counts = dict.fromkeys(linears, 0)
+
+    def hook(layer, args):
+        x = args[0].reshape(-1, layer.in_features)
+        sums[layer] += x.double().pow(2).sum(dim=0).cpu()
+        counts[layer] += x.shape[0]
+
+    handles = [layer.register_forward_pre_hook(hook) for layer in set(linears)]
+    try:
+        for args, kwargs in inputs:
+            block_output(block, args, kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {layer: (sums[layer] / max(counts[layer], 1)).float() for layer in linears}
+
+
+@dataclass
+class LayerReport:
+    name: str
+    shape: tuple[int, int]
+    bits: int
+    rank: int
+    bits_per_weight: float
+    error_init: float  # the objective's relative error after the SVD init (activation-weighted if calibrated)
+    error: float  # the same after refinement
+    weight_error: float  # plain ||W - W_hat|| / ||W||
+    seconds: float
+
+
+def _quantize_group(names, linears, config, channel_weights, device) -> list[tuple[LoRDSLinear, LayerReport]]:
+    """Quantize same-shaped linears sharing one config together (one batched refinement)."""
+    start = time.perf_counter()
+    weight = torch.stack([layer.weight.detach() for layer in linears]).to(device=device, dtype=torch.float32)
+    channels = None
+    if channel_weights is not None:
+        channels = torch.stack(channel_weights).to(device)
+    out_features, in_features = weight.shape[-2:]
+    rank = config.rank or parity_rank(out_features, in_features, config.block_size)
+    codebook = get_codebook(config.codebook, config.bits).to(device)
+    factors = lords_quantize(
+        weight, codebook, config.block_size, rank, config.steps, config.lr, channels, config.exact_init,
+        getattr(torch, config.scale_dtype), config.seed,
+    )
+    approx = reconstruct(factors.scale_b.float() @ factors.scale_a.float(), factors.codes, codebook)
+    weight_error = relative_error(weight, approx)
+    seconds = (time.perf_counter() - start) / len(linears)
+    results = []
+    for i, (name, layer) in enumerate(zip(names, linears)):
+        home = layer.weight.device
+        one = LoRDSFactors(
+            factors.scale_b[i].to(home), factors.scale_a[i].to(home), factors.codes[i].to(home),
+            factors.error_init[i], factors.error[i],
+        )
+        module = LoRDSLinear.from_factors(one, config.bits, config.codebook, layer.bias)
+        report = LayerReport(
+            name, (out_features, in_features), config.bits, rank, module.bits_per_weight,
+            factors.error_init[i].item(), factors.error[i].item(), weight_error[i].item(), seconds,
+        )
+        results.append((module, report))
+    return results
+
+
+def quantize(
+    model: nn.Module,
+    config: LoRDSConfig | None = None,
+    calibration: torch.Tensor | None = None,
+    device: str | torch.device | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> list[LayerReport]:
+    """Replace the targeted nn.Linear modules of the decoder blocks by LoRDSLinear, in place.
+
+    calibration: token ids (N, L); when given, the refinement weighs input channels by E[x^2] measured on the
+    block's actual inputs, block by block, with earlier blocks already quantized (peak memory ~ one block).
+    device: where the refinement runs (default: CUDA when present); layers of one shape in a block run batched.
+    """
+    config = config or LoRDSConfig()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    prefix, blocks = find_blocks(model)
+    inputs = None
+    if calibration is not None:
+        if calibration.dim() != 2 or calibration.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"calibration must be integer token ids of shape (N, L), got {calibration.dtype} {tuple(calibration.shape)}")
+        inputs = capture_block_inputs(model, blocks[0], calibration, batch_size)
+    reports = []
+    bar = tqdm(total=len(blocks), desc="quantizing blocks", disable=not progress)
+    for index, block in enumerate(blocks):
+        targets = block_targets(block, f"{prefix}.{index}", config)
+        stats = None
+        if inputs is not None:
+            with torch.no_grad():
+                stats = channel_second_moments(block, [layer for _, layer in targets], inputs)
+        groups: dict[tuple, list[tuple[str, nn.Linear]]] = {}
+        for name, layer in targets:
+            module_config = config.for_module(name)
+            key = (tuple(layer.weight.shape), repr(module_config.to_dict()))
+            groups.setdefault(key, []).append((name, layer))
+        for members in groups.values():
+            names = [name for name, _ in members]
+            linears = [layer for _, layer in members]
+            channel_weights = None if stats is None else [stats[layer] for layer in linears]
+            for name, (module, report) in zip(
+                names, _quantize_group(names, linears, config.for_module(names[0]), channel_weights, device)
+            ):
+                set_submodule(model, name, module)
+                reports.append(report)
+        if inputs is not None:
+            with torch.no_grad():
+                inputs = [((block_output(block, args, kwargs),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
+        bar.set_postfix(error=f"{sum(r.error for r in reports) / max(len(reports), 1):.4f}")
+        bar.update()
+    bar.close()
+    return reports
+
+
+def format_report(reports: list[LayerReport]) -> str:
+    lines = [f"{'layer':<44} {'shape':>12} {'bits':>4} {'rank':>4} {'bpw':>6} {'err init':>9} {'err':>8} {'w err':>8} {'sec':>6}"]
+    for r in reports:
+        shape = f"{r.shape[0]}x{r.shape[1]}"
+        lines.append(
+            f"{r.name:<44} {shape:>12} {r.bits:>4} {r.rank:>4} {r.bits_per_weight:>6.3f} {r.error_init:>9.4f} "
+            f"{r.error:>8.4f} {r.weight_error:>8.4f} {r.seconds:>6.1f}"
+        )
+    total = sum(r.shape[0] * r.shape[1] for r in reports)
+    if total:
+        bpw = sum(r.bits_per_weight * r.shape[0] * r.shape[1] for r in reports) / total
+        seconds = sum(r.seconds for r in reports)
+        lines.append(f"{len(reports)} layers, {total / 1e6:.1f}M weights, {bpw:.3f} bits/weight, {seconds:.1f} s")
+    return "\n".join(lines)

@@ -1,0 +1,49 @@
+import pytest
+import torch
+
+from lords.codebooks import get_codebook, int_codebook, nearest_codes, nf_codebook
+
+
+def test_nf4_equals_bitsandbytes_table():
+    bnb_functional = pytest.importorskip("bitsandbytes.functional")
+    table = bnb_functional.get_4bit_type("nf4", device="cpu").float()
+    assert torch.allclose(nf_codebook(4), table, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_nf_levels_shape(bits):
+    levels = nf_codebook(bits)
+    assert levels.numel() == 2**bits
+    assert torch.all(levels[1:] > levels[:-1])
+    assert levels.max() == 1 and levels.min() == -1
+    assert (levels == 0).sum() == 1
+    assert (levels > 0).sum() == 2 ** (bits - 1) and (levels < 0).sum() == 2 ** (bits - 1) - 1
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_int_levels(bits):
+    half = 2 ** (bits - 1)
+    expected = torch.arange(-half, half, dtype=torch.float64) / (half - 1)
+    assert torch.allclose(int_codebook(bits).double(), expected)
+
+
+@pytest.mark.parametrize("kind,bits", [("nf", 2), ("nf", 3), ("nf", 4), ("int", 3), ("int", 4)])
+def test_nearest_codes_matches_brute_force(kind, bits):
+    codebook = get_codebook(kind, bits).double()
+    values = torch.randn(37, 53, dtype=torch.float64) * 0.7
+    brute = (values[..., None] - codebook).abs().argmin(dim=-1)
+    codes = nearest_codes(values, codebook)
+    assert codes.dtype == torch.uint8
+    # ties are measure-zero for random inputs; compare the achieved distance to be robust anyway
+    assert torch.equal((values - codebook[codes.long()]).abs(), (values - codebook[brute]).abs())
+
+
+@pytest.mark.parametrize("bad", [1, 5, 8, "4"])
+def test_bits_out_of_range(bad):
+    with pytest.raises(ValueError, match="bits must be one of"):
+        nf_codebook(bad)
+
+
+def test_unknown_codebook():
+    with pytest.raises(ValueError, match="codebook must be one of"):
+        get_codebook("fp4", 4)

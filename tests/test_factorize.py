@@ -1,0 +1,152 @@
+import pytest
+import torch
+
+from lords.blockwise import block_absmax, expand_blocks, quantize_blockwise
+from lords.codebooks import get_codebook, nf_codebook
+from lords.factorize import (
+    bits_per_weight,
+    blockwise_refine,
+    lords_quantize,
+    parity_rank,
+    reconstruct,
+    relative_error,
+    svd_init,
+)
+
+
+def structured_weight(out_features, in_features, seed=0, dtype=torch.float64):
+    """Heavy-ish tails and row/column magnitude structure, like trained LLM weights."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.rand(out_features, 1, generator=generator, dtype=dtype) + 0.5
+    cols = torch.rand(1, in_features, generator=generator, dtype=dtype) + 0.5
+    weight = torch.randn(out_features, in_features, generator=generator, dtype=dtype) * rows * cols
+    weight[:, :3] *= 6
+    return weight
+
+
+def test_parity_rank_matches_spec_examples():
+    assert [parity_rank(4096, 4096, 128), parity_rank(1024, 4096, 128), parity_rank(14336, 4096, 128)] == [16, 6, 24]
+    assert [parity_rank(4096, 4096, 64), parity_rank(1024, 4096, 64), parity_rank(14336, 4096, 64)] == [32, 12, 49]
+    assert parity_rank(8, 8, 128) == 1
+
+
+def test_bits_per_weight_at_parity_is_bits_plus_16_over_b():
+    rank = parity_rank(4096, 4096, 128)
+    assert bits_per_weight(4096, 4096, 4, rank) == pytest.approx(4 + 16 / 128, abs=1e-12)
+
+
+def test_svd_init_is_best_rank_r_approximation_of_block_scales():
+    weight = structured_weight(40, 256)
+    block_size, rank = 32, 3
+    scale_b, scale_a = svd_init(weight, block_size, rank)
+    dense = expand_blocks(block_absmax(weight, block_size), block_size)
+    u, s, vh = torch.linalg.svd(dense)
+    reference = (u[:, :rank] * s[:rank]) @ vh[:rank]
+    assert scale_b.shape == (40, rank) and scale_a.shape == (rank, 256)
+    assert torch.allclose(scale_b @ scale_a, reference, atol=1e-10, rtol=0)
+    # the singular values are split evenly between B and A
+    assert torch.allclose(scale_b.norm(dim=0), scale_a.norm(dim=1), rtol=1e-10)
+
+
+def test_svd_init_exact_when_rank_allows():
+    weight = structured_weight(24, 128)
+    block_size = 32  # 4 blocks, so rank(S_blk) <= 4
+    scale_b, scale_a = svd_init(weight, block_size, rank=4)
+    dense = expand_blocks(block_absmax(weight, block_size), block_size)
+    assert torch.allclose(scale_b @ scale_a, dense, atol=1e-12, rtol=0)
+
+
+def test_svd_init_rank_above_block_count_pads_without_changing_product():
+    weight = structured_weight(24, 128)
+    scale_b, scale_a = svd_init(weight, 32, rank=7)
+    dense = expand_blocks(block_absmax(weight, 32), 32)
+    assert scale_b.shape == (24, 7) and scale_a.shape == (7, 128)
+    assert torch.allclose(scale_b @ scale_a, dense, atol=1e-12, rtol=0)
+    assert torch.all(scale_b[:, 4:] == 0) and torch.all(scale_a[4:] != 0)
+
+
+def test_exact_init_reproduces_block_scales_of_width_m_over_r():
+    weight = structured_weight(30, 96)
+    rank = 5  # 96 / 5 is not an integer: blocks of 20 and 19
+    scale_b, scale_a = svd_init(weight, block_size=64, rank=rank, exact=True)
+    sizes = [c.numel() for c in torch.arange(96).tensor_split(rank)]
+    block_scale = torch.stack([c.abs().amax(-1) for c in weight.split(sizes, -1)], -1)
+    dense = block_scale.repeat_interleave(torch.tensor(sizes), dim=-1)
+    assert torch.allclose(scale_b @ scale_a, dense, atol=1e-12, rtol=0)
+
+
+def test_quantize_at_exact_rank_init_equals_blockwise_rtn():
+    weight = structured_weight(16, 128)
+    codebook = nf_codebook(4).double()
+    factors = lords_quantize(weight, codebook, 32, rank=4, steps=0, scale_dtype=torch.float64)
+    codes, absmax = quantize_blockwise(weight, codebook, 32)
+    blockwise = expand_blocks(absmax, 32) * codebook[codes.long()]
+    ours = reconstruct(factors.scale_b @ factors.scale_a, factors.codes, codebook)
+    assert torch.allclose(ours, blockwise, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("kind,bits", [("nf", 4), ("nf", 3), ("nf", 2), ("int", 4)])
+def test_refinement_never_ends_worse_and_usually_improves(kind, bits):
+    weight = structured_weight(48, 256, seed=bits).float()
+    codebook = get_codebook(kind, bits)
+    rank = parity_rank(48, 256, 64)
+    factors = lords_quantize(weight, codebook, 64, rank, steps=60, scale_dtype=torch.float32)
+    assert factors.error <= factors.error_init + 1e-6
+    assert factors.error < 0.97 * factors.error_init
+    approx = reconstruct(factors.scale_b @ factors.scale_a, factors.codes, codebook)
+    assert torch.allclose(relative_error(weight, approx), factors.error, rtol=1e-5)
+
+
+def test_activation_aware_objective_lowers_weighted_error():
+    weight = structured_weight(32, 128, seed=3).float()
+    channel_weight = torch.rand(128) ** 4 * 100
+    codebook = nf_codebook(3)
+    plain = lords_quantize(weight, codebook, 32, 2, steps=80, scale_dtype=torch.float32)
+    aware = lords_quantize(weight, codebook, 32, 2, steps=80, channel_weight=channel_weight, scale_dtype=torch.float32)
+    plain_weighted = relative_error(
+        weight, reconstruct(plain.scale_b @ plain.scale_a, plain.codes, codebook), channel_weight
+    )
+    assert aware.error < plain_weighted
+
+
+def test_batched_equals_one_by_one():
+    weights = torch.stack([structured_weight(24, 128, seed=s).float() for s in range(3)])
+    codebook = nf_codebook(4)
+    batched = lords_quantize(weights, codebook, 32, 2, steps=15)
+    for i in range(3):
+        single = lords_quantize(weights[i], codebook, 32, 2, steps=15)
+        assert torch.allclose(single.scale_b.float(), batched.scale_b[i].float(), atol=1e-2, rtol=1e-2)
+        assert torch.allclose(single.error, batched.error[i], rtol=1e-3)
+
+
+def test_deterministic_given_seed():
+    weight = structured_weight(24, 128).float()
+    first = lords_quantize(weight, nf_codebook(4), 32, 6, steps=10, seed=7)
+    second = lords_quantize(weight, nf_codebook(4), 32, 6, steps=10, seed=7)
+    assert torch.equal(first.scale_b, second.scale_b) and torch.equal(first.codes, second.codes)
+
+
+def test_blockwise_refine_never_worse_than_rtn():
+    weight = structured_weight(32, 256, seed=5).float()
+    codebook = nf_codebook(3)
+    codes, absmax = quantize_blockwise(weight, codebook, 64)
+    rtn = relative_error(weight, expand_blocks(absmax, 64) * codebook[codes.long()])
+    codes, block_scale = blockwise_refine(weight, codebook, 64, steps=40)
+    refined = relative_error(weight, expand_blocks(block_scale, 64) * codebook[codes.long()])
+    assert refined < rtn
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_rejects_non_finite_weights(bad):
+    weight = torch.randn(8, 64)
+    weight[3, 5] = bad
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        lords_quantize(weight, nf_codebook(4), 32, 1, steps=0)
+
+
+def test_zero_weight_gives_finite_output():
+    weight = torch.zeros(8, 64)
+    weight[0, 0] = 1.0
+    factors = lords_quantize(weight, nf_codebook(4), 32, 2, steps=5)
+    for tensor in (factors.scale_b, factors.scale_a, factors.error):
+        assert torch.isfinite(tensor.float()).all()
