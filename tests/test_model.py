@@ -1,0 +1,81 @@
+import pytest
+import torch
+from torch import nn
+
+import lords
+from lords.linear import LoRDSLinear
+from lords.model import channel_second_moments, capture_block_inputs, find_blocks
+
+
+def test_quantize_replaces_every_block_linear_and_nothing_else(tiny_llama):
+    ids = torch.randint(0, 96, (2, 12))
+    reference = tiny_llama(ids).logits
+    reports = lords.quantize(tiny_llama, lords.LoRDSConfig(bits=4, block_size=32, steps=5), progress=False)
+    replaced = [name for name, module in tiny_llama.named_modules() if isinstance(module, LoRDSLinear)]
+    assert len(replaced) == len(reports) == 2 * 7
+    assert all(name.startswith("model.layers.") for name in replaced)
+    assert isinstance(tiny_llama.lm_head, nn.Linear) and isinstance(tiny_llama.model.embed_tokens, nn.Embedding)
+    out = tiny_llama(ids).logits
+    assert torch.isfinite(out).all()
+    assert ((out - reference).norm() / reference.norm()).item() < 0.3
+    for report in reports:
+        assert report.error <= report.error_init + 1e-6
+
+
+def test_overrides_and_skip_by_pattern(tiny_llama):
+    config = lords.LoRDSConfig(
+        bits=3, block_size=32, steps=0, skip=["*.v_proj"], overrides={"*.mlp.*": {"bits": 4, "rank": 3}}
+    )
+    lords.quantize(tiny_llama, config, progress=False)
+    block = tiny_llama.model.layers[1]
+    assert isinstance(block.self_attn.v_proj, nn.Linear)
+    assert block.self_attn.q_proj.bits == 3
+    assert (block.mlp.down_proj.bits, block.mlp.down_proj.rank) == (4, 3)
+
+
+def test_channel_statistics_match_direct_computation(tiny_llama):
+    ids = torch.randint(0, 96, (3, 10))
+    _, blocks = find_blocks(tiny_llama)
+    inputs = capture_block_inputs(tiny_llama, blocks[0], ids, batch_size=2)
+    assert sum(args[0].shape[0] for args, _ in inputs) == 3
+    q_proj = blocks[0].self_attn.q_proj
+    stats = channel_second_moments(blocks[0], [q_proj], inputs)
+    seen = []
+    handle = q_proj.register_forward_pre_hook(lambda _m, args: seen.append(args[0].reshape(-1, 64)))
+    tiny_llama(ids)
+    handle.remove()
+    direct = torch.cat(seen).double().pow(2).mean(dim=0).float()
+    assert torch.allclose(stats[q_proj], direct, rtol=1e-4)
+
+
+def test_calibrated_quantization_runs_block_by_block(tiny_llama):
+    ids = torch.randint(0, 96, (4, 16))
+    reports = lords.quantize(
+        tiny_llama, lords.LoRDSConfig(bits=4, block_size=32, steps=10), calibration=ids, progress=False
+    )
+    assert len(reports) == 14 and all(r.error <= r.error_init + 1e-6 for r in reports)
+
+
+def test_unsupported_layer_is_named():
+    class Conv1DLike(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(8, 8))
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = Conv1DLike()
+
+    class Toy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([Block()])
+
+    with pytest.raises(TypeError, match=r"layers\.0\.proj \(Conv1DLike\) matches the targets but is not an nn.Linear"):
+        lords.quantize(Toy(), lords.LoRDSConfig(steps=0), progress=False)
+
+
+def test_bad_calibration_is_named(tiny_llama):
+    with pytest.raises(ValueError, match="calibration must be integer token ids"):
+        lords.quantize(tiny_llama, lords.LoRDSConfig(steps=0), calibration=torch.randn(2, 8), progress=False)
