@@ -15,7 +15,7 @@ class LoRDSConfig:
     rank: int | None = None  # None: parameter parity with block_size
     codebook: str = "nf"  # "nf" (NormalFloat) or "int" (symmetric integer)
     steps: int = 500  # refinement steps (0: SVD init only)
-    lr: float = 1e-2  # Adam step relative to each scale tensor's initial RMS
+    lr: float = 0.1  # Adam step relative to each scale tensor's initial RMS
     exact_init: bool = False  # absmax over in_features/rank blocks so that B A equals S_blk exactly
     scale_dtype: str = "bfloat16"  # storage dtype of B and A; bits per weight are counted with it
     # fnmatch patterns on module names relative to the model; linears inside the decoder blocks by default

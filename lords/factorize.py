@@ -101,7 +101,7 @@ def refine_scales(
     params: list[torch.Tensor],
     make_scale: Callable[[list[torch.Tensor]], torch.Tensor],
     steps: int,
-    lr: float = 1e-3,
+    lr: float = 0.1,
     channel_weight: torch.Tensor | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """Alternate a Q-step (nearest codes) and one Adam step on the scale parameters, keeping the best iterate.
@@ -155,7 +155,7 @@ def lords_quantize(
     block_size: int,
     rank: int,
     steps: int = 500,
-    lr: float = 1e-3,
+    lr: float = 0.1,
     channel_weight: torch.Tensor | None = None,
     exact_init: bool = False,
     scale_dtype: torch.dtype = torch.bfloat16,
@@ -195,7 +195,7 @@ def blockwise_refine(
     codebook: torch.Tensor,
     block_size: int,
     steps: int,
-    lr: float = 1e-3,
+    lr: float = 0.1,
     channel_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The same refinement budget given to the block-wise baseline: Adam on its block scales.

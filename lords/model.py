@@ -1,7 +1,9 @@
 """Walk a Hugging Face causal LM, gather calibration statistics block by block, and replace linears."""
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -33,7 +35,7 @@ def block_targets(block: nn.Module, prefix: str, config: LoRDSConfig) -> list[tu
         if isinstance(module, nn.Linear):
             targets.append((full, module))
         elif _is_linear_like(module):
-            raise TypeError(f"module {full} ({type(module).__name__}) matches the targets but is not an nn.Linear")
+            raise ValueError(f"module {full} ({type(module).__name__}) matches the targets but is not an nn.Linear")
     return targets
 
 
@@ -107,7 +109,7 @@ class LayerReport:
     name: str
     shape: tuple[int, int]
     bits: int
-    rank: int
+    rank: int | None  # None for block-wise baselines
     bits_per_weight: float
     error_init: float  # the objective's relative error after the SVD init (activation-weighted if calibrated)
     error: float  # the same after refinement
@@ -148,27 +150,28 @@ def _quantize_group(names, linears, config, channel_weights, device) -> list[tup
     return results
 
 
-def quantize(
+def walk_blocks(
     model: nn.Module,
-    config: LoRDSConfig | None = None,
+    config: LoRDSConfig,
+    quantize_group: Callable,
     calibration: torch.Tensor | None = None,
-    device: str | torch.device | None = None,
     batch_size: int = 8,
     progress: bool = True,
 ) -> list[LayerReport]:
-    """Replace the targeted nn.Linear modules of the decoder blocks by LoRDSLinear, in place.
+    """Replace the targeted linears of each decoder block, in place, one block at a time.
 
-    calibration: token ids (N, L); when given, the refinement weighs input channels by E[x^2] measured on the
-    block's actual inputs, block by block, with earlier blocks already quantized (peak memory ~ one block).
-    device: where the refinement runs (default: CUDA when present); layers of one shape in a block run batched.
+    quantize_group(names, linears, config, channel_weights) -> [(module, LayerReport)] handles same-shaped linears
+    sharing one config. With calibration token ids (N, L), each block's inputs are the outputs of the blocks before
+    it, already quantized (GPTQ's sequential scheme), and channel_weights are E[x^2] of each linear's input; peak
+    memory stays near one block plus its activations.
     """
-    config = config or LoRDSConfig()
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     prefix, blocks = find_blocks(model)
     inputs = None
     if calibration is not None:
         if calibration.dim() != 2 or calibration.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"calibration must be integer token ids of shape (N, L), got {calibration.dtype} {tuple(calibration.shape)}")
+            raise ValueError(
+                f"calibration must be integer token ids of shape (N, L), got {calibration.dtype} {tuple(calibration.shape)}"
+            )
         inputs = capture_block_inputs(model, blocks[0], calibration, batch_size)
     reports = []
     bar = tqdm(total=len(blocks), desc="quantizing blocks", disable=not progress)
@@ -176,20 +179,17 @@ def quantize(
         targets = block_targets(block, f"{prefix}.{index}", config)
         stats = None
         if inputs is not None:
-            with torch.no_grad():
-                stats = channel_second_moments(block, [layer for _, layer in targets], inputs)
+            stats = channel_second_moments(block, [layer for _, layer in targets], inputs)
         groups: dict[tuple, list[tuple[str, nn.Linear]]] = {}
         for name, layer in targets:
-            module_config = config.for_module(name)
-            key = (tuple(layer.weight.shape), repr(module_config.to_dict()))
+            key = (tuple(layer.weight.shape), repr(config.for_module(name).to_dict()))
             groups.setdefault(key, []).append((name, layer))
         for members in groups.values():
             names = [name for name, _ in members]
             linears = [layer for _, layer in members]
             channel_weights = None if stats is None else [stats[layer] for layer in linears]
-            for name, (module, report) in zip(
-                names, _quantize_group(names, linears, config.for_module(names[0]), channel_weights, device)
-            ):
+            results = quantize_group(names, linears, config.for_module(names[0]), channel_weights)
+            for name, (module, report) in zip(names, results):
                 set_submodule(model, name, module)
                 reports.append(report)
         if inputs is not None:
@@ -201,12 +201,32 @@ def quantize(
     return reports
 
 
+def quantize(
+    model: nn.Module,
+    config: LoRDSConfig | None = None,
+    calibration: torch.Tensor | None = None,
+    device: str | torch.device | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> list[LayerReport]:
+    """Replace the targeted nn.Linear modules of the decoder blocks by LoRDSLinear, in place.
+
+    calibration: token ids (N, L); when given, the refinement weighs input channels by E[x^2] (activation-aware).
+    device: where the refinement runs (default: CUDA when present); same-shaped layers of a block run batched.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return walk_blocks(
+        model, config or LoRDSConfig(), partial(_quantize_group, device=device), calibration, batch_size, progress
+    )
+
+
 def format_report(reports: list[LayerReport]) -> str:
     lines = [f"{'layer':<44} {'shape':>12} {'bits':>4} {'rank':>4} {'bpw':>6} {'err init':>9} {'err':>8} {'w err':>8} {'sec':>6}"]
     for r in reports:
         shape = f"{r.shape[0]}x{r.shape[1]}"
+        rank = "-" if r.rank is None else r.rank
         lines.append(
-            f"{r.name:<44} {shape:>12} {r.bits:>4} {r.rank:>4} {r.bits_per_weight:>6.3f} {r.error_init:>9.4f} "
+            f"{r.name:<44} {shape:>12} {r.bits:>4} {rank:>4} {r.bits_per_weight:>6.3f} {r.error_init:>9.4f} "
             f"{r.error:>8.4f} {r.weight_error:>8.4f} {r.seconds:>6.1f}"
         )
     total = sum(r.shape[0] * r.shape[1] for r in reports)

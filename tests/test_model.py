@@ -72,7 +72,7 @@ def test_unsupported_layer_is_named():
             super().__init__()
             self.layers = nn.ModuleList([Block()])
 
-    with pytest.raises(TypeError, match=r"layers\.0\.proj \(Conv1DLike\) matches the targets but is not an nn.Linear"):
+    with pytest.raises(ValueError, match=r"layers\.0\.proj \(Conv1DLike\) matches the targets but is not an nn.Linear"):
         lords.quantize(Toy(), lords.LoRDSConfig(steps=0), progress=False)
 
 

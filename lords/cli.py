@@ -1,0 +1,175 @@
+"""Command line: `lords quantize | eval | generate | compare`. Parsing and printing only."""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def _device(name: str | None) -> torch.device:
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _load(model: str | None, device: torch.device):
+    from .assets import default_model_path, load_pretrained
+
+    path = Path(model) if model else default_model_path()
+    return (*load_pretrained(path, device), path)
+
+
+def cmd_quantize(args) -> None:
+    from . import LoRDSConfig, quantize, save
+    from .assets import calibration_tokens
+    from .model import format_report
+
+    device = _device(args.device)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise SystemExit(f"error: {out} exists and is not empty; pass --overwrite to replace it")
+    config = LoRDSConfig(
+        bits=args.bits, block_size=args.block_size, rank=args.rank, codebook=args.codebook, steps=args.steps,
+        lr=args.lr, exact_init=args.exact_init, skip=args.skip or [],
+    )
+    model, tokenizer, path = _load(args.model, device)
+    calibration = None
+    if args.calibration != "none":
+        calibration = calibration_tokens(tokenizer, args.calib_samples, args.calib_len, source=args.calibration)
+    print(f"quantizing {path} to {args.bits} bits (block {args.block_size}, {args.steps} steps, "
+          f"{'activation-aware' if calibration is not None else 'data-free'}) on {device}")
+    start = time.perf_counter()
+    reports = quantize(model, config, calibration=calibration, device=device)
+    print(format_report(reports))
+    print(f"quantized in {time.perf_counter() - start:.1f} s")
+    save(model, out, config=config, tokenizer=tokenizer, overwrite=args.overwrite)
+    print(f"saved to {out}")
+    if args.eval:
+        _print_perplexity(model, tokenizer, args.seq_len, args.max_tokens)
+
+
+def _print_perplexity(model, tokenizer, seq_len: int, max_tokens: int) -> None:
+    from .assets import heldout_tokens
+    from .eval.perplexity import perplexity
+
+    tokens = heldout_tokens(tokenizer, max_tokens)
+    print(f"held-out perplexity ({tokens.numel()} tokens, windows of {seq_len}): "
+          f"{perplexity(model, tokens, seq_len=seq_len):.3f}")
+
+
+def cmd_eval(args) -> None:
+    model, tokenizer, _ = _load(args.model, _device(args.device))
+    _print_perplexity(model, tokenizer, args.seq_len, args.max_tokens)
+
+
+def cmd_generate(args) -> None:
+    model, tokenizer, _ = _load(args.model, _device(args.device))
+    inputs = tokenizer(args.prompt, return_tensors="pt").to(next(model.parameters()).device)
+    output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+    print(tokenizer.decode(output[0], skip_special_tokens=True))
+
+
+def cmd_compare(args) -> None:
+    from .eval.compare import format_rows, plot_rows, run_comparison
+    from .assets import calibration_tokens, describe_data, heldout_tokens
+
+    device = _device(args.device)
+    model, tokenizer, path = _load(args.model, device)
+    heldout = heldout_tokens(tokenizer, args.max_tokens)
+    calibration = calibration_tokens(tokenizer, args.calib_samples, args.calib_len)
+    start = time.perf_counter()
+    rows = run_comparison(
+        model, heldout, calibration, tuple(args.bits), args.block_size, args.steps, args.lr, args.seq_len,
+        tuple(args.methods), device,
+    )
+    table = format_rows(rows)
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        import transformers
+
+        header = [
+            "# PTQ quality: LoRDS vs block-wise NF-k (bitsandbytes), HQQ and refined block-wise scales",
+            "",
+            "Produced by:",
+            "",
+            f"    {' '.join(['lords', *sys.argv[1:]])}",
+            "",
+            f"- date: {time.strftime('%Y-%m-%d')}; device: {device} ({torch.get_num_threads()} threads); "
+            f"torch {torch.__version__}, transformers {transformers.__version__}; total {time.perf_counter() - start:.0f} s",
+            f"- model: {path.name}; {describe_data(heldout, calibration)}",
+            f"- block size {args.block_size} for every block-wise method and for the LoRDS parity rank; "
+            f"refinement {args.steps} Adam steps (lr {args.lr}, relative) for lords, lords-aware and nf-refined-aware",
+            "",
+        ]
+        tmp = out.with_suffix(".md.tmp")
+        tmp.write_text("\n".join(header) + "\n" + table + "\n")
+        tmp.replace(out)
+        plot_rows(rows, out.with_suffix(".png"))
+        print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lords", description="Low-Rank Decomposed Scaling quantization")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p, model_help="model folder (default: the packaged default model)"):
+        p.add_argument("model", nargs="?", default=None, help=model_help)
+        p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+        p.add_argument("--seq-len", type=int, default=512, help="perplexity window length")
+        p.add_argument("--max-tokens", type=int, default=40_000, help="held-out tokens for perplexity")
+
+    q = sub.add_parser("quantize", help="quantize a model with LoRDS and save a checkpoint folder")
+    common(q)
+    q.add_argument("--bits", type=int, choices=(2, 3, 4), default=4)
+    q.add_argument("--block-size", type=int, default=64, help="block size that sets the parity rank")
+    q.add_argument("--rank", type=int, default=None, help="explicit rank (overrides parity)")
+    q.add_argument("--codebook", choices=("nf", "int"), default="nf")
+    q.add_argument("--steps", type=int, default=500, help="refinement steps (0: SVD init only)")
+    q.add_argument("--lr", type=float, default=0.1, help="Adam step relative to the scales' RMS")
+    q.add_argument("--exact-init", action="store_true", help="init from block scales of width in/rank")
+    q.add_argument("--skip", nargs="*", help="module name patterns to leave unquantized")
+    q.add_argument("--calibration", default="default", help="'default' (packaged text), 'none' (data-free) or a .txt file")
+    q.add_argument("--calib-samples", type=int, default=64)
+    q.add_argument("--calib-len", type=int, default=512)
+    q.add_argument("--out", required=True, help="output folder")
+    q.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    q.add_argument("--eval", action="store_true", help="print held-out perplexity after saving")
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="held-out perplexity of a lords checkpoint or a dense model")
+    common(e)
+    e.set_defaults(func=cmd_eval)
+
+    g = sub.add_parser("generate", help="greedy generation from a lords checkpoint or a dense model")
+    g.add_argument("model", help="model or checkpoint folder")
+    g.add_argument("prompt")
+    g.add_argument("--device", default=None)
+    g.add_argument("--max-new-tokens", type=int, default=40)
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("compare", help="PTQ comparison table (LoRDS vs NF-k, HQQ, refined block-wise)")
+    common(c)
+    c.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
+    c.add_argument("--block-size", type=int, default=64)
+    c.add_argument("--steps", type=int, default=500)
+    c.add_argument("--lr", type=float, default=0.1)
+    c.add_argument("--methods", nargs="+", default=["nf-rtn", "hqq", "lords-init", "lords", "lords-aware", "nf-refined-aware"])
+    c.add_argument("--calib-samples", type=int, default=64)
+    c.add_argument("--calib-len", type=int, default=512)
+    c.add_argument("--out", default=None, help="write a markdown table here and a PNG plot beside it")
+    c.set_defaults(func=cmd_compare)
+    return parser
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileExistsError, FileNotFoundError) as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+if __name__ == "__main__":
+    main()

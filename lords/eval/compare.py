@@ -1,0 +1,155 @@
+"""The PTQ comparison: LoRDS against block-wise NF-k (= bitsandbytes), HQQ and refined block-wise scales.
+
+Every method quantizes the same linears of the same model and is scored on the same held-out tokens. Baselines
+are applied as fake quantization (their dequantized weights written back into nn.Linear), which gives the same
+perplexity as their kernels would; bits per weight count every stored scale at its storage width.
+"""
+
+import copy
+import time
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+
+from ..blockwise import dequantize_blockwise, expand_blocks, quantize_blockwise
+from ..codebooks import get_codebook
+from ..config import LoRDSConfig
+from ..factorize import blockwise_refine, relative_error
+from ..model import LayerReport, quantize, walk_blocks
+from .perplexity import perplexity
+
+
+@dataclass
+class Row:
+    method: str
+    bits: int | None
+    bits_per_weight: float
+    perplexity: float
+    weight_error: float  # mean over layers of ||W - W_hat|| / ||W||
+    seconds: float  # quantization time, all layers
+
+
+def _dense_linear(linear: nn.Linear, weight: torch.Tensor) -> nn.Linear:
+    out = copy.deepcopy(linear)
+    out.weight.data = weight.to(linear.weight.dtype)
+    return out
+
+
+def _blockwise_group(names, linears, config, channel_weights, method: str, device):
+    """Fake-quantize same-shaped linears with a block-wise method: 'rtn', 'refined' or 'hqq'."""
+    results = []
+    codebook = get_codebook(config.codebook, config.bits).to(device)
+    for i, (name, linear) in enumerate(zip(names, linears)):
+        start = time.perf_counter()
+        weight = linear.weight.detach().to(device=device, dtype=torch.float32)
+        if method == "rtn":
+            codes, absmax = quantize_blockwise(weight, codebook, config.block_size)
+            approx = dequantize_blockwise(codes, absmax, codebook, config.block_size)
+            scale_bits = 32  # bitsandbytes keeps its absmax in fp32
+        elif method == "refined":
+            channels = None if channel_weights is None else channel_weights[i].to(device)
+            codes, block_scale = blockwise_refine(weight, codebook, config.block_size, config.steps, config.lr, channels)
+            approx = expand_blocks(block_scale.bfloat16().float(), config.block_size) * codebook[codes.long()]
+            scale_bits = 16
+        else:
+            from hqq.core.quantize import Quantizer
+
+            codes, meta = Quantizer.quantize(
+                weight, nbits=config.bits, group_size=config.block_size, optimize=True, axis=1,
+                device=str(device), compute_dtype=torch.float32, bitpack=False,
+            )
+            approx = Quantizer.dequantize(codes, meta).reshape(weight.shape)
+            scale_bits = 32  # an fp16 scale and an fp16 zero point per group
+        report = LayerReport(
+            name, tuple(weight.shape), config.bits, None, config.bits + scale_bits / config.block_size,
+            float("nan"), relative_error(weight, approx).item(), relative_error(weight, approx).item(),
+            time.perf_counter() - start,
+        )
+        results.append((_dense_linear(linear, approx.to(linear.weight.device)), report))
+    return results
+
+
+def _summary(method, bits, reports, ppl) -> Row:
+    numel = sum(r.shape[0] * r.shape[1] for r in reports)
+    bpw = sum(r.bits_per_weight * r.shape[0] * r.shape[1] for r in reports) / numel
+    error = sum(r.weight_error for r in reports) / len(reports)
+    return Row(method, bits, bpw, ppl, error, sum(r.seconds for r in reports))
+
+
+def run_comparison(
+    model: nn.Module,
+    heldout: torch.Tensor,
+    calibration: torch.Tensor,
+    bits_list=(4, 3, 2),
+    block_size: int = 64,
+    steps: int = 500,
+    lr: float = 0.1,
+    seq_len: int = 512,
+    methods=("nf-rtn", "hqq", "lords-init", "lords", "lords-aware", "nf-refined-aware"),
+    device=None,
+    log=print,
+) -> list[Row]:
+    """Quantize a fresh copy of `model` with each method at each bit width and measure held-out perplexity."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    evaluate = partial(perplexity, token_ids=heldout, seq_len=seq_len, progress=False)
+    base_ppl = evaluate(model)
+    rows = [Row("bf16" if next(model.parameters()).dtype == torch.bfloat16 else "fp32", None, 16.0, base_ppl, 0.0, 0.0)]
+    log(f"{rows[0].method}: perplexity {base_ppl:.3f}")
+    for bits in bits_list:
+        for method in methods:
+            candidate = copy.deepcopy(model)
+            lords_steps = 0 if method == "lords-init" else steps
+            config = LoRDSConfig(bits=bits, block_size=block_size, steps=lords_steps, lr=lr)
+            calib = calibration if method.endswith("aware") else None
+            if method.startswith("lords"):
+                reports = quantize(candidate, config, calibration=calib, device=device, progress=False)
+            else:
+                kind = {"nf-rtn": "rtn", "hqq": "hqq"}.get(method, "refined")
+                group = partial(_blockwise_group, method=kind, device=device)
+                reports = walk_blocks(candidate, config, group, calibration=calib, progress=False)
+            row = _summary(method, bits, reports, evaluate(candidate))
+            rows.append(row)
+            log(
+                f"{method} {bits}-bit: {row.bits_per_weight:.3f} bpw, perplexity {row.perplexity:.3f}, "
+                f"weight error {row.weight_error:.4f}, {row.seconds:.1f} s"
+            )
+            del candidate
+    return rows
+
+
+def format_rows(rows: list[Row]) -> str:
+    lines = [
+        "| method | bits | bits/weight | perplexity | rel. weight error | quant. time (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        bits = "-" if row.bits is None else row.bits
+        lines.append(
+            f"| {row.method} | {bits} | {row.bits_per_weight:.3f} | {row.perplexity:.3f} | "
+            f"{row.weight_error:.4f} | {row.seconds:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_rows(rows: list[Row], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for method in dict.fromkeys(row.method for row in rows if row.bits is not None):
+        points = sorted((r.bits_per_weight, r.perplexity) for r in rows if r.method == method)
+        axis.plot(*zip(*points), marker="o", label=method)
+    reference = rows[0]
+    axis.axhline(reference.perplexity, color="gray", linestyle="--", label=f"{reference.method} ({reference.perplexity:.2f})")
+    axis.set_xlabel("bits per weight (scales included)")
+    axis.set_ylabel("held-out perplexity")
+    axis.set_yscale("log")
+    axis.legend(fontsize=8)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
