@@ -197,20 +197,20 @@ def blockwise_refine(
     steps: int,
     lr: float = 0.1,
     channel_weight: torch.Tensor | None = None,
+    scale_dtype: torch.dtype = torch.bfloat16,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same refinement budget given to the block-wise baseline: Adam on its block scales.
-    Returns (codes, block scales) for a single weight (n, m)."""
+    """The same refinement budget given to the block-wise baseline: Adam on its absmax block scales.
+    weight (n, m) or (L, n, m); returns (codes, block scales rounded to scale_dtype), codes assigned for them."""
     check_weight(weight)
-    stack = _as_stack(weight).float()
-    channels = None if channel_weight is None else channel_weight.float().reshape(1, -1)
+    stack = _as_stack(weight).to(compute_dtype(weight))
+    codebook = codebook.to(stack)
+    channels = None if channel_weight is None else channel_weight.to(stack).reshape(stack.shape[0], stack.shape[-1])
     (block_scale,), _, _ = refine_scales(
-        stack,
-        codebook.float().to(stack.device),
-        [block_absmax(stack, block_size)],
-        lambda params: expand_blocks(params[0], block_size),
-        steps,
-        lr,
-        channels,
+        stack, codebook, [block_absmax(stack, block_size)], lambda params: expand_blocks(params[0], block_size),
+        steps, lr, channels,
     )
-    codes = assign_codes(stack, expand_blocks(block_scale, block_size), codebook.float().to(stack.device))
-    return codes[0], block_scale[0]
+    block_scale = block_scale.to(scale_dtype)
+    codes = assign_codes(stack, expand_blocks(block_scale.to(stack.dtype), block_size), codebook)
+    if weight.dim() == 2:
+        return codes[0], block_scale[0]
+    return codes, block_scale

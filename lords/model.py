@@ -150,55 +150,71 @@ def _quantize_group(names, linears, config, channel_weights, device) -> list[tup
     return results
 
 
+@torch.no_grad()
+def collect_channel_weights(
+    model: nn.Module, targets: list[tuple[str, nn.Linear]], calibration: torch.Tensor, batch_size: int, progress: bool
+) -> dict[str, torch.Tensor]:
+    """E[x_k^2] of every target's input, measured block by block (peak memory: one block's activations).
+
+    The statistics come from the unquantized model, as in AWQ: they weigh the error of each input channel by how
+    much signal flows through it.
+    """
+    if calibration.dim() != 2 or calibration.dtype not in (torch.int64, torch.int32):
+        raise ValueError(
+            f"calibration must be integer token ids of shape (N, L), got {calibration.dtype} {tuple(calibration.shape)}"
+        )
+    _, blocks = find_blocks(model)
+    inputs = capture_block_inputs(model, blocks[0], calibration, batch_size)
+    names = {layer: name for name, layer in targets}
+    weights = {}
+    for block in tqdm(blocks, desc="calibration statistics", disable=not progress):
+        linears = [layer for layer in block.modules() if layer in names]
+        for layer, moments in channel_second_moments(block, linears, inputs).items():
+            weights[names[layer]] = moments
+        inputs = [((block_output(block, args, kwargs),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
+    return weights
+
+
 def walk_blocks(
     model: nn.Module,
     config: LoRDSConfig,
     quantize_group: Callable,
     calibration: torch.Tensor | None = None,
+    *,
     batch_size: int = 8,
+    max_batch_numel: int = 2**27,
     progress: bool = True,
 ) -> list[LayerReport]:
-    """Replace the targeted linears of each decoder block, in place, one block at a time.
+    """Replace the targeted linears of the decoder blocks, in place.
 
     quantize_group(names, linears, config, channel_weights) -> [(module, LayerReport)] handles same-shaped linears
-    sharing one config. With calibration token ids (N, L), each block's inputs are the outputs of the blocks before
-    it, already quantized (GPTQ's sequential scheme), and channel_weights are E[x^2] of each linear's input; peak
-    memory stays near one block plus its activations.
+    sharing one config. Layers are independent, so same-shaped ones from all blocks are refined together in stacks
+    of up to max_batch_numel weights: on a GPU one step over a stack costs little more than over one small layer.
+    With calibration token ids (N, L), channel_weights are E[x^2] of each linear's input (activation-aware).
     """
     prefix, blocks = find_blocks(model)
-    inputs = None
-    if calibration is not None:
-        if calibration.dim() != 2 or calibration.dtype not in (torch.int64, torch.int32):
-            raise ValueError(
-                f"calibration must be integer token ids of shape (N, L), got {calibration.dtype} {tuple(calibration.shape)}"
-            )
-        inputs = capture_block_inputs(model, blocks[0], calibration, batch_size)
+    targets = [t for index, block in enumerate(blocks) for t in block_targets(block, f"{prefix}.{index}", config)]
+    stats = None if calibration is None else collect_channel_weights(model, targets, calibration, batch_size, progress)
+    groups: dict[tuple, list[tuple[str, nn.Linear]]] = {}
+    for name, layer in targets:
+        key = (tuple(layer.weight.shape), repr(config.for_module(name).to_dict()))
+        groups.setdefault(key, []).append((name, layer))
     reports = []
-    bar = tqdm(total=len(blocks), desc="quantizing blocks", disable=not progress)
-    for index, block in enumerate(blocks):
-        targets = block_targets(block, f"{prefix}.{index}", config)
-        stats = None
-        if inputs is not None:
-            stats = channel_second_moments(block, [layer for _, layer in targets], inputs)
-        groups: dict[tuple, list[tuple[str, nn.Linear]]] = {}
-        for name, layer in targets:
-            key = (tuple(layer.weight.shape), repr(config.for_module(name).to_dict()))
-            groups.setdefault(key, []).append((name, layer))
-        for members in groups.values():
-            names = [name for name, _ in members]
-            linears = [layer for _, layer in members]
-            channel_weights = None if stats is None else [stats[layer] for layer in linears]
-            results = quantize_group(names, linears, config.for_module(names[0]), channel_weights)
-            for name, (module, report) in zip(names, results):
+    bar = tqdm(total=len(targets), desc="quantizing layers", disable=not progress)
+    for members in groups.values():
+        per_stack = max(1, max_batch_numel // members[0][1].weight.numel())
+        for first in range(0, len(members), per_stack):
+            names = [name for name, _ in members[first : first + per_stack]]
+            linears = [layer for _, layer in members[first : first + per_stack]]
+            channel_weights = None if stats is None else [stats[name] for name in names]
+            for name, (module, report) in zip(names, quantize_group(names, linears, config.for_module(names[0]), channel_weights)):
                 set_submodule(model, name, module)
                 reports.append(report)
-        if inputs is not None:
-            with torch.no_grad():
-                inputs = [((block_output(block, args, kwargs),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
-        bar.set_postfix(error=f"{sum(r.error for r in reports) / max(len(reports), 1):.4f}")
-        bar.update()
+            bar.update(len(names))
+            bar.set_postfix(error=f"{sum(r.error for r in reports) / len(reports):.4f}")
     bar.close()
-    return reports
+    order = {name: index for index, (name, _) in enumerate(targets)}
+    return sorted(reports, key=lambda report: order[report.name])
 
 
 def quantize(
@@ -212,11 +228,12 @@ def quantize(
     """Replace the targeted nn.Linear modules of the decoder blocks by LoRDSLinear, in place.
 
     calibration: token ids (N, L); when given, the refinement weighs input channels by E[x^2] (activation-aware).
-    device: where the refinement runs (default: CUDA when present); same-shaped layers of a block run batched.
+    device: where the refinement runs (default: CUDA when present); same-shaped layers run batched.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return walk_blocks(
-        model, config or LoRDSConfig(), partial(_quantize_group, device=device), calibration, batch_size, progress
+        model, config or LoRDSConfig(), partial(_quantize_group, device=device), calibration,
+        batch_size=batch_size, progress=progress,
     )
 
 

@@ -48,7 +48,7 @@ def test_channel_statistics_match_direct_computation(tiny_llama):
     assert torch.allclose(stats[q_proj], direct, rtol=1e-4)
 
 
-def test_calibrated_quantization_runs_block_by_block(tiny_llama):
+def test_calibrated_quantization_lowers_activation_weighted_error(tiny_llama):
     ids = torch.randint(0, 96, (4, 16))
     reports = lords.quantize(
         tiny_llama, lords.LoRDSConfig(bits=4, block_size=32, steps=10), calibration=ids, progress=False
@@ -79,3 +79,19 @@ def test_unsupported_layer_is_named():
 def test_bad_calibration_is_named(tiny_llama):
     with pytest.raises(ValueError, match="calibration must be integer token ids"):
         lords.quantize(tiny_llama, lords.LoRDSConfig(steps=0), calibration=torch.randn(2, 8), progress=False)
+
+
+def test_same_shaped_layers_are_refined_as_one_stack(tiny_llama, monkeypatch):
+    import lords.model as walker
+
+    stacks = []
+    original = walker._quantize_group
+
+    def spy(names, *args, **kwargs):
+        stacks.append(len(names))
+        return original(names, *args, **kwargs)
+
+    monkeypatch.setattr(walker, "_quantize_group", spy)
+    lords.quantize(tiny_llama, lords.LoRDSConfig(steps=1, block_size=32), progress=False)
+    # q/o (64x64), k/v (32x64), gate/up (128x64), down (64x128), each from both blocks
+    assert sorted(stacks) == [2, 4, 4, 4]

@@ -38,36 +38,39 @@ def _dense_linear(linear: nn.Linear, weight: torch.Tensor) -> nn.Linear:
 
 
 def _blockwise_group(names, linears, config, channel_weights, method: str, device):
-    """Fake-quantize same-shaped linears with a block-wise method: 'rtn', 'refined' or 'hqq'."""
-    results = []
+    """Fake-quantize a stack of same-shaped linears with a block-wise method: 'rtn', 'refined' or 'hqq'."""
+    start = time.perf_counter()
     codebook = get_codebook(config.codebook, config.bits).to(device)
-    for i, (name, linear) in enumerate(zip(names, linears)):
-        start = time.perf_counter()
-        weight = linear.weight.detach().to(device=device, dtype=torch.float32)
-        if method == "rtn":
-            codes, absmax = quantize_blockwise(weight, codebook, config.block_size)
-            approx = dequantize_blockwise(codes, absmax, codebook, config.block_size)
-            scale_bits = 32  # bitsandbytes keeps its absmax in fp32
-        elif method == "refined":
-            channels = None if channel_weights is None else channel_weights[i].to(device)
-            codes, block_scale = blockwise_refine(weight, codebook, config.block_size, config.steps, config.lr, channels)
-            approx = expand_blocks(block_scale.bfloat16().float(), config.block_size) * codebook[codes.long()]
-            scale_bits = 16
-        else:
-            from hqq.core.quantize import Quantizer
+    weight = torch.stack([linear.weight.detach() for linear in linears]).to(device=device, dtype=torch.float32)
+    if method == "rtn":
+        codes, absmax = quantize_blockwise(weight, codebook, config.block_size)
+        approx = dequantize_blockwise(codes, absmax, codebook, config.block_size)
+        scale_bits = 32  # bitsandbytes keeps its absmax in fp32
+    elif method == "refined":
+        channels = None if channel_weights is None else torch.stack(channel_weights).to(device)
+        codes, block_scale = blockwise_refine(weight, codebook, config.block_size, config.steps, config.lr, channels)
+        approx = dequantize_blockwise(codes, block_scale.float(), codebook, config.block_size)
+        scale_bits = 16
+    else:
+        from hqq.core.quantize import Quantizer
 
+        approx = torch.empty_like(weight)
+        for i, one in enumerate(weight):
             codes, meta = Quantizer.quantize(
-                weight, nbits=config.bits, group_size=config.block_size, optimize=True, axis=1,
+                one, nbits=config.bits, group_size=config.block_size, optimize=True, axis=1,
                 device=str(device), compute_dtype=torch.float32, bitpack=False,
             )
-            approx = Quantizer.dequantize(codes, meta).reshape(weight.shape)
-            scale_bits = 32  # an fp16 scale and an fp16 zero point per group
+            approx[i] = Quantizer.dequantize(codes, meta).reshape(one.shape)
+        scale_bits = 32  # an fp16 scale and an fp16 zero point per group
+    errors = relative_error(weight, approx)
+    seconds = (time.perf_counter() - start) / len(linears)
+    results = []
+    for i, (name, linear) in enumerate(zip(names, linears)):
         report = LayerReport(
-            name, tuple(weight.shape), config.bits, None, config.bits + scale_bits / config.block_size,
-            float("nan"), relative_error(weight, approx).item(), relative_error(weight, approx).item(),
-            time.perf_counter() - start,
+            name, tuple(weight.shape[1:]), config.bits, None, config.bits + scale_bits / config.block_size,
+            float("nan"), errors[i].item(), errors[i].item(), seconds,
         )
-        results.append((_dense_linear(linear, approx.to(linear.weight.device)), report))
+        results.append((_dense_linear(linear, approx[i].to(linear.weight.device)), report))
     return results
 
 
