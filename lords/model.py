@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from .codebooks import get_codebook
 from .config import LoRDSConfig
-from .factorize import LoRDSFactors, lords_quantize, parity_rank, reconstruct, relative_error
+from .factorize import LoRDSFactors, check_weight, lords_quantize, parity_rank, reconstruct, relative_error
 from .linear import LoRDSLinear
 
 
@@ -120,6 +120,8 @@ class LayerReport:
 def _quantize_group(names, linears, config, channel_weights, device) -> list[tuple[LoRDSLinear, LayerReport]]:
     """Quantize same-shaped linears sharing one config together (one batched refinement)."""
     start = time.perf_counter()
+    for name, layer in zip(names, linears):
+        check_weight(layer.weight, name)
     weight = torch.stack([layer.weight.detach() for layer in linears]).to(device=device, dtype=torch.float32)
     channels = None
     if channel_weights is not None:

@@ -95,3 +95,10 @@ def test_same_shaped_layers_are_refined_as_one_stack(tiny_llama, monkeypatch):
     lords.quantize(tiny_llama, lords.LoRDSConfig(steps=1, block_size=32), progress=False)
     # q/o (64x64), k/v (32x64), gate/up (128x64), down (64x128), each from both blocks
     assert sorted(stacks) == [2, 4, 4, 4]
+
+
+def test_non_finite_weight_names_the_layer(tiny_llama):
+    with torch.no_grad():
+        tiny_llama.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj contains NaN or Inf"):
+        lords.quantize(tiny_llama, lords.LoRDSConfig(steps=0, block_size=32), progress=False)

@@ -13,7 +13,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from ..blockwise import dequantize_blockwise, expand_blocks, quantize_blockwise
+from ..blockwise import dequantize_blockwise, quantize_blockwise
 from ..codebooks import get_codebook
 from ..config import LoRDSConfig
 from ..factorize import blockwise_refine, relative_error

@@ -1,0 +1,63 @@
+import pytest
+
+from lords.checkpoint import CONFIG_NAME
+from lords.cli import main
+
+
+@pytest.fixture
+def model_folder(tiny_llama, tmp_path):
+    """A tiny Llama plus a word-level tokenizer built here, saved like a Hugging Face model folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate("<unk> the a of to and in is was for on news said".split())}
+    vocab.update({f"w{i}": len(vocab) + i for i in range(96 - len(vocab))})
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<unk>")
+    folder = tmp_path / "tiny"
+    tiny_llama.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_quantize_then_eval_and_generate(model_folder, tmp_path, capsys):
+    out = tmp_path / "q"
+    main(["quantize", str(model_folder), "--bits", "3", "--block-size", "32", "--steps", "2",
+          "--calib-samples", "2", "--calib-len", "16", "--out", str(out), "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert "activation-aware" in printed and "bits/weight" in printed and f"saved to {out}" in printed
+    assert (out / CONFIG_NAME).is_file() and (out / "tokenizer.json").is_file()
+    main(["eval", str(out), "--seq-len", "16", "--max-tokens", "256", "--device", "cpu"])
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("held-out perplexity (256 tokens")
+    assert 1 < float(line.rsplit(":", 1)[1]) < 1e4
+    main(["generate", str(out), "the news", "--max-new-tokens", "3", "--device", "cpu"])
+    assert capsys.readouterr().out.startswith("the news")
+
+
+def test_refuses_non_empty_output(model_folder, tmp_path):
+    out = tmp_path / "q"
+    out.mkdir()
+    (out / "precious.bin").write_bytes(b"x")
+    with pytest.raises(SystemExit, match="not empty; pass --overwrite"):
+        main(["quantize", str(model_folder), "--out", str(out), "--calibration", "none"])
+    assert (out / "precious.bin").read_bytes() == b"x"
+
+
+def test_bad_block_size_is_a_clear_error(model_folder, tmp_path):
+    with pytest.raises(SystemExit, match="in_features=64 is not divisible by block_size=48"):
+        main(["quantize", str(model_folder), "--block-size", "48", "--steps", "0", "--calibration", "none",
+              "--out", str(tmp_path / "q"), "--device", "cpu"])
+    assert not (tmp_path / "q").exists()
+
+
+def test_bits_out_of_range_rejected_by_parser(capsys):
+    with pytest.raises(SystemExit):
+        main(["quantize", "--bits", "5", "--out", "x"])
+    assert "invalid choice: 5" in capsys.readouterr().err
+
+
+def test_missing_model_folder(tmp_path):
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["eval", str(tmp_path / "missing")])
