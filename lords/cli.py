@@ -3,6 +3,7 @@
 import argparse
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -70,17 +71,18 @@ def cmd_generate(args) -> None:
 
 
 def cmd_compare(args) -> None:
-    from .eval.compare import format_rows, plot_rows, run_comparison
     from .assets import calibration_tokens, describe_data, heldout_tokens
+    from .eval.compare import format_rows, plot_rows, run_comparison
+    from .eval.perplexity import perplexity
 
     device = _device(args.device)
     model, tokenizer, path = _load(args.model, device)
     heldout = heldout_tokens(tokenizer, args.max_tokens)
     calibration = calibration_tokens(tokenizer, args.calib_samples, args.calib_len)
     start = time.perf_counter()
+    score = partial(perplexity, token_ids=heldout, seq_len=args.seq_len, progress=False)
     rows = run_comparison(
-        model, heldout, calibration, tuple(args.bits), args.block_size, args.steps, args.lr, args.seq_len,
-        tuple(args.methods), device,
+        model, score, calibration, tuple(args.bits), args.block_size, args.steps, args.lr, tuple(args.methods), device
     )
     table = format_rows(rows)
     print(table)

@@ -1,5 +1,7 @@
 """LoRDSLinear: a linear layer stored as packed codes, a codebook and low-rank scales B (n x r), A (r x m)."""
 
+import importlib.util
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -8,7 +10,12 @@ from .codebooks import check_bits, get_codebook
 from .factorize import LoRDSFactors, bits_per_weight
 from .packing import pack_codes, packed_size, unpack_codes
 
-BACKENDS = ("torch",)
+# "auto": the fused Triton kernel for CUDA inputs when Triton is installed, the torch reference otherwise.
+BACKENDS = ("auto", "torch", "triton")
+
+
+def _triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 class LoRDSLinear(nn.Module):
@@ -27,7 +34,7 @@ class LoRDSLinear(nn.Module):
         check_bits(bits)
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.rank, self.codebook_kind = bits, rank, codebook
-        self.backend = "torch"
+        self.backend = "auto"
         self.register_buffer(
             "codes", torch.zeros(packed_size(in_features * out_features, bits), dtype=torch.uint8, device=device)
         )
@@ -68,10 +75,14 @@ class LoRDSLinear(nn.Module):
         return bits_per_weight(self.out_features, self.in_features, self.bits, self.rank, scale_bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The single dispatch point between the torch reference and fused kernels.
+        # The single dispatch point between the torch reference and the fused kernel.
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; choose one of {BACKENDS}")
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.backend == "triton" or (self.backend == "auto" and x.is_cuda and _triton_available()):
+            from .kernels.forward import lords_matmul
+
+            return lords_matmul(x, self.codes, self.codebook, self.scale_b, self.scale_a, self.bits, bias)
         return F.linear(x, self.dequantize(x.dtype), bias)
 
     def extra_repr(self) -> str:

@@ -1,3 +1,8 @@
+import os
+
+# Kernel tests run in Triton's interpreter on the CPU; set before any test imports triton.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
 

@@ -7,6 +7,7 @@ perplexity as their kernels would; bits per weight count every stored scale at i
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -18,7 +19,6 @@ from ..codebooks import get_codebook
 from ..config import LoRDSConfig
 from ..factorize import blockwise_refine, relative_error
 from ..model import LayerReport, quantize, walk_blocks
-from .perplexity import perplexity
 
 
 @dataclass
@@ -26,7 +26,7 @@ class Row:
     method: str
     bits: int | None
     bits_per_weight: float
-    perplexity: float
+    score: float  # held-out perplexity for LMs (lower is better); see run_comparison's caller otherwise
     weight_error: float  # mean over layers of ||W - W_hat|| / ||W||
     seconds: float  # quantization time, all layers
 
@@ -74,69 +74,72 @@ def _blockwise_group(names, linears, config, channel_weights, method: str, devic
     return results
 
 
-def _summary(method, bits, reports, ppl) -> Row:
+def _summary(method, bits, reports, score) -> Row:
     numel = sum(r.shape[0] * r.shape[1] for r in reports)
     bpw = sum(r.bits_per_weight * r.shape[0] * r.shape[1] for r in reports) / numel
     error = sum(r.weight_error for r in reports) / len(reports)
-    return Row(method, bits, bpw, ppl, error, sum(r.seconds for r in reports))
+    return Row(method, bits, bpw, score, error, sum(r.seconds for r in reports))
 
 
 def run_comparison(
     model: nn.Module,
-    heldout: torch.Tensor,
-    calibration: torch.Tensor,
+    score: Callable[[nn.Module], float],
+    calibration: torch.Tensor | None,
     bits_list=(4, 3, 2),
     block_size: int = 64,
     steps: int = 500,
     lr: float = 0.1,
-    seq_len: int = 512,
     methods=("nf-rtn", "hqq", "lords-init", "lords", "lords-aware", "nf-refined-aware"),
     device=None,
     log=print,
 ) -> list[Row]:
-    """Quantize a fresh copy of `model` with each method at each bit width and measure held-out perplexity."""
+    """Quantize a fresh copy of `model` with each method at each bit width and score it (perplexity for an LM).
+
+    Methods: nf-rtn, hqq, lords-init, lords, nf-refined; an "-aware" suffix uses `calibration` for the
+    activation-aware objective."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    evaluate = partial(perplexity, token_ids=heldout, seq_len=seq_len, progress=False)
-    base_ppl = evaluate(model)
-    rows = [Row("bf16" if next(model.parameters()).dtype == torch.bfloat16 else "fp32", None, 16.0, base_ppl, 0.0, 0.0)]
-    log(f"{rows[0].method}: perplexity {base_ppl:.3f}")
+    dtype = next(model.parameters()).dtype
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))
+    rows = [Row(name, None, float(torch.finfo(dtype).bits), score(model), 0.0, 0.0)]
+    log(f"{rows[0].method}: {rows[0].score:.4f}")
     for bits in bits_list:
         for method in methods:
             candidate = copy.deepcopy(model)
-            lords_steps = 0 if method == "lords-init" else steps
-            config = LoRDSConfig(bits=bits, block_size=block_size, steps=lords_steps, lr=lr)
-            calib = calibration if method.endswith("aware") else None
+            config = LoRDSConfig(bits=bits, block_size=block_size, steps=0 if method == "lords-init" else steps, lr=lr)
+            calib = calibration if method.endswith("-aware") else None
+            if method.endswith("-aware") and calibration is None:
+                raise ValueError(f"method {method} needs calibration data")
             if method.startswith("lords"):
                 reports = quantize(candidate, config, calibration=calib, device=device, progress=False)
             else:
                 kind = {"nf-rtn": "rtn", "hqq": "hqq"}.get(method, "refined")
                 group = partial(_blockwise_group, method=kind, device=device)
                 reports = walk_blocks(candidate, config, group, calibration=calib, progress=False)
-            row = _summary(method, bits, reports, evaluate(candidate))
+            row = _summary(method, bits, reports, score(candidate))
             rows.append(row)
             log(
-                f"{method} {bits}-bit: {row.bits_per_weight:.3f} bpw, perplexity {row.perplexity:.3f}, "
+                f"{method} {bits}-bit: {row.bits_per_weight:.3f} bpw, score {row.score:.4f}, "
                 f"weight error {row.weight_error:.4f}, {row.seconds:.1f} s"
             )
             del candidate
     return rows
 
 
-def format_rows(rows: list[Row]) -> str:
+def format_rows(rows: list[Row], score_name: str = "perplexity") -> str:
     lines = [
-        "| method | bits | bits/weight | perplexity | rel. weight error | quant. time (s) |",
+        f"| method | bits | bits/weight | {score_name} | rel. weight error | quant. time (s) |",
         "|---|---|---|---|---|---|",
     ]
     for row in rows:
         bits = "-" if row.bits is None else row.bits
         lines.append(
-            f"| {row.method} | {bits} | {row.bits_per_weight:.3f} | {row.perplexity:.3f} | "
+            f"| {row.method} | {bits} | {row.bits_per_weight:.3f} | {row.score:.4f} | "
             f"{row.weight_error:.4f} | {row.seconds:.1f} |"
         )
     return "\n".join(lines)
 
 
-def plot_rows(rows: list[Row], path) -> None:
+def plot_rows(rows: list[Row], path, score_name: str = "held-out perplexity", log_scale: bool = True) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -144,13 +147,14 @@ def plot_rows(rows: list[Row], path) -> None:
 
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for method in dict.fromkeys(row.method for row in rows if row.bits is not None):
-        points = sorted((r.bits_per_weight, r.perplexity) for r in rows if r.method == method)
+        points = sorted((r.bits_per_weight, r.score) for r in rows if r.method == method)
         axis.plot(*zip(*points), marker="o", label=method)
     reference = rows[0]
-    axis.axhline(reference.perplexity, color="gray", linestyle="--", label=f"{reference.method} ({reference.perplexity:.2f})")
+    axis.axhline(reference.score, color="gray", linestyle="--", label=f"{reference.method} ({reference.score:.4g})")
     axis.set_xlabel("bits per weight (scales included)")
-    axis.set_ylabel("held-out perplexity")
-    axis.set_yscale("log")
+    axis.set_ylabel(score_name)
+    if log_scale:
+        axis.set_yscale("log")
     axis.legend(fontsize=8)
     axis.grid(alpha=0.3)
     figure.tight_layout()

@@ -1,0 +1,1 @@
+"""Triton kernels for LoRDS. They know shapes and dtypes only: no models, no configs."""
