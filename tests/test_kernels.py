@@ -25,7 +25,7 @@ def reference(x, codes, codebook, scale_b, scale_a, bias):
 
 
 @pytest.mark.parametrize("bits,kind", [(4, "nf"), (3, "nf"), (2, "nf"), (4, "int"), (3, "int"), (2, "int")])
-@pytest.mark.parametrize("m,n,k,rank", [(1, 24, 40, 1), (5, 33, 72, 17), (19, 16, 64, 3)])
+@pytest.mark.parametrize("m,n,k,rank", [(1, 24, 40, 1), (5, 33, 72, 17), (19, 16, 64, 3), (3, 10, 37, 2)])
 def test_forward_matches_float64(bits, kind, m, n, k, rank):
     generator = torch.Generator().manual_seed(bits * 100 + m)
     codes = torch.randint(0, 2**bits, (n, k), generator=generator, dtype=torch.uint8)

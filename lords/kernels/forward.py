@@ -4,8 +4,9 @@ Each program owns a BLOCK_M x BLOCK_N tile of Y and walks K in BLOCK_K steps. Pe
 tile of packed codes through the codebook, computes the matching scale tile B[n_tile] @ A[:, k_tile] with one small
 tl.dot (rank padded to a power of two >= 16) and multiplies; the scale tile costs ~rank/BLOCK_M of the main product.
 
-Codes use lords.packing's layout (row-major, 8 codes in `bits` bytes, little-endian), decoded per element from the
-two bytes that can hold it, so 2-, 3- and 4-bit codes share one kernel.
+Codes use lords.packing's layout (row-major, 8 codes in `bits` bytes, little-endian). When every row starts on a byte
+(2 and 4 bits, K divisible by 4 or 2) a tile of bytes is loaded and split with shifts; otherwise (3 bits) each code
+is gathered from the two bytes that can hold it.
 """
 
 import os
@@ -35,7 +36,7 @@ def _lords_forward_kernel(
     M, N, K, RANK,
     stride_xm, stride_xk, stride_ym, stride_yn,
     M_BUCKET,
-    BITS: tl.constexpr, RANK_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BITS: tl.constexpr, ROW_ALIGNED: tl.constexpr, RANK_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -60,12 +61,26 @@ def _lords_forward_kernel(
                           mask=(offs_r[:, None] < RANK) & mask_k[None, :], other=0.0)
         scale = tl.dot(scale_b, scale_a)  # (BLOCK_N, BLOCK_K) in fp32
         tile_mask = mask_n[:, None] & mask_k[None, :]
-        index = offs_n[:, None].to(tl.int64) * K + offs_k[None, :]
-        bit = (index % 8) * BITS
-        byte = (index // 8) * BITS + bit // 8
-        low = tl.load(codes_ptr + byte, mask=tile_mask, other=0).to(tl.int32)
-        high = tl.load(codes_ptr + byte + 1, mask=tile_mask & ((bit % 8) + BITS > 8), other=0).to(tl.int32)
-        code = ((low | (high << 8)) >> (bit % 8)) & ((1 << BITS) - 1)
+        if ROW_ALIGNED:
+            # 2- and 4-bit codes of a row start on a byte: load the byte tile once, split it with shifts.
+            per_byte: tl.constexpr = 8 // BITS
+            row_bytes = K // per_byte
+            offs_b = k0 // per_byte + tl.arange(0, BLOCK_K // per_byte)
+            packed = tl.load(codes_ptr + offs_n[:, None].to(tl.int64) * row_bytes + offs_b[None, :],
+                             mask=mask_n[:, None] & (offs_b[None, :] < row_bytes), other=0).to(tl.int32)
+            if BITS == 4:
+                code = tl.join(packed & 15, packed >> 4).reshape(BLOCK_N, BLOCK_K)
+            else:
+                code = tl.join(tl.join(packed & 3, (packed >> 4) & 3), tl.join((packed >> 2) & 3, (packed >> 6) & 3))
+                code = code.reshape(BLOCK_N, BLOCK_K)
+        else:
+            # 3-bit (or a row not starting on a byte): each code from the two bytes that can hold it.
+            index = offs_n[:, None].to(tl.int64) * K + offs_k[None, :]
+            bit = (index % 8) * BITS
+            byte = (index // 8) * BITS + bit // 8
+            low = tl.load(codes_ptr + byte, mask=tile_mask, other=0).to(tl.int32)
+            high = tl.load(codes_ptr + byte + 1, mask=tile_mask & ((bit % 8) + BITS > 8), other=0).to(tl.int32)
+            code = ((low | (high << 8)) >> (bit % 8)) & ((1 << BITS) - 1)
         level = tl.load(codebook_ptr + code, mask=tile_mask, other=0.0)
         weight = (scale * level).to(x.dtype)
         acc += tl.dot(x, tl.trans(weight))
@@ -112,6 +127,7 @@ def lords_matmul(
         M, out_features, in_features, rank,
         x2.stride(0), x2.stride(1), y.stride(0), y.stride(1),
         _m_bucket(M),
-        BITS=bits, RANK_PAD=rank_pad, HAS_BIAS=bias is not None,
+        BITS=bits, ROW_ALIGNED=bits != 3 and in_features % (8 // bits) == 0, RANK_PAD=rank_pad,
+        HAS_BIAS=bias is not None,
     )
     return y.reshape(*x.shape[:-1], out_features)
