@@ -11,10 +11,10 @@ from .factorize import LoRDSFactors, bits_per_weight
 from .packing import pack_codes, packed_size, unpack_codes
 
 # "auto": the fused Triton kernel for CUDA inputs of up to FUSED_MAX_TOKENS rows when Triton is installed, the torch
-# reference (dequantize + cuBLAS) otherwise. results/kernels.md (H100): the v1 kernel wins up to M = 256 on every
-# Llama shape and loses from M = 2048 on.
+# reference (dequantize + cuBLAS) otherwise. results/kernels.md (H100): the fused kernel is faster up to M = 256 on
+# every Llama shape, at M = 2048 on four of five, and slower at M = 8192 on all.
 BACKENDS = ("auto", "torch", "triton")
-FUSED_MAX_TOKENS = 512
+FUSED_MAX_TOKENS = 1024
 
 
 def _triton_available() -> bool:
