@@ -27,6 +27,7 @@ def cmd_quantize(args) -> None:
 
     device = _device(args.device)
     out = Path(args.out)
+    # save() refuses too, but only after quantizing; fail before the minutes of work.
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise SystemExit(f"error: {out} exists and is not empty; pass --overwrite to replace it")
     config = LoRDSConfig(
