@@ -60,8 +60,34 @@ def _print_perplexity(model, tokenizer, seq_len: int, max_tokens: int) -> None:
 
 
 def cmd_eval(args) -> None:
+    from .peft import load_adapter
+
     model, tokenizer, _ = _load(args.model, _device(args.device))
+    if args.adapter:
+        load_adapter(model, args.adapter)
     _print_perplexity(model, tokenizer, args.seq_len, args.max_tokens)
+
+
+def cmd_finetune(args) -> None:
+    from .assets import documents, token_stream
+    from .peft import finetune, mark_trainable, save_adapter
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise SystemExit(f"error: {out} exists and is not empty; pass --overwrite to replace it")
+    model, tokenizer, path = _load(args.model, _device(args.device))
+    count = mark_trainable(model, tuple(args.parts))
+    tokens = token_stream(tokenizer, documents("calibration"))
+    print(f"training {count / 1e6:.2f}M scale values of {path} on {tokens.numel()} tokens of the training documents")
+    if args.eval:
+        _print_perplexity(model, tokenizer, args.seq_len, args.max_tokens)
+    losses = finetune(model, tokens, args.steps, args.lr, args.batch_size, args.seq_len)
+    print(f"training loss: first 10 steps {sum(losses[:10]) / len(losses[:10]):.4f}, "
+          f"last 10 steps {sum(losses[-10:]) / len(losses[-10:]):.4f}")
+    save_adapter(model, out, base=str(path), overwrite=args.overwrite)
+    print(f"saved adapter to {out}")
+    if args.eval:
+        _print_perplexity(model, tokenizer, args.seq_len, args.max_tokens)
 
 
 def cmd_generate(args) -> None:
@@ -143,7 +169,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="held-out perplexity of a lords checkpoint or a dense model")
     common(e)
+    e.add_argument("--adapter", default=None, help="a lords adapter folder to apply first")
     e.set_defaults(func=cmd_eval)
+
+    f = sub.add_parser("finetune", help="train the scales B, A of a lords checkpoint (codes frozen); save an adapter")
+    common(f, "lords checkpoint folder")
+    f.add_argument("--steps", type=int, default=200)
+    f.add_argument("--lr", type=float, default=1e-4)
+    f.add_argument("--batch-size", type=int, default=4)
+    f.add_argument("--parts", nargs="+", choices=("scale_b", "scale_a"), default=["scale_b", "scale_a"])
+    f.add_argument("--out", required=True, help="adapter folder")
+    f.add_argument("--overwrite", action="store_true")
+    f.add_argument("--eval", action="store_true", help="held-out perplexity before and after")
+    f.set_defaults(func=cmd_finetune)
 
     g = sub.add_parser("generate", help="greedy generation from a lords checkpoint or a dense model")
     g.add_argument("model", help="model or checkpoint folder")

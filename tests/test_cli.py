@@ -61,3 +61,18 @@ def test_bits_out_of_range_rejected_by_parser(capsys):
 def test_missing_model_folder(tmp_path):
     with pytest.raises(SystemExit, match="does not exist"):
         main(["eval", str(tmp_path / "missing")])
+
+
+def test_finetune_saves_an_adapter_that_eval_applies(model_folder, tmp_path, capsys):
+    out = tmp_path / "q"
+    main(["quantize", str(model_folder), "--bits", "4", "--block-size", "32", "--steps", "1",
+          "--calibration", "none", "--out", str(out), "--device", "cpu"])
+    adapter = tmp_path / "adapter"
+    main(["finetune", str(out), "--steps", "3", "--lr", "1e-3", "--seq-len", "16", "--out", str(adapter),
+          "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert "training loss: first 10 steps" in printed and f"saved adapter to {adapter}" in printed
+    main(["eval", str(out), "--adapter", str(adapter), "--seq-len", "16", "--max-tokens", "128", "--device", "cpu"])
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("held-out perplexity (128 tokens")
+    with pytest.raises(SystemExit, match="not a readable lords adapter"):
+        main(["eval", str(out), "--adapter", str(tmp_path), "--seq-len", "16", "--max-tokens", "128", "--device", "cpu"])

@@ -1,0 +1,154 @@
+"""Multiplicative PEFT: freeze the codes, train the scales B, A of LoRDSLinear layers (spec §6).
+
+The update C[codes] * (B'A' - BA) can have full rank although B'A' - BA has rank <= 2r, and there is nothing to
+merge afterwards: the trained B', A' are the layer's scales and inference runs the same code at the same cost.
+An adapter is just the trained scales, saved with a fingerprint of the frozen codes they belong to.
+"""
+
+import hashlib
+import json
+import math
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from .linear import LoRDSLinear
+
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_FORMAT_VERSION = 1
+PARTS = ("scale_b", "scale_a")
+
+
+def lords_layers(model: nn.Module) -> dict[str, LoRDSLinear]:
+    layers = {name: module for name, module in model.named_modules() if isinstance(module, LoRDSLinear)}
+    if not layers:
+        raise ValueError("the model has no LoRDSLinear layers; quantize it (or load a lords checkpoint) first")
+    return layers
+
+
+def mark_trainable(model: nn.Module, parts: tuple[str, ...] = PARTS) -> int:
+    """Freeze everything but the chosen scales (both, only scale_b or only scale_a) of every LoRDSLinear.
+
+    The trained scales are kept in float32 while training (bf16 would swallow small Adam steps). Returns the number
+    of trainable floats.
+    """
+    unknown = set(parts) - set(PARTS)
+    if not parts or unknown:
+        raise ValueError(f"parts must be a non-empty subset of {PARTS}, got {parts}")
+    for param in model.parameters():
+        param.requires_grad_(False)
+    count = 0
+    for layer in lords_layers(model).values():
+        for part in parts:
+            param = getattr(layer, part)
+            param.data = param.data.float()
+            param.requires_grad_(True)
+            count += param.numel()
+    return count
+
+
+def codes_fingerprint(model: nn.Module) -> str:
+    """sha256 over every layer's name, shape, bit width and packed codes: what an adapter must be applied to."""
+    digest = hashlib.sha256()
+    for name, layer in lords_layers(model).items():
+        digest.update(f"{name}:{layer.out_features}x{layer.in_features}:{layer.bits}:{layer.rank};".encode())
+        digest.update(layer.codes.detach().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_adapter(model: nn.Module, folder: str | Path, base: str | None = None, overwrite: bool = False) -> Path:
+    """Write only the trainable scales (a few MB) plus a config naming the base and its codes fingerprint."""
+    folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()) and not overwrite:
+        raise FileExistsError(f"{folder} exists and is not empty; pass overwrite=True to replace it")
+    tensors = {
+        f"{name}.{part}": getattr(layer, part).detach().to(torch.bfloat16).contiguous()
+        for name, layer in lords_layers(model).items()
+        for part in PARTS
+        if getattr(layer, part).requires_grad
+    }
+    if not tensors:
+        raise ValueError("no trainable scales: call mark_trainable(model) before training and saving")
+    meta = {
+        "format": "lords-adapter",
+        "format_version": ADAPTER_FORMAT_VERSION,
+        "base": base,
+        "codes_sha256": codes_fingerprint(model),
+    }
+    staging = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
+    staging.mkdir(parents=True)
+    try:
+        save_file(tensors, str(staging / ADAPTER_WEIGHTS))
+        (staging / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2))
+        if folder.exists():
+            shutil.rmtree(folder)
+        staging.rename(folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder
+
+
+def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
+    """Put an adapter's scales into its base model, after checking the base is the one it was trained on."""
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / ADAPTER_CONFIG).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{folder} is not a readable lords adapter: {error}") from None
+    if meta.get("format") != "lords-adapter" or meta.get("format_version") != ADAPTER_FORMAT_VERSION:
+        raise ValueError(f"{folder / ADAPTER_CONFIG} is not a lords adapter of format version {ADAPTER_FORMAT_VERSION}")
+    if meta["codes_sha256"] != codes_fingerprint(model):
+        raise ValueError(f"adapter {folder} was trained on other codes (base {meta.get('base')!r}); it does not fit this model")
+    tensors = load_file(str(folder / ADAPTER_WEIGHTS))
+    layers = lords_layers(model)
+    with torch.no_grad():
+        for key, value in tensors.items():
+            name, _, part = key.rpartition(".")
+            param = getattr(layers[name], part)
+            if param.shape != value.shape:
+                raise ValueError(f"adapter tensor {key} has shape {tuple(value.shape)}, the model expects {tuple(param.shape)}")
+            param.copy_(value.to(param.dtype))
+    return model
+
+
+def finetune(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    steps: int,
+    lr: float = 1e-4,
+    batch_size: int = 4,
+    seq_len: int = 256,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[float]:
+    """Causal-LM fine-tuning of the trainable parameters on random windows of a token stream (AdamW, cosine
+    schedule). Returns the loss of every step."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: call mark_trainable(model) first")
+    if tokens.numel() <= seq_len:
+        raise ValueError(f"need more than seq_len={seq_len} training tokens, got {tokens.numel()}")
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
+    generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    model.train()
+    losses = []
+    for _ in tqdm(range(steps), desc="fine-tuning", disable=not progress):
+        starts = torch.randint(0, tokens.numel() - seq_len, (batch_size,), generator=generator).tolist()
+        batch = torch.stack([tokens[s : s + seq_len] for s in starts]).to(device)
+        loss = model(batch, labels=batch, use_cache=False).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
