@@ -70,7 +70,8 @@ def cmd_eval(args) -> None:
 
 def cmd_finetune(args) -> None:
     from .assets import documents, token_stream
-    from .peft import finetune, mark_trainable, save_adapter
+    from .peft import mark_trainable, save_adapter
+    from .train import finetune
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:

@@ -7,7 +7,6 @@ An adapter is just the trained scales, saved with a fingerprint of the frozen co
 
 import hashlib
 import json
-import math
 import shutil
 import uuid
 from pathlib import Path
@@ -15,7 +14,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from .linear import LoRDSLinear
 
@@ -116,39 +114,3 @@ def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
                 raise ValueError(f"adapter tensor {key} has shape {tuple(value.shape)}, the model expects {tuple(param.shape)}")
             param.copy_(value.to(param.dtype))
     return model
-
-
-def finetune(
-    model: nn.Module,
-    tokens: torch.Tensor,
-    steps: int,
-    lr: float = 1e-4,
-    batch_size: int = 4,
-    seq_len: int = 256,
-    seed: int = 0,
-    progress: bool = True,
-) -> list[float]:
-    """Causal-LM fine-tuning of the trainable parameters on random windows of a token stream (AdamW, cosine
-    schedule). Returns the loss of every step."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("nothing to train: call mark_trainable(model) first")
-    if tokens.numel() <= seq_len:
-        raise ValueError(f"need more than seq_len={seq_len} training tokens, got {tokens.numel()}")
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
-    generator = torch.Generator().manual_seed(seed)
-    device = next(model.parameters()).device
-    model.train()
-    losses = []
-    for _ in tqdm(range(steps), desc="fine-tuning", disable=not progress):
-        starts = torch.randint(0, tokens.numel() - seq_len, (batch_size,), generator=generator).tolist()
-        batch = torch.stack([tokens[s : s + seq_len] for s in starts]).to(device)
-        loss = model(batch, labels=batch, use_cache=False).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-    model.eval()
-    return losses

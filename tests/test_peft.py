@@ -2,7 +2,8 @@ import pytest
 import torch
 
 import lords
-from lords.peft import codes_fingerprint, finetune, load_adapter, mark_trainable, save_adapter
+from lords.peft import codes_fingerprint, load_adapter, mark_trainable, save_adapter
+from lords.train import finetune
 
 
 @pytest.fixture
@@ -62,5 +63,5 @@ def test_adapter_round_trip_and_mismatch(quantized, tmp_path, tiny_llama):
 def test_finetune_needs_trainable_parameters(quantized):
     for p in quantized.parameters():
         p.requires_grad_(False)
-    with pytest.raises(ValueError, match="nothing to train"):
+    with pytest.raises(ValueError, match="nothing to train: no parameter requires grad"):
         finetune(quantized, torch.arange(500), steps=1, progress=False)

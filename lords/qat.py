@@ -1,0 +1,91 @@
+"""Quantization-aware training (spec §5): train W, B and A jointly through the quantizer, then export LoRDSLinear.
+
+Forward: S = B A, q = clamp(W / S, c_min, c_max), W_hat = S * (q + stopgrad(C[codes] - q)) with codes the nearest
+levels of W / S. So dW_hat/dW = 1 inside the codebook's range and 0 outside (straight-through), and
+dW_hat/dS = C[codes] - W / S inside, C[codes] outside (the LSQ gradient).
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .blockwise import safe_divide
+from .codebooks import get_codebook, nearest_codes
+from .config import LoRDSConfig
+from .factorize import LoRDSFactors, lords_quantize, parity_rank
+from .linear import LoRDSLinear
+from .model import block_targets, find_blocks, set_submodule
+
+
+def fake_quantize(weight: torch.Tensor, scale: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    ratio = safe_divide(weight, scale)
+    clipped = ratio.clamp(codebook.min().item(), codebook.max().item())
+    levels = codebook[nearest_codes(ratio.detach(), codebook).long()]
+    return scale * (clipped + (levels - clipped).detach())
+
+
+class QATLinear(nn.Module):
+    """A linear layer trained through LoRDS quantization: float weight, scales B (n x r), A (r x m), codebook."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, factors: LoRDSFactors, bits: int, codebook: str):
+        super().__init__()
+        self.bits, self.codebook_kind = bits, codebook
+        self.weight = nn.Parameter(weight.detach().float().clone())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        self.scale_b = nn.Parameter(factors.scale_b.detach().float().clone())
+        self.scale_a = nn.Parameter(factors.scale_a.detach().float().clone())
+        self.register_buffer("codebook", get_codebook(codebook, bits).to(weight.device))
+
+    def quantized_weight(self) -> torch.Tensor:
+        return fake_quantize(self.weight, self.scale_b @ self.scale_a, self.codebook)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.quantized_weight().to(x.dtype), bias)
+
+    def to_lords(self, scale_dtype: torch.dtype = torch.bfloat16) -> LoRDSLinear:
+        """The servable layer: scales rounded to scale_dtype, codes assigned for the rounded scales."""
+        with torch.no_grad():
+            scale_b, scale_a = self.scale_b.to(scale_dtype), self.scale_a.to(scale_dtype)
+            codes = nearest_codes(safe_divide(self.weight, scale_b.float() @ scale_a.float()), self.codebook)
+            factors = LoRDSFactors(scale_b, scale_a, codes, torch.tensor(float("nan")), torch.tensor(float("nan")))
+            return LoRDSLinear.from_factors(factors, self.bits, self.codebook_kind, self.bias)
+
+
+def prepare_qat(model: nn.Module, config: LoRDSConfig) -> list[str]:
+    """Replace the targeted linears of the decoder blocks by QATLinear, scales initialised by LoRDS PTQ
+    (config.steps refinement steps; 0 = SVD init). Returns the replaced names."""
+    prefix, blocks = find_blocks(model)
+    names = []
+    for index, block in enumerate(blocks):
+        for name, linear in block_targets(block, f"{prefix}.{index}", config):
+            layer_config = config.for_module(name)
+            out_features, in_features = linear.weight.shape
+            rank = layer_config.rank or parity_rank(out_features, in_features, layer_config.block_size)
+            factors = lords_quantize(
+                linear.weight.detach(), get_codebook(layer_config.codebook, layer_config.bits), layer_config.block_size,
+                rank, layer_config.steps, layer_config.lr, scale_dtype=torch.float32,
+            )
+            set_submodule(model, name, QATLinear(linear.weight, linear.bias, factors, layer_config.bits, layer_config.codebook))
+            names.append(name)
+    return names
+
+
+def qat_parameter_groups(model: nn.Module, lr: float, scale_lr_multiplier: float = 4.0) -> list[dict]:
+    """AdamW groups: the QAT weights at lr, their scales at lr * multiplier (the paper trains scales ~4x faster)."""
+    weights, scales = [], []
+    for module in model.modules():
+        if isinstance(module, QATLinear):
+            weights.append(module.weight)
+            scales += [module.scale_b, module.scale_a]
+    if not weights:
+        raise ValueError("the model has no QATLinear layers; call prepare_qat first")
+    return [{"params": weights, "lr": lr}, {"params": scales, "lr": lr * scale_lr_multiplier}]
+
+
+def export_qat(model: nn.Module, scale_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """Replace every QATLinear by its LoRDSLinear, in place: the result saves and serves like a PTQ model."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QATLinear):
+            set_submodule(model, name, module.to_lords(scale_dtype))
+    return model
