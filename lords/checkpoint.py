@@ -7,6 +7,7 @@ checkpoint under the requested name, and an existing folder is only replaced whe
 import json
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -51,18 +52,37 @@ def _dense_dtype(model: nn.Module) -> str:
     return "float32"
 
 
-def save(model: nn.Module, folder: str | Path, config: LoRDSConfig | None = None, tokenizer=None, overwrite: bool = False):
-    """Save a LoRDS-quantized model. Refuses a non-empty existing folder unless overwrite=True."""
+def write_folder(folder: str | Path, overwrite: bool, write: Callable[[Path], None]) -> Path:
+    """Run write(staging) in a temporary sibling folder, then move it into place: a crash never leaves a half-written
+    folder under the name, and an existing non-empty folder is replaced only when overwrite is set."""
     folder = Path(folder)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not overwrite:
         raise FileExistsError(f"{folder} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
-    layers = _layer_entries(model)
-    if not layers:
-        raise ValueError("the model has no LoRDSLinear layers; quantize it before saving")
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
+        write(staging)
+        if folder.exists():
+            retired = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
+            folder.rename(retired)
+            staging.rename(folder)
+            shutil.rmtree(retired)
+        else:
+            staging.rename(folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder
+
+
+def save(model: nn.Module, folder: str | Path, config: LoRDSConfig | None = None, tokenizer=None, overwrite: bool = False):
+    """Save a LoRDS-quantized model. Refuses a non-empty existing folder unless overwrite=True."""
+    layers = _layer_entries(model)
+    if not layers:
+        raise ValueError("the model has no LoRDSLinear layers; quantize it before saving")
+
+    def write(staging: Path) -> None:
         save_model(model, str(staging / WEIGHTS_NAME), metadata={"format": "pt", "producer": "lords"})
         meta = {
             "format": "lords",
@@ -79,21 +99,8 @@ def save(model: nn.Module, folder: str | Path, config: LoRDSConfig | None = None
             model.generation_config.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        _move_into_place(staging, folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return folder
 
-
-def _move_into_place(staging: Path, folder: Path) -> None:
-    if not folder.exists():
-        staging.rename(folder)
-        return
-    retired = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
-    folder.rename(retired)
-    staging.rename(folder)
-    shutil.rmtree(retired)
+    return write_folder(folder, overwrite, write)
 
 
 def read_lords_config(folder: str | Path) -> dict:

@@ -7,14 +7,13 @@ An adapter is just the trained scales, saved with a fingerprint of the frozen co
 
 import hashlib
 import json
-import shutil
-import uuid
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .checkpoint import write_folder
 from .linear import LoRDSLinear
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -62,9 +61,6 @@ def codes_fingerprint(model: nn.Module) -> str:
 
 def save_adapter(model: nn.Module, folder: str | Path, base: str | None = None, overwrite: bool = False) -> Path:
     """Write only the trainable scales (a few MB) plus a config naming the base and its codes fingerprint."""
-    folder = Path(folder)
-    if folder.exists() and any(folder.iterdir()) and not overwrite:
-        raise FileExistsError(f"{folder} exists and is not empty; pass overwrite=True to replace it")
     tensors = {
         f"{name}.{part}": getattr(layer, part).detach().to(torch.bfloat16).contiguous()
         for name, layer in lords_layers(model).items()
@@ -79,18 +75,12 @@ def save_adapter(model: nn.Module, folder: str | Path, base: str | None = None, 
         "base": base,
         "codes_sha256": codes_fingerprint(model),
     }
-    staging = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
-    staging.mkdir(parents=True)
-    try:
+
+    def write(staging: Path) -> None:
         save_file(tensors, str(staging / ADAPTER_WEIGHTS))
         (staging / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2))
-        if folder.exists():
-            shutil.rmtree(folder)
-        staging.rename(folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return folder
+
+    return write_folder(folder, overwrite, write)
 
 
 def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
