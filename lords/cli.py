@@ -20,16 +20,21 @@ def _load(model: str | None, device: torch.device):
     return (*load_pretrained(path, device), path)
 
 
+def _output_folder(args) -> Path:
+    """Saving refuses a non-empty folder too, but only after the work; fail before the minutes of it."""
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise SystemExit(f"error: {out} exists and is not empty; pass --overwrite to replace it")
+    return out
+
+
 def cmd_quantize(args) -> None:
     from . import LoRDSConfig, quantize, save
     from .assets import calibration_tokens
     from .model import format_report
 
     device = _device(args.device)
-    out = Path(args.out)
-    # save() refuses too, but only after quantizing; fail before the minutes of work.
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise SystemExit(f"error: {out} exists and is not empty; pass --overwrite to replace it")
+    out = _output_folder(args)
     config = LoRDSConfig(
         bits=args.bits, block_size=args.block_size, rank=args.rank, codebook=args.codebook, steps=args.steps,
         lr=args.lr, exact_init=args.exact_init, skip=args.skip or [],
@@ -73,9 +78,7 @@ def cmd_finetune(args) -> None:
     from .peft import mark_trainable, save_adapter
     from .train import finetune
 
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise SystemExit(f"error: {out} exists and is not empty; pass --overwrite to replace it")
+    out = _output_folder(args)
     model, tokenizer, path = _load(args.model, _device(args.device))
     count = mark_trainable(model, tuple(args.parts))
     tokens = token_stream(tokenizer, documents("calibration"))

@@ -117,8 +117,8 @@ class LayerReport:
     seconds: float
 
 
-def _quantize_group(names, linears, config, channel_weights, device) -> list[tuple[LoRDSLinear, LayerReport]]:
-    """Quantize same-shaped linears sharing one config together (one batched refinement)."""
+def lords_linear_group(names, linears, config, channel_weights, device) -> list[tuple[LoRDSLinear, LayerReport]]:
+    """Quantize same-shaped linears sharing one config together (one batched refinement) into LoRDSLinear."""
     start = time.perf_counter()
     for name, layer in zip(names, linears):
         check_weight(layer.weight, name)
@@ -234,7 +234,7 @@ def quantize(
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return walk_blocks(
-        model, config or LoRDSConfig(), partial(_quantize_group, device=device), calibration,
+        model, config or LoRDSConfig(), partial(lords_linear_group, device=device), calibration,
         batch_size=batch_size, progress=progress,
     )
 

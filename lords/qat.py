@@ -5,6 +5,9 @@ levels of W / S. So dW_hat/dW = 1 inside the codebook's range and 0 outside (str
 dW_hat/dS = C[codes] - W / S inside, C[codes] outside (the LSQ gradient).
 """
 
+from dataclasses import replace
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -12,14 +15,14 @@ from torch import nn
 from .blockwise import safe_divide
 from .codebooks import get_codebook, nearest_codes
 from .config import LoRDSConfig
-from .factorize import LoRDSFactors, lords_quantize, parity_rank
+from .factorize import LoRDSFactors
 from .linear import LoRDSLinear
-from .model import block_targets, find_blocks, set_submodule
+from .model import LayerReport, lords_linear_group, set_submodule, walk_blocks
 
 
 def fake_quantize(weight: torch.Tensor, scale: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     ratio = safe_divide(weight, scale)
-    clipped = ratio.clamp(codebook.min().item(), codebook.max().item())
+    clipped = ratio.clamp(codebook[0], codebook[-1])  # codebooks are sorted; tensors avoid a GPU sync per call
     levels = codebook[nearest_codes(ratio.detach(), codebook).long()]
     return scale * (clipped + (levels - clipped).detach())
 
@@ -27,13 +30,13 @@ def fake_quantize(weight: torch.Tensor, scale: torch.Tensor, codebook: torch.Ten
 class QATLinear(nn.Module):
     """A linear layer trained through LoRDS quantization: float weight, scales B (n x r), A (r x m), codebook."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, factors: LoRDSFactors, bits: int, codebook: str):
+    def __init__(self, weight, bias, scale_b: torch.Tensor, scale_a: torch.Tensor, bits: int, codebook: str):
         super().__init__()
         self.bits, self.codebook_kind = bits, codebook
         self.weight = nn.Parameter(weight.detach().float().clone())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
-        self.scale_b = nn.Parameter(factors.scale_b.detach().float().clone())
-        self.scale_a = nn.Parameter(factors.scale_a.detach().float().clone())
+        self.scale_b = nn.Parameter(scale_b.detach().float().clone())
+        self.scale_a = nn.Parameter(scale_a.detach().float().clone())
         self.register_buffer("codebook", get_codebook(codebook, bits).to(weight.device))
 
     def quantized_weight(self) -> torch.Tensor:
@@ -52,23 +55,26 @@ class QATLinear(nn.Module):
             return LoRDSLinear.from_factors(factors, self.bits, self.codebook_kind, self.bias)
 
 
-def prepare_qat(model: nn.Module, config: LoRDSConfig) -> list[str]:
-    """Replace the targeted linears of the decoder blocks by QATLinear, scales initialised by LoRDS PTQ
-    (config.steps refinement steps; 0 = SVD init). Returns the replaced names."""
-    prefix, blocks = find_blocks(model)
-    names = []
-    for index, block in enumerate(blocks):
-        for name, linear in block_targets(block, f"{prefix}.{index}", config):
-            layer_config = config.for_module(name)
-            out_features, in_features = linear.weight.shape
-            rank = layer_config.rank or parity_rank(out_features, in_features, layer_config.block_size)
-            factors = lords_quantize(
-                linear.weight.detach(), get_codebook(layer_config.codebook, layer_config.bits), layer_config.block_size,
-                rank, layer_config.steps, layer_config.lr, scale_dtype=torch.float32,
-            )
-            set_submodule(model, name, QATLinear(linear.weight, linear.bias, factors, layer_config.bits, layer_config.codebook))
-            names.append(name)
-    return names
+def _qat_group(names, linears, config, channel_weights, device) -> list[tuple[QATLinear, LayerReport]]:
+    """LoRDS PTQ of a stack (fp32 scales) gives each QATLinear its starting scales."""
+    results = lords_linear_group(names, linears, replace(config, scale_dtype="float32"), channel_weights, device)
+    return [
+        (QATLinear(linear.weight, linear.bias, module.scale_b, module.scale_a, config.bits, config.codebook), report)
+        for linear, (module, report) in zip(linears, results)
+    ]
+
+
+def prepare_qat(
+    model: nn.Module,
+    config: LoRDSConfig,
+    calibration: torch.Tensor | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> list[LayerReport]:
+    """Replace the targeted linears of the decoder blocks by QATLinear, in place, with scales initialised by LoRDS
+    PTQ (config.steps refinement steps, activation-aware when calibration is given; 0 = SVD init)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return walk_blocks(model, config, partial(_qat_group, device=device), calibration, progress=progress)
 
 
 def qat_parameter_groups(model: nn.Module, lr: float, scale_lr_multiplier: float = 4.0) -> list[dict]:

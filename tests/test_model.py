@@ -85,13 +85,13 @@ def test_same_shaped_layers_are_refined_as_one_stack(tiny_llama, monkeypatch):
     import lords.model as walker
 
     stacks = []
-    original = walker._quantize_group
+    original = walker.lords_linear_group
 
     def spy(names, *args, **kwargs):
         stacks.append(len(names))
         return original(names, *args, **kwargs)
 
-    monkeypatch.setattr(walker, "_quantize_group", spy)
+    monkeypatch.setattr(walker, "lords_linear_group", spy)
     lords.quantize(tiny_llama, lords.LoRDSConfig(steps=1, block_size=32), progress=False)
     # q/o (64x64), k/v (32x64), gate/up (128x64), down (64x128), each from both blocks
     assert sorted(stacks) == [2, 4, 4, 4]

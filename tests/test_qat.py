@@ -28,7 +28,7 @@ def test_fake_quantize_value_and_straight_through_gradients():
 def test_prepare_train_export(tiny_llama):
     ids = torch.randint(0, 96, (2, 12))
     config = lords.LoRDSConfig(bits=3, block_size=32, steps=3)
-    names = prepare_qat(tiny_llama, config)
+    names = [report.name for report in prepare_qat(tiny_llama, config, progress=False)]
     assert len(names) == 14 and all(isinstance(tiny_llama.get_submodule(n), QATLinear) for n in names)
     groups = qat_parameter_groups(tiny_llama, lr=1e-3)
     assert groups[1]["lr"] == pytest.approx(4e-3) and len(groups[1]["params"]) == 2 * len(groups[0]["params"])

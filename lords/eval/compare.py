@@ -31,12 +31,6 @@ class Row:
     seconds: float  # quantization time, all layers
 
 
-def _dense_linear(linear: nn.Linear, weight: torch.Tensor) -> nn.Linear:
-    out = copy.deepcopy(linear)
-    out.weight.data = weight.to(linear.weight.dtype)
-    return out
-
-
 def _blockwise_group(names, linears, config, channel_weights, method: str, device):
     """Fake-quantize a stack of same-shaped linears with a block-wise method: 'rtn', 'refined' or 'hqq'."""
     start = time.perf_counter()
@@ -70,7 +64,9 @@ def _blockwise_group(names, linears, config, channel_weights, method: str, devic
             name, tuple(weight.shape[1:]), config.bits, None, config.bits + scale_bits / config.block_size,
             float("nan"), errors[i].item(), errors[i].item(), seconds,
         )
-        results.append((_dense_linear(linear, approx[i].to(linear.weight.device)), report))
+        # the candidate is already a copy of the model, so the baseline's weights can go into its linears in place
+        linear.weight.data = approx[i].to(device=linear.weight.device, dtype=linear.weight.dtype)
+        results.append((linear, report))
     return results
 
 
