@@ -38,6 +38,8 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--objectives", nargs="+", choices=("data-free", "activation-aware"),
+                        default=["data-free", "activation-aware"])
     args = parser.parse_args()
     device = torch.device(args.device)
     generator = torch.Generator().manual_seed(0)
@@ -56,6 +58,8 @@ def main() -> None:
     print("| objective | steps | seconds | ms / step | 500-step time (s) | rel. error init -> final |")
     print("|---|---|---|---|---|---|")
     for label, channels in (("data-free", None), ("activation-aware", channel_weight)):
+        if label not in args.objectives:
+            continue
         seconds, factors = timed_quantize(weight, args.bits, args.block_size, rank, args.steps, channels, device)
         per_step = (seconds - init_seconds) / max(args.steps, 1)
         projected = init_seconds + 500 * per_step
