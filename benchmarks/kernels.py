@@ -1,10 +1,13 @@
-"""LoRDS fused forward vs the anchors, on the GPU: correctness first, then median latency per (shape, M).
+"""LoRDS kernels vs the anchors, on the GPU: correctness first, then median latency per (shape, M).
 
-    python benchmarks/kernels.py --out results/kernels.md        # needs CUDA; bitsandbytes optional
+    python -m benchmarks.kernels --out results/kernels.md        # needs CUDA; bitsandbytes optional
 
 Anchors in the same run, same inputs: bf16 cuBLAS (F.linear), bitsandbytes NF4 (matmul_4bit, block 64), torch's
-tinygemm int4 (_weight_int4pack_mm, group 128), and the naive LoRDS path (dequantize, then cuBLAS). Ours runs at the
-parity rank for b = 64 and b = 128. Times are medians of triton.testing.do_bench; ratios are to bf16.
+tinygemm int4 (_weight_int4pack_mm, group 128), and the naive LoRDS path (torch dequantize, then cuBLAS). Ours: each
+kernel on its own (decode for M <= 4, tiled, Triton dequantize + cuBLAS) at the parity rank for b = 64, and the
+dispatch (`lords_matmul`) at b = 64 and b = 128; 3- and 2-bit through the dispatch at b = 64. Times are medians of
+replays of CUDA graphs (triton.testing.do_bench_cudagraph), so
+that launch overhead counts for no method; ratios are the dispatch at b = 64 over the anchor.
 """
 
 import argparse
@@ -17,11 +20,14 @@ import triton
 
 from lords.codebooks import get_codebook
 from lords.factorize import parity_rank
+from lords.kernels import DECODE_MAX_TOKENS, TILED_MAX_TOKENS, decode_matmul, dequantize, lords_matmul, tiled_matmul
 from lords.linear import LoRDSLinear
 from lords.packing import pack_codes
 
 SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (28672, 8192)]  # (out N, in K)
 MS = [1, 4, 16, 64, 256, 2048, 8192]
+DECODE_MS = [1, 2, 4]
+OTHER_WIDTH_MS = [1, 16, 2048]
 
 
 def random_layer(n, k, bits, rank, device) -> LoRDSLinear:
@@ -33,21 +39,46 @@ def random_layer(n, k, bits, rank, device) -> LoRDSLinear:
     return layer
 
 
+def kernel_fns(layer: LoRDSLinear, bias=None) -> dict:
+    args = (layer.codes, layer.codebook, layer.scale_b, layer.scale_a, layer.bits)
+    return {
+        "decode": lambda x: decode_matmul(x, *args, bias),
+        "tiled": lambda x: tiled_matmul(x, *args, bias),
+        "dequant+cuBLAS": lambda x: F.linear(x, dequantize(*args, x.dtype), bias),
+        "dispatch": lambda x: lords_matmul(x, *args, bias),
+    }
+
+
+def poison_allocator(device) -> None:
+    """Fill free cached blocks with NaN so that an output element the kernel never writes shows up."""
+    poison = torch.full((2**28,), float("nan"), device=device)
+    del poison
+
+
 def check_correctness(device) -> list[str]:
-    """Fresh random inputs per case; relative error against a float64 reference of the same layer."""
-    lines = ["| shape (N x K) | M | bits | codebook | rank | rel. error vs fp64 | finite |", "|---|---|---|---|---|---|---|"]
+    """Fresh random inputs per case; every kernel, bf16 and fp16 activations, against a float64 reference."""
+    lines = ["| kernel | shape (N x K) | M | bits | codebook | rank | bias | dtype | rel. error vs fp64 | all written |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for (n, k), m, bits, kind, rank in [
-        ((4096, 4096), 1, 4, "nf", 32), ((1000, 1000), 7, 3, "nf", 13), ((14336, 4096), 64, 2, "int", 49),
-        ((333, 520), 300, 4, "int", 1), ((4096, 14336), 16, 3, "nf", 49),
+        ((4096, 4096), 1, 4, "nf", 32), ((1000, 1000), 3, 3, "nf", 13), ((14336, 4096), 64, 2, "int", 49),
+        ((333, 520), 300, 4, "int", 1), ((4096, 14336), 16, 3, "nf", 49), ((1024, 4096), 2, 2, "nf", 99),
     ]:
         layer = random_layer(n, k, bits, rank, device)
         layer.codebook.copy_(get_codebook(kind, bits).to(device))
-        layer.backend = "triton"
-        x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
-        out = layer(x)
-        reference = x.double() @ layer.dequantize(torch.float64).T
-        error = ((out.double() - reference).norm() / reference.norm()).item()
-        lines.append(f"| {n} x {k} | {m} | {bits} | {kind} | {rank} | {error:.2e} | {bool(torch.isfinite(out).all())} |")
+        bias = torch.randn(n, device=device) if m % 2 else None
+        reference_weight = layer.dequantize(torch.float64)
+        for dtype in (torch.bfloat16, torch.float16):
+            x = torch.randn(m, k, device=device, dtype=dtype)
+            reference = x.double() @ reference_weight.T + (0 if bias is None else bias.double())
+            for name, fn in kernel_fns(layer, None if bias is None else bias.to(dtype)).items():
+                if name == "decode" and m > DECODE_MAX_TOKENS:
+                    continue
+                poison_allocator(device)
+                out = fn(x)
+                print(f"checked {name} {n}x{k} M={m} bits={bits} {dtype}", flush=True)
+                error = ((out.double() - reference).norm() / reference.norm()).item()
+                lines.append(f"| {name} | {n} x {k} | {m} | {bits} | {kind} | {rank} | {bias is not None} | "
+                             f"{str(dtype)[6:]} | {error:.2e} | {bool(torch.isfinite(out).all())} |")
     return lines
 
 
@@ -77,22 +108,37 @@ def copy_bandwidth(device) -> float:
 
 
 def bench(fn, x) -> float:
-    return triton.testing.do_bench(lambda: fn(x), warmup=25, rep=100, return_mode="median") * 1e3  # microseconds
+    """Median microseconds of GPU time. Replays of a captured CUDA graph, so that Python launch overhead (tens of us
+    for a Triton launcher, more than a decode kernel itself) is not counted for any method; plain launches where a
+    method cannot be captured."""
+    fn(x)  # autotuning and lazy allocation happen outside the capture
+    torch.cuda.synchronize()
+    try:
+        return triton.testing.do_bench_cudagraph(lambda: fn(x), rep=30, return_mode="median") * 1e3
+    except Exception:
+        torch.cuda.synchronize()
+        return triton.testing.do_bench(lambda: fn(x), warmup=10, rep=50, return_mode="median") * 1e3
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default=None)
     parser.add_argument("--shapes", type=int, default=len(SHAPES), help="how many of SHAPES to time")
+    parser.add_argument("--replot", action="store_true", help="only redraw the PNG from the tables in --out")
     args = parser.parse_args()
+    if args.replot:
+        plot(tables_from_markdown(Path(args.out).read_text()), Path(args.out).with_suffix(".png"))
+        return
     device = torch.device("cuda")
     torch.manual_seed(0)
     started = time.perf_counter()
     report = [
-        "# LoRDS fused forward vs bf16 cuBLAS, bitsandbytes NF4 and torch int4 (tinygemm)", "",
-        "Produced by:", "", "    python benchmarks/kernels.py --out results/kernels.md", "",
+        "# LoRDS kernels vs bf16 cuBLAS, bitsandbytes NF4 and torch int4 (tinygemm)", "",
+        "Produced by:", "", "    python -m benchmarks.kernels --out results/kernels.md", "",
         f"- date: {time.strftime('%Y-%m-%d')}; device: {torch.cuda.get_device_name()}; torch {torch.__version__}, "
         f"triton {triton.__version__}",
+        f"- dispatch (`lords_matmul`): decode kernel up to {DECODE_MAX_TOKENS} rows, tiled up to {TILED_MAX_TOKENS}, "
+        "Triton dequantize + cuBLAS above",
     ]
     bandwidth = copy_bandwidth(device)
     report += [f"- measured copy bandwidth (read + write): {bandwidth:.0f} GB/s", "", "## Correctness on the GPU", ""]
@@ -106,41 +152,53 @@ def main() -> None:
                 anchors[name] = make(weight)
             except Exception as error:  # an anchor that cannot run here is reported, not fatal
                 report.append(f"- {name} unavailable for {n}x{k}: {type(error).__name__}: {error}")
-        ours = {}
-        for block in (64, 128):
-            layer = random_layer(n, k, 4, parity_rank(n, k, block), device)
-            layer.backend = "triton"
-            ours[f"lords-b{block}"] = layer
-        naive = random_layer(n, k, 4, parity_rank(n, k, 64), device)
-        naive.backend = "torch"
-        anchors["lords-naive"] = naive
+        layers = {(bits, block): random_layer(n, k, bits, parity_rank(n, k, block), device)
+                  for bits, block in ((4, 64), (4, 128), (3, 64), (2, 64))}
+        naive = layers[4, 64]
+        anchors["lords-naive"] = lambda x, layer=naive: F.linear(x, layer.dequantize(x.dtype))
+        kernels = kernel_fns(layers[4, 64])
+        ours = {"decode-b64": kernels["decode"], "tiled-b64": kernels["tiled"],
+                "dequant-b64": kernels["dequant+cuBLAS"], "lords-b64": kernels["dispatch"],
+                "lords-b128": kernel_fns(layers[4, 128])["dispatch"]}
+        other_widths = {f"lords-{bits}bit-b64": kernel_fns(layers[bits, 64])["dispatch"] for bits in (3, 2)}
         names = [*anchors, *ours]
-        report += ["", f"## {n} x {k} (out x in), 4-bit, ranks {[l.rank for l in ours.values()]}", "",
-                   "| M | " + " | ".join(f"{name} (us)" for name in names)
+        report += ["", f"## {n} x {k} (out x in), 4-bit, ranks {layers[4, 64].rank} (b64), {layers[4, 128].rank} (b128)",
+                   "", "| M | " + " | ".join(f"{name} (us)" for name in names)
                    + " | b64 / bf16 | b64 / bnb | b64 / int4 | b64 GB/s (% of copy) |",
                    "|---" * (len(names) + 5) + "|"]
-        for m in MS:
+        widths = [f"| M | bf16 (us) | " + " | ".join(f"{name} (us) | / bf16" for name in other_widths) + " |",
+                  "|---" * (2 + 2 * len(other_widths)) + "|"]
+        for m in sorted({*MS, *DECODE_MS}):
             x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
             times = {}
-            for name, fn in {**anchors, **ours}.items():
+            timed = {**anchors, **ours, **(other_widths if m in OTHER_WIDTH_MS else {})}
+            for name, fn in timed.items():
+                if name == "decode-b64" and m not in DECODE_MS:
+                    continue
                 try:
                     with torch.no_grad():
                         times[name] = bench(fn, x)
                 except Exception as error:
-                    times[name] = float("nan")
                     report.append(f"<!-- {name} M={m}: {type(error).__name__}: {error} -->")
             ours_time = times["lords-b64"]
-            layer = ours["lords-b64"]
+            layer = layers[4, 64]
             moved = layer.codes.numel() + 2 * layer.rank * (n + k) + 2 * m * (n + k)
-            ratio = {name: ours_time / times[name] if name in times else float("nan") for name in ("bf16", "bnb-nf4", "int4-tinygemm")}
+            ratio = {name: ours_time / times[name] if name in times else float("nan")
+                     for name in ("bf16", "bnb-nf4", "int4-tinygemm")}
             report.append(
-                f"| {m} | " + " | ".join(f"{times[name]:.1f}" for name in names)
+                f"| {m} | " + " | ".join(f"{times[name]:.1f}" if name in times else "" for name in names)
                 + f" | {ratio['bf16']:.2f} | {ratio['bnb-nf4']:.2f} | {ratio['int4-tinygemm']:.2f} | "
                 f"{moved / (ours_time * 1e-6) / 1e9:.0f} ({100 * moved / (ours_time * 1e-6) / 1e9 / bandwidth:.0f}%) |"
             )
+            if m in OTHER_WIDTH_MS:
+                widths.append(f"| {m} | {times['bf16']:.1f} | " + " | ".join(
+                    f"{times[name]:.1f} | {times[name] / times['bf16']:.2f}" for name in other_widths) + " |")
             for name in names:
-                plots.setdefault((n, k), {}).setdefault(name, []).append(times[name])
-        print("\n".join(report[-len(MS) - 4 :]), flush=True)
+                plots.setdefault((n, k), {}).setdefault(name, {})[m] = times.get(name)
+        report += ["", f"3- and 2-bit, {n} x {k}, through the dispatch at b = 64:", "", *widths]
+        print("\n".join(report[-len(MS) - 12 :]), flush=True)
+        if args.out:  # after every shape, so that a run cut short still leaves its tables
+            Path(args.out).write_text("\n".join(report) + "\n")
     report += ["", f"Total {time.perf_counter() - started:.0f} s."]
     text = "\n".join(report) + "\n"
     print(text)
@@ -148,6 +206,26 @@ def main() -> None:
         out = Path(args.out)
         out.write_text(text)
         plot(plots, out.with_suffix(".png"))
+
+
+def tables_from_markdown(text: str) -> dict:
+    """{(N, K): {method: {M: microseconds}}} from the 4-bit latency tables this script writes."""
+    plots, shape, names = {}, None, None
+    for line in text.splitlines():
+        if line.startswith("## ") and " x " in line and "4-bit" in line:
+            n, k = line[3:].split(" (")[0].split(" x ")
+            shape, names = (int(n), int(k)), None
+        elif shape and line.startswith("| M |"):
+            names = [cell.strip().removesuffix(" (us)") if "(us)" in cell else None
+                     for cell in line.strip("|").split("|")[1:]]
+        elif shape and names and line.startswith("| ") and line[2].isdigit():
+            cells = [cell.strip() for cell in line.strip("|").split("|")]
+            for name, cell in zip(names, cells[1:]):
+                if name:
+                    plots.setdefault(shape, {}).setdefault(name, {})[int(cells[0])] = float(cell) if cell else None
+        elif not line.startswith("|"):
+            names = None if line.strip() else names
+    return plots
 
 
 def plot(plots, path) -> None:
@@ -158,8 +236,9 @@ def plot(plots, path) -> None:
 
     figure, axes = plt.subplots(1, len(plots), figsize=(4.2 * len(plots), 3.8), squeeze=False)
     for axis, ((n, k), series) in zip(axes[0], plots.items()):
-        for name, times in series.items():
-            axis.plot(MS, times, marker="o", label=name)
+        for index, (name, times) in enumerate(series.items()):
+            ms = [m for m, time_us in times.items() if time_us is not None]
+            axis.plot(ms, [times[m] for m in ms], marker="o", label=name, color=plt.cm.tab20(index))
         axis.set_xscale("log", base=2)
         axis.set_yscale("log")
         axis.set_title(f"{n} x {k}")

@@ -10,11 +10,9 @@ from .codebooks import check_bits, get_codebook
 from .factorize import LoRDSFactors, bits_per_weight
 from .packing import pack_codes, packed_size, unpack_codes
 
-# "auto": the fused Triton kernel for CUDA inputs of up to FUSED_MAX_TOKENS rows when Triton is installed, the torch
-# reference (dequantize + cuBLAS) otherwise. results/kernels.md (H100): the fused kernel is faster up to M = 256 on
-# every Llama shape, at M = 2048 on four of five, and slower at M = 8192 on all.
+# "auto": the Triton kernels (lords.kernels.lords_matmul picks one by M) for CUDA inputs when Triton is installed, the
+# torch reference (dequantize + matmul) otherwise.
 BACKENDS = ("auto", "torch", "triton")
-FUSED_MAX_TOKENS = 1024
 
 
 def _triton_available() -> bool:
@@ -82,10 +80,8 @@ class LoRDSLinear(nn.Module):
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; choose one of {BACKENDS}")
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        tokens = x.numel() // self.in_features
-        fused = self.backend == "auto" and x.is_cuda and tokens <= FUSED_MAX_TOKENS and _triton_available()
-        if self.backend == "triton" or fused:
-            from .kernels.forward import lords_matmul
+        if self.backend == "triton" or (self.backend == "auto" and x.is_cuda and _triton_available()):
+            from .kernels import lords_matmul
 
             return lords_matmul(x, self.codes, self.codebook, self.scale_b, self.scale_a, self.bits, bias)
         return F.linear(x, self.dequantize(x.dtype), bias)

@@ -10,7 +10,7 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 from lords.codebooks import get_codebook  # noqa: E402
-from lords.kernels.forward import lords_matmul  # noqa: E402
+from lords.kernels import MAX_ROWS, decode_matmul, dequantize, lords_matmul, tiled_matmul  # noqa: E402
 from lords.linear import LoRDSLinear  # noqa: E402
 from lords.packing import pack_codes  # noqa: E402
 
@@ -24,20 +24,56 @@ def reference(x, codes, codebook, scale_b, scale_a, bias):
     return out if bias is None else out + bias.double()
 
 
-@pytest.mark.parametrize("bits,kind", [(4, "nf"), (3, "nf"), (2, "nf"), (4, "int"), (3, "int"), (2, "int")])
-@pytest.mark.parametrize("m,n,k,rank", [(1, 24, 40, 1), (5, 33, 72, 17), (19, 16, 64, 3), (3, 10, 37, 2)])
-def test_forward_matches_float64(bits, kind, m, n, k, rank):
-    generator = torch.Generator().manual_seed(bits * 100 + m)
+def random_problem(bits, kind, m, n, k, rank, seed):
+    generator = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, 2**bits, (n, k), generator=generator, dtype=torch.uint8)
-    codebook = get_codebook(kind, bits)
     scale_b = torch.rand(n, rank, generator=generator) + 0.1
     scale_a = torch.rand(rank, k, generator=generator) + 0.1
     bias = torch.randn(n, generator=generator) if m % 2 else None
     x = torch.randn(m, k, generator=generator)
-    out = lords_matmul(x, pack_codes(codes, bits), codebook, scale_b, scale_a, bits, bias)
+    return x, codes, get_codebook(kind, bits), scale_b, scale_a, bias
+
+
+BITS_AND_CODEBOOKS = [(4, "nf"), (3, "nf"), (2, "nf"), (4, "int"), (3, "int"), (2, "int")]
+# Odd sizes, K not a multiple of the tile, rank 1 and ranks that are not multiples of 16.
+SHAPES = [(1, 24, 40, 1), (4, 33, 72, 17), (19, 16, 64, 3), (3, 10, 37, 2), (5, 33, 72, 17)]
+
+
+@pytest.mark.parametrize("kernel", [tiled_matmul, decode_matmul, lords_matmul], ids=["tiled", "decode", "dispatch"])
+@pytest.mark.parametrize("bits,kind", BITS_AND_CODEBOOKS)
+@pytest.mark.parametrize("m,n,k,rank", SHAPES)
+def test_forward_matches_float64(kernel, bits, kind, m, n, k, rank):
+    if kernel is decode_matmul and m > MAX_ROWS:
+        pytest.skip("the decode kernel takes a few rows only")
+    x, codes, codebook, scale_b, scale_a, bias = random_problem(bits, kind, m, n, k, rank, seed=bits * 100 + m)
+    out = kernel(x, pack_codes(codes, bits), codebook, scale_b, scale_a, bits, bias)
     expected = reference(x, codes, codebook, scale_b, scale_a, bias)
     assert out.shape == (m, n) and torch.isfinite(out).all()
     assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("bits,kind", BITS_AND_CODEBOOKS)
+@pytest.mark.parametrize("n,k,rank", [(24, 40, 1), (33, 72, 17), (10, 37, 2)])
+def test_dequantize_matches_float64(bits, kind, n, k, rank):
+    _, codes, codebook, scale_b, scale_a, _ = random_problem(bits, kind, 1, n, k, rank, seed=bits + n)
+    weight = dequantize(pack_codes(codes, bits), codebook, scale_b, scale_a, bits, torch.float32)
+    expected = (scale_b.double() @ scale_a.double()) * codebook.double()[codes.long()]
+    assert weight.shape == (n, k) and weight.dtype == torch.float32
+    assert ((weight.double() - expected).norm() / expected.norm()).item() < 1e-6
+
+
+@pytest.mark.parametrize("kernel", [lords_matmul], ids=["dispatch"])
+@pytest.mark.parametrize("m", [2, 9, 300])
+def test_half_precision_activations(kernel, m):
+    """fp16 X through every kernel (decode at m = 2, tiled at 9, dequantize + matmul), within fp16 rounding.
+
+    bf16 is checked on the GPU by benchmarks/kernels.py: Triton 3.9's interpreter returns garbage for a bf16 tl.dot.
+    """
+    x, codes, codebook, scale_b, scale_a, bias = random_problem(4, "nf", m, 40, 64, 5, seed=m)
+    out = kernel(x.half(), pack_codes(codes, 4), codebook, scale_b, scale_a, 4, bias)
+    expected = reference(x.half(), codes, codebook, scale_b, scale_a, bias)
+    assert out.dtype == torch.float16 and out.shape == (m, 40)
+    assert ((out.double() - expected).norm() / expected.norm()).item() < 2e-2
 
 
 def test_layer_dispatch_triton_equals_torch_reference():
@@ -50,10 +86,30 @@ def test_layer_dispatch_triton_equals_torch_reference():
     x = torch.randn(2, 3, 48)
     layer.backend = "torch"
     expected = layer(x)
-    layer.backend = "triton"
-    out = layer(x)
-    assert out.shape == (2, 3, 20)
-    assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5)
+    for backend in ("triton",):
+        layer.backend = backend
+        out = layer(x)
+        assert out.shape == (2, 3, 20)
+        assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5), backend
+
+
+def test_decode_refuses_many_rows():
+    with pytest.raises(ValueError, match="decode kernel takes at most 4 rows"):
+        decode_matmul(torch.randn(5, 16), torch.zeros(32, dtype=torch.uint8), get_codebook("nf", 4),
+                      torch.ones(4, 1), torch.ones(1, 16), 4)
+
+
+def test_decode_config_pruning_keeps_register_budget():
+    import triton
+
+    from lords.kernels.decode import CONFIGS, fits_registers
+
+    kept = fits_registers(CONFIGS, {}, M_PAD=4, RANK_PAD=128)
+    assert kept and all(4 * 128 * max(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) <= 128 * 32 * c.num_warps
+                        or len(kept) == 1 for c in kept)
+    assert len(fits_registers(CONFIGS, {}, M_PAD=1, RANK_PAD=16)) == len(CONFIGS)
+    huge = [triton.Config({"BLOCK_N": 256, "BLOCK_K": 256, "SPLIT_K": 1}, num_warps=1)]
+    assert fits_registers(huge, {}, M_PAD=4, RANK_PAD=128) == huge
 
 
 def test_wrong_input_width_is_named():

@@ -1,0 +1,199 @@
+"""End-to-end decode tokens/s and prefill time of a Llama-3-8B-shaped model with random weights (no download).
+
+    python -m benchmarks.e2e --out results/kernels.md --append    # needs CUDA; bitsandbytes for the NF4 row
+
+Every decoder linear is replaced in turn by bitsandbytes NF4 (Linear4bit, block 64) and by LoRDSLinear at 4 and 3
+bits (parity rank for b = 64, random codes and scales: speed does not depend on the values). The embedding, norms,
+attention and the bf16 lm_head are shared by all rows. Decode: one token per sequence against a static KV cache
+holding the prompt, the whole step captured in a CUDA graph (eager where capture fails, marked so), median of
+replays. Prefill: one eager forward over the prompt into a fresh static cache, logits for the last token only.
+"""
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
+
+from benchmarks.kernels import random_layer
+from lords.factorize import parity_rank
+
+LLAMA3_8B = dict(
+    hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+    max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False,
+)
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def build_model(layers: int) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(num_hidden_layers=layers, **LLAMA3_8B)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config)
+    torch.set_default_dtype(torch.float32)
+    return model.eval()
+
+
+def replace_linears(model, make) -> None:
+    for block in model.model.layers:
+        for parent in (block.self_attn, block.mlp):
+            for name in LINEARS:
+                if hasattr(parent, name):
+                    linear = getattr(parent, name)
+                    setattr(parent, name, make(linear))
+                    del linear
+    torch.cuda.empty_cache()
+
+
+def to_nf4(linear: nn.Linear) -> nn.Module:
+    import bitsandbytes as bnb
+
+    layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False, compute_dtype=torch.bfloat16,
+                              quant_type="nf4", device="meta")
+    layer.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4", blocksize=64).cuda()
+    return layer
+
+
+def to_lords(bits: int):
+    def make(linear: nn.Linear) -> nn.Module:
+        n, k = linear.out_features, linear.in_features
+        return random_layer(n, k, bits, parity_rank(n, k, 64), linear.weight.device)
+
+    return make
+
+
+def prefill(model, batch: int, prompt: int):
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device="cuda")
+    cache = StaticCache(config=model.config, max_cache_len=prompt + 64)
+    model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(prompt, device="cuda"),
+          use_cache=True, logits_to_keep=1)
+    return cache
+
+
+@torch.no_grad()
+def prefill_ms(model, batch: int, prompt: int) -> float:
+    prefill(model, batch, prompt)  # warm-up: autotuning, allocator
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        prefill(model, batch, prompt)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return 1e3 * sorted(times)[1]
+
+
+@torch.no_grad()
+def decode_ms(model, batch: int, prompt: int, replays: int = 50) -> tuple[float, str]:
+    cache = prefill(model, batch, prompt)
+    ids = torch.randint(0, model.config.vocab_size, (batch, 1), device="cuda")
+    position = torch.tensor([prompt], device="cuda")
+
+    def step():
+        # Some transformers versions keep the write position in the cache itself; pin it so every replay is the same.
+        for layer in cache.layers:
+            if hasattr(layer, "cumulative_length") and torch.is_tensor(layer.cumulative_length):
+                layer.cumulative_length.fill_(prompt)
+        return model(input_ids=ids, past_key_values=cache, cache_position=position,
+                     position_ids=position.view(1, 1).expand(batch, 1), use_cache=True).logits
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # autotuning and lazy allocations happen here, outside the capture
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    run, mode = step, "eager"
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        run, mode = graph.replay, "CUDA graph"
+    except Exception as error:  # reported in the table, not fatal
+        mode = f"eager ({type(error).__name__})"
+        torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2], mode
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--append", action="store_true", help="append the section to --out (results/kernels.md)")
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--prompt", type=int, default=1024)
+    args = parser.parse_args()
+    started = time.perf_counter()
+    variants = {
+        "bf16": None,
+        "bnb-nf4": to_nf4,
+        "lords-4bit": to_lords(4),
+        "lords-3bit": to_lords(3),
+    }
+    rows = {}
+    for name, make in variants.items():
+        model = build_model(args.layers)
+        try:
+            if make is not None:
+                replace_linears(model, make)
+            weights_gb = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / 1e9
+            row = {"weights (GB)": weights_gb}
+            for batch in (1, 16):
+                step, mode = decode_ms(model, batch, args.prompt)
+                row[f"decode b{batch} (tok/s)"] = batch * 1e3 / step
+                row[f"decode b{batch} mode"] = mode
+                row[f"prefill b{batch} (ms)"] = prefill_ms(model, batch, args.prompt)
+            rows[name] = row
+            print(name, row, flush=True)
+        except Exception as error:  # a variant that cannot run here is reported, not fatal
+            rows[name] = {"error": f"{type(error).__name__}: {error}"}
+            print(name, rows[name], flush=True)
+        del model
+        torch.cuda.empty_cache()
+    report = [
+        "## End to end: Llama-3-8B shapes, random weights, bf16 vs bitsandbytes NF4 vs LoRDS", "",
+        "Produced by:", "", f"    python -m benchmarks.e2e --layers {args.layers} --prompt {args.prompt} --out {args.out} "
+        + ("--append" if args.append else ""), "",
+        f"- date: {time.strftime('%Y-%m-%d')}; device: {torch.cuda.get_device_name()}; torch {torch.__version__}, "
+        f"transformers {transformers.__version__}; {args.layers} decoder layers, prompt {args.prompt} tokens",
+        "- decode: median of 50 single-token steps at KV position = prompt; prefill: median of 3 eager passes", "",
+        "| model | weights (GB) | decode b1 (tok/s) | vs bf16 | decode b16 (tok/s) | vs bf16 | prefill b1 (ms) "
+        "| vs bf16 | prefill b16 (ms) | vs bf16 | decode mode |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    base = rows.get("bf16", {})
+    for name, row in rows.items():
+        if "error" in row:
+            report.append(f"| {name} | {row['error']} |||||||||")
+            continue
+
+        def ratio(key, row=row):
+            return f"{row[key] / base[key]:.2f}" if key in base else "-"
+
+        report.append(
+            f"| {name} | {row['weights (GB)']:.2f} | {row['decode b1 (tok/s)']:.1f} | {ratio('decode b1 (tok/s)')} "
+            f"| {row['decode b16 (tok/s)']:.1f} | {ratio('decode b16 (tok/s)')} | {row['prefill b1 (ms)']:.1f} "
+            f"| {ratio('prefill b1 (ms)')} | {row['prefill b16 (ms)']:.1f} | {ratio('prefill b16 (ms)')} "
+            f"| {row['decode b1 mode']} / {row['decode b16 mode']} |"
+        )
+    report += ["", f"Total {time.perf_counter() - started:.0f} s."]
+    text = "\n".join(report) + "\n"
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.write_text((out.read_text() + "\n" if args.append and out.exists() else "") + text)
+
+
+if __name__ == "__main__":
+    main()
