@@ -3,11 +3,11 @@
     python -m benchmarks.kernels --out results/kernels.md        # needs CUDA; bitsandbytes optional
 
 Anchors in the same run, same inputs: bf16 cuBLAS (F.linear), bitsandbytes NF4 (matmul_4bit, block 64), torch's
-tinygemm int4 (_weight_int4pack_mm, group 128), and the naive LoRDS path (torch dequantize, then cuBLAS). Ours: each
-kernel on its own (decode for M <= 4, tiled, Triton dequantize + cuBLAS) at the parity rank for b = 64, and the
-dispatch (`lords_matmul`) at b = 64 and b = 128; 3- and 2-bit through the dispatch at b = 64. Times are medians of
+tinygemm int4 (_weight_int4pack_mm, group 128), and the naive LoRDS path (torch dequantize, then cuBLAS). Ours: the fused
+kernels (decode for M <= 4, tiled) at the parity rank for b = 64, and `lords_matmul` (Triton dequantize + cuBLAS,
+what LoRDSLinear runs on CUDA) at b = 64 and b = 128; 3- and 2-bit through lords_matmul at b = 64. Times are medians of
 replays of CUDA graphs (triton.testing.do_bench_cudagraph), so
-that launch overhead counts for no method; ratios are the dispatch at b = 64 over the anchor.
+that launch overhead counts for no method; ratios are lords_matmul at b = 64 over the anchor.
 """
 
 import argparse
@@ -20,7 +20,7 @@ import triton
 
 from lords.codebooks import get_codebook
 from lords.factorize import parity_rank
-from lords.kernels import DECODE_MAX_TOKENS, TILED_MAX_TOKENS, decode_matmul, dequantize, lords_matmul, tiled_matmul
+from lords.kernels import MAX_ROWS, decode_matmul, fused_matmul, lords_matmul, tiled_matmul
 from lords.linear import LoRDSLinear
 from lords.packing import pack_codes
 
@@ -44,8 +44,8 @@ def kernel_fns(layer: LoRDSLinear, bias=None) -> dict:
     return {
         "decode": lambda x: decode_matmul(x, *args, bias),
         "tiled": lambda x: tiled_matmul(x, *args, bias),
-        "dequant+cuBLAS": lambda x: F.linear(x, dequantize(*args, x.dtype), bias),
-        "dispatch": lambda x: lords_matmul(x, *args, bias),
+        "fused": lambda x: fused_matmul(x, *args, bias),
+        "lords": lambda x: lords_matmul(x, *args, bias),
     }
 
 
@@ -71,7 +71,7 @@ def check_correctness(device) -> list[str]:
             x = torch.randn(m, k, device=device, dtype=dtype)
             reference = x.double() @ reference_weight.T + (0 if bias is None else bias.double())
             for name, fn in kernel_fns(layer, None if bias is None else bias.to(dtype)).items():
-                if name == "decode" and m > DECODE_MAX_TOKENS:
+                if name == "decode" and m > MAX_ROWS:
                     continue
                 poison_allocator(device)
                 out = fn(x)
@@ -137,8 +137,8 @@ def main() -> None:
         "Produced by:", "", "    python -m benchmarks.kernels --out results/kernels.md", "",
         f"- date: {time.strftime('%Y-%m-%d')}; device: {torch.cuda.get_device_name()}; torch {torch.__version__}, "
         f"triton {triton.__version__}",
-        f"- dispatch (`lords_matmul`): decode kernel up to {DECODE_MAX_TOKENS} rows, tiled up to {TILED_MAX_TOKENS}, "
-        "Triton dequantize + cuBLAS above",
+        "- lords-b64/b128 and the 3-/2-bit rows: `lords_matmul` (Triton one-pass dequantize, then cuBLAS), what "
+        f"LoRDSLinear runs on CUDA; decode-b64 and tiled-b64: the fused kernels (decode up to {MAX_ROWS} rows)",
     ]
     bandwidth = copy_bandwidth(device)
     report += [f"- measured copy bandwidth (read + write): {bandwidth:.0f} GB/s", "", "## Correctness on the GPU", ""]
@@ -157,10 +157,9 @@ def main() -> None:
         naive = layers[4, 64]
         anchors["lords-naive"] = lambda x, layer=naive: F.linear(x, layer.dequantize(x.dtype))
         kernels = kernel_fns(layers[4, 64])
-        ours = {"decode-b64": kernels["decode"], "tiled-b64": kernels["tiled"],
-                "dequant-b64": kernels["dequant+cuBLAS"], "lords-b64": kernels["dispatch"],
-                "lords-b128": kernel_fns(layers[4, 128])["dispatch"]}
-        other_widths = {f"lords-{bits}bit-b64": kernel_fns(layers[bits, 64])["dispatch"] for bits in (3, 2)}
+        ours = {"decode-b64": kernels["decode"], "tiled-b64": kernels["tiled"], "lords-b64": kernels["lords"],
+                "lords-b128": kernel_fns(layers[4, 128])["lords"]}
+        other_widths = {f"lords-{bits}bit-b64": kernel_fns(layers[bits, 64])["lords"] for bits in (3, 2)}
         names = [*anchors, *ours]
         report += ["", f"## {n} x {k} (out x in), 4-bit, ranks {layers[4, 64].rank} (b64), {layers[4, 128].rank} (b128)",
                    "", "| M | " + " | ".join(f"{name} (us)" for name in names)
@@ -195,7 +194,7 @@ def main() -> None:
                     f"{times[name]:.1f} | {times[name] / times['bf16']:.2f}" for name in other_widths) + " |")
             for name in names:
                 plots.setdefault((n, k), {}).setdefault(name, {})[m] = times.get(name)
-        report += ["", f"3- and 2-bit, {n} x {k}, through the dispatch at b = 64:", "", *widths]
+        report += ["", f"3- and 2-bit, {n} x {k}, lords_matmul at b = 64:", "", *widths]
         print("\n".join(report[-len(MS) - 12 :]), flush=True)
         if args.out:  # after every shape, so that a run cut short still leaves its tables
             Path(args.out).write_text("\n".join(report) + "\n")

@@ -10,9 +10,10 @@ from .codebooks import check_bits, get_codebook
 from .factorize import LoRDSFactors, bits_per_weight
 from .packing import pack_codes, packed_size, unpack_codes
 
-# "auto": the Triton kernels (lords.kernels.lords_matmul picks one by M) for CUDA inputs when Triton is installed, the
-# torch reference (dequantize + matmul) otherwise.
-BACKENDS = ("auto", "torch", "triton")
+# "auto": "triton" for CUDA inputs when Triton is installed, "torch" otherwise.
+# "torch": the reference, dequantize in torch + matmul. "triton": Triton's one-pass dequantize + cuBLAS, the fastest
+# measured (results/kernels.md). "fused": Triton kernels that never hold the dense weight (less memory, slower today).
+BACKENDS = ("auto", "torch", "triton", "fused")
 
 
 def _triton_available() -> bool:
@@ -80,6 +81,10 @@ class LoRDSLinear(nn.Module):
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; choose one of {BACKENDS}")
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.backend == "fused":
+            from .kernels import fused_matmul
+
+            return fused_matmul(x, self.codes, self.codebook, self.scale_b, self.scale_a, self.bits, bias)
         if self.backend == "triton" or (self.backend == "auto" and x.is_cuda and _triton_available()):
             from .kernels import lords_matmul
 

@@ -10,7 +10,7 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 from lords.codebooks import get_codebook  # noqa: E402
-from lords.kernels import MAX_ROWS, decode_matmul, dequantize, lords_matmul, tiled_matmul  # noqa: E402
+from lords.kernels import MAX_ROWS, decode_matmul, dequantize, fused_matmul, lords_matmul, tiled_matmul  # noqa: E402
 from lords.linear import LoRDSLinear  # noqa: E402
 from lords.packing import pack_codes  # noqa: E402
 
@@ -39,7 +39,8 @@ BITS_AND_CODEBOOKS = [(4, "nf"), (3, "nf"), (2, "nf"), (4, "int"), (3, "int"), (
 SHAPES = [(1, 24, 40, 1), (4, 33, 72, 17), (19, 16, 64, 3), (3, 10, 37, 2), (5, 33, 72, 17)]
 
 
-@pytest.mark.parametrize("kernel", [tiled_matmul, decode_matmul, lords_matmul], ids=["tiled", "decode", "dispatch"])
+@pytest.mark.parametrize("kernel", [tiled_matmul, decode_matmul, fused_matmul, lords_matmul],
+                         ids=["tiled", "decode", "fused", "dequantize+matmul"])
 @pytest.mark.parametrize("bits,kind", BITS_AND_CODEBOOKS)
 @pytest.mark.parametrize("m,n,k,rank", SHAPES)
 def test_forward_matches_float64(kernel, bits, kind, m, n, k, rank):
@@ -62,8 +63,8 @@ def test_dequantize_matches_float64(bits, kind, n, k, rank):
     assert ((weight.double() - expected).norm() / expected.norm()).item() < 1e-6
 
 
-@pytest.mark.parametrize("kernel", [lords_matmul], ids=["dispatch"])
-@pytest.mark.parametrize("m", [2, 9, 300])
+@pytest.mark.parametrize("kernel", [fused_matmul, lords_matmul], ids=["fused", "dequantize+matmul"])
+@pytest.mark.parametrize("m", [2, 9])
 def test_half_precision_activations(kernel, m):
     """fp16 X through every kernel (decode at m = 2, tiled at 9, dequantize + matmul), within fp16 rounding.
 
@@ -86,7 +87,7 @@ def test_layer_dispatch_triton_equals_torch_reference():
     x = torch.randn(2, 3, 48)
     layer.backend = "torch"
     expected = layer(x)
-    for backend in ("triton",):
+    for backend in ("triton", "fused"):
         layer.backend = backend
         out = layer(x)
         assert out.shape == (2, 3, 20)

@@ -1,9 +1,10 @@
 """Triton kernels for LoRDS. They know shapes and dtypes only: no models, no configs.
 
-`lords_matmul` picks the kernel by the number of rows M:
-- decode.py, the algebraic form with split-K, up to DECODE_MAX_TOKENS;
-- forward.py's tiled kernel up to TILED_MAX_TOKENS;
-- above, forward.py's one-pass dequantization and cuBLAS: at long prefill the GEMM dwarfs the pass.
+Two ways to compute X @ ((B @ A) * C[codes])^T on the GPU:
+- `lords_matmul`: forward.py's one-pass dequantization, then cuBLAS. It was the fastest of ours at every M measured
+  in results/kernels.md (H100), so it is what LoRDSLinear runs by default;
+- `fused_matmul`: never holds the dense weight. decode.py (the algebraic form, split-K) for up to MAX_ROWS rows,
+  forward.py's tiled kernel above. It saves the transient n x m weight, and is slower today.
 """
 
 import torch.nn.functional as F
@@ -12,16 +13,17 @@ from .codes import check_input
 from .decode import MAX_ROWS, decode_matmul
 from .forward import dequantize, tiled_matmul
 
-DECODE_MAX_TOKENS = MAX_ROWS
-TILED_MAX_TOKENS = 256
-
 
 def lords_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None):
     """x (..., K) -> (..., N) for packed codes of an (N, K) weight; scales B (N, r), A (r, K)."""
     check_input(x, scale_a)
-    tokens = x.numel() // x.shape[-1]
-    if tokens <= DECODE_MAX_TOKENS:
-        return decode_matmul(x, codes, codebook, scale_b, scale_a, bits, bias)
-    if tokens <= TILED_MAX_TOKENS:
-        return tiled_matmul(x, codes, codebook, scale_b, scale_a, bits, bias)
+    bias = None if bias is None else bias.to(x.dtype)
     return F.linear(x, dequantize(codes, codebook, scale_b, scale_a, bits, x.dtype), bias)
+
+
+def fused_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None):
+    """As lords_matmul, without materialising the dense weight."""
+    check_input(x, scale_a)
+    if x.numel() // x.shape[-1] <= MAX_ROWS:
+        return decode_matmul(x, codes, codebook, scale_b, scale_a, bits, bias)
+    return tiled_matmul(x, codes, codebook, scale_b, scale_a, bits, bias)
