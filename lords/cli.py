@@ -1,6 +1,7 @@
-"""Command line: `lords quantize | eval | generate | compare`. Parsing and printing only."""
+"""Command line: `lords quantize | eval | generate | compare | finetune | qat`. Parsing and printing only."""
 
 import argparse
+import os
 import sys
 import time
 from functools import partial
@@ -73,23 +74,100 @@ def cmd_eval(args) -> None:
     _print_perplexity(model, tokenizer, args.seq_len, args.max_tokens)
 
 
-def cmd_finetune(args) -> None:
-    from .assets import documents, token_stream
-    from .peft import mark_trainable, save_adapter
+def _init_distributed(device: torch.device) -> tuple[torch.device, bool]:
+    """Under torchrun: join the process group (NCCL on GPUs, gloo on CPUs); returns the device and whether this
+    process is the one that prints and saves."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device, True
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, dist.get_rank() == 0
+
+
+def _train(model, tokens, args, param_groups=None, steps=None) -> list[float]:
     from .train import finetune
 
+    return finetune(
+        model, tokens, args.steps if steps is None else steps, args.lr, args.batch_size, args.seq_len,
+        param_groups=param_groups, gradient_checkpointing=args.gradient_checkpointing,
+        autocast_dtype=torch.bfloat16 if args.bf16 else None,
+    )
+
+
+def _print_losses(losses: list[float]) -> None:
+    print(f"training loss: first 10 steps {sum(losses[:10]) / len(losses[:10]):.4f}, "
+          f"last 10 steps {sum(losses[-10:]) / len(losses[-10:]):.4f}")
+
+
+def cmd_finetune(args) -> None:
+    from . import LoRDSConfig, quantize, save
+    from .assets import documents, token_stream
+    from .linear import LoRDSLinear
+    from .peft import mark_trainable, save_adapter
+
     out = _output_folder(args)
-    model, tokenizer, path = _load(args.model, _device(args.device))
+    device, main_process = _init_distributed(_device(args.device))
+    model, tokenizer, path = _load(args.model, device)
+    if not any(isinstance(module, LoRDSLinear) for module in model.modules()):
+        # A dense model: quantize first (data-free, so every process gets the same codes), then adapt.
+        print(f"{path} is not quantized: LoRDS {args.bits}-bit with {args.quantize_steps} refinement steps first")
+        quantize(model, LoRDSConfig(bits=args.bits, steps=args.quantize_steps), device=device,
+                 progress=main_process)
     count = mark_trainable(model, tuple(args.parts))
     tokens = token_stream(tokenizer, documents("calibration"))
     print(f"training {count / 1e6:.2f}M scale values of {path} on {tokens.numel()} tokens of the training documents")
-    if args.eval:
+    if args.eval and main_process:
         _print_perplexity(model, tokenizer, args.seq_len, args.max_tokens)
-    losses = finetune(model, tokens, args.steps, args.lr, args.batch_size, args.seq_len)
-    print(f"training loss: first 10 steps {sum(losses[:10]) / len(losses[:10]):.4f}, "
-          f"last 10 steps {sum(losses[-10:]) / len(losses[-10:]):.4f}")
+    losses = _train(model, tokens, args)
+    if not main_process:
+        return
+    _print_losses(losses)
     save_adapter(model, out, base=str(path), overwrite=args.overwrite)
     print(f"saved adapter to {out}")
+    if args.save_model:
+        save(model, args.save_model, tokenizer=tokenizer, overwrite=args.overwrite)
+        print(f"saved the whole adapted model to {args.save_model}")
+    if args.eval:
+        _print_perplexity(model, tokenizer, args.seq_len, args.max_tokens)
+
+
+def cmd_qat(args) -> None:
+    from . import LoRDSConfig, save
+    from .assets import calibration_tokens, documents, token_stream
+    from .qat import QATLinear, export_qat, prepare_qat, qat_parameter_groups
+
+    out = _output_folder(args)
+    device, main_process = _init_distributed(_device(args.device))
+    model, tokenizer, path = _load(args.model, device)
+    config = LoRDSConfig(bits=args.bits, block_size=args.block_size, codebook=args.codebook, steps=args.ptq_steps)
+    calibration = calibration_tokens(tokenizer, args.calib_samples, args.calib_len)
+    print(f"QAT of {path} at {args.bits} bits: LoRDS PTQ start ({args.ptq_steps} steps), {args.scale_steps} "
+          f"scales-only steps, then {args.steps} steps of weights and scales (scale lr x{args.scale_lr_multiplier})")
+    prepare_qat(model, config, calibration, device, progress=main_process)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    layers = [module for module in model.modules() if isinstance(module, QATLinear)]
+    groups = qat_parameter_groups(model, args.lr, args.scale_lr_multiplier)
+    tokens = token_stream(tokenizer, documents("calibration"))
+    losses = []
+    if args.scale_steps:
+        for layer in layers:
+            layer.scale_b.requires_grad_(True)
+            layer.scale_a.requires_grad_(True)
+        losses += _train(model, tokens, args, groups, steps=args.scale_steps)
+    for layer in layers:
+        layer.weight.requires_grad_(True)
+    losses += _train(model, tokens, args, groups)
+    export_qat(model)
+    if not main_process:
+        return
+    _print_losses(losses)
+    save(model, out, config=config, tokenizer=tokenizer, overwrite=args.overwrite)
+    print(f"saved the exported LoRDS checkpoint to {out}")
     if args.eval:
         _print_perplexity(model, tokenizer, args.seq_len, args.max_tokens)
 
@@ -176,16 +254,39 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--adapter", default=None, help="a lords adapter folder to apply first")
     e.set_defaults(func=cmd_eval)
 
-    f = sub.add_parser("finetune", help="train the scales B, A of a lords checkpoint (codes frozen); save an adapter")
-    common(f, "lords checkpoint folder")
-    f.add_argument("--steps", type=int, default=200)
-    f.add_argument("--lr", type=float, default=1e-4)
-    f.add_argument("--batch-size", type=int, default=4)
+    def training(p, steps, lr):
+        p.add_argument("--steps", type=int, default=steps)
+        p.add_argument("--lr", type=float, default=lr)
+        p.add_argument("--batch-size", type=int, default=4, help="global batch (split over torchrun processes)")
+        p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+        p.add_argument("--bf16", action="store_true", help="bf16 autocast (mixed precision)")
+        p.add_argument("--overwrite", action="store_true")
+        p.add_argument("--eval", action="store_true", help="held-out perplexity before and after")
+
+    f = sub.add_parser("finetune", help="train the scales B, A (codes frozen) of a lords checkpoint, or of a dense "
+                       "model quantized first; save an adapter")
+    common(f, "lords checkpoint or dense model folder (default: the packaged default model)")
+    training(f, 200, 1e-4)
     f.add_argument("--parts", nargs="+", choices=("scale_b", "scale_a"), default=["scale_b", "scale_a"])
+    f.add_argument("--bits", type=int, choices=(2, 3, 4), default=4, help="for a dense model: quantize to this")
+    f.add_argument("--quantize-steps", type=int, default=100, help="for a dense model: refinement steps")
     f.add_argument("--out", required=True, help="adapter folder")
-    f.add_argument("--overwrite", action="store_true")
-    f.add_argument("--eval", action="store_true", help="held-out perplexity before and after")
+    f.add_argument("--save-model", default=None, help="also save the whole adapted model to this folder")
     f.set_defaults(func=cmd_finetune)
+
+    t = sub.add_parser("qat", help="quantization-aware training (weights and scales), exported to a lords checkpoint")
+    common(t)
+    training(t, 200, 2e-5)
+    t.add_argument("--bits", type=int, choices=(2, 3, 4), default=4)
+    t.add_argument("--block-size", type=int, default=64)
+    t.add_argument("--codebook", choices=("nf", "int"), default="nf")
+    t.add_argument("--ptq-steps", type=int, default=100, help="LoRDS PTQ refinement steps for the starting scales")
+    t.add_argument("--scale-steps", type=int, default=0, help="scales-only steps before weights join")
+    t.add_argument("--scale-lr-multiplier", type=float, default=4.0)
+    t.add_argument("--calib-samples", type=int, default=64)
+    t.add_argument("--calib-len", type=int, default=512)
+    t.add_argument("--out", required=True, help="output checkpoint folder")
+    t.set_defaults(func=cmd_qat)
 
     g = sub.add_parser("generate", help="greedy generation from a lords checkpoint or a dense model")
     g.add_argument("model", help="model or checkpoint folder")

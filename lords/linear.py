@@ -20,6 +20,44 @@ def _triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def _scale_grads_torch(grad_out, x, levels, scale_b, scale_a):
+    """Reference for lords.kernels.scale_grads: the dense n x m weight gradient G, then (G * C) A^T and B^T (G * C)."""
+    grad_scale = (grad_out.reshape(-1, grad_out.shape[-1]).T.float() @ x.reshape(-1, x.shape[-1]).float()) * levels
+    return grad_scale @ scale_a.float().T, scale_b.float().T @ grad_scale
+
+
+class _LoRDSFunction(torch.autograd.Function):
+    """Y = X W^T + bias with W = (B A) * C[codes], and a backward that never forms the n x m weight gradient on
+    the Triton path: dX = dY W (the dequantize + matmul path again), dB and dA from lords.kernels.scale_grads."""
+
+    @staticmethod
+    def forward(ctx, x, scale_b, scale_a, bias, layer, use_triton):
+        # scale_b, scale_a are the layer's own parameters, passed so that autograd routes their gradients here.
+        ctx.save_for_backward(x, scale_b, scale_a)
+        ctx.layer, ctx.use_triton, ctx.has_bias = layer, use_triton, bias is not None
+        return layer.matmul(x, bias, use_triton)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, scale_b, scale_a = ctx.saved_tensors
+        layer = ctx.layer
+        grad_x = grad_b = grad_a = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = layer.matmul(grad_out, None, ctx.use_triton, transposed=True)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            if ctx.use_triton:
+                from .kernels import scale_grads
+
+                grad_b, grad_a = scale_grads(grad_out, x, layer.codes, layer.codebook, scale_b, scale_a, layer.bits)
+            else:
+                levels = layer.codebook.float()[layer.unpacked_codes().long()]
+                grad_b, grad_a = _scale_grads_torch(grad_out, x, levels, scale_b, scale_a)
+            grad_b, grad_a = grad_b.to(scale_b.dtype), grad_a.to(scale_a.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, grad_b, grad_a, grad_bias, None, None
+
+
 class LoRDSLinear(nn.Module):
     def __init__(
         self,
@@ -76,20 +114,29 @@ class LoRDSLinear(nn.Module):
         scale_bits = torch.finfo(self.scale_b.dtype).bits
         return bits_per_weight(self.out_features, self.in_features, self.bits, self.rank, scale_bits)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The single dispatch point between the torch reference and the fused kernel.
-        if self.backend not in BACKENDS:
-            raise ValueError(f"unknown backend {self.backend!r}; choose one of {BACKENDS}")
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        if self.backend == "fused":
+    def matmul(self, x, bias, use_triton: bool, transposed: bool = False) -> torch.Tensor:
+        """x @ W^T + bias, or x @ W when transposed (the input gradient), on the chosen path."""
+        if use_triton and self.backend == "fused" and not transposed:
             from .kernels import fused_matmul
 
             return fused_matmul(x, self.codes, self.codebook, self.scale_b, self.scale_a, self.bits, bias)
-        if self.backend == "triton" or (self.backend == "auto" and x.is_cuda and _triton_available()):
-            from .kernels import lords_matmul
+        if use_triton:
+            from .kernels import dequantize
 
-            return lords_matmul(x, self.codes, self.codebook, self.scale_b, self.scale_a, self.bits, bias)
-        return F.linear(x, self.dequantize(x.dtype), bias)
+            weight = dequantize(self.codes, self.codebook, self.scale_b, self.scale_a, self.bits, x.dtype)
+        else:
+            weight = self.dequantize(x.dtype)
+        return x @ weight if transposed else F.linear(x, weight, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The single dispatch point between the torch reference and the Triton kernels, forward and backward.
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; choose one of {BACKENDS}")
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        use_triton = self.backend in ("triton", "fused") or (
+            self.backend == "auto" and x.is_cuda and _triton_available()
+        )
+        return _LoRDSFunction.apply(x, self.scale_b, self.scale_a, bias, self, use_triton)
 
     def extra_repr(self) -> str:
         return (

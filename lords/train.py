@@ -1,10 +1,24 @@
-"""The training loop shared by PEFT and QAT: causal-LM loss on random windows of a token stream."""
+"""The training loop shared by PEFT and QAT: causal-LM loss on random windows of a token stream.
 
+Under torchrun (torch.distributed initialised) the model is wrapped in DistributedDataParallel and every rank draws
+the same global batch, then trains on its own slice of it; DDP averages the gradients, so K processes take the same
+steps as one process on the whole batch.
+"""
+
+import contextlib
 import math
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
+
+
+def _distributed() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def finetune(
@@ -17,12 +31,18 @@ def finetune(
     seed: int = 0,
     progress: bool = True,
     param_groups: list[dict] | None = None,
+    gradient_checkpointing: bool = False,
+    autocast_dtype: torch.dtype | None = None,
 ) -> list[float]:
     """Causal-LM fine-tuning of the parameters that require grad (AdamW, cosine schedule from lr to 0).
 
     param_groups: AdamW groups with their own lr (e.g. qat_parameter_groups); parameters that do not require grad
-    are left out, so a schedule that trains scales first and weights later is two calls. Returns every step's loss.
+    are left out, so a schedule that trains scales first and weights later is two calls.
+    gradient_checkpointing: recompute each block's activations in the backward (Hugging Face models).
+    autocast_dtype: mixed precision, e.g. torch.bfloat16; trained parameters stay in their own (float32) dtype.
+    Returns every step's loss (averaged over ranks when distributed).
     """
+    rank, world = _distributed()
     groups = param_groups or [{"params": list(model.parameters()), "lr": lr}]
     groups = [{**group, "params": [p for p in group["params"] if p.requires_grad]} for group in groups]
     groups = [group for group in groups if group["params"]]
@@ -30,20 +50,35 @@ def finetune(
         raise ValueError("nothing to train: no parameter requires grad (call mark_trainable or prepare_qat first)")
     if tokens.numel() <= seq_len:
         raise ValueError(f"need more than seq_len={seq_len} training tokens, got {tokens.numel()}")
+    if batch_size % world:
+        raise ValueError(f"batch_size={batch_size} must divide evenly over {world} processes")
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
+    trained = DistributedDataParallel(model) if world > 1 else model
     model.train()
     losses = []
-    for _ in tqdm(range(steps), desc="fine-tuning", disable=not progress):
+    for _ in tqdm(range(steps), desc="fine-tuning", disable=not progress or rank != 0):
         starts = torch.randint(0, tokens.numel() - seq_len, (batch_size,), generator=generator).tolist()
-        batch = torch.stack([tokens[s : s + seq_len] for s in starts]).to(device)
-        loss = model(batch, labels=batch, use_cache=False).loss
+        shard = starts[rank * batch_size // world : (rank + 1) * batch_size // world]
+        batch = torch.stack([tokens[s : s + seq_len] for s in shard]).to(device)
+        autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                    else contextlib.nullcontext())
+        with autocast:
+            loss = trained(batch, labels=batch, use_cache=False).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
-        losses.append(loss.item())
+        logged = loss.detach().clone()
+        if world > 1:
+            dist.all_reduce(logged)
+            logged /= world
+        losses.append(logged.item())
+    if gradient_checkpointing:
+        model.gradient_checkpointing_disable()
     model.eval()
     return losses

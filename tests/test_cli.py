@@ -76,3 +76,32 @@ def test_finetune_saves_an_adapter_that_eval_applies(model_folder, tmp_path, cap
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("held-out perplexity (128 tokens")
     with pytest.raises(SystemExit, match="not a readable lords adapter"):
         main(["eval", str(out), "--adapter", str(tmp_path), "--seq-len", "16", "--max-tokens", "128", "--device", "cpu"])
+
+
+def test_finetune_a_dense_model_quantizes_first_and_saves_the_whole_model(model_folder, tmp_path, capsys):
+    from lords.checkpoint import load
+    from lords.linear import LoRDSLinear
+
+    adapter, whole = tmp_path / "adapter", tmp_path / "whole"
+    main(["finetune", str(model_folder), "--bits", "3", "--quantize-steps", "1", "--steps", "2", "--seq-len", "16",
+          "--gradient-checkpointing", "--out", str(adapter), "--save-model", str(whole), "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert "is not quantized: LoRDS 3-bit" in printed and f"saved the whole adapted model to {whole}" in printed
+    model = load(whole)
+    layers = [m for m in model.modules() if isinstance(m, LoRDSLinear)]
+    assert layers and all(layer.bits == 3 for layer in layers)
+
+
+def test_qat_exports_a_lords_checkpoint(model_folder, tmp_path, capsys):
+    from lords.checkpoint import load
+    from lords.linear import LoRDSLinear
+
+    out = tmp_path / "qat"
+    main(["qat", str(model_folder), "--bits", "4", "--block-size", "32", "--ptq-steps", "1", "--scale-steps", "2",
+          "--steps", "2", "--seq-len", "16", "--calib-samples", "2", "--calib-len", "16", "--out", str(out),
+          "--device", "cpu", "--eval", "--max-tokens", "128"])
+    printed = capsys.readouterr().out
+    assert f"saved the exported LoRDS checkpoint to {out}" in printed
+    assert printed.strip().splitlines()[-1].startswith("held-out perplexity (128 tokens")
+    model = load(out)
+    assert any(isinstance(m, LoRDSLinear) for m in model.modules())

@@ -5,10 +5,12 @@ Two ways to compute X @ ((B @ A) * C[codes])^T on the GPU:
   in results/kernels.md (H100), so it is what LoRDSLinear runs by default;
 - `fused_matmul`: never holds the dense weight. decode.py (the algebraic form, split-K) for up to MAX_ROWS rows,
   forward.py's tiled kernel above. It saves the transient n x m weight, and is slower today.
+backward.py's `scale_grads` gives dL/dB and dL/dA for PEFT without an n x m gradient.
 """
 
 import torch.nn.functional as F
 
+from .backward import scale_grads
 from .codes import check_input
 from .decode import MAX_ROWS, decode_matmul
 from .forward import dequantize, tiled_matmul
