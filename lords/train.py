@@ -7,6 +7,7 @@ steps as one process on the whole batch.
 
 import contextlib
 import math
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -33,6 +34,7 @@ def finetune(
     param_groups: list[dict] | None = None,
     gradient_checkpointing: bool = False,
     autocast_dtype: torch.dtype | None = None,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """Causal-LM fine-tuning of the parameters that require grad (AdamW, cosine schedule from lr to 0).
 
@@ -40,6 +42,7 @@ def finetune(
     are left out, so a schedule that trains scales first and weights later is two calls.
     gradient_checkpointing: recompute each block's activations in the backward (Hugging Face models).
     autocast_dtype: mixed precision, e.g. torch.bfloat16; trained parameters stay in their own (float32) dtype.
+    on_step: called with (step, loss) after every step (the loss is already on the host, so timing it is exact).
     Returns every step's loss (averaged over ranks when distributed).
     """
     rank, world = _distributed()
@@ -78,6 +81,8 @@ def finetune(
             dist.all_reduce(logged)
             logged /= world
         losses.append(logged.item())
+        if on_step is not None:
+            on_step(len(losses), losses[-1])
     if gradient_checkpointing:
         model.gradient_checkpointing_disable()
     model.eval()
