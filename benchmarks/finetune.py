@@ -28,7 +28,7 @@ from lords.assets import calibration_tokens, default_model_path, documents, held
 from lords.eval.perplexity import perplexity
 from lords.factorize import parity_rank
 from lords.linear import LoRDSLinear
-from lords.peft import mark_trainable
+from lords.peft import lords_layers, mark_trainable
 from lords.qat import export_qat, prepare_qat, qat_parameter_groups
 from lords.train import finetune
 
@@ -153,12 +153,12 @@ def timed_finetune(model, tokens, args, param_groups=None) -> tuple[list[float],
 
 
 @torch.no_grad()
-def forward_ms(model, tokens: torch.Tensor, repeats: int = 10) -> float:
+def forward_ms(model, tokens: torch.Tensor, repeats: int = 30) -> float:
     """Median latency of one forward over a (1, 256) window: the inference cost of the adapted model."""
     batch = tokens[:256].view(1, -1).to(next(model.parameters()).device)
     model.eval()
     times = []
-    for _ in range(repeats + 2):
+    for _ in range(repeats + 3):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -166,7 +166,7 @@ def forward_ms(model, tokens: torch.Tensor, repeats: int = 10) -> float:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return 1e3 * sorted(times[2:])[repeats // 2]
+    return 1e3 * sorted(times[3:])[repeats // 2]
 
 
 def main() -> None:
@@ -214,12 +214,15 @@ def main() -> None:
                     latency_before = forward_ms(model, heldout)
             losses, step_s, peak = timed_finetune(model, train_tokens, args)
             after_ppl = score(model)
+            if method == "lords-peft":  # served as saved: the adapter stores the trained scales in bf16
+                for layer in lords_layers(model).values():
+                    layer.scale_b.data, layer.scale_a.data = layer.scale_b.data.to(dtype), layer.scale_a.data.to(dtype)
             latency_after = forward_ms(model, heldout)
             if method == "lords-peft":
                 delta = dense_weight(model.get_submodule(args.layer)) - before
             else:
                 delta = lora_delta(model, args.layer)
-            spectra[method] = torch.linalg.svdvals(delta.double()).cpu()
+            spectra[method] = torch.linalg.svdvals(delta.detach().double()).cpu()
             rows.append((method, floats, after_ppl, f"{before_ppl:.3f}", f"{1e3 * step_s:.1f}", f"{peak:.2f}",
                          f"{latency_before:.2f} -> {latency_after:.2f}", str(effective_rank(delta))))
             print(method, rows[-1], f"loss {losses[0]:.3f} -> {sum(losses[-10:]) / len(losses[-10:]):.3f}", flush=True)
@@ -258,18 +261,19 @@ def report(args, path, device, rows, qat_rows, spectra, checks, heldout, train_t
 
     lines = [
         "# Fine-tuning: LoRDS-PEFT vs QLoRA, LoftQ and QPiSSA; LoRDS QAT vs PTQ", "",
-        "Produced by:", "", f"    python -m benchmarks.finetune --out {args.out} --steps {args.steps} --lr {args.lr}", "",
+        "Produced by:", "", f"    python -m benchmarks.finetune --out results/{Path(args.out).name} --steps {args.steps} --lr {args.lr}", "",
         f"- date: {time.strftime('%Y-%m-%d')}; device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; "
         f"torch {torch.__version__}, transformers {transformers.__version__}; total {seconds:.0f} s",
-        f"- model: {path.name}; training: {train_tokens.numel()} tokens of Lee news documents 0-239, {args.steps} steps "
+        f"- model: {path.name} (SmolLM2-135M-Instruct, dequantized from its GGUF); training: {train_tokens.numel()} tokens of Lee news documents 0-239, {args.steps} steps "
         f"of {args.batch_size} x {args.seq_len} tokens, AdamW lr {args.lr} (cosine); held-out: perplexity over "
         f"{heldout.numel()} tokens of documents 240-298 + lee.cor (the same kind of news: part of every gain is "
         "domain adaptation)",
         f"- LoRDS: 4-bit NF, parity rank for block {args.block_size}, {args.ptq_steps} activation-aware PTQ steps; "
         "LoRA ranks per module equal to the LoRDS ranks, alpha = 2 r, all seven decoder linears",
         f"- step time: median over steps 2..{args.steps}; peak: torch.cuda.max_memory_allocated while training; "
-        "forward: one (1, 256) window through the base (LoRDS before training; the peft model with its adapter "
-        "disabled) -> through the trained model", *checks, "",
+        "forward: eager latency of one (1, 256) window (median of 30) through the base (LoRDS before training; the "
+        "peft model with its adapter disabled) -> through the trained model (LoRDS scales back in bf16, as saved)",
+        *checks, "",
         "| method | trainable floats | held-out ppl after | before training | step (ms) | peak memory (GB) "
         "| forward (ms) | rank of ΔW (99% energy) |",
         "|---|---|---|---|---|---|---|---|",
