@@ -305,7 +305,7 @@ def plot_spectra(spectra: dict, layer: str, path: Path) -> None:
     figure, axis = plt.subplots(figsize=(6, 4))
     for method, values in spectra.items():
         axis.semilogy(range(1, len(values) + 1), (values / values[0]).clamp(min=1e-8), label=method)
-    axis.set_title(f"singular values of the trained update, {layer}")
+    axis.set_title(f"singular values of the trained update, {layer}", fontsize=9)
     axis.set_xlabel("index")
     axis.set_ylabel("sigma_i / sigma_1")
     axis.grid(alpha=0.3)
