@@ -112,6 +112,8 @@ def cmd_finetune(args) -> None:
     out = _output_folder(args)
     device, main_process = _init_distributed(_device(args.device))
     model, tokenizer, path = _load(args.model, device)
+    if args.method == "hd-pissa":
+        return _finetune_hd_pissa(model, tokenizer, path, out, main_process, args)
     if not any(isinstance(module, LoRDSLinear) for module in model.modules()):
         # A dense model: quantize first (data-free, so every process gets the same codes), then adapt.
         print(f"{path} is not quantized: LoRDS {args.bits}-bit with {args.quantize_steps} refinement steps first")
@@ -131,6 +133,32 @@ def cmd_finetune(args) -> None:
     if args.save_model:
         save(model, args.save_model, tokenizer=tokenizer, overwrite=args.overwrite)
         print(f"saved the whole adapted model to {args.save_model}")
+    if args.eval:
+        _print_perplexity(model, tokenizer, args.seq_len, args.max_tokens)
+
+
+def _finetune_hd_pissa(model, tokenizer, path, out, main_process, args) -> None:
+    from .assets import documents, token_stream
+    from .checkpoint import write_folder
+    from .hd_pissa import hd_pissa_finetune
+
+    tokens = token_stream(tokenizer, documents("calibration"))
+    if args.eval and main_process:
+        _print_perplexity(model, tokenizer, args.seq_len, args.max_tokens)
+    result = hd_pissa_finetune(model, tokens, args.steps, args.rank, args.lr, args.batch_size, args.seq_len,
+                               slices=args.slices, progress=main_process)
+    if not main_process:
+        return
+    print(f"HD-PiSSA over {result['slices']} slices of rank {args.rank} of {path}; each process sent "
+          f"{result['sent_values_per_step'] / 1e6:.2f}M values a step")
+    _print_losses(result["losses"])
+
+    def write(staging: Path) -> None:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+
+    write_folder(out, args.overwrite, write)
+    print(f"saved the dense fine-tuned model to {out}")
     if args.eval:
         _print_perplexity(model, tokenizer, args.seq_len, args.max_tokens)
 
@@ -263,14 +291,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--overwrite", action="store_true")
         p.add_argument("--eval", action="store_true", help="held-out perplexity before and after")
 
-    f = sub.add_parser("finetune", help="train the scales B, A (codes frozen) of a lords checkpoint, or of a dense "
-                       "model quantized first; save an adapter")
+    f = sub.add_parser("finetune", help="lords: train the scales B, A (codes frozen) of a lords checkpoint, or of a "
+                       "dense model quantized first, and save an adapter; hd-pissa: HD-PiSSA on a dense model")
     common(f, "lords checkpoint or dense model folder (default: the packaged default model)")
     training(f, 200, 1e-4)
+    f.add_argument("--method", choices=("lords", "hd-pissa"), default="lords")
+    f.add_argument("--rank", type=int, default=8, help="hd-pissa: rank of each slice")
+    f.add_argument("--slices", type=int, default=None, help="hd-pissa without torchrun: virtual slices K")
     f.add_argument("--parts", nargs="+", choices=("scale_b", "scale_a"), default=["scale_b", "scale_a"])
     f.add_argument("--bits", type=int, choices=(2, 3, 4), default=4, help="for a dense model: quantize to this")
     f.add_argument("--quantize-steps", type=int, default=100, help="for a dense model: refinement steps")
-    f.add_argument("--out", required=True, help="adapter folder")
+    f.add_argument("--out", required=True, help="adapter folder (hd-pissa: the dense model folder)")
     f.add_argument("--save-model", default=None, help="also save the whole adapted model to this folder")
     f.set_defaults(func=cmd_finetune)
 

@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from lords.checkpoint import CONFIG_NAME
 from lords.cli import main
@@ -105,3 +106,18 @@ def test_qat_exports_a_lords_checkpoint(model_folder, tmp_path, capsys):
     assert printed.strip().splitlines()[-1].startswith("held-out perplexity (128 tokens")
     model = load(out)
     assert any(isinstance(m, LoRDSLinear) for m in model.modules())
+
+
+def test_finetune_hd_pissa_saves_a_dense_model(model_folder, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "hd"
+    main(["finetune", str(model_folder), "--method", "hd-pissa", "--rank", "2", "--slices", "2", "--steps", "2",
+          "--lr", "1e-2", "--seq-len", "16", "--out", str(out), "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert "HD-PiSSA over 2 slices of rank 2" in printed and f"saved the dense fine-tuned model to {out}" in printed
+    tuned = AutoModelForCausalLM.from_pretrained(out)
+    original = AutoModelForCausalLM.from_pretrained(model_folder)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(tuned.state_dict()[name], original.state_dict()[name])
+    assert all(type(m).__name__ != "HDPiSSALinear" for m in tuned.modules())
