@@ -1,4 +1,4 @@
-"""Command line: `lords quantize | eval | generate | compare | finetune | qat`. Parsing and printing only."""
+"""Command line: `lords quantize | eval | generate | compare | finetune | qat | skill`. Parsing and printing only."""
 
 import argparse
 import os
@@ -249,6 +249,119 @@ def cmd_compare(args) -> None:
         print(f"wrote {out} and {out.with_suffix('.png')}")
 
 
+def _save_model(model, tokenizer, out: Path, overwrite: bool) -> None:
+    """A lords checkpoint when the model holds LoRDSLinear layers, a plain transformers folder otherwise."""
+    from . import save
+    from .checkpoint import write_folder
+    from .linear import LoRDSLinear
+
+    if any(isinstance(module, LoRDSLinear) for module in model.modules()):
+        save(model, out, tokenizer=tokenizer, overwrite=overwrite)
+        return
+
+    def write(staging: Path) -> None:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+
+    write_folder(out, overwrite, write)
+
+
+def cmd_skill_extract(args) -> None:
+    from .skills import extract, save_skill
+
+    base, _, base_path = _load(args.base, torch.device("cpu"))
+    tuned, _, tuned_path = _load(args.tuned, torch.device("cpu"))
+    deltas = extract(base, tuned)
+    provenance = {"base": str(base_path), "tuned": str(tuned_path),
+                  "architecture": getattr(base.config, "architectures", None), "parameters": len(deltas)}
+    save_skill(deltas, args.out, provenance, overwrite=args.overwrite)
+    norm = sum(d.double().pow(2).sum() for d in deltas.values()).sqrt().item()
+    print(f"skill vector of {len(deltas)} parameters (norm {norm:.4g}) from {base_path} -> {tuned_path}: {args.out}")
+
+
+def cmd_skill_apply(args) -> None:
+    from .skills import apply_skill, load_skill
+
+    out = _output_folder(args)
+    model, tokenizer, path = _load(args.model, _device(args.device))
+    deltas, provenance = load_skill(args.skill)
+    errors = apply_skill(model, deltas, args.scale, args.refit_steps)
+    print(f"applied {args.skill} (from {provenance.get('tuned')}) at scale {args.scale} to {path}")
+    if errors:
+        before = sum(e[0] for e in errors.values()) / len(errors)
+        after = sum(e[1] for e in errors.values()) / len(errors)
+        print(f"re-fitted {len(errors)} LoRDS layers to the shifted weights: mean relative error {before:.4f} with "
+              f"the old scales, {after:.4f} after {args.refit_steps} steps")
+    _save_model(model, tokenizer, out, args.overwrite)
+    print(f"saved to {out}")
+    if args.eval:
+        _print_perplexity(model, tokenizer, args.seq_len, args.max_tokens)
+
+
+def _block_means(cosines: dict[str, float]) -> dict[str, float]:
+    """Mean cosine per decoder block (names like model.layers.<i>.*), other parameters under 'other'."""
+    groups: dict[str, list[float]] = {}
+    for name, value in cosines.items():
+        parts = name.split(".")
+        key = next((parts[i + 1] for i, part in enumerate(parts[:-1]) if part == "layers"), "other")
+        groups.setdefault(key, []).append(value)
+    return {key: sum(values) / len(values) for key, values in groups.items()}
+
+
+def cmd_skill_analyze(args) -> None:
+    from .skills import layer_cosines, load_skill
+
+    pairs = {"pair": args.skills}
+    if args.control:
+        pairs["control"] = args.control
+    means = {label: _block_means(layer_cosines(load_skill(a)[0], load_skill(b)[0])) for label, (a, b) in pairs.items()}
+    blocks = sorted(means["pair"], key=lambda key: (not key.isdigit(), int(key) if key.isdigit() else 0))
+    lines = [f"| block | {' | '.join(f'cosine, {label}' for label in means)} |", "|---" * (len(means) + 1) + "|"]
+    for block in blocks:
+        lines.append(f"| {block} | " + " | ".join(f"{means[label].get(block, float('nan')):.4f}" for label in means) + " |")
+    header = [f"- pair: {args.skills[0]} vs {args.skills[1]}"]
+    if args.control:
+        header.append(f"- control: {args.control[0]} vs {args.control[1]}")
+    text = "\n".join(header + [""] + lines) + "\n"
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.write_text(text)
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        figure, axis = plt.subplots(figsize=(6, 3.5))
+        numbered = [block for block in blocks if block.isdigit()]
+        for label, values in means.items():
+            axis.plot([int(b) for b in numbered], [values.get(b, float("nan")) for b in numbered], marker="o", label=label)
+        axis.axhline(0, color="gray", linewidth=0.8)
+        axis.set_xlabel("decoder block")
+        axis.set_ylabel("cosine similarity of the deltas")
+        axis.legend()
+        figure.tight_layout()
+        figure.savefig(out.with_suffix(".png"), dpi=110)
+        print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+def cmd_skill_sweep(args) -> None:
+    import copy
+
+    from .assets import heldout_tokens
+    from .eval.perplexity import perplexity
+    from .skills import apply_skill, load_skill
+
+    model, tokenizer, path = _load(args.model, _device(args.device))
+    deltas, _ = load_skill(args.skill)
+    tokens = heldout_tokens(tokenizer, args.max_tokens)
+    print(f"| scale | held-out perplexity ({tokens.numel()} tokens) |\n|---|---|")
+    for scale in args.scales:
+        shifted = copy.deepcopy(model)
+        apply_skill(shifted, deltas, scale, args.refit_steps)
+        print(f"| {scale:g} | {perplexity(shifted, tokens, seq_len=args.seq_len, progress=False):.3f} |", flush=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lords", description="Low-Rank Decomposed Scaling quantization")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -325,6 +438,35 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None)
     g.add_argument("--max-new-tokens", type=int, default=40)
     g.set_defaults(func=cmd_generate)
+
+    skill = sub.add_parser("skill", help="PaST skill vectors: extract, apply, analyze, sweep")
+    skill_sub = skill.add_subparsers(dest="skill_command", required=True)
+    x = skill_sub.add_parser("extract", help="v = tuned - base over every shared parameter, as safetensors")
+    x.add_argument("--base", required=True, help="the model before the skill stage (e.g. the SFT checkpoint)")
+    x.add_argument("--tuned", required=True, help="the model after it (e.g. the RL checkpoint)")
+    x.add_argument("--out", required=True, help="skill file (.safetensors)")
+    x.add_argument("--overwrite", action="store_true")
+    x.set_defaults(func=cmd_skill_extract)
+    a = skill_sub.add_parser("apply", help="target + scale * v; LoRDS targets are re-fitted")
+    common(a, "target model or lords checkpoint folder")
+    a.add_argument("skill", help="skill file")
+    a.add_argument("--scale", type=float, default=1.0, help="lambda")
+    a.add_argument("--refit-steps", type=int, default=100, help="LoRDS targets: refinement steps of the re-fit")
+    a.add_argument("--out", required=True)
+    a.add_argument("--overwrite", action="store_true")
+    a.add_argument("--eval", action="store_true", help="held-out perplexity after applying")
+    a.set_defaults(func=cmd_skill_apply)
+    n = skill_sub.add_parser("analyze", help="block-wise cosine similarity of two skill vectors (and a control pair)")
+    n.add_argument("skills", nargs=2, help="two skill files")
+    n.add_argument("--control", nargs=2, default=None, help="a control pair, e.g. two SFT deltas")
+    n.add_argument("--out", default=None, help="write the table here and a PNG beside it")
+    n.set_defaults(func=cmd_skill_analyze)
+    w = skill_sub.add_parser("sweep", help="held-out perplexity of target + scale * v for several scales")
+    common(w, "target model or lords checkpoint folder")
+    w.add_argument("skill")
+    w.add_argument("--scales", type=float, nargs="+", default=[0.0, 0.5, 1.0, 1.5])
+    w.add_argument("--refit-steps", type=int, default=100)
+    w.set_defaults(func=cmd_skill_sweep)
 
     c = sub.add_parser("compare", help="PTQ comparison table (LoRDS vs NF-k, HQQ, refined block-wise)")
     common(c)

@@ -93,13 +93,17 @@ class LoRDSLinear(nn.Module):
             in_features, out_features, bits, rank, codebook, bias is not None, factors.scale_b.dtype,
             factors.scale_b.device,
         )
-        with torch.no_grad():
-            layer.codes.copy_(pack_codes(factors.codes, bits))
-            layer.scale_b.copy_(factors.scale_b)
-            layer.scale_a.copy_(factors.scale_a)
-            if bias is not None:
-                layer.bias = nn.Parameter(bias.detach().clone())
+        layer.set_factors(factors.scale_b, factors.scale_a, factors.codes)
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.detach().clone())
         return layer
+
+    @torch.no_grad()
+    def set_factors(self, scale_b: torch.Tensor, scale_a: torch.Tensor, codes: torch.Tensor) -> None:
+        """Store new scales and (unpacked, n x m) codes of the same shapes."""
+        self.codes.copy_(pack_codes(codes, self.bits))
+        self.scale_b.copy_(scale_b)
+        self.scale_a.copy_(scale_a)
 
     def unpacked_codes(self) -> torch.Tensor:
         return unpack_codes(self.codes, self.bits, (self.out_features, self.in_features))

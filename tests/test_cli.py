@@ -121,3 +121,27 @@ def test_finetune_hd_pissa_saves_a_dense_model(model_folder, tmp_path, capsys):
     name = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(tuned.state_dict()[name], original.state_dict()[name])
     assert all(type(m).__name__ != "HDPiSSALinear" for m in tuned.modules())
+
+
+def test_skill_extract_apply_and_sweep(model_folder, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tuned = AutoModelForCausalLM.from_pretrained(model_folder)
+    with torch.no_grad():
+        tuned.model.layers[1].mlp.down_proj.weight.add_(0.01)
+    tuned.save_pretrained(tmp_path / "tuned")
+    AutoTokenizer.from_pretrained(model_folder).save_pretrained(tmp_path / "tuned")
+    skill = tmp_path / "skill.safetensors"
+    main(["skill", "extract", "--base", str(model_folder), "--tuned", str(tmp_path / "tuned"), "--out", str(skill)])
+    main(["skill", "apply", str(model_folder), str(skill), "--scale", "1", "--out", str(tmp_path / "applied"),
+          "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert f"saved to {tmp_path / 'applied'}" in printed
+    applied = AutoModelForCausalLM.from_pretrained(tmp_path / "applied")
+    torch.testing.assert_close(applied.model.layers[1].mlp.down_proj.weight, tuned.model.layers[1].mlp.down_proj.weight)
+    main(["skill", "sweep", str(model_folder), str(skill), "--scales", "0", "1", "--seq-len", "16", "--max-tokens",
+          "64", "--device", "cpu"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 0 |") or line.startswith("| 1 |")]
+    assert len(rows) == 2
+    with pytest.raises(SystemExit, match="exists"):
+        main(["skill", "extract", "--base", str(model_folder), "--tuned", str(tmp_path / "tuned"), "--out", str(skill)])
