@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.finetune import decoder_linears, effective_rank, lora, lords_ranks, prepare, timed_finetune
+from benchmarks.finetune import decoder_linears, effective_rank, lora, lora_delta, lords_ranks, prepare, timed_finetune
 from lords.assets import calibration_tokens, default_model_path, documents, heldout_tokens, load_pretrained, token_stream
 from lords.eval.perplexity import perplexity
 from lords.hd_pissa import hd_pissa_finetune
@@ -48,7 +48,6 @@ def main() -> None:
     ranks = lords_ranks(dense, args.block_size)
     linears = decoder_linears(dense)
     lora_values = sum(ranks[name.rsplit(".", 1)[-1]] * (m.in_features + m.out_features) for name, m in linears.items())
-    start_weight = dense.get_submodule(args.layer).weight.detach().float().clone()
     rows = []
 
     def record(method, model, floats, sent, seconds, delta):
@@ -57,21 +56,22 @@ def main() -> None:
 
     for method, init in (("data-parallel LoRA", True), ("PiSSA", "pissa")):
         model = lora(copy.deepcopy(dense), ranks, init)
+        initial = lora_delta(model, args.layer)  # PiSSA's B0 A0 (LoRA's is 0); the residual base stays fixed
         start = time.perf_counter()
         timed_finetune(model, train_tokens, args)
-        merged = model.merge_and_unload()
+        seconds = time.perf_counter() - start
+        # The update is read from the float32 factors: the merged bf16 weight would add full-rank rounding.
+        delta = lora_delta(model, args.layer) - initial
         # LoRA's replicas all-reduce their adapter gradients: about 2 r(n + m) values sent per device (ring).
-        record(method, merged, lora_values, 2 * lora_values, time.perf_counter() - start,
-               merged.get_submodule(args.layer).weight.detach().float() - start_weight)
-        del model, merged
+        record(method, model.merge_and_unload(), lora_values, 2 * lora_values, seconds, delta)
+        del model
 
     model = copy.deepcopy(dense)
     start = time.perf_counter()
     result = hd_pissa_finetune(model, train_tokens, args.steps, args.rank, args.lr, args.batch_size, args.seq_len,
-                               slices=args.slices, progress=False)
+                               slices=args.slices, progress=False, updates_of=(args.layer,))
     record(f"HD-PiSSA (K = {args.slices}, r = {args.rank} per slice)", model, result["sent_values_per_step"],
-           result["sent_values_per_step"], time.perf_counter() - start,
-           model.get_submodule(args.layer).weight.detach().float() - start_weight)
+           result["sent_values_per_step"], time.perf_counter() - start, result["updates"][args.layer])
     del model
 
     model, floats = prepare("lords-peft", dense, ranks, calibration, args)
@@ -92,7 +92,10 @@ def main() -> None:
         f"AdamW/Adam lr {args.lr} cosine; held-out perplexity over {heldout.numel()} tokens (same kind of news)",
         f"- {args.slices} devices emulated on one GPU (see the script's docstring); sent per step: values each device "
         f"sends (a dense data-parallel fine-tune would all-reduce about {2 * dense_values / 1e6:.0f}M)",
-        f"- rank of ΔW: singular values holding 99% of the update's energy, {args.layer} (576 x 1536)", "",
+        f"- rank of ΔW: singular values holding 99% of the float32 update's energy (LoRA/PiSSA from their factors, "
+        f"HD-PiSSA from its master weight), {args.layer} (576 x 1536)",
+        "- LoRA, PiSSA and HD-PiSSA train the bf16 model; LoRDS-PEFT trains a 4-bit LoRDS model (its perplexity "
+        "carries the quantization)", "",
         "| method | trainable floats per device | held-out ppl | sent per step | wall (s) | rank of ΔW |",
         "|---|---|---|---|---|---|",
     ]

@@ -109,12 +109,14 @@ def hd_pissa_finetune(
     slices: int | None = None,
     seed: int = 0,
     progress: bool = True,
+    updates_of: tuple[str, ...] = (),
 ) -> dict:
     """Train with HD-PiSSA; the model ends as a plain dense model (nothing to merge).
 
     slices: K. Under torch.distributed it is the world size and this process owns slice `rank`; in one process it
     defaults to 1 and the K virtual slices take turns on K chunks of each batch. Returns the losses (mean over
-    slices), the values this process sent per step, and K.
+    slices), the values this process sent per step, K, and the float32 accumulated update W - W_0 of the layers named
+    in `updates_of` (the exported weights are rounded to the model's dtype, which hides small updates).
     """
     process, world = _distributed()
     if world > 1 and slices not in (None, world):
@@ -126,6 +128,7 @@ def hd_pissa_finetune(
     if tokens.numel() <= seq_len:
         raise ValueError(f"need more than seq_len={seq_len} training tokens, got {tokens.numel()}")
     layers = wrap(model, rank, slices)
+    starts_of = {name: layers[name].master.clone() for name in updates_of}
     adapters = {k: [(nn.Parameter(layer.fixed_a[k].clone()), nn.Parameter(layer.fixed_b[k].clone()))
                     for layer in layers.values()] for k in owned}
     optimizers = {k: torch.optim.Adam([p for pair in adapters[k] for p in pair], lr=lr) for k in owned}
@@ -175,8 +178,9 @@ def hd_pissa_finetune(
             layer.apply_deltas(delta_a, delta_b)
         losses.append(step_loss / slices)
     model.eval()
+    updates = {name: layers[name].master - start for name, start in starts_of.items()}
     unwrap(model)
-    return {"losses": losses, "sent_values_per_step": sent_per_step, "slices": slices}
+    return {"losses": losses, "sent_values_per_step": sent_per_step, "slices": slices, "updates": updates}
 
 
 def unwrap(model: nn.Module) -> nn.Module:

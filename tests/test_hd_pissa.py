@@ -85,3 +85,11 @@ def test_accumulated_update_exceeds_the_slice_rank(tiny_llama):
 def test_too_many_slices_is_named(tiny_llama):
     with pytest.raises(ValueError, match="need 200 singular values"):
         hd_pissa_finetune(tiny_llama, TOKENS, steps=1, rank=100, slices=2, batch_size=2, seq_len=16, progress=False)
+
+
+def test_tracked_update_is_the_float32_master_change(tiny_llama):
+    start = tiny_llama.get_submodule(LAYER).weight.detach().clone()
+    result = hd_pissa_finetune(tiny_llama, TOKENS, steps=2, rank=2, lr=1e-2, batch_size=4, seq_len=16, slices=2,
+                               progress=False, updates_of=(LAYER,))
+    exported = tiny_llama.get_submodule(LAYER).weight.detach()
+    torch.testing.assert_close(start + result["updates"][LAYER], exported, rtol=0, atol=1e-6)
