@@ -18,6 +18,8 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
+from .train import process_and_world
+
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -92,12 +94,6 @@ def wrap(model: nn.Module, rank: int, slices: int, targets=TARGETS) -> dict[str,
     return layers
 
 
-def _distributed() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def hd_pissa_finetune(
     model: nn.Module,
     tokens: torch.Tensor,
@@ -118,7 +114,7 @@ def hd_pissa_finetune(
     slices), the values this process sent per step, K, and the float32 accumulated update W - W_0 of the layers named
     in `updates_of` (the exported weights are rounded to the model's dtype, which hides small updates).
     """
-    process, world = _distributed()
+    process, world = process_and_world()
     if world > 1 and slices not in (None, world):
         raise ValueError(f"under torch.distributed the slices are the {world} processes; got slices={slices}")
     slices = world if world > 1 else (slices or 1)

@@ -16,7 +16,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 
-def _distributed() -> tuple[int, int]:
+def process_and_world() -> tuple[int, int]:
+    """(rank, world size) under torch.distributed, (0, 1) otherwise."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -45,7 +46,7 @@ def finetune(
     on_step: called with (step, loss) after every step (the loss is already on the host, so timing it is exact).
     Returns every step's loss (averaged over ranks when distributed).
     """
-    rank, world = _distributed()
+    rank, world = process_and_world()
     groups = param_groups or [{"params": list(model.parameters()), "lr": lr}]
     groups = [{**group, "params": [p for p in group["params"] if p.requires_grad]} for group in groups]
     groups = [group for group in groups if group["params"]]
