@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+import lords
 from lords.assets import default_model_path, documents, load_pretrained, token_stream
 from lords.skills import apply_skill, extract, layer_cosines
 from lords.train import finetune
@@ -97,6 +98,9 @@ def main() -> None:
     parser.add_argument("--passage-tokens", type=int, default=48)
     parser.add_argument("--eval-examples", type=int, default=40)
     parser.add_argument("--scales", type=float, nargs="+", default=[0.5, 1.0, 1.5])
+    parser.add_argument("--lords-bits", type=int, default=4, help="also inject into a LoRDS-quantized target (0: skip)")
+    parser.add_argument("--lords-steps", type=int, default=20, help="data-free refinement steps of that target")
+    parser.add_argument("--refit-steps", type=int, default=100)
     args = parser.parse_args()
     started = time.perf_counter()
     torch.manual_seed(0)
@@ -126,6 +130,26 @@ def main() -> None:
         apply_skill(injected, skill, scale)
         rows.append((f"theta_sft_T + {scale:g} v (PaST)", *evaluate(injected, tokenizer, heldout)))
     rows.append(("theta_skill_S (source model with the skill)", *evaluate(skill_source, tokenizer, heldout)))
+    lords_lines = []
+    if args.lords_bits:
+        quantized = copy.deepcopy(sft_target)
+        reports = lords.quantize(quantized, lords.LoRDSConfig(bits=args.lords_bits, steps=args.lords_steps),
+                                 progress=False)
+        rows.append((f"LoRDS {args.lords_bits}-bit theta_sft_T", *evaluate(quantized, tokenizer, heldout)))
+        shares = [(skill[f"{name}.weight"].norm() / module.dequantize(torch.float32).norm()).item()
+                  for name, module in quantized.named_modules() if isinstance(module, lords.LoRDSLinear)]
+        errors = apply_skill(quantized, skill, 1.0, args.refit_steps)
+        rows.append((f"LoRDS {args.lords_bits}-bit theta_sft_T + 1 v (B, A and codes re-fitted)",
+                     *evaluate(quantized, tokenizer, heldout)))
+        quantization = sum(r.weight_error for r in reports) / len(reports)
+        before = sum(e[0] for e in errors.values()) / len(errors)
+        after = sum(e[1] for e in errors.values()) / len(errors)
+        lords_lines = [
+            f"- LoRDS target: theta_sft_T quantized data-free ({args.lords_steps} steps, mean weight error "
+            f"{quantization:.4f}); v applied by re-fitting every LoRDSLinear to its shifted weight ({args.refit_steps} "
+            f"steps from the current scales). Mean relative error to the shifted weights: {before:.4f} with the old "
+            f"scales, {after:.4f} after the re-fit; leaving v out entirely would be {sum(shares) / len(shares):.4f} "
+            "(mean ||v|| / ||W||)"]
 
     def mean(values):
         return sum(values.values()) / len(values)
@@ -141,7 +165,7 @@ def main() -> None:
         f"- task: \"{QUESTION.strip().replace(chr(10), ' / ')}\" after a passage of at most {args.passage_tokens} tokens; {len(heldout)} "
         "held-out passages (documents 240-298); exact match of the first answer word, and the answer tokens' loss",
         f"- mean cosine over parameters: skill vector v vs the target SFT delta {mean(cosine):+.4f}; control, two "
-        f"SFT deltas (documents 120-239 vs a half-overlapping mix) {mean(control):+.4f}", "",
+        f"SFT deltas (documents 120-239 vs a half-overlapping mix) {mean(control):+.4f}", *lords_lines, "",
         "| model | exact match | answer loss |", "|---|---|---|",
     ]
     lines += [f"| {name} | {match:.3f} | {loss:.3f} |" for name, match, loss in rows]
