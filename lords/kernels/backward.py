@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .autotune import autotune
-from .codes import load_levels, rank_pad, row_aligned
+from .codes import load_levels, load_scale_a, load_scale_b, rank_pad, row_aligned
 
 CONFIGS = [
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
@@ -49,10 +49,8 @@ def _scale_grad_kernel(
                         BITS, ROW_ALIGNED, BLOCK_N, BLOCK_K)
     grad_scale = grad_w * level
     mask_r = offs_r < RANK
-    scale_a = tl.load(scale_a_ptr + offs_r[:, None] * K + offs_k[None, :],
-                      mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-    scale_b = tl.load(scale_b_ptr + offs_n[:, None] * RANK + offs_r[None, :],
-                      mask=mask_n[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+    scale_a = load_scale_a(scale_a_ptr, offs_r, offs_k, K, RANK).to(tl.float32)
+    scale_b = load_scale_b(scale_b_ptr, offs_n, offs_r, N, RANK).to(tl.float32)
     tl.atomic_add(grad_b_ptr + offs_n[:, None] * RANK + offs_r[None, :], tl.dot(grad_scale, tl.trans(scale_a)),
                   mask=mask_n[:, None] & mask_r[None, :])
     tl.atomic_add(grad_a_ptr + offs_r[:, None] * K + offs_k[None, :], tl.dot(tl.trans(scale_b), grad_scale),

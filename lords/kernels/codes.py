@@ -49,3 +49,17 @@ def load_levels(codes_ptr, codebook_ptr, offs_n, offs_k, k0, N, K, ROW_BYTES,
         high = tl.load(codes_ptr + byte + 1, mask=tile_mask & ((bit % 8) + BITS > 8), other=0).to(tl.int32)
         code = ((low | (high << 8)) >> (bit % 8)) & ((1 << BITS) - 1)
     return tl.load(codebook_ptr + code, mask=tile_mask, other=0.0)
+
+
+@triton.jit
+def load_scale_b(scale_b_ptr, offs_n, offs_r, N, RANK):
+    """The (BLOCK_N, RANK_PAD) tile of B; zero past the matrix and in the rank padding."""
+    return tl.load(scale_b_ptr + offs_n[:, None] * RANK + offs_r[None, :],
+                   mask=(offs_n[:, None] < N) & (offs_r[None, :] < RANK), other=0.0)
+
+
+@triton.jit
+def load_scale_a(scale_a_ptr, offs_r, offs_k, K, RANK):
+    """The (RANK_PAD, BLOCK_K) tile of A; zero past the matrix and in the rank padding."""
+    return tl.load(scale_a_ptr + offs_r[:, None] * K + offs_k[None, :],
+                   mask=(offs_r[:, None] < RANK) & (offs_k[None, :] < K), other=0.0)

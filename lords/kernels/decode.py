@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .autotune import autotune
-from .codes import check_input, load_levels, rank_pad, row_aligned
+from .codes import check_input, load_levels, load_scale_a, load_scale_b, rank_pad, row_aligned
 
 MAX_ROWS = 4
 CONFIGS = [
@@ -63,14 +63,12 @@ def _decode_kernel(
         mask_k = offs_k < K
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=(offs_m[:, None] < M) & mask_k[None, :], other=0.0).to(tl.float32)
-        scale_a = tl.load(scale_a_ptr + offs_r[:, None] * K + offs_k[None, :],
-                          mask=(offs_r[:, None] < RANK) & mask_k[None, :], other=0.0).to(tl.float32)
+        scale_a = load_scale_a(scale_a_ptr, offs_r, offs_k, K, RANK).to(tl.float32)
         xa = (x[:, None, :] * scale_a[None, :, :]).reshape(M_PAD * RANK_PAD, BLOCK_K).to(x_ptr.dtype.element_ty)
         level = load_levels(codes_ptr, codebook_ptr, offs_n, offs_k, k0, N, K, ROW_BYTES,
                             BITS, ROW_ALIGNED, BLOCK_N, BLOCK_K)
         acc += tl.dot(xa, tl.trans(level.to(xa.dtype)))
-    scale_b = tl.load(scale_b_ptr + offs_n[:, None] * RANK + offs_r[None, :],
-                      mask=mask_n[:, None] & (offs_r[None, :] < RANK), other=0.0).to(tl.float32)
+    scale_b = load_scale_b(scale_b_ptr, offs_n, offs_r, N, RANK).to(tl.float32)
     y = tl.sum(acc.reshape(M_PAD, RANK_PAD, BLOCK_N) * tl.trans(scale_b)[None, :, :], axis=1)
     if HAS_BIAS:
         y += tl.where(pid_k == 0, tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32), 0.0)[None, :]

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .autotune import autotune
-from .codes import check_input, load_levels, rank_pad, row_aligned
+from .codes import check_input, load_levels, load_scale_a, load_scale_b, rank_pad, row_aligned
 
 # Autotune picks one per (M bucket, N, K, bits).
 TILED_CONFIGS = [
@@ -55,16 +55,14 @@ def _tiled_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < N
     # B rows for this tile stay in registers for the whole K loop.
-    scale_b = tl.load(scale_b_ptr + offs_n[:, None] * RANK + offs_r[None, :],
-                      mask=mask_n[:, None] & (offs_r[None, :] < RANK), other=0.0)
+    scale_b = load_scale_b(scale_b_ptr, offs_n, offs_r, N, RANK)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        scale_a = tl.load(scale_a_ptr + offs_r[:, None] * K + offs_k[None, :],
-                          mask=(offs_r[:, None] < RANK) & mask_k[None, :], other=0.0)
+        scale_a = load_scale_a(scale_a_ptr, offs_r, offs_k, K, RANK)
         scale = tl.dot(scale_b, scale_a)
         level = load_levels(codes_ptr, codebook_ptr, offs_n, offs_k, k0, N, K, ROW_BYTES,
                             BITS, ROW_ALIGNED, BLOCK_N, BLOCK_K)
@@ -88,10 +86,8 @@ def _dequantize_kernel(
     offs_r = tl.arange(0, RANK_PAD)
     mask_n = offs_n < N
     mask_k = offs_k < K
-    scale_b = tl.load(scale_b_ptr + offs_n[:, None] * RANK + offs_r[None, :],
-                      mask=mask_n[:, None] & (offs_r[None, :] < RANK), other=0.0)
-    scale_a = tl.load(scale_a_ptr + offs_r[:, None] * K + offs_k[None, :],
-                      mask=(offs_r[:, None] < RANK) & mask_k[None, :], other=0.0)
+    scale_b = load_scale_b(scale_b_ptr, offs_n, offs_r, N, RANK)
+    scale_a = load_scale_a(scale_a_ptr, offs_r, offs_k, K, RANK)
     level = load_levels(codes_ptr, codebook_ptr, offs_n, offs_k, k0, N, K, ROW_BYTES,
                         BITS, ROW_ALIGNED, BLOCK_N, BLOCK_K)
     weight = tl.dot(scale_b, scale_a) * level
