@@ -50,11 +50,15 @@ def replace_linears(model, make) -> None:
 
 
 def to_nf4(linear: nn.Linear) -> nn.Module:
+    """bitsandbytes Linear4bit holding the linear's weight as NF4 (block 64, double-quantized absmax, as QLoRA)."""
     import bitsandbytes as bnb
 
-    layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False, compute_dtype=torch.bfloat16,
-                              quant_type="nf4", device="meta")
-    layer.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4", blocksize=64).cuda()
+    layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                              compute_dtype=linear.weight.dtype, quant_type="nf4", device="meta")
+    layer.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4",
+                                     blocksize=64).to(linear.weight.device)
+    if linear.bias is not None:
+        layer.bias = nn.Parameter(linear.bias.data, requires_grad=False)
     return layer
 
 

@@ -26,13 +26,15 @@ from torch import nn
 import lords
 from lords.assets import calibration_tokens, default_model_path, documents, heldout_tokens, load_pretrained, token_stream
 from lords.eval.perplexity import perplexity
+from benchmarks.e2e import to_nf4
 from lords.factorize import parity_rank
+from lords.hd_pissa import TARGETS
+from lords.model import set_submodule
 from lords.linear import LoRDSLinear
 from lords.peft import lords_layers, mark_trainable
 from lords.qat import export_qat, prepare_qat, qat_parameter_groups
 from lords.train import finetune
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def decoder_linears(model) -> dict[str, nn.Linear]:
@@ -54,17 +56,8 @@ def nf4_round_trip_(weight: torch.Tensor) -> None:
 
 
 def to_bnb_nf4_(model) -> None:
-    import bitsandbytes as bnb
-
     for name, linear in decoder_linears(model).items():
-        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                  compute_dtype=linear.weight.dtype, quant_type="nf4", device="meta")
-        layer.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4",
-                                         blocksize=64).to(linear.weight.device)
-        if linear.bias is not None:
-            layer.bias = nn.Parameter(linear.bias.data, requires_grad=False)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, layer)
+        set_submodule(model, name, to_nf4(linear))
 
 
 def lora(model, ranks: dict[str, int], init):

@@ -139,7 +139,6 @@ def cmd_finetune(args) -> None:
 
 def _finetune_hd_pissa(model, tokenizer, path, out, main_process, args) -> None:
     from .assets import documents, token_stream
-    from .checkpoint import write_folder
     from .hd_pissa import hd_pissa_finetune
 
     tokens = token_stream(tokenizer, documents("calibration"))
@@ -152,12 +151,7 @@ def _finetune_hd_pissa(model, tokenizer, path, out, main_process, args) -> None:
     print(f"HD-PiSSA over {result['slices']} slices of rank {args.rank} of {path}; each process sent "
           f"{result['sent_values_per_step'] / 1e6:.2f}M values a step")
     _print_losses(result["losses"])
-
-    def write(staging: Path) -> None:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-
-    write_folder(out, args.overwrite, write)
+    _save_model(model, tokenizer, out, args.overwrite)
     print(f"saved the dense fine-tuned model to {out}")
     if args.eval:
         _print_perplexity(model, tokenizer, args.seq_len, args.max_tokens)

@@ -11,14 +11,13 @@ to an fp32 master copy of W, in the same order, so replicas stay identical witho
 each owns slice `rank`; in one process, K virtual slices train one after the other on K chunks of the batch.
 """
 
-import math
-
 import torch
 import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from .train import process_and_world
+from .model import set_submodule
+from .train import cosine_schedule, process_and_world
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -85,10 +84,8 @@ def wrap(model: nn.Module, rank: int, slices: int, targets=TARGETS) -> dict[str,
     layers = {}
     for name, module in list(model.named_modules()):
         if name.rsplit(".", 1)[-1] in targets and isinstance(module, nn.Linear):
-            layer = HDPiSSALinear(module, rank, slices)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, layer)
-            layers[name] = layer
+            layers[name] = HDPiSSALinear(module, rank, slices)
+            set_submodule(model, name, layers[name])
     if not layers:
         raise ValueError(f"no nn.Linear named one of {targets} in the model")
     return layers
@@ -128,8 +125,7 @@ def hd_pissa_finetune(
     adapters = {k: [(nn.Parameter(layer.fixed_a[k].clone()), nn.Parameter(layer.fixed_b[k].clone()))
                     for layer in layers.values()] for k in owned}
     optimizers = {k: torch.optim.Adam([p for pair in adapters[k] for p in pair], lr=lr) for k in owned}
-    schedules = {k: torch.optim.lr_scheduler.LambdaLR(optimizers[k], lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
-                 for k in owned}
+    schedules = {k: cosine_schedule(optimizers[k], steps) for k in owned}
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     sent_per_step = rank * sum(sum(layer.master.shape) for layer in layers.values())
@@ -188,6 +184,5 @@ def unwrap(model: nn.Module) -> nn.Module:
             linear.weight = nn.Parameter(module.weight.detach(), requires_grad=False)
             if module.bias is not None:
                 linear.bias = nn.Parameter(module.bias.detach(), requires_grad=False)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, linear)
+            set_submodule(model, name, linear)
     return model

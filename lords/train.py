@@ -16,6 +16,11 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 
+def cosine_schedule(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning rate from its initial value down to 0 over `steps`, along half a cosine."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
+
+
 def process_and_world() -> tuple[int, int]:
     """(rank, world size) under torch.distributed, (0, 1) otherwise."""
     if dist.is_available() and dist.is_initialized():
@@ -59,7 +64,7 @@ def finetune(
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
+    schedule = cosine_schedule(optimizer, steps)
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     trained = DistributedDataParallel(model) if world > 1 else model
