@@ -20,7 +20,8 @@ from .config import LoRDSConfig
 from .linear import LoRDSLinear
 from .model import set_submodule
 
-FORMAT_VERSION = 1
+# 2: codes in lords.packing's segment layout, one row of bytes per output feature (1 was a flat stream).
+FORMAT_VERSION = 2
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "lords_config.json"
 
@@ -116,6 +117,8 @@ def read_lords_config(folder: str | Path) -> dict:
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{path} has format_version {meta.get('format_version')!r}; this lords reads version {FORMAT_VERSION}"
+            + (" (version 1 packed codes in a layout this lords no longer reads: quantize the model again)"
+               if meta.get("format_version") == 1 else "")
         )
     return meta
 

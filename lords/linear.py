@@ -8,7 +8,7 @@ from torch import nn
 
 from .codebooks import check_bits, get_codebook
 from .factorize import LoRDSFactors, bits_per_weight
-from .packing import pack_codes, packed_size, unpack_codes
+from .packing import pack_codes, row_bytes, unpack_codes
 
 # "auto": "triton" for CUDA inputs when Triton is installed, "torch" otherwise.
 # "torch": the reference, dequantize in torch + matmul. "triton": Triton's one-pass dequantize + cuBLAS, the fastest
@@ -76,7 +76,7 @@ class LoRDSLinear(nn.Module):
         self.bits, self.rank, self.codebook_kind = bits, rank, codebook
         self.backend = "auto"
         self.register_buffer(
-            "codes", torch.zeros(packed_size(in_features * out_features, bits), dtype=torch.uint8, device=device)
+            "codes", torch.zeros(out_features, row_bytes(in_features, bits), dtype=torch.uint8, device=device)
         )
         self.register_buffer("codebook", get_codebook(codebook, bits).to(device))
         self.scale_b = nn.Parameter(torch.zeros(out_features, rank, dtype=scale_dtype, device=device))

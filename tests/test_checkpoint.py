@@ -59,12 +59,13 @@ def test_mismatched_layer_shape_is_reported(quantized, tmp_path):
         lords.load(folder)
 
 
-def test_future_format_version_is_refused(quantized, tmp_path):
+@pytest.mark.parametrize("version,message", [(99, "format_version 99"), (1, "quantize the model again")])
+def test_other_format_versions_are_refused(quantized, tmp_path, version, message):
     folder = lords.save(quantized, tmp_path / "ckpt")
     meta = json.loads((folder / CONFIG_NAME).read_text())
-    meta["format_version"] = 99
+    meta["format_version"] = version
     (folder / CONFIG_NAME).write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError, match="format_version 99"):
+    with pytest.raises(CheckpointError, match=message):
         lords.load(folder)
 
 

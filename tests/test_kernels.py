@@ -36,7 +36,8 @@ def random_problem(bits, kind, m, n, k, rank, seed):
 
 BITS_AND_CODEBOOKS = [(4, "nf"), (3, "nf"), (2, "nf"), (4, "int"), (3, "int"), (2, "int")]
 # Odd sizes, K not a multiple of the tile, rank 1 and ranks that are not multiples of 16.
-SHAPES = [(1, 24, 40, 1), (4, 33, 72, 17), (19, 16, 64, 3), (3, 10, 37, 2), (5, 33, 72, 17)]
+# K = 37 leaves the last segment short at every bit width; K = 300 takes several BLOCK_J steps and split-K.
+SHAPES = [(1, 24, 40, 1), (4, 33, 72, 17), (19, 16, 64, 3), (3, 10, 37, 2), (5, 33, 72, 17), (2, 18, 300, 5)]
 
 
 @pytest.mark.parametrize("kernel", [tiled_matmul, decode_matmul, fused_matmul, lords_matmul],
@@ -96,7 +97,7 @@ def test_layer_dispatch_triton_equals_torch_reference():
 
 def test_decode_refuses_many_rows():
     with pytest.raises(ValueError, match="decode kernel takes at most 4 rows"):
-        decode_matmul(torch.randn(5, 16), torch.zeros(32, dtype=torch.uint8), get_codebook("nf", 4),
+        decode_matmul(torch.randn(5, 16), torch.zeros(4, 8, dtype=torch.uint8), get_codebook("nf", 4),
                       torch.ones(4, 1), torch.ones(1, 16), 4)
 
 
@@ -106,14 +107,14 @@ def test_decode_config_pruning_keeps_register_budget():
     from lords.kernels.decode import CONFIGS, fits_registers
 
     kept = fits_registers(CONFIGS, {}, M_PAD=4, RANK_PAD=128)
-    assert kept and all(4 * 128 * max(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) <= 128 * 32 * c.num_warps
+    assert kept and all(4 * 128 * max(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_J"]) <= 128 * 32 * c.num_warps
                         or len(kept) == 1 for c in kept)
     assert len(fits_registers(CONFIGS, {}, M_PAD=1, RANK_PAD=16)) == len(CONFIGS)
-    huge = [triton.Config({"BLOCK_N": 256, "BLOCK_K": 256, "SPLIT_K": 1}, num_warps=1)]
+    huge = [triton.Config({"BLOCK_N": 256, "BLOCK_J": 256, "SPLIT_K": 1}, num_warps=1)]
     assert fits_registers(huge, {}, M_PAD=4, RANK_PAD=128) == huge
 
 
 def test_wrong_input_width_is_named():
     with pytest.raises(ValueError, match="input has 10 features, the layer expects 16"):
-        lords_matmul(torch.randn(2, 10), torch.zeros(32, dtype=torch.uint8), get_codebook("nf", 4),
+        lords_matmul(torch.randn(2, 10), torch.zeros(4, 8, dtype=torch.uint8), get_codebook("nf", 4),
                      torch.ones(4, 1), torch.ones(1, 16), 4)

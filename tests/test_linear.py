@@ -26,7 +26,7 @@ def test_forward_matches_float64_reference(bits, kind, bias):
 def test_bits_per_weight_counts_bf16_scales():
     layer = LoRDSLinear(128, 64, bits=3, rank=2)
     assert layer.bits_per_weight == pytest.approx(3 + 16 * 2 * (128 + 64) / (128 * 64))
-    assert layer.codes.numel() == 128 * 64 * 3 // 8
+    assert layer.codes.numel() == 128 * 64 * 3 // 8 and layer.codes.shape == (64, 128 * 3 // 8)
 
 
 def test_unknown_backend_is_an_error():

@@ -1,35 +1,48 @@
 import pytest
 import torch
 
-from lords.packing import pack_codes, packed_size, unpack_codes
+from lords.packing import pack_codes, row_bytes, unpack_codes
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
-@pytest.mark.parametrize("shape", [(1, 1), (7, 13), (16, 64), (3, 5, 11)])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 13), (16, 64), (3, 11)])
 def test_round_trip(bits, shape):
     codes = torch.randint(0, 2**bits, shape, dtype=torch.uint8)
     packed = pack_codes(codes, bits)
     assert packed.dtype == torch.uint8
-    assert packed.numel() == packed_size(codes.numel(), bits)
+    assert tuple(packed.shape) == (shape[0], row_bytes(shape[1], bits))
     assert torch.equal(unpack_codes(packed, bits, shape), codes)
 
 
 def test_three_bit_is_dense():
-    assert packed_size(64, 3) == 24  # 3 bits per code, not 4
-    assert packed_size(64, 2) == 16 and packed_size(64, 4) == 32
+    assert row_bytes(64, 3) == 24  # 3 bits per code, not 4
+    assert row_bytes(64, 2) == 16 and row_bytes(64, 4) == 32
 
 
-def test_four_bit_layout_low_nibble_first():
-    packed = pack_codes(torch.tensor([1, 2, 3, 4, 5, 6, 7, 8], dtype=torch.uint8), 4)
-    assert packed.tolist() == [0x21, 0x43, 0x65, 0x87]
+def test_four_bit_layout_pairs_the_two_halves_of_a_row():
+    packed = pack_codes(torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]], dtype=torch.uint8), 4)
+    assert packed.tolist() == [[0x51, 0x62, 0x73, 0x84]]  # byte j: column j (low nibble), column 4 + j (high)
+
+
+def test_three_bit_layout_keeps_high_bits_in_their_own_plane():
+    # 8 columns, one per segment: codes 0..7; low two bits at bit 2s of planes 0-1, the high bit at bit s of plane 2
+    packed = pack_codes(torch.arange(8, dtype=torch.uint8)[None], 3)
+    low = sum((code & 3) << (2 * code) for code in range(8))
+    high = sum((code >> 2) << code for code in range(8))
+    assert packed.tolist() == [[low & 255, low >> 8, high]]
 
 
 def test_rejects_out_of_range_codes():
     with pytest.raises(ValueError, match=r"\[0, 8\)"):
-        pack_codes(torch.tensor([8]), 3)
+        pack_codes(torch.tensor([[8]]), 3)
 
 
-def test_rejects_wrong_packed_length():
-    packed = pack_codes(torch.zeros(16, dtype=torch.uint8), 4)
+def test_rejects_a_flat_tensor():
+    with pytest.raises(ValueError, match="matrix"):
+        pack_codes(torch.zeros(16, dtype=torch.uint8), 4)
+
+
+def test_rejects_wrong_packed_shape():
+    packed = pack_codes(torch.zeros(4, 4, dtype=torch.uint8), 4)
     with pytest.raises(ValueError, match="expected"):
         unpack_codes(packed, 4, (4, 5))

@@ -1,7 +1,7 @@
 """Gradients of the LoRDS scales without an n x m tensor in memory.
 
 With W = (B @ A) * C[codes] and G = dY^T X (the dense weight gradient), dL/dB = (G * C[codes]) A^T and
-dL/dA = B^T (G * C[codes]). Each program owns a BLOCK_N x BLOCK_K tile: it builds that tile of G with a tl.dot
+dL/dA = B^T (G * C[codes]). Each program owns a BLOCK_N x BLOCK_K tile of one code segment: it builds that tile of G with a tl.dot
 loop over the rows of dY and X, multiplies by the decoded levels, and adds its share of dB (BLOCK_N x r) and dA
 (r x BLOCK_K) into float32 outputs with atomic adds. G never leaves registers. (dX = dY @ W is a forward product on
 the transposed problem and is served by the dequantize + cuBLAS path.)
@@ -12,31 +12,33 @@ import triton
 import triton.language as tl
 
 from .autotune import autotune
-from .codes import load_levels, load_scale_a, load_scale_b, rank_pad, row_aligned
+from ..packing import SEGMENTS
+from .codes import (layout_args, layout_meta, load_scale_a, load_scale_b, load_words, rank_pad, segment_columns,
+                    segment_levels)
 
 CONFIGS = [
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_J": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_J": 128}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_J": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_J": 128}, num_warps=8, num_stages=3),
 ]
-INTERPRET_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
+INTERPRET_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_J": 32}, num_warps=4, num_stages=1)]
 
 
 @triton.jit
 def _scale_grad_kernel(
     dy_ptr, x_ptr, codes_ptr, codebook_ptr, scale_b_ptr, scale_a_ptr, grad_b_ptr, grad_a_ptr,
-    M, N, K, RANK, ROW_BYTES, stride_dym, stride_xm,
-    BITS: tl.constexpr, ROW_ALIGNED: tl.constexpr, RANK_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    M, N, K, RANK, SEGMENT, ROW_BYTES, stride_dym, stride_xm,
+    BITS: tl.constexpr, SEGMENTS: tl.constexpr, RANK_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k0 = tl.program_id(1) * BLOCK_K
-    offs_k = k0 + tl.arange(0, BLOCK_K)
+    segment = tl.program_id(2)
+    offs_j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+    offs_k, mask_k = segment_columns(offs_j, segment, SEGMENT, K)
     offs_r = tl.arange(0, RANK_PAD)
     mask_n = offs_n < N
-    mask_k = offs_k < K
-    grad_w = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    grad_w = tl.zeros((BLOCK_N, BLOCK_J), dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
@@ -45,11 +47,10 @@ def _scale_grad_kernel(
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         grad_w += tl.dot(tl.trans(dy), x)
-    level = load_levels(codes_ptr, codebook_ptr, offs_n, offs_k, k0, N, K, ROW_BYTES,
-                        BITS, ROW_ALIGNED, BLOCK_N, BLOCK_K)
-    grad_scale = grad_w * level
+    word = load_words(codes_ptr, offs_n, offs_j, N, SEGMENT, ROW_BYTES, BITS)
+    grad_scale = grad_w * segment_levels(word, codebook_ptr, segment, BITS)
     mask_r = offs_r < RANK
-    scale_a = load_scale_a(scale_a_ptr, offs_r, offs_k, K, RANK).to(tl.float32)
+    scale_a = load_scale_a(scale_a_ptr, offs_r, offs_k, mask_k, K, RANK).to(tl.float32)
     scale_b = load_scale_b(scale_b_ptr, offs_n, offs_r, N, RANK).to(tl.float32)
     tl.atomic_add(grad_b_ptr + offs_n[:, None] * RANK + offs_r[None, :], tl.dot(grad_scale, tl.trans(scale_a)),
                   mask=mask_n[:, None] & mask_r[None, :])
@@ -71,11 +72,13 @@ def scale_grads(grad_out, x, codes, codebook, scale_b, scale_a, bits) -> tuple[t
     grad_a = torch.zeros(rank, in_features, device=x.device, dtype=torch.float32)
 
     def grid(meta):
-        return (triton.cdiv(out_features, meta["BLOCK_N"]), triton.cdiv(in_features, meta["BLOCK_K"]))
+        return (triton.cdiv(out_features, meta["BLOCK_N"]), triton.cdiv(layout["SEGMENT"], meta["BLOCK_J"]),
+                SEGMENTS[bits])
 
+    layout = layout_args(in_features, bits)
     _scale_grad[grid](
         dy, x2, codes, codebook.float().contiguous(), scale_b.contiguous(), scale_a.contiguous(), grad_b, grad_a,
-        dy.shape[0], out_features, in_features, rank, in_features * bits // 8, dy.stride(0), x2.stride(0),
-        BITS=bits, ROW_ALIGNED=row_aligned(bits, in_features), RANK_PAD=rank_pad(rank),
+        dy.shape[0], out_features, in_features, rank, **layout, stride_dym=dy.stride(0), stride_xm=x2.stride(0),
+        RANK_PAD=rank_pad(rank), **layout_meta(bits),
     )
     return grad_b, grad_a

@@ -2,11 +2,13 @@
 
     Y[m, n] = sum_k X[m, k] (sum_t B[n, t] A[t, k]) C[n, k] = sum_t B[n, t] * sum_k (X[m, k] A[t, k]) C[n, k]
 
-so the M x K activations become M*r rows X*A[t], multiplied by the unscaled level tile with one tensor-core tl.dot,
-and B is applied once per output tile at the end. Per weight the elementwise work is the code decode alone (the tiled
-kernel also multiplies by the scale tile and re-lays it out for the second dot); the price is r times the
-multiply-adds per row of X, which is why this form serves at most MAX_ROWS rows. K is split across programs (SPLIT_K) so that
-short-N layers still fill the GPU; the partial sums meet in a float32 buffer through atomic adds.
+so the M x K activations become M*r columns X*A[t], and the unscaled level tile (decoded in registers) is the left
+operand of one tensor-core tl.dot per segment; B is applied once per output tile at the end. Per weight the
+elementwise work is the code decode alone (the tiled kernel also multiplies by the scale tile and re-lays it out for
+a second dot); the price is r times the multiply-adds per row of X, which is why this form serves at most MAX_ROWS
+rows. Every program re-reads the A tile from L2, so BLOCK_N is large (A traffic / code traffic = 4 * RANK_PAD /
+BLOCK_N at 4 bits), and K is split across programs (SPLIT_K) so that the GPU still fills; the partial sums meet in a
+float32 buffer through atomic adds.
 """
 
 import torch
@@ -14,28 +16,29 @@ import triton
 import triton.language as tl
 
 from .autotune import autotune
-from .codes import check_input, load_levels, load_scale_a, load_scale_b, rank_pad, row_aligned
+from .codes import (check_input, layout_args, layout_meta, load_scale_a, load_scale_b, load_words, rank_pad,
+                    segment_columns, segment_levels)
 
 MAX_ROWS = 4
 CONFIGS = [
-    triton.Config({"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 1}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 1}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 4}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 8}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_N": 128, "BLOCK_K": 64, "SPLIT_K": 2}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_N": 128, "BLOCK_K": 64, "SPLIT_K": 4}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 128, "BLOCK_J": 32, "SPLIT_K": 4}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_N": 128, "BLOCK_J": 64, "SPLIT_K": 2}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_N": 256, "BLOCK_J": 32, "SPLIT_K": 4}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 256, "BLOCK_J": 64, "SPLIT_K": 2}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 256, "BLOCK_J": 64, "SPLIT_K": 4}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_N": 64, "BLOCK_J": 64, "SPLIT_K": 8}, num_warps=4, num_stages=4),
 ]
-INTERPRET_CONFIGS = [triton.Config({"BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 2}, num_warps=4, num_stages=1)]
+INTERPRET_CONFIGS = [triton.Config({"BLOCK_N": 16, "BLOCK_J": 16, "SPLIT_K": 2}, num_warps=4, num_stages=1)]
 
 
 def fits_registers(configs, named_args, **kwargs):
-    """Drop configs whose (M*r, BLOCK_N) accumulator or (M*r, BLOCK_K) X*A tile would exceed ~128 values a thread:
+    """Drop configs whose (BLOCK_N, M*r) accumulator or (M*r, BLOCK_J) X*A tile would exceed ~128 values a thread:
     they spill, and compile for minutes. The smallest config always stays."""
-    rows = kwargs["M_PAD"] * kwargs["RANK_PAD"]
+    columns = kwargs["M_PAD"] * kwargs["RANK_PAD"]
 
     def per_thread(config):
         threads = 32 * config.num_warps
-        return rows * max(config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]) / threads
+        return columns * max(config.kwargs["BLOCK_N"], config.kwargs["BLOCK_J"]) / threads
 
     kept = [config for config in configs if per_thread(config) <= 128]
     return kept or [min(configs, key=per_thread)]
@@ -44,9 +47,9 @@ def fits_registers(configs, named_args, **kwargs):
 @triton.jit
 def _decode_kernel(
     x_ptr, codes_ptr, codebook_ptr, scale_b_ptr, scale_a_ptr, bias_ptr, y_ptr,
-    M, N, K, RANK, ROW_BYTES, stride_xm,
-    BITS: tl.constexpr, ROW_ALIGNED: tl.constexpr, RANK_PAD: tl.constexpr, M_PAD: tl.constexpr,
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    M, N, K, RANK, SEGMENT, ROW_BYTES, stride_xm,
+    BITS: tl.constexpr, SEGMENTS: tl.constexpr, RANK_PAD: tl.constexpr, M_PAD: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -54,25 +57,30 @@ def _decode_kernel(
     offs_m = tl.arange(0, M_PAD)
     offs_r = tl.arange(0, RANK_PAD)
     mask_n = offs_n < N
-    k_per_split = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
-    k_start = pid_k * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)
-    acc = tl.zeros((M_PAD * RANK_PAD, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=(offs_m[:, None] < M) & mask_k[None, :], other=0.0).to(tl.float32)
-        scale_a = load_scale_a(scale_a_ptr, offs_r, offs_k, K, RANK).to(tl.float32)
-        xa = (x[:, None, :] * scale_a[None, :, :]).reshape(M_PAD * RANK_PAD, BLOCK_K).to(x_ptr.dtype.element_ty)
-        level = load_levels(codes_ptr, codebook_ptr, offs_n, offs_k, k0, N, K, ROW_BYTES,
-                            BITS, ROW_ALIGNED, BLOCK_N, BLOCK_K)
-        acc += tl.dot(xa, tl.trans(level.to(xa.dtype)))
+    j_per_split = tl.cdiv(SEGMENT, SPLIT_K * BLOCK_J) * BLOCK_J
+    j_start = pid_k * j_per_split
+    j_end = tl.minimum(j_start + j_per_split, SEGMENT)
+    acc = tl.zeros((BLOCK_N, M_PAD * RANK_PAD), dtype=tl.float32)
+    for j0 in range(j_start, j_end, BLOCK_J):
+        offs_j = j0 + tl.arange(0, BLOCK_J)
+        word = load_words(codes_ptr, offs_n, offs_j, N, SEGMENT, ROW_BYTES, BITS)
+        for segment in tl.static_range(SEGMENTS):
+            offs_k, mask_k = segment_columns(offs_j, segment, SEGMENT, K)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                        mask=(offs_m[:, None] < M) & mask_k[None, :], other=0.0).to(tl.float32)
+            scale_a = load_scale_a(scale_a_ptr, offs_r, offs_k, mask_k, K, RANK).to(tl.float32)
+            if M_PAD == 1:
+                xa = scale_a * x
+            else:
+                # rows ordered (m, t), matching the accumulator's columns
+                xa = (x[:, None, :] * scale_a[None, :, :]).reshape(M_PAD * RANK_PAD, BLOCK_J)
+            level = segment_levels(word, codebook_ptr, segment, BITS)
+            acc += tl.dot(level.to(x_ptr.dtype.element_ty), tl.trans(xa.to(x_ptr.dtype.element_ty)))
     scale_b = load_scale_b(scale_b_ptr, offs_n, offs_r, N, RANK).to(tl.float32)
-    y = tl.sum(acc.reshape(M_PAD, RANK_PAD, BLOCK_N) * tl.trans(scale_b)[None, :, :], axis=1)
+    y = tl.sum(acc.reshape(BLOCK_N, M_PAD, RANK_PAD) * scale_b[:, None, :], axis=2)
     if HAS_BIAS:
-        y += tl.where(pid_k == 0, tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32), 0.0)[None, :]
-    tl.atomic_add(y_ptr + offs_m[:, None] * N + offs_n[None, :], y, mask=(offs_m[:, None] < M) & mask_n[None, :])
+        y += tl.where(pid_k == 0, tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32), 0.0)[:, None]
+    tl.atomic_add(y_ptr + offs_m[None, :] * N + offs_n[:, None], y, mask=mask_n[:, None] & (offs_m[None, :] < M))
 
 
 _decode = autotune(
@@ -82,7 +90,7 @@ _decode = autotune(
 
 
 def decode_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None) -> torch.Tensor:
-    """x (..., K) -> (..., N) for a handful of rows; codes of an (N, K) weight, scales B (N, r), A (r, K)."""
+    """x (..., K) -> (..., N) for a handful of rows; packed codes of an (N, K) weight, scales B (N, r), A (r, K)."""
     check_input(x, scale_a)
     (out_features, rank), in_features = scale_b.shape, scale_a.shape[1]
     x2 = x.reshape(-1, in_features)
@@ -99,8 +107,7 @@ def decode_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None) -> torc
     _decode[grid](
         x2, codes, codebook.float().contiguous(), scale_b.contiguous(), scale_a.contiguous(),
         bias if bias is not None else y, y,
-        M, out_features, in_features, rank, in_features * bits // 8, x2.stride(0),
-        BITS=bits, ROW_ALIGNED=row_aligned(bits, in_features), RANK_PAD=rank_pad(rank),
-        M_PAD=triton.next_power_of_2(M), HAS_BIAS=bias is not None,
+        M, out_features, in_features, rank, **layout_args(in_features, bits), stride_xm=x2.stride(0),
+        RANK_PAD=rank_pad(rank), M_PAD=triton.next_power_of_2(M), HAS_BIAS=bias is not None, **layout_meta(bits),
     )
     return y.to(x.dtype).reshape(*x.shape[:-1], out_features)

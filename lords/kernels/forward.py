@@ -1,37 +1,39 @@
 """The tiled LoRDS forward Y = X @ ((B @ A) * C[codes])^T + bias, and the one-pass dequantization.
 
-- tiled: each program owns a BLOCK_M x BLOCK_N tile of Y and walks K; per step it decodes the code tile,
-  computes the scale tile B[n_tile] @ A[:, k_tile] with one tl.dot (rank padded to a power of two >= 16) and reuses it
-  across the BLOCK_M rows;
+- tiled: each program owns a BLOCK_M x BLOCK_N tile of Y and walks the packed byte columns; per step it loads one
+  tile of words and, for every segment, decodes its level tile, computes the scale tile B[n_tile] @ A[:, k_tile] with
+  one tl.dot (rank padded to a power of two >= 16) and reuses it across the BLOCK_M rows;
 - dequantize: writes the dense weight in one pass over the codes (scale tile by tl.dot, as above), so that a long
-  prefill can hand the GEMM to cuBLAS.
+  prefill can hand the GEMM to cuBLAS. Each program writes one segment's column tile.
 """
 
 import torch
 import triton
 import triton.language as tl
 
+from ..packing import SEGMENTS
 from .autotune import autotune
-from .codes import check_input, load_levels, load_scale_a, load_scale_b, rank_pad, row_aligned
+from .codes import (check_input, layout_args, layout_meta, load_scale_a, load_scale_b, load_words, rank_pad,
+                    segment_columns, segment_levels)
 
 # Autotune picks one per (M bucket, N, K, bits).
 TILED_CONFIGS = [
     # Small M: narrow N tiles, so that even M = 1 launches enough programs to fill the GPU.
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 128}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_J": 128}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_J": 128}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_J": 256}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_J": 128}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_J": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_J": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_J": 64}, num_warps=8, num_stages=3),
 ]
 DEQUANT_CONFIGS = [
-    triton.Config({"BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_N": 128, "BLOCK_K": 128}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_N": 64, "BLOCK_K": 256}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 64, "BLOCK_J": 128}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_N": 128, "BLOCK_J": 128}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 64, "BLOCK_J": 256}, num_warps=8, num_stages=3),
 ]
-INTERPRET_TILED = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
-INTERPRET_DEQUANT = [triton.Config({"BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
+INTERPRET_TILED = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_J": 32}, num_warps=4, num_stages=1)]
+INTERPRET_DEQUANT = [triton.Config({"BLOCK_N": 16, "BLOCK_J": 32}, num_warps=4, num_stages=1)]
 
 
 def m_bucket(m: int) -> int:
@@ -41,11 +43,11 @@ def m_bucket(m: int) -> int:
 @triton.jit
 def _tiled_kernel(
     x_ptr, codes_ptr, codebook_ptr, scale_b_ptr, scale_a_ptr, bias_ptr, y_ptr,
-    M, N, K, RANK, ROW_BYTES,
+    M, N, K, RANK, SEGMENT, ROW_BYTES,
     stride_xm, stride_xk, stride_ym, stride_yn,
     M_BUCKET,
-    BITS: tl.constexpr, ROW_ALIGNED: tl.constexpr, RANK_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BITS: tl.constexpr, SEGMENTS: tl.constexpr, RANK_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -54,19 +56,19 @@ def _tiled_kernel(
     offs_r = tl.arange(0, RANK_PAD)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    # B rows for this tile stay in registers for the whole K loop.
+    # B rows for this tile stay in registers for the whole loop.
     scale_b = load_scale_b(scale_b_ptr, offs_n, offs_r, N, RANK)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        scale_a = load_scale_a(scale_a_ptr, offs_r, offs_k, K, RANK)
-        scale = tl.dot(scale_b, scale_a)
-        level = load_levels(codes_ptr, codebook_ptr, offs_n, offs_k, k0, N, K, ROW_BYTES,
-                            BITS, ROW_ALIGNED, BLOCK_N, BLOCK_K)
-        acc += tl.dot(x, tl.trans((scale * level).to(x.dtype)))
+    for j0 in range(0, SEGMENT, BLOCK_J):
+        offs_j = j0 + tl.arange(0, BLOCK_J)
+        word = load_words(codes_ptr, offs_n, offs_j, N, SEGMENT, ROW_BYTES, BITS)
+        for segment in tl.static_range(SEGMENTS):
+            offs_k, mask_k = segment_columns(offs_j, segment, SEGMENT, K)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            scale = tl.dot(scale_b, load_scale_a(scale_a_ptr, offs_r, offs_k, mask_k, K, RANK))
+            level = segment_levels(word, codebook_ptr, segment, BITS)
+            acc += tl.dot(x, tl.trans((scale * level).to(x.dtype)))
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
@@ -76,23 +78,21 @@ def _tiled_kernel(
 @triton.jit
 def _dequantize_kernel(
     codes_ptr, codebook_ptr, scale_b_ptr, scale_a_ptr, w_ptr,
-    N, K, RANK, ROW_BYTES,
-    BITS: tl.constexpr, ROW_ALIGNED: tl.constexpr, RANK_PAD: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    N, K, RANK, SEGMENT, ROW_BYTES,
+    BITS: tl.constexpr, SEGMENTS: tl.constexpr, RANK_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k0 = tl.program_id(1) * BLOCK_K
-    offs_k = k0 + tl.arange(0, BLOCK_K)
+    segment = tl.program_id(2)
+    offs_j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+    offs_k, mask_k = segment_columns(offs_j, segment, SEGMENT, K)
     offs_r = tl.arange(0, RANK_PAD)
-    mask_n = offs_n < N
-    mask_k = offs_k < K
     scale_b = load_scale_b(scale_b_ptr, offs_n, offs_r, N, RANK)
-    scale_a = load_scale_a(scale_a_ptr, offs_r, offs_k, K, RANK)
-    level = load_levels(codes_ptr, codebook_ptr, offs_n, offs_k, k0, N, K, ROW_BYTES,
-                        BITS, ROW_ALIGNED, BLOCK_N, BLOCK_K)
-    weight = tl.dot(scale_b, scale_a) * level
+    scale_a = load_scale_a(scale_a_ptr, offs_r, offs_k, mask_k, K, RANK)
+    word = load_words(codes_ptr, offs_n, offs_j, N, SEGMENT, ROW_BYTES, BITS)
+    weight = tl.dot(scale_b, scale_a) * segment_levels(word, codebook_ptr, segment, BITS)
     tl.store(w_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :], weight.to(w_ptr.dtype.element_ty),
-             mask=mask_n[:, None] & mask_k[None, :])
+             mask=(offs_n[:, None] < N) & mask_k[None, :])
 
 
 _tiled = autotune(TILED_CONFIGS, INTERPRET_TILED, key=["M_BUCKET", "N", "K", "BITS"])(_tiled_kernel)
@@ -113,10 +113,9 @@ def tiled_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None) -> torch
     _tiled[grid](
         x2, codes, codebook.float().contiguous(), scale_b.to(x.dtype).contiguous(),
         scale_a.to(x.dtype).contiguous(), bias if bias is not None else y, y,
-        M, out_features, in_features, rank, in_features * bits // 8,
-        x2.stride(0), x2.stride(1), y.stride(0), y.stride(1),
-        m_bucket(M),
-        BITS=bits, ROW_ALIGNED=row_aligned(bits, in_features), RANK_PAD=rank_pad(rank), HAS_BIAS=bias is not None,
+        M, out_features, in_features, rank, **layout_args(in_features, bits),
+        stride_xm=x2.stride(0), stride_xk=x2.stride(1), stride_ym=y.stride(0), stride_yn=y.stride(1),
+        M_BUCKET=m_bucket(M), RANK_PAD=rank_pad(rank), HAS_BIAS=bias is not None, **layout_meta(bits),
     )
     return y.reshape(*x.shape[:-1], out_features)
 
@@ -127,11 +126,12 @@ def dequantize(codes, codebook, scale_b, scale_a, bits, dtype=torch.bfloat16) ->
     weight = torch.empty(out_features, in_features, device=codes.device, dtype=dtype)
 
     def grid(meta):
-        return (triton.cdiv(out_features, meta["BLOCK_N"]), triton.cdiv(in_features, meta["BLOCK_K"]))
+        return (triton.cdiv(out_features, meta["BLOCK_N"]), triton.cdiv(layout["SEGMENT"], meta["BLOCK_J"]),
+                SEGMENTS[bits])
 
+    layout = layout_args(in_features, bits)
     _dequantize[grid](
         codes, codebook.float().contiguous(), scale_b.to(dtype).contiguous(), scale_a.to(dtype).contiguous(), weight,
-        out_features, in_features, rank, in_features * bits // 8,
-        BITS=bits, ROW_ALIGNED=row_aligned(bits, in_features), RANK_PAD=rank_pad(rank),
+        out_features, in_features, rank, **layout, RANK_PAD=rank_pad(rank), **layout_meta(bits),
     )
     return weight
