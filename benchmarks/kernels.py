@@ -3,10 +3,10 @@
     python -m benchmarks.kernels --out results/kernels.md        # needs CUDA; bitsandbytes optional
 
 Anchors in the same run, same inputs: bf16 cuBLAS (F.linear), bitsandbytes NF4 (matmul_4bit, block 64), torch's
-tinygemm int4 (_weight_int4pack_mm, group 128), and the naive LoRDS path (torch dequantize, then cuBLAS). Ours: the fused
-kernels (decode for M <= 4, tiled) at the parity rank for b = 64, and `lords_matmul` (Triton dequantize + cuBLAS,
-what LoRDSLinear runs on CUDA) at b = 64 and b = 128; 3- and 2-bit through lords_matmul at b = 64. Times are medians of
-replays of CUDA graphs (triton.testing.do_bench_cudagraph), so
+tinygemm int4 (_weight_int4pack_mm, group 128), and the naive LoRDS path (torch dequantize, then cuBLAS). Ours, at the
+parity rank for b = 64: each kernel on its own (decode for M <= 4, tiled up to M = 256, Triton dequantize + cuBLAS),
+and `lords_matmul`, which picks one of them by M and is what LoRDSLinear runs on CUDA, also at b = 128; 3- and 2-bit
+through lords_matmul at b = 64. Times are medians of replays of CUDA graphs (triton.testing.do_bench_cudagraph), so
 that launch overhead counts for no method; ratios are lords_matmul at b = 64 over the anchor.
 """
 
@@ -20,13 +20,14 @@ import triton
 
 from lords.codebooks import get_codebook
 from lords.factorize import parity_rank
-from lords.kernels import MAX_ROWS, decode_matmul, fused_matmul, lords_matmul, tiled_matmul
+from lords.kernels import DECODE_ROWS, MAX_ROWS, TILED_ROWS, decode_matmul, dequant_matmul, lords_matmul, tiled_matmul
 from lords.linear import LoRDSLinear
 from lords.packing import pack_codes
 
 SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (28672, 8192)]  # (out N, in K)
 MS = [1, 4, 16, 64, 256, 2048, 8192]
 DECODE_MS = [1, 2, 4]
+TILED_MAX_M = 256  # beyond, the tiled kernel takes milliseconds and is never picked
 OTHER_WIDTH_MS = [1, 16, 2048]
 
 
@@ -44,7 +45,7 @@ def kernel_fns(layer: LoRDSLinear, bias=None) -> dict:
     return {
         "decode": lambda x: decode_matmul(x, *args, bias),
         "tiled": lambda x: tiled_matmul(x, *args, bias),
-        "fused": lambda x: fused_matmul(x, *args, bias),
+        "dequant": lambda x: dequant_matmul(x, *args, bias),
         "lords": lambda x: lords_matmul(x, *args, bias),
     }
 
@@ -137,8 +138,9 @@ def main() -> None:
         "Produced by:", "", "    python -m benchmarks.kernels --out results/kernels.md", "",
         f"- date: {time.strftime('%Y-%m-%d')}; device: {torch.cuda.get_device_name()}; torch {torch.__version__}, "
         f"triton {triton.__version__}",
-        "- lords-b64/b128 and the 3-/2-bit rows: `lords_matmul` (Triton one-pass dequantize, then cuBLAS), what "
-        f"LoRDSLinear runs on CUDA; decode-b64 and tiled-b64: the fused kernels (decode up to {MAX_ROWS} rows)",
+        f"- lords-b64/b128 and the 3-/2-bit rows: `lords_matmul`, what LoRDSLinear runs on CUDA: the decode kernel for "
+        f"M <= {DECODE_ROWS}, the tiled kernel for M <= {TILED_ROWS}, Triton dequantize + cuBLAS beyond; decode-b64, "
+        f"tiled-b64 and dequant-b64: each kernel on its own",
     ]
     bandwidth = copy_bandwidth(device)
     report += [f"- measured copy bandwidth (read + write): {bandwidth:.0f} GB/s", "", "## Correctness on the GPU", ""]
@@ -157,8 +159,8 @@ def main() -> None:
         naive = layers[4, 64]
         anchors["lords-naive"] = lambda x, layer=naive: F.linear(x, layer.dequantize(x.dtype))
         kernels = kernel_fns(layers[4, 64])
-        ours = {"decode-b64": kernels["decode"], "tiled-b64": kernels["tiled"], "lords-b64": kernels["lords"],
-                "lords-b128": kernel_fns(layers[4, 128])["lords"]}
+        ours = {"decode-b64": kernels["decode"], "tiled-b64": kernels["tiled"], "dequant-b64": kernels["dequant"],
+                "lords-b64": kernels["lords"], "lords-b128": kernel_fns(layers[4, 128])["lords"]}
         other_widths = {f"lords-{bits}bit-b64": kernel_fns(layers[bits, 64])["lords"] for bits in (3, 2)}
         names = [*anchors, *ours]
         report += ["", f"## {n} x {k} (out x in), 4-bit, ranks {layers[4, 64].rank} (b64), {layers[4, 128].rank} (b128)",
@@ -172,7 +174,7 @@ def main() -> None:
             times = {}
             timed = {**anchors, **ours, **(other_widths if m in OTHER_WIDTH_MS else {})}
             for name, fn in timed.items():
-                if name == "decode-b64" and m not in DECODE_MS:
+                if (name == "decode-b64" and m not in DECODE_MS) or (name == "tiled-b64" and m > TILED_MAX_M):
                     continue
                 try:
                     with torch.no_grad():

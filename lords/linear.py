@@ -11,8 +11,9 @@ from .factorize import LoRDSFactors, bits_per_weight
 from .packing import pack_codes, row_bytes, unpack_codes
 
 # "auto": "triton" for CUDA inputs when Triton is installed, "torch" otherwise.
-# "torch": the reference, dequantize in torch + matmul. "triton": Triton's one-pass dequantize + cuBLAS, the fastest
-# measured (results/kernels.md). "fused": Triton kernels that never hold the dense weight (less memory, slower today).
+# "torch": the reference, dequantize in torch + matmul. "triton": lords.kernels.lords_matmul, which picks the decode,
+# tiled or dequantize + cuBLAS kernel by the number of rows (results/kernels.md). "fused": Triton kernels that never
+# hold the dense weight, at any number of rows.
 BACKENDS = ("auto", "torch", "triton", "fused")
 
 
@@ -120,10 +121,11 @@ class LoRDSLinear(nn.Module):
 
     def matmul(self, x, bias, use_triton: bool, transposed: bool = False) -> torch.Tensor:
         """x @ W^T + bias, or x @ W when transposed (the input gradient), on the chosen path."""
-        if use_triton and self.backend == "fused" and not transposed:
-            from .kernels import fused_matmul
+        if use_triton and not transposed:
+            from .kernels import fused_matmul, lords_matmul
 
-            return fused_matmul(x, self.codes, self.codebook, self.scale_b, self.scale_a, self.bits, bias)
+            kernel = fused_matmul if self.backend == "fused" else lords_matmul
+            return kernel(x, self.codes, self.codebook, self.scale_b, self.scale_a, self.bits, bias)
         if use_triton:
             from .kernels import dequantize
 

@@ -10,7 +10,8 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 from lords.codebooks import get_codebook  # noqa: E402
-from lords.kernels import MAX_ROWS, decode_matmul, dequantize, fused_matmul, lords_matmul, tiled_matmul  # noqa: E402
+from lords.kernels import (MAX_ROWS, decode_matmul, dequant_matmul, dequantize, fused_matmul, lords_matmul,  # noqa: E402
+                           tiled_matmul)
 from lords.linear import LoRDSLinear  # noqa: E402
 from lords.packing import pack_codes  # noqa: E402
 
@@ -40,8 +41,8 @@ BITS_AND_CODEBOOKS = [(4, "nf"), (3, "nf"), (2, "nf"), (4, "int"), (3, "int"), (
 SHAPES = [(1, 24, 40, 1), (4, 33, 72, 17), (19, 16, 64, 3), (3, 10, 37, 2), (5, 33, 72, 17), (2, 18, 300, 5)]
 
 
-@pytest.mark.parametrize("kernel", [tiled_matmul, decode_matmul, fused_matmul, lords_matmul],
-                         ids=["tiled", "decode", "fused", "dequantize+matmul"])
+@pytest.mark.parametrize("kernel", [tiled_matmul, decode_matmul, fused_matmul, lords_matmul, dequant_matmul],
+                         ids=["tiled", "decode", "fused", "lords", "dequantize+matmul"])
 @pytest.mark.parametrize("bits,kind", BITS_AND_CODEBOOKS)
 @pytest.mark.parametrize("m,n,k,rank", SHAPES)
 def test_forward_matches_float64(kernel, bits, kind, m, n, k, rank):
@@ -64,10 +65,10 @@ def test_dequantize_matches_float64(bits, kind, n, k, rank):
     assert ((weight.double() - expected).norm() / expected.norm()).item() < 1e-6
 
 
-@pytest.mark.parametrize("kernel", [fused_matmul, lords_matmul], ids=["fused", "dequantize+matmul"])
-@pytest.mark.parametrize("m", [2, 9])
+@pytest.mark.parametrize("kernel", [fused_matmul, lords_matmul], ids=["fused", "lords"])
+@pytest.mark.parametrize("m", [2, 9, 70])
 def test_half_precision_activations(kernel, m):
-    """fp16 X through every kernel (decode at m = 2, tiled at 9, dequantize + matmul), within fp16 rounding.
+    """fp16 X through every kernel (decode at m = 2, tiled at 9, dequantize + matmul at 70), within fp16 rounding.
 
     bf16 is checked on the GPU by benchmarks/kernels.py: Triton 3.9's interpreter returns garbage for a bf16 tl.dot.
     """

@@ -7,11 +7,50 @@ out of it with shifts: no register interleaving. The level lookup is a gather fr
 which stays in L1.
 """
 
+import weakref
+
 import torch
 import triton
 import triton.language as tl
 
 from ..packing import SEGMENTS, row_bytes, segment_width
+from .autotune import INTERPRET
+
+# Four codes (one per byte of $2, at most 16 levels) to four fp16 levels in $0, $1, through registers: prmt picks
+# byte k of an 8-byte table with the low three bits of code k, once from levels 0-7 and once from 8-15, bit 3 chooses
+# between the two (lop3 0xE4 is "mask ? a : b"), and the high and low bytes are interleaved into two fp16 pairs.
+# A gather from the codebook in memory costs one load per weight, which measured 2.5x slower than the whole kernel
+# without it (results/kernels.md).
+_LEVEL_TABLE_PTX = """{{
+.reg .b32 s, y, m, a, b, hi, lo;
+and.b32 s, $2, 0x07070707;
+shr.u32 y, s, 4;
+or.b32 y, y, s;
+shr.u32 s, y, 8;
+and.b32 s, s, 0xFF00;
+and.b32 y, y, 0xFF;
+or.b32 s, s, y;
+shr.u32 m, $2, 3;
+and.b32 m, m, 0x01010101;
+mul.lo.u32 m, m, 255;
+mov.b32 a, {hi0};
+mov.b32 b, {hi1};
+prmt.b32 hi, a, b, s;
+mov.b32 a, {hi2};
+mov.b32 b, {hi3};
+prmt.b32 a, a, b, s;
+lop3.b32 hi, a, hi, m, 0xE4;
+mov.b32 a, {lo0};
+mov.b32 b, {lo1};
+prmt.b32 lo, a, b, s;
+mov.b32 a, {lo2};
+mov.b32 b, {lo3};
+prmt.b32 a, a, b, s;
+lop3.b32 lo, a, lo, m, 0xE4;
+prmt.b32 $0, lo, hi, 0x5140;
+prmt.b32 $1, lo, hi, 0x7362;
+}}"""
+_tables: dict[int, tuple] = {}  # id(codebook) -> (weak reference, version, PTX)
 
 
 def check_input(x: torch.Tensor, scale_a: torch.Tensor) -> None:
@@ -29,8 +68,30 @@ def layout_args(in_features: int, bits: int) -> dict:
     return {"SEGMENT": segment_width(in_features, bits), "ROW_BYTES": row_bytes(in_features, bits)}
 
 
-def layout_meta(bits: int) -> dict:
-    return {"BITS": bits, "SEGMENTS": SEGMENTS[bits]}
+def layout_meta(bits: int, codebook: torch.Tensor) -> dict:
+    """The compile-time arguments every kernel takes: bit width, segments, and the level lookup."""
+    return {"BITS": bits, "SEGMENTS": SEGMENTS[bits], "TABLE": level_table(codebook)}
+
+
+def level_table(codebook: torch.Tensor) -> str | None:
+    """The register lookup for this codebook as PTX (its levels are immediates), or None where it cannot run: under
+    TRITON_INTERPRET=1 the kernels gather from the codebook in memory instead. Cached per codebook tensor, so that
+    only the first call reads the levels back from the GPU (later calls can be captured in a CUDA graph)."""
+    if INTERPRET:
+        return None
+    cached = _tables.get(id(codebook))
+    # a dead reference means another tensor took over the id; a new version means the levels were written to
+    if cached is None or cached[0]() is not codebook or cached[1] != codebook._version:
+        levels = torch.zeros(16, dtype=torch.float16)
+        levels[: codebook.numel()] = codebook.detach().to("cpu", torch.float16)
+        bits = levels.view(torch.int16).to(torch.int32) & 0xFFFF
+        words = {}
+        for name, byte in (("lo", bits & 0xFF), ("hi", bits >> 8)):
+            for reg in range(4):
+                words[f"{name}{reg}"] = hex(sum(int(byte[4 * reg + i]) << (8 * i) for i in range(4)))
+        cached = (weakref.ref(codebook), codebook._version, _LEVEL_TABLE_PTX.format(**words))
+        _tables[id(codebook)] = cached
+    return cached[2]
 
 
 @triton.jit
@@ -46,12 +107,17 @@ def load_words(codes_ptr, offs_n, offs_j, N, SEGMENT, ROW_BYTES, BITS: tl.conste
 
 
 @triton.jit
-def segment_levels(word, codebook_ptr, segment, BITS: tl.constexpr):
-    """C[codes] in float32 for segment `segment` (compile-time or run-time) of a tile of words."""
+def segment_levels(word, codebook_ptr, segment, BITS: tl.constexpr, TABLE: tl.constexpr):
+    """C[codes] in float32 for segment `segment` (compile-time or run-time) of a tile of words: through the register
+    table when TABLE (level_table's PTX, fp16 levels) is given, else gathered from the codebook."""
     if BITS == 3:
         code = ((word >> (2 * segment)) & 3) | (((word >> (16 + segment)) & 1) << 2)
     else:
         code = (word >> (BITS * segment)) & ((1 << BITS) - 1)
+    if TABLE is not None:
+        level = tl.inline_asm_elementwise(TABLE, "=r,=r,r", [code.to(tl.uint8)], dtype=tl.float16, is_pure=True,
+                                          pack=4)
+        return level.to(tl.float32)
     return tl.load(codebook_ptr + code)
 
 

@@ -27,6 +27,9 @@ CONFIGS = [
     triton.Config({"BLOCK_N": 256, "BLOCK_J": 64, "SPLIT_K": 2}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_N": 256, "BLOCK_J": 64, "SPLIT_K": 4}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_N": 64, "BLOCK_J": 64, "SPLIT_K": 8}, num_warps=4, num_stages=4),
+    # 3 bits unroll 8 segments a step: these small ones fit its shared memory
+    triton.Config({"BLOCK_N": 64, "BLOCK_J": 32, "SPLIT_K": 4}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_N": 128, "BLOCK_J": 16, "SPLIT_K": 4}, num_warps=4, num_stages=1),
 ]
 INTERPRET_CONFIGS = [triton.Config({"BLOCK_N": 16, "BLOCK_J": 16, "SPLIT_K": 2}, num_warps=4, num_stages=1)]
 
@@ -48,7 +51,7 @@ def fits_registers(configs, named_args, **kwargs):
 def _decode_kernel(
     x_ptr, codes_ptr, codebook_ptr, scale_b_ptr, scale_a_ptr, bias_ptr, y_ptr,
     M, N, K, RANK, SEGMENT, ROW_BYTES, stride_xm,
-    BITS: tl.constexpr, SEGMENTS: tl.constexpr, RANK_PAD: tl.constexpr, M_PAD: tl.constexpr,
+    BITS: tl.constexpr, SEGMENTS: tl.constexpr, TABLE: tl.constexpr, RANK_PAD: tl.constexpr, M_PAD: tl.constexpr,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -74,7 +77,7 @@ def _decode_kernel(
             else:
                 # rows ordered (m, t), matching the accumulator's columns
                 xa = (x[:, None, :] * scale_a[None, :, :]).reshape(M_PAD * RANK_PAD, BLOCK_J)
-            level = segment_levels(word, codebook_ptr, segment, BITS)
+            level = segment_levels(word, codebook_ptr, segment, BITS, TABLE)
             acc += tl.dot(level.to(x_ptr.dtype.element_ty), tl.trans(xa.to(x_ptr.dtype.element_ty)))
     scale_b = load_scale_b(scale_b_ptr, offs_n, offs_r, N, RANK).to(tl.float32)
     y = tl.sum(acc.reshape(BLOCK_N, M_PAD, RANK_PAD) * scale_b[:, None, :], axis=2)
@@ -108,6 +111,6 @@ def decode_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None) -> torc
         x2, codes, codebook.float().contiguous(), scale_b.contiguous(), scale_a.contiguous(),
         bias if bias is not None else y, y,
         M, out_features, in_features, rank, **layout_args(in_features, bits), stride_xm=x2.stride(0),
-        RANK_PAD=rank_pad(rank), M_PAD=triton.next_power_of_2(M), HAS_BIAS=bias is not None, **layout_meta(bits),
+        RANK_PAD=rank_pad(rank), M_PAD=triton.next_power_of_2(M), HAS_BIAS=bias is not None, **layout_meta(bits, codebook),
     )
     return y.to(x.dtype).reshape(*x.shape[:-1], out_features)

@@ -26,6 +26,9 @@ TILED_CONFIGS = [
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_J": 64}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_J": 64}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_J": 64}, num_warps=8, num_stages=3),
+    # 3 bits unroll 8 segments a step: these fit its shared memory
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_J": 32}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_J": 32}, num_warps=4, num_stages=1),
 ]
 DEQUANT_CONFIGS = [
     triton.Config({"BLOCK_N": 64, "BLOCK_J": 128}, num_warps=4, num_stages=3),
@@ -46,7 +49,7 @@ def _tiled_kernel(
     M, N, K, RANK, SEGMENT, ROW_BYTES,
     stride_xm, stride_xk, stride_ym, stride_yn,
     M_BUCKET,
-    BITS: tl.constexpr, SEGMENTS: tl.constexpr, RANK_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BITS: tl.constexpr, SEGMENTS: tl.constexpr, TABLE: tl.constexpr, RANK_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -67,7 +70,7 @@ def _tiled_kernel(
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             scale = tl.dot(scale_b, load_scale_a(scale_a_ptr, offs_r, offs_k, mask_k, K, RANK))
-            level = segment_levels(word, codebook_ptr, segment, BITS)
+            level = segment_levels(word, codebook_ptr, segment, BITS, TABLE)
             acc += tl.dot(x, tl.trans((scale * level).to(x.dtype)))
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -79,7 +82,7 @@ def _tiled_kernel(
 def _dequantize_kernel(
     codes_ptr, codebook_ptr, scale_b_ptr, scale_a_ptr, w_ptr,
     N, K, RANK, SEGMENT, ROW_BYTES,
-    BITS: tl.constexpr, SEGMENTS: tl.constexpr, RANK_PAD: tl.constexpr,
+    BITS: tl.constexpr, SEGMENTS: tl.constexpr, TABLE: tl.constexpr, RANK_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -90,7 +93,7 @@ def _dequantize_kernel(
     scale_b = load_scale_b(scale_b_ptr, offs_n, offs_r, N, RANK)
     scale_a = load_scale_a(scale_a_ptr, offs_r, offs_k, mask_k, K, RANK)
     word = load_words(codes_ptr, offs_n, offs_j, N, SEGMENT, ROW_BYTES, BITS)
-    weight = tl.dot(scale_b, scale_a) * segment_levels(word, codebook_ptr, segment, BITS)
+    weight = tl.dot(scale_b, scale_a) * segment_levels(word, codebook_ptr, segment, BITS, TABLE)
     tl.store(w_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :], weight.to(w_ptr.dtype.element_ty),
              mask=(offs_n[:, None] < N) & mask_k[None, :])
 
@@ -115,7 +118,7 @@ def tiled_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None) -> torch
         scale_a.to(x.dtype).contiguous(), bias if bias is not None else y, y,
         M, out_features, in_features, rank, **layout_args(in_features, bits),
         stride_xm=x2.stride(0), stride_xk=x2.stride(1), stride_ym=y.stride(0), stride_yn=y.stride(1),
-        M_BUCKET=m_bucket(M), RANK_PAD=rank_pad(rank), HAS_BIAS=bias is not None, **layout_meta(bits),
+        M_BUCKET=m_bucket(M), RANK_PAD=rank_pad(rank), HAS_BIAS=bias is not None, **layout_meta(bits, codebook),
     )
     return y.reshape(*x.shape[:-1], out_features)
 
@@ -132,6 +135,6 @@ def dequantize(codes, codebook, scale_b, scale_a, bits, dtype=torch.bfloat16) ->
     layout = layout_args(in_features, bits)
     _dequantize[grid](
         codes, codebook.float().contiguous(), scale_b.to(dtype).contiguous(), scale_a.to(dtype).contiguous(), weight,
-        out_features, in_features, rank, **layout, RANK_PAD=rank_pad(rank), **layout_meta(bits),
+        out_features, in_features, rank, **layout, RANK_PAD=rank_pad(rank), **layout_meta(bits, codebook),
     )
     return weight

@@ -1,0 +1,78 @@
+"""The kernels' register lookup (PTX, GPU only) checked on the CPU by executing its instructions in Python."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from lords.codebooks import get_codebook  # noqa: E402
+from lords.kernels import codes as kernel_codes  # noqa: E402
+
+MASK = 0xFFFFFFFF
+
+
+def prmt(a: int, b: int, selector: int) -> int:
+    """PTX prmt.b32 (default mode): output byte k is byte (selector nibble k) of the 8 bytes {b, a}."""
+    pool = a | (b << 32)
+    out = 0
+    for k in range(4):
+        index = (selector >> (4 * k)) & 0xF
+        assert index < 8, "the sign-replicate mode is never meant to be used"
+        out |= ((pool >> (8 * index)) & 0xFF) << (8 * k)
+    return out
+
+
+OPS = {
+    "and.b32": lambda a, b: a & b,
+    "or.b32": lambda a, b: a | b,
+    "shr.u32": lambda a, b: a >> b,
+    "mov.b32": lambda a: a,
+    "mul.lo.u32": lambda a, b: (a * b) & MASK,
+    "prmt.b32": prmt,
+    "lop3.b32": lambda a, b, mask, lut: (a & mask) | (b & ~mask & MASK) if lut == 0xE4 else None,
+}
+
+
+def execute(ptx: str, packed_codes: int) -> tuple[int, int]:
+    registers = {"$2": packed_codes}
+    for line in ptx.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line in "{}" or line.startswith(".reg"):
+            continue
+        op, operands = line.split(None, 1)
+        target, *sources = [operand.strip() for operand in operands.split(",")]
+        values = [int(source, 0) if source[0].isdigit() else registers[source] for source in sources]
+        registers[target] = OPS[op](*values) & MASK
+    return registers["$0"], registers["$1"]
+
+
+@pytest.mark.parametrize("kind", ["nf", "int"])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_register_lookup_returns_fp16_levels(monkeypatch, kind, bits):
+    monkeypatch.setattr(kernel_codes, "INTERPRET", False)
+    codebook = get_codebook(kind, bits)
+    ptx = kernel_codes.level_table(codebook)
+    generator = torch.Generator().manual_seed(bits)
+    for _ in range(200):
+        codes = torch.randint(0, 2**bits, (4,), generator=generator).tolist()
+        low, high = execute(ptx, sum(code << (8 * k) for k, code in enumerate(codes)))
+        halves = torch.tensor([low & 0xFFFF, low >> 16, high & 0xFFFF, high >> 16], dtype=torch.int32)
+        assert torch.equal(halves.to(torch.int16).view(torch.float16), codebook.half()[codes])
+
+
+def test_table_follows_writes_to_the_codebook(monkeypatch):
+    monkeypatch.setattr(kernel_codes, "INTERPRET", False)
+    codebook = get_codebook("nf", 4).clone()
+    before = kernel_codes.level_table(codebook)
+    assert kernel_codes.level_table(codebook) is before  # cached: no read-back from the GPU on later calls
+    codebook.mul_(0.5)
+    after = kernel_codes.level_table(codebook)
+    assert after != before
+    _, high = execute(after, 15 << 24)
+    assert torch.tensor([high >> 16], dtype=torch.int32).to(torch.int16).view(torch.float16).item() == pytest.approx(
+        codebook[15].item(), rel=1e-3)
+
+
+def test_no_table_under_the_interpreter(monkeypatch):
+    monkeypatch.setattr(kernel_codes, "INTERPRET", True)
+    assert kernel_codes.level_table(get_codebook("nf", 4)) is None
