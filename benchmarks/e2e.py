@@ -171,8 +171,8 @@ def main() -> None:
         + ("--append" if args.append else ""), "",
         f"- date: {time.strftime('%Y-%m-%d')}; device: {torch.cuda.get_device_name()}; torch {torch.__version__}, "
         f"transformers {transformers.__version__}; {args.layers} decoder layers, prompt {args.prompt} tokens",
-        "- lords rows: LoRDSLinear's CUDA path, lords.kernels.lords_matmul: decode kernel at batch 1, tiled kernel at "
-        "batch 16, Triton dequantize + cuBLAS for the prefills",
+        "- lords rows: LoRDSLinear's CUDA path, lords.kernels.lords_matmul: per layer shape and batch, the fastest of the "
+        "decode kernel, the tiled kernel and Triton dequantize + cuBLAS, timed at first use",
         "- decode: median of 50 single-token steps at KV position = prompt; prefill: median of 3 eager passes", "",
         "| model | weights (GB) | decode b1 (tok/s) | vs bf16 | decode b16 (tok/s) | vs bf16 | prefill b1 (ms) "
         "| vs bf16 | prefill b16 (ms) | vs bf16 | decode mode |",

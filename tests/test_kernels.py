@@ -96,6 +96,23 @@ def test_layer_dispatch_triton_equals_torch_reference():
         assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5), backend
 
 
+def test_lords_matmul_times_the_candidates_once_per_shape(monkeypatch):
+    import lords.kernels as kernels
+
+    timed = []
+    fake_times = [3.0, 1.0, 2.0]  # decode, tiled, dequant: the tiled kernel "wins"
+    monkeypatch.setattr(kernels, "_can_time", lambda x: True)
+    monkeypatch.setattr(kernels, "_time", lambda fn: fake_times[len(timed) - 1] if not timed.append(fn) else None)
+    monkeypatch.setattr(kernels, "_choices", {})
+    x, codes, codebook, scale_b, scale_a, bias = random_problem(4, "nf", 3, 24, 40, 2, seed=0)
+    for _ in range(2):
+        out = lords_matmul(x, pack_codes(codes, 4), codebook, scale_b, scale_a, 4, bias)
+        assert len(timed) == 3  # the second call reuses the choice
+        assert list(kernels._choices.values()) == ["tiled"]
+        expected = reference(x, codes, codebook, scale_b, scale_a, bias)
+        assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-5
+
+
 def test_decode_refuses_many_rows():
     with pytest.raises(ValueError, match="decode kernel takes at most 4 rows"):
         decode_matmul(torch.randn(5, 16), torch.zeros(4, 8, dtype=torch.uint8), get_codebook("nf", 4),

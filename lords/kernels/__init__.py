@@ -1,23 +1,31 @@
 """Triton kernels for LoRDS. They know shapes and dtypes only: no models, no configs.
 
-X @ ((B @ A) * C[codes])^T on the GPU, three ways, and `lords_matmul` picks by the number of rows M (the thresholds
-come from results/kernels.md, H100):
-- decode.py, the algebraic form with split-K, for M <= DECODE_ROWS (its cost grows as M x rank);
-- forward.py's tiled kernel, the scale tile computed per K-step and shared by the rows of a tile, up to TILED_ROWS;
-- forward.py's one-pass dequantization and cuBLAS beyond, where the GEMM dominates and cuBLAS is the faster GEMM.
-`fused_matmul` never materialises the dense weight (decode, then tiled at any M). backward.py's `scale_grads` gives
-dL/dB and dL/dA for PEFT without an n x m gradient.
+X @ ((B @ A) * C[codes])^T on the GPU, three ways:
+- decode.py, the algebraic form with split-K, for at most MAX_ROWS rows (its cost grows as rows x rank);
+- forward.py's tiled kernel, the scale tile computed per K-step and shared by the rows of a tile;
+- forward.py's one-pass dequantization and cuBLAS, where the GEMM dominates and cuBLAS is the faster GEMM.
+Which one is fastest depends on the shape as well as on M (results/kernels.md: at M = 64 the tiled kernel wins by
+1.8x on 14336 x 4096 and loses by 1.8x on 4096 x 14336), so `lords_matmul` times the candidates the first time it
+meets a (row bucket, N, K, bits, dtype) and keeps the winner, as Triton's autotuner does for configs.
+`fused_matmul` never materialises the dense weight. backward.py's `scale_grads` gives dL/dB and dL/dA for PEFT
+without an n x m gradient.
 """
 
+import torch
 import torch.nn.functional as F
+import triton
 
-from .backward import scale_grads
+from .autotune import INTERPRET
+from .backward import scale_grads  # noqa: F401
 from .codes import check_input
-from .decode import MAX_ROWS, decode_matmul  # noqa: F401  (MAX_ROWS: the decode kernel's limit)
-from .forward import dequantize, tiled_matmul
+from .decode import MAX_ROWS, decode_matmul
+from .forward import dequantize, m_bucket, tiled_matmul
 
+# Used where timing cannot run (the CPU interpreter, inside a CUDA-graph capture): the H100 measurements' majority.
 DECODE_ROWS = 2
-TILED_ROWS = 64
+TILED_ROWS = 16
+# Beyond this the tiled kernel took milliseconds on every measured shape; it is not even timed.
+TILED_MAX_ROWS = 256
 
 
 def dequant_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None):
@@ -27,21 +35,46 @@ def dequant_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None):
     return F.linear(x, dequantize(codes, codebook, scale_b, scale_a, bits, x.dtype), bias)
 
 
+KERNELS = {"decode": decode_matmul, "tiled": tiled_matmul, "dequant": dequant_matmul}
+_choices: dict[tuple, str] = {}
+
+
+def candidates(rows: int) -> list[str]:
+    return [name for name, fits in (("decode", rows <= MAX_ROWS), ("tiled", rows <= TILED_MAX_ROWS), ("dequant", True))
+            if fits]
+
+
+def default_choice(rows: int) -> str:
+    return "decode" if rows <= DECODE_ROWS else "tiled" if rows <= TILED_ROWS else "dequant"
+
+
+def _can_time(x: torch.Tensor) -> bool:
+    return not INTERPRET and x.is_cuda and not torch.cuda.is_current_stream_capturing()
+
+
+def _time(fn) -> float:
+    fn()  # autotunes the kernel's own configs first
+    return triton.testing.do_bench(fn, warmup=5, rep=20)
+
+
 def lords_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None):
     """x (..., K) -> (..., N) for packed codes of an (N, K) weight; scales B (N, r), A (r, K). What LoRDSLinear runs
-    on CUDA."""
+    on CUDA: the fastest kernel for this shape, timed once per (row bucket, N, K, bits, dtype)."""
     check_input(x, scale_a)
     rows = x.numel() // x.shape[-1]
-    if rows <= DECODE_ROWS:
-        return decode_matmul(x, codes, codebook, scale_b, scale_a, bits, bias)
-    if rows <= TILED_ROWS:
-        return tiled_matmul(x, codes, codebook, scale_b, scale_a, bits, bias)
-    return dequant_matmul(x, codes, codebook, scale_b, scale_a, bits, bias)
+    args = (x, codes, codebook, scale_b, scale_a, bits, bias)
+    key = (m_bucket(rows), scale_b.shape[0], scale_a.shape[1], bits, x.dtype)
+    choice = _choices.get(key)
+    if choice is None:
+        if not _can_time(x):
+            return KERNELS[default_choice(rows)](*args)
+        times = {name: _time(lambda name=name: KERNELS[name](*args)) for name in candidates(rows)}
+        choice = _choices[key] = min(times, key=times.get)
+    return KERNELS[choice](*args)
 
 
 def fused_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None):
-    """As lords_matmul, without materialising the dense weight at any M."""
+    """x @ W^T without materialising the dense weight at any M: decode for a few rows, else tiled."""
     check_input(x, scale_a)
-    if x.numel() // x.shape[-1] <= DECODE_ROWS:
-        return decode_matmul(x, codes, codebook, scale_b, scale_a, bits, bias)
-    return tiled_matmul(x, codes, codebook, scale_b, scale_a, bits, bias)
+    kernel = decode_matmul if x.numel() // x.shape[-1] <= DECODE_ROWS else tiled_matmul
+    return kernel(x, codes, codebook, scale_b, scale_a, bits, bias)
