@@ -25,6 +25,7 @@ from torch import nn
 
 import lords
 from lords.assets import calibration_tokens, default_model_path, documents, heldout_tokens, load_pretrained, token_stream
+from lords.tasks import choice_accuracy, load_task, training_tokens
 from lords.eval.perplexity import perplexity
 from benchmarks.e2e import to_nf4
 from lords.factorize import parity_rank
@@ -177,24 +178,38 @@ def main() -> None:
     parser.add_argument("--ptq-steps", type=int, default=200)
     parser.add_argument("--max-tokens", type=int, default=40_000)
     parser.add_argument("--layer", default="model.layers.10.mlp.down_proj", help="layer whose update is analysed")
+    parser.add_argument("--task", default=None,
+                        help="a multiple-choice task of lords.tasks (e.g. arc_easy): train on its train split, score "
+                        "accuracy on its test split (validation where it has none); default: news text, perplexity")
+    parser.add_argument("--eval-examples", type=int, default=500, help="with --task: held-out examples scored")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     started = time.perf_counter()
     path = Path(args.model) if args.model else default_model_path()
     dense, tokenizer = load_pretrained(path, device, dtype)
-    train_tokens = token_stream(tokenizer, documents("calibration"))
-    heldout = heldout_tokens(tokenizer, args.max_tokens)
+    heldout = heldout_tokens(tokenizer, args.max_tokens)  # also the latency probe
     calibration = calibration_tokens(tokenizer, 64, 512)
-    score = lambda model: perplexity(model, heldout, seq_len=512, progress=False)  # noqa: E731
+    if args.task:
+        split = "test" if args.task in ("arc_easy", "arc_challenge", "openbookqa") else "val"
+        train_tokens = training_tokens(tokenizer, load_task(args.task, "train"))
+        docs = load_task(args.task, split)[: args.eval_examples]
+        args.metric = f"{args.task} {split} acc_per_char ({len(docs)} examples)"
+        args.training = f"the {args.task} train split as 'query answer<eos>' text ({train_tokens.numel()} tokens)"
+        score = lambda model: choice_accuracy(model, tokenizer, docs)["acc_per_char"]  # noqa: E731
+    else:
+        train_tokens = token_stream(tokenizer, documents("calibration"))
+        args.metric = f"perplexity over {heldout.numel()} held-out tokens of documents 240-298 + lee.cor"
+        args.training = f"{train_tokens.numel()} tokens of Lee news documents 0-239 (held-out text is the same kind of news)"
+        score = lambda model: perplexity(model, heldout, seq_len=512, progress=False)  # noqa: E731
     ranks = lords_ranks(dense, args.block_size)
     rows = [("bf16 (no training)", float("nan"), score(dense), "", "", "", "", "")]
     spectra, checks = {}, []
-    print(f"bf16 held-out perplexity {rows[0][2]:.3f}; LoRA ranks per module = LoRDS ranks: {ranks}", flush=True)
+    print(f"bf16 untrained: {args.metric} = {rows[0][2]:.3f}; LoRA ranks per module = LoRDS ranks: {ranks}", flush=True)
     for method in args.methods:
         try:
             model, floats = prepare(method, dense, ranks, calibration, args)
-            before_ppl = score(model)
+            before_score = score(model)
             before = dense_weight(model.get_submodule(args.layer)) if method == "lords-peft" else None
             if method == "lords-peft" and device.type == "cuda":
                 errors = gradient_check(model.get_submodule(args.layer))
@@ -206,7 +221,7 @@ def main() -> None:
                 with model.disable_adapter():  # the quantized base without its LoRA branch
                     latency_before = forward_ms(model, heldout)
             losses, step_s, peak = timed_finetune(model, train_tokens, args)
-            after_ppl = score(model)
+            after_score = score(model)
             if method == "lords-peft":  # served as saved: the adapter stores the trained scales in bf16
                 for layer in lords_layers(model).values():
                     layer.scale_b.data, layer.scale_a.data = layer.scale_b.data.to(dtype), layer.scale_a.data.to(dtype)
@@ -216,7 +231,7 @@ def main() -> None:
             else:
                 delta = lora_delta(model, args.layer)
             spectra[method] = torch.linalg.svdvals(delta.detach().double()).cpu()
-            rows.append((method, floats, after_ppl, f"{before_ppl:.3f}", f"{1e3 * step_s:.1f}", f"{peak:.2f}",
+            rows.append((method, floats, after_score, f"{before_score:.3f}", f"{1e3 * step_s:.1f}", f"{peak:.2f}",
                          f"{latency_before:.2f} -> {latency_after:.2f}", str(effective_rank(delta))))
             print(method, rows[-1], f"loss {losses[0]:.3f} -> {sum(losses[-10:]) / len(losses[-10:]):.3f}", flush=True)
             del model
@@ -230,7 +245,7 @@ def main() -> None:
         config = lords.LoRDSConfig(bits=bits, block_size=args.block_size, steps=args.ptq_steps)
         ptq = copy.deepcopy(dense)
         lords.quantize(ptq, config, calibration=calibration, progress=False)
-        ptq_ppl = score(ptq)
+        ptq_score = score(ptq)
         del ptq
         qat = copy.deepcopy(dense)
         prepare_qat(qat, config, calibration, progress=False)
@@ -243,7 +258,7 @@ def main() -> None:
         floats = trainable_floats(qat)
         losses, step_s, peak = timed_finetune(qat, train_tokens, args, param_groups=groups)
         export_qat(qat)
-        qat_rows.append((bits, ptq_ppl, score(qat), floats, 1e3 * step_s, peak))
+        qat_rows.append((bits, ptq_score, score(qat), floats, 1e3 * step_s, peak))
         print("qat", qat_rows[-1], flush=True)
         del qat
     report(args, path, device, rows, qat_rows, spectra, checks, heldout, train_tokens, time.perf_counter() - started)
@@ -254,32 +269,32 @@ def report(args, path, device, rows, qat_rows, spectra, checks, heldout, train_t
 
     lines = [
         "# Fine-tuning: LoRDS-PEFT vs QLoRA, LoftQ and QPiSSA; LoRDS QAT vs PTQ", "",
-        "Produced by:", "", f"    python -m benchmarks.finetune --out results/{Path(args.out).name} --steps {args.steps} --lr {args.lr}", "",
+        "Produced by:", "", f"    python -m benchmarks.finetune --out results/{Path(args.out).name} --steps {args.steps} --lr {args.lr}"
+        + (f" --task {args.task} --eval-examples {args.eval_examples}" if args.task else ""), "",
         f"- date: {time.strftime('%Y-%m-%d')}; device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; "
         f"torch {torch.__version__}, transformers {transformers.__version__}; total {seconds:.0f} s",
-        f"- model: {path.name} (SmolLM2-135M-Instruct, dequantized from its GGUF); training: {train_tokens.numel()} tokens of Lee news documents 0-239, {args.steps} steps "
-        f"of {args.batch_size} x {args.seq_len} tokens, AdamW lr {args.lr} (cosine); held-out: perplexity over "
-        f"{heldout.numel()} tokens of documents 240-298 + lee.cor (the same kind of news: part of every gain is "
-        "domain adaptation)",
+        f"- model: {path.name} (SmolLM2-135M-Instruct, dequantized from its GGUF); training: {args.training}, "
+        f"{args.steps} steps of {args.batch_size} x {args.seq_len} tokens, AdamW lr {args.lr} (cosine); held-out: "
+        f"{args.metric}",
         f"- LoRDS: 4-bit NF, parity rank for block {args.block_size}, {args.ptq_steps} activation-aware PTQ steps; "
         "LoRA ranks per module equal to the LoRDS ranks, alpha = 2 r, all seven decoder linears",
         f"- step time: median over steps 2..{args.steps}; peak: torch.cuda.max_memory_allocated while training; "
         "forward: eager latency of one (1, 256) window (median of 30) through the base (LoRDS before training; the "
         "peft model with its adapter disabled) -> through the trained model (LoRDS scales back in bf16, as saved)",
         *checks, "",
-        "| method | trainable floats | held-out ppl after | before training | step (ms) | peak memory (GB) "
+        "| method | trainable floats | held-out after | before training | step (ms) | peak memory (GB) "
         "| forward (ms) | rank of ΔW (99% energy) |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for method, floats, ppl, before, step, peak, latency, erank in rows:
+    for method, floats, after, before, step, peak, latency, erank in rows:
         floats_text = "" if isinstance(floats, float) and math.isnan(floats) else f"{floats / 1e6:.2f}M"
-        lines.append(f"| {method} | {floats_text} | {ppl:.3f} | {before} | {step} | {peak} | {latency} | {erank} |")
+        lines.append(f"| {method} | {floats_text} | {after:.3f} | {before} | {step} | {peak} | {latency} | {erank} |")
     if qat_rows:
         lines += ["", f"LoRDS QAT vs PTQ (same PTQ start; QAT trains weights and scales for {args.steps} steps at lr "
                   f"{args.qat_lr}, scales x4, then exports to LoRDSLinear):", "",
-                  "| bits | PTQ ppl | QAT ppl | trainable floats | step (ms) | peak memory (GB) |", "|---|---|---|---|---|---|"]
-        for bits, ptq_ppl, qat_ppl, floats, step, peak in qat_rows:
-            lines.append(f"| {bits} | {ptq_ppl:.3f} | {qat_ppl:.3f} | {floats / 1e6:.1f}M | {step:.1f} | {peak:.2f} |")
+                  "| bits | PTQ held-out | QAT held-out | trainable floats | step (ms) | peak memory (GB) |", "|---|---|---|---|---|---|"]
+        for bits, ptq_score, qat_score, floats, step, peak in qat_rows:
+            lines.append(f"| {bits} | {ptq_score:.3f} | {qat_score:.3f} | {floats / 1e6:.1f}M | {step:.1f} | {peak:.2f} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

@@ -94,7 +94,7 @@ def _train(model, tokens, args, param_groups=None, steps=None) -> list[float]:
     return finetune(
         model, tokens, args.steps if steps is None else steps, args.lr, args.batch_size, args.seq_len,
         param_groups=param_groups, gradient_checkpointing=args.gradient_checkpointing,
-        autocast_dtype=torch.bfloat16 if args.bf16 else None,
+        autocast_dtype=torch.bfloat16 if args.bf16 else None, fsdp=args.fsdp,
     )
 
 
@@ -109,6 +109,8 @@ def cmd_finetune(args) -> None:
     from .linear import LoRDSLinear
     from .peft import mark_trainable, save_adapter
 
+    if args.method == "hd-pissa" and args.fsdp:
+        raise ValueError("--fsdp applies to the lords method; HD-PiSSA keeps whole weights and its own slices per device")
     out = _output_folder(args)
     device, main_process = _init_distributed(_device(args.device))
     model, tokenizer, path = _load(args.model, device)
@@ -395,6 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--batch-size", type=int, default=4, help="global batch (split over torchrun processes)")
         p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
         p.add_argument("--bf16", action="store_true", help="bf16 autocast (mixed precision)")
+        p.add_argument("--fsdp", action="store_true",
+                       help="under torchrun, shard parameters, gradients and optimizer states (FSDP2) instead of DDP")
         p.add_argument("--overwrite", action="store_true")
         p.add_argument("--eval", action="store_true", help="held-out perplexity before and after")
 

@@ -18,3 +18,20 @@ def tiny_llama():
     )
     torch.manual_seed(0)
     return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def model_folder(tiny_llama, tmp_path):
+    """A tiny Llama plus a word-level tokenizer built here, saved like a Hugging Face model folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate("<unk> the a of to and in is was for on news said".split())}
+    vocab.update({f"w{i}": len(vocab) + i for i in range(96 - len(vocab))})
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<unk>")
+    folder = tmp_path / "tiny"
+    tiny_llama.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -5,23 +5,6 @@ from lords.checkpoint import CONFIG_NAME
 from lords.cli import main
 
 
-@pytest.fixture
-def model_folder(tiny_llama, tmp_path):
-    """A tiny Llama plus a word-level tokenizer built here, saved like a Hugging Face model folder."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate("<unk> the a of to and in is was for on news said".split())}
-    vocab.update({f"w{i}": len(vocab) + i for i in range(96 - len(vocab))})
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<unk>")
-    folder = tmp_path / "tiny"
-    tiny_llama.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def test_quantize_then_eval_and_generate(model_folder, tmp_path, capsys):
     out = tmp_path / "q"
     main(["quantize", str(model_folder), "--bits", "3", "--block-size", "32", "--steps", "2",
@@ -106,6 +89,12 @@ def test_qat_exports_a_lords_checkpoint(model_folder, tmp_path, capsys):
     assert printed.strip().splitlines()[-1].startswith("held-out perplexity (128 tokens")
     model = load(out)
     assert any(isinstance(m, LoRDSLinear) for m in model.modules())
+
+
+def test_fsdp_is_refused_for_hd_pissa(model_folder, tmp_path):
+    with pytest.raises(SystemExit, match="--fsdp applies to the lords method"):
+        main(["finetune", str(model_folder), "--method", "hd-pissa", "--fsdp", "--out", str(tmp_path / "hd")])
+    assert not (tmp_path / "hd").exists()
 
 
 def test_finetune_hd_pissa_saves_a_dense_model(model_folder, tmp_path, capsys):

@@ -1,5 +1,5 @@
-"""The shared training loop: torchrun/DDP equivalence (gloo, 2 processes), gradient checkpointing, mixed precision
-and the Hugging Face Trainer, on a tiny LoRDS-quantized Llama."""
+"""The shared training loop: torchrun equivalence with DDP and FSDP2 (gloo, 2 processes; PEFT and QAT), gradient
+checkpointing, mixed precision and the Hugging Face Trainer, on a tiny LoRDS-quantized Llama."""
 
 import copy
 
@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 
 import lords
 from lords.peft import codes_fingerprint, mark_trainable
+from lords.qat import prepare_qat, qat_parameter_groups
 from lords.train import finetune
 
 TOKENS = torch.arange(96).repeat(12)
@@ -26,32 +27,64 @@ def trained_scales(model) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def _ddp_worker(rank: int, world: int, init_file: str, model_file: str, out_file: str) -> None:
+def trainable_groups(model, mode: str) -> list[dict] | None:
+    """PEFT: the scales of every LoRDS layer; QAT: weights and scales of every QATLinear (scales at 4x lr)."""
+    if mode == "qat":
+        return qat_parameter_groups(model, lr=1e-2)
+    mark_trainable(model)
+    return None
+
+
+def _distributed_worker(rank: int, world: int, init_file: str, model_file: str, out_file: str, mode: str,
+                        fsdp: bool) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     model = torch.load(model_file, weights_only=False)
-    mark_trainable(model)
-    losses = finetune(model, TOKENS, STEPS, lr=1e-2, batch_size=BATCH, seq_len=SEQ, progress=False)
+    losses = finetune(model, TOKENS, STEPS, lr=1e-2, batch_size=BATCH, seq_len=SEQ, progress=False,
+                      param_groups=trainable_groups(model, mode), fsdp=fsdp)
     if rank == 0:
         torch.save((trained_scales(model), losses), out_file)
     dist.destroy_process_group()
 
 
-def test_two_gloo_processes_match_one_process(quantized, tmp_path):
-    torch.save(quantized, tmp_path / "model.pt")
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "model.pt"), str(tmp_path / "out.pt")),
+def run_distributed(model, tmp_path, mode: str, fsdp: bool) -> tuple[dict, list[float]]:
+    """Two gloo processes train a copy of `model`; rank 0's trained values and losses."""
+    torch.save(model, tmp_path / "model.pt")
+    init = tmp_path / f"init-{mode}-{fsdp}"
+    mp.spawn(_distributed_worker, args=(2, str(init), str(tmp_path / "model.pt"), str(tmp_path / "out.pt"), mode, fsdp),
              nprocs=2, join=True)
-    ddp_scales, ddp_losses = torch.load(tmp_path / "out.pt")
+    return torch.load(tmp_path / "out.pt")
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_gloo_processes_match_one_process(quantized, tmp_path, fsdp):
+    distributed, distributed_losses = run_distributed(quantized, tmp_path, "peft", fsdp)
     single = copy.deepcopy(quantized)
     mark_trainable(single)
     before = trained_scales(single)
     losses = finetune(single, TOKENS, STEPS, lr=1e-2, batch_size=BATCH, seq_len=SEQ, progress=False)
     after = trained_scales(single)
-    assert ddp_scales.keys() == after.keys()
+    assert distributed.keys() == after.keys()
     assert any(not torch.equal(before[name], after[name]) for name in after)
     for name, value in after.items():
-        torch.testing.assert_close(ddp_scales[name], value, rtol=1e-4, atol=1e-6, msg=name)
-    assert ddp_losses == pytest.approx(losses, rel=1e-5)
+        torch.testing.assert_close(distributed[name], value, rtol=1e-4, atol=1e-6, msg=name)
+    assert distributed_losses == pytest.approx(losses, rel=1e-5)
+
+
+def test_qat_under_fsdp_matches_ddp(tiny_llama, tmp_path):
+    """QAT's rounding turns the last-bit differences between one process and two (summation order) into different
+    codes for a few weights, so the two-process runs are compared with each other: FSDP's sharded weights, gradients
+    and Adam states must give what DDP's replicas give. Both also follow the one-process losses."""
+    prepare_qat(tiny_llama, lords.LoRDSConfig(bits=4, block_size=32, steps=2), device="cpu", progress=False)
+    ddp, ddp_losses = run_distributed(tiny_llama, tmp_path, "qat", fsdp=False)
+    fsdp, fsdp_losses = run_distributed(tiny_llama, tmp_path, "qat", fsdp=True)
+    assert fsdp.keys() == ddp.keys() and any(name.endswith("proj.weight") for name in fsdp)
+    for name, value in ddp.items():
+        torch.testing.assert_close(fsdp[name], value, rtol=1e-5, atol=1e-7, msg=name)
+    single = copy.deepcopy(tiny_llama)
+    losses = finetune(single, TOKENS, STEPS, lr=1e-2, batch_size=BATCH, seq_len=SEQ, progress=False,
+                      param_groups=trainable_groups(single, "qat"))
+    assert fsdp_losses == pytest.approx(losses, rel=1e-5) and ddp_losses == pytest.approx(losses, rel=1e-5)
 
 
 def _gradients(model, batch, **kwargs) -> dict[str, torch.Tensor]:
