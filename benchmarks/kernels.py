@@ -5,8 +5,8 @@
 Anchors in the same run, same inputs: bf16 cuBLAS (F.linear), bitsandbytes NF4 (matmul_4bit, block 64), torch's
 tinygemm int4 (_weight_int4pack_mm, group 128), and the naive LoRDS path (torch dequantize, then cuBLAS). Ours, at the
 parity rank for b = 64: each kernel on its own (decode for M <= 4, tiled up to M = 256, Triton dequantize + cuBLAS),
-and `lords_matmul`, which picks the fastest of them per shape and is what LoRDSLinear runs on CUDA, also at b = 128; 3- and 2-bit
-through lords_matmul at b = 64. Times are medians of replays of CUDA graphs (triton.testing.do_bench_cudagraph), so
+and `lords_matmul`, which picks the fastest of them per shape and is what LoRDSLinear runs on CUDA, also at b = 128;
+3- and 2-bit through lords_matmul at b = 64. Times are medians of replays of CUDA graphs (triton.testing.do_bench_cudagraph), so
 that launch overhead counts for no method; ratios are lords_matmul at b = 64 over the anchor.
 """
 
@@ -61,7 +61,8 @@ def check_correctness(device) -> list[str]:
              "|---|---|---|---|---|---|---|---|---|---|"]
     # Few cases: every new (bits, rank, dtype) compiles each autotune config, which costs more GPU time than timing.
     for (n, k), m, bits, kind, rank, dtypes in [
-        ((4096, 4096), 1, 4, "nf", 32, (torch.bfloat16, torch.float16)), ((1000, 1000), 3, 3, "int", 13, (torch.bfloat16,)),
+        ((4096, 4096), 1, 4, "nf", 32, (torch.bfloat16, torch.float16)),
+        ((1000, 1000), 3, 3, "int", 13, (torch.bfloat16,)),
         ((14336, 4096), 64, 2, "int", 49, (torch.bfloat16,)), ((1024, 4096), 2, 2, "nf", 99, (torch.bfloat16,)),
         ((333, 520), 300, 4, "int", 1, (torch.bfloat16,)),
     ]:

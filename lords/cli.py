@@ -110,7 +110,8 @@ def cmd_finetune(args) -> None:
     from .peft import mark_trainable, save_adapter
 
     if args.method == "hd-pissa" and args.fsdp:
-        raise ValueError("--fsdp applies to the lords method; HD-PiSSA keeps whole weights and its own slices per device")
+        raise ValueError("--fsdp applies to the lords method; HD-PiSSA keeps whole weights and its own slices on "
+                         "every device")
     out = _output_folder(args)
     device, main_process = _init_distributed(_device(args.device))
     model, tokenizer, path = _load(args.model, device)

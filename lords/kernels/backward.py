@@ -1,10 +1,10 @@
 """Gradients of the LoRDS scales without an n x m tensor in memory.
 
 With W = (B @ A) * C[codes] and G = dY^T X (the dense weight gradient), dL/dB = (G * C[codes]) A^T and
-dL/dA = B^T (G * C[codes]). Each program owns a BLOCK_N x BLOCK_K tile of one code segment: it builds that tile of G with a tl.dot
-loop over the rows of dY and X, multiplies by the decoded levels, and adds its share of dB (BLOCK_N x r) and dA
-(r x BLOCK_K) into float32 outputs with atomic adds. G never leaves registers. (dX = dY @ W is a forward product on
-the transposed problem and is served by the dequantize + cuBLAS path.)
+dL/dA = B^T (G * C[codes]). Each program owns a BLOCK_N x BLOCK_J tile of one code segment: it builds that tile of
+G with a tl.dot loop over the rows of dY and X, multiplies by the decoded levels, and adds its share of dB
+(BLOCK_N x r) and dA (r x BLOCK_J) into float32 outputs with atomic adds. G never leaves registers. (dX = dY @ W
+is a forward product on the transposed problem and is served by the dequantize + cuBLAS path.)
 """
 
 import torch

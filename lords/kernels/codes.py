@@ -21,35 +21,20 @@ from .autotune import INTERPRET
 # between the two (lop3 0xE4 is "mask ? a : b"), and the high and low bytes are interleaved into two fp16 pairs.
 # A gather from the codebook in memory costs one load per weight, which measured 2.5x slower than the whole kernel
 # without it (results/kernels.md).
-_LEVEL_TABLE_PTX = """{{
-.reg .b32 s, y, m, a, b, hi, lo;
-and.b32 s, $2, 0x07070707;
-shr.u32 y, s, 4;
-or.b32 y, y, s;
-shr.u32 s, y, 8;
-and.b32 s, s, 0xFF00;
-and.b32 y, y, 0xFF;
-or.b32 s, s, y;
-shr.u32 m, $2, 3;
-and.b32 m, m, 0x01010101;
-mul.lo.u32 m, m, 255;
-mov.b32 a, {hi0};
-mov.b32 b, {hi1};
-prmt.b32 hi, a, b, s;
-mov.b32 a, {hi2};
-mov.b32 b, {hi3};
-prmt.b32 a, a, b, s;
-lop3.b32 hi, a, hi, m, 0xE4;
-mov.b32 a, {lo0};
-mov.b32 b, {lo1};
-prmt.b32 lo, a, b, s;
-mov.b32 a, {lo2};
-mov.b32 b, {lo3};
-prmt.b32 a, a, b, s;
-lop3.b32 lo, a, lo, m, 0xE4;
-prmt.b32 $0, lo, hi, 0x5140;
-prmt.b32 $1, lo, hi, 0x7362;
-}}"""
+def _level_table_ptx(words: dict[str, str]) -> str:
+    def pick_bytes(out: str, half: str) -> str:  # byte k of `out`: byte (code k & 7) of levels 0-7 or 8-15 of `half`
+        return (f"mov.b32 a, {words[half + '0']};\nmov.b32 b, {words[half + '1']};\nprmt.b32 {out}, a, b, s;\n"
+                f"mov.b32 a, {words[half + '2']};\nmov.b32 b, {words[half + '3']};\nprmt.b32 a, a, b, s;\n"
+                f"lop3.b32 {out}, a, {out}, m, 0xE4;\n")
+
+    return ("{\n.reg .b32 s, y, m, a, b, hi, lo;\n"
+            # the low three bits of the four codes, one per nibble: prmt's selector
+            "and.b32 s, $2, 0x07070707;\nshr.u32 y, s, 4;\nor.b32 y, y, s;\nshr.u32 s, y, 8;\nand.b32 s, s, 0xFF00;\n"
+            "and.b32 y, y, 0xFF;\nor.b32 s, s, y;\n"
+            # bit 3 of each code as a byte mask
+            "shr.u32 m, $2, 3;\nand.b32 m, m, 0x01010101;\nmul.lo.u32 m, m, 255;\n"
+            + pick_bytes("hi", "hi") + pick_bytes("lo", "lo")
+            + "prmt.b32 $0, lo, hi, 0x5140;\nprmt.b32 $1, lo, hi, 0x7362;\n}")
 _tables: dict[int, tuple] = {}  # id(codebook) -> (weak reference, version, PTX)
 
 
@@ -89,7 +74,7 @@ def level_table(codebook: torch.Tensor) -> str | None:
         for name, byte in (("lo", bits & 0xFF), ("hi", bits >> 8)):
             for reg in range(4):
                 words[f"{name}{reg}"] = hex(sum(int(byte[4 * reg + i]) << (8 * i) for i in range(4)))
-        cached = (weakref.ref(codebook), codebook._version, _LEVEL_TABLE_PTX.format(**words))
+        cached = (weakref.ref(codebook), codebook._version, _level_table_ptx(words))
         _tables[id(codebook)] = cached
     return cached[2]
 

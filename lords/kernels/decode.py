@@ -111,6 +111,7 @@ def decode_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None) -> torc
         x2, codes, codebook.float().contiguous(), scale_b.contiguous(), scale_a.contiguous(),
         bias if bias is not None else y, y,
         M, out_features, in_features, rank, **layout_args(in_features, bits), stride_xm=x2.stride(0),
-        RANK_PAD=rank_pad(rank), M_PAD=triton.next_power_of_2(M), HAS_BIAS=bias is not None, **layout_meta(bits, codebook),
+        RANK_PAD=rank_pad(rank), M_PAD=triton.next_power_of_2(M), HAS_BIAS=bias is not None,
+        **layout_meta(bits, codebook),
     )
     return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
