@@ -13,9 +13,8 @@ without an n x m gradient.
 
 import torch
 import torch.nn.functional as F
-import triton
 
-from .autotune import INTERPRET
+from .autotune import INTERPRET, gpu_time
 from .backward import scale_grads  # noqa: F401
 from .codes import check_input
 from .decode import MAX_ROWS, decode_matmul
@@ -53,8 +52,8 @@ def _can_time(x: torch.Tensor) -> bool:
 
 
 def _time(fn) -> float:
-    fn()  # autotunes the kernel's own configs first
-    return triton.testing.do_bench(fn, warmup=5, rep=20)
+    fn()  # autotunes the kernel's own configs first, outside the graph capture
+    return gpu_time(fn)
 
 
 def lords_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None):
