@@ -102,7 +102,7 @@ def test_lords_matmul_times_the_candidates_once_per_shape(monkeypatch):
     timed = []
     fake_times = [3.0, 1.0, 2.0]  # decode, tiled, dequant: the tiled kernel "wins"
     monkeypatch.setattr(kernels, "_can_time", lambda x: True)
-    monkeypatch.setattr(kernels, "_time", lambda fn: fake_times[len(timed) - 1] if not timed.append(fn) else None)
+    monkeypatch.setattr(kernels, "gpu_time", lambda fn: fake_times[len(timed) - 1] if not timed.append(fn) else None)
     monkeypatch.setattr(kernels, "_choices", {})
     x, codes, codebook, scale_b, scale_a, bias = random_problem(4, "nf", 3, 24, 40, 2, seed=0)
     for _ in range(2):

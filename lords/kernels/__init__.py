@@ -51,11 +51,6 @@ def _can_time(x: torch.Tensor) -> bool:
     return not INTERPRET and x.is_cuda and not torch.cuda.is_current_stream_capturing()
 
 
-def _time(fn) -> float:
-    fn()  # autotunes the kernel's own configs first, outside the graph capture
-    return gpu_time(fn)
-
-
 def lords_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None):
     """x (..., K) -> (..., N) for packed codes of an (N, K) weight; scales B (N, r), A (r, K). What LoRDSLinear runs
     on CUDA: the fastest kernel for this shape, timed once per (row bucket, N, K, bits, dtype)."""
@@ -67,7 +62,8 @@ def lords_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None):
     if choice is None:
         if not _can_time(x):
             return KERNELS[default_choice(rows)](*args)
-        times = {name: _time(lambda name=name: KERNELS[name](*args)) for name in candidates(rows)}
+        # gpu_time's first call runs outside its graph capture, so each kernel autotunes its own configs there
+        times = {name: gpu_time(lambda name=name: KERNELS[name](*args)) for name in candidates(rows)}
         choice = _choices[key] = min(times, key=times.get)
     return KERNELS[choice](*args)
 
