@@ -10,7 +10,10 @@ replays. Prefill: one eager forward over the prompt into a fresh static cache, l
 """
 
 import argparse
+import shlex
+import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -79,16 +82,20 @@ def prefill(model, batch: int, prompt: int):
 
 
 @torch.no_grad()
-def prefill_ms(model, batch: int, prompt: int) -> float:
+def prefill_ms(model, batch: int, prompt: int, passes: int = 10) -> float:
+    """Median of eager prefills, each timed by CUDA events around it (the host's launch queue included, as a user
+    sees it)."""
     prefill(model, batch, prompt)  # warm-up: autotuning, allocator
     torch.cuda.synchronize()
     times = []
-    for _ in range(3):
-        start = time.perf_counter()
+    for _ in range(passes):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         prefill(model, batch, prompt)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return 1e3 * sorted(times)[1]
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[passes // 2]
 
 
 @torch.no_grad()
@@ -118,6 +125,7 @@ def decode_ms(model, batch: int, prompt: int, replays: int = 50) -> tuple[float,
             step()
         run, mode = graph.replay, "CUDA graph"
     except Exception as error:  # reported in the table, not fatal
+        traceback.print_exc()
         mode = f"eager ({type(error).__name__})"
         torch.cuda.synchronize()
     times = []
@@ -131,22 +139,22 @@ def decode_ms(model, batch: int, prompt: int, replays: int = 50) -> tuple[float,
     return sorted(times)[len(times) // 2], mode
 
 
+VARIANTS = {"bf16": None, "bnb-nf4": to_nf4, "lords-4bit": to_lords(4), "lords-3bit": to_lords(3)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default=None)
     parser.add_argument("--append", action="store_true", help="append the section to --out (results/kernels.md)")
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--prompt", type=int, default=1024)
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--title", default="", help="added to the section title (e.g. 'run 2')")
     args = parser.parse_args()
     started = time.perf_counter()
-    variants = {
-        "bf16": None,
-        "bnb-nf4": to_nf4,
-        "lords-4bit": to_lords(4),
-        "lords-3bit": to_lords(3),
-    }
     rows = {}
-    for name, make in variants.items():
+    for name in args.variants:
+        make = VARIANTS[name]
         model = build_model(args.layers)
         try:
             if make is not None:
@@ -161,19 +169,19 @@ def main() -> None:
             rows[name] = row
             print(name, row, flush=True)
         except Exception as error:  # a variant that cannot run here is reported, not fatal
-            rows[name] = {"error": f"{type(error).__name__}: {error}"}
-            print(name, rows[name], flush=True)
+            rows[name] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0]}"}
+            traceback.print_exc()
         del model
         torch.cuda.empty_cache()
     report = [
-        "## End to end: Llama-3-8B shapes, random weights, bf16 vs bitsandbytes NF4 vs LoRDS", "",
-        "Produced by:", "", f"    python -m benchmarks.e2e --layers {args.layers} --prompt {args.prompt} --out {args.out} "
-        + ("--append" if args.append else ""), "",
+        f"## End to end{', ' + args.title if args.title else ''}: Llama-3-8B shapes, random weights, "
+        + ", ".join(args.variants), "",
+        "Produced by:", "", "    python -m benchmarks.e2e " + shlex.join(sys.argv[1:]), "",
         f"- date: {time.strftime('%Y-%m-%d')}; device: {torch.cuda.get_device_name()}; torch {torch.__version__}, "
         f"transformers {transformers.__version__}; {args.layers} decoder layers, prompt {args.prompt} tokens",
         "- lords rows: LoRDSLinear's CUDA path, lords.kernels.lords_matmul: per layer shape and batch, the fastest of the "
         "decode kernel, the tiled kernel and Triton dequantize + cuBLAS, timed at first use",
-        "- decode: median of 50 single-token steps at KV position = prompt; prefill: median of 3 eager passes", "",
+        "- decode: median of 50 single-token steps at KV position = prompt; prefill: median of 10 eager passes", "",
         "| model | weights (GB) | decode b1 (tok/s) | vs bf16 | decode b16 (tok/s) | vs bf16 | prefill b1 (ms) "
         "| vs bf16 | prefill b16 (ms) | vs bf16 | decode mode |",
         "|---|---|---|---|---|---|---|---|---|---|---|",

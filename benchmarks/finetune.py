@@ -17,6 +17,8 @@ tensors (peft's LoftQ does too), so their memory is that of a dense base.
 import argparse
 import copy
 import math
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -34,6 +36,7 @@ from lords.model import set_submodule
 from lords.linear import LoRDSLinear
 from lords.peft import lords_layers, mark_trainable
 from lords.qat import export_qat, prepare_qat, qat_parameter_groups
+from lords.kernels.autotune import gpu_time
 from lords.train import finetune
 
 
@@ -147,20 +150,51 @@ def timed_finetune(model, tokens, args, param_groups=None) -> tuple[list[float],
 
 
 @torch.no_grad()
-def forward_ms(model, tokens: torch.Tensor, repeats: int = 30) -> float:
-    """Median latency of one forward over a (1, 256) window: the inference cost of the adapted model."""
+def forward_ms(model, tokens: torch.Tensor) -> tuple[float, str]:
+    """(milliseconds, how timed) of one forward over a (1, 256) window, the inference cost of the adapted model. On
+    CUDA the forward is replayed from a CUDA graph: eager, a 135M model's few hundred kernel launches would be timed
+    rather than its kernels."""
     batch = tokens[:256].view(1, -1).to(next(model.parameters()).device)
     model.eval()
+    run = lambda: model(batch, use_cache=False)  # noqa: E731
+    if torch.cuda.is_available():
+        try:
+            return gpu_time(run), "graph"
+        except Exception:  # noqa: BLE001 - capture can fail; eager timing is reported as such
+            torch.cuda.synchronize()
     times = []
-    for _ in range(repeats + 3):
+    for _ in range(33):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         start = time.perf_counter()
-        model(batch, use_cache=False)
+        run()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return 1e3 * sorted(times[3:])[repeats // 2]
+    return 1e3 * sorted(times[3:])[15], "eager"
+
+
+def workload(args, tokenizer, heldout: torch.Tensor):
+    """(training tokens, score(model), what is scored, what is trained on): a QA task of lords.tasks with --task, else
+    the news text scored by perplexity."""
+    if args.task:
+        split = "test" if args.task in ("arc_easy", "arc_challenge", "openbookqa") else "val"
+        train_tokens = training_tokens(tokenizer, load_task(args.task, "train"))
+        docs = load_task(args.task, split)[: args.eval_examples]
+        metric = f"{args.task} {split} acc_per_char ({len(docs)} examples; higher is better)"
+        training = f"the {args.task} train split as 'query answer<eos>' text ({train_tokens.numel()} tokens)"
+        return train_tokens, lambda model: choice_accuracy(model, tokenizer, docs)["acc_per_char"], metric, training
+    train_tokens = token_stream(tokenizer, documents("calibration"))
+    metric = f"perplexity over {heldout.numel()} held-out tokens of documents 240-298 + lee.cor (lower is better)"
+    training = f"{train_tokens.numel()} tokens of Lee news documents 0-239 (held-out text is the same kind of news)"
+    return train_tokens, lambda model: perplexity(model, heldout, seq_len=512, progress=False), metric, training
+
+
+def add_workload_arguments(parser) -> None:
+    parser.add_argument("--task", default=None,
+                        help="a multiple-choice task of lords.tasks (e.g. arc_easy): train on its train split, score "
+                        "accuracy on its test split (validation where it has none); default: news text, perplexity")
+    parser.add_argument("--eval-examples", type=int, default=None, help="with --task: score only the first N")
 
 
 def main() -> None:
@@ -178,10 +212,7 @@ def main() -> None:
     parser.add_argument("--ptq-steps", type=int, default=200)
     parser.add_argument("--max-tokens", type=int, default=40_000)
     parser.add_argument("--layer", default="model.layers.10.mlp.down_proj", help="layer whose update is analysed")
-    parser.add_argument("--task", default=None,
-                        help="a multiple-choice task of lords.tasks (e.g. arc_easy): train on its train split, score "
-                        "accuracy on its test split (validation where it has none); default: news text, perplexity")
-    parser.add_argument("--eval-examples", type=int, default=500, help="with --task: held-out examples scored")
+    add_workload_arguments(parser)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -190,18 +221,7 @@ def main() -> None:
     dense, tokenizer = load_pretrained(path, device, dtype)
     heldout = heldout_tokens(tokenizer, args.max_tokens)  # also the latency probe
     calibration = calibration_tokens(tokenizer, 64, 512)
-    if args.task:
-        split = "test" if args.task in ("arc_easy", "arc_challenge", "openbookqa") else "val"
-        train_tokens = training_tokens(tokenizer, load_task(args.task, "train"))
-        docs = load_task(args.task, split)[: args.eval_examples]
-        args.metric = f"{args.task} {split} acc_per_char ({len(docs)} examples)"
-        args.training = f"the {args.task} train split as 'query answer<eos>' text ({train_tokens.numel()} tokens)"
-        score = lambda model: choice_accuracy(model, tokenizer, docs)["acc_per_char"]  # noqa: E731
-    else:
-        train_tokens = token_stream(tokenizer, documents("calibration"))
-        args.metric = f"perplexity over {heldout.numel()} held-out tokens of documents 240-298 + lee.cor"
-        args.training = f"{train_tokens.numel()} tokens of Lee news documents 0-239 (held-out text is the same kind of news)"
-        score = lambda model: perplexity(model, heldout, seq_len=512, progress=False)  # noqa: E731
+    train_tokens, score, args.metric, args.training = workload(args, tokenizer, heldout)
     ranks = lords_ranks(dense, args.block_size)
     rows = [("bf16 (no training)", float("nan"), score(dense), "", "", "", "", "")]
     spectra, checks = {}, []
@@ -216,23 +236,26 @@ def main() -> None:
                 checks.append(f"- GPU gradient check of the Triton backward on {args.layer} (512 random bf16 tokens): "
                               f"relative error of dB {errors[0]:.1e}, of dA {errors[1]:.1e} against float64 autograd")
             if method == "lords-peft":
-                latency_before = forward_ms(model, heldout)  # the un-adapted model: same modules, same kernels
+                latency_before, timing = forward_ms(model, heldout)  # un-adapted: same modules, same kernels
             else:
                 with model.disable_adapter():  # the quantized base without its LoRA branch
-                    latency_before = forward_ms(model, heldout)
+                    latency_before, timing = forward_ms(model, heldout)
             losses, step_s, peak = timed_finetune(model, train_tokens, args)
             after_score = score(model)
             if method == "lords-peft":  # served as saved: the adapter stores the trained scales in bf16
                 for layer in lords_layers(model).values():
                     layer.scale_b.data, layer.scale_a.data = layer.scale_b.data.to(dtype), layer.scale_a.data.to(dtype)
-            latency_after = forward_ms(model, heldout)
+            latency_after, timing_after = forward_ms(model, heldout)
             if method == "lords-peft":
                 delta = dense_weight(model.get_submodule(args.layer)) - before
             else:
                 delta = lora_delta(model, args.layer)
             spectra[method] = torch.linalg.svdvals(delta.detach().double()).cpu()
+            latency = f"{latency_before:.2f} -> {latency_after:.2f}"
+            if not timing == timing_after == "graph":
+                latency += f" ({timing} -> {timing_after})"
             rows.append((method, floats, after_score, f"{before_score:.3f}", f"{1e3 * step_s:.1f}", f"{peak:.2f}",
-                         f"{latency_before:.2f} -> {latency_after:.2f}", str(effective_rank(delta))))
+                         latency, str(effective_rank(delta))))
             print(method, rows[-1], f"loss {losses[0]:.3f} -> {sum(losses[-10:]) / len(losses[-10:]):.3f}", flush=True)
             del model
         except Exception as error:  # a baseline that cannot run here is reported, not fatal
@@ -269,8 +292,7 @@ def report(args, path, device, rows, qat_rows, spectra, checks, heldout, train_t
 
     lines = [
         "# Fine-tuning: LoRDS-PEFT vs QLoRA, LoftQ and QPiSSA; LoRDS QAT vs PTQ", "",
-        "Produced by:", "", f"    python -m benchmarks.finetune --out results/{Path(args.out).name} --steps {args.steps} --lr {args.lr}"
-        + (f" --task {args.task} --eval-examples {args.eval_examples}" if args.task else ""), "",
+        "Produced by:", "", "    python -m benchmarks.finetune " + shlex.join(sys.argv[1:]), "",
         f"- date: {time.strftime('%Y-%m-%d')}; device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; "
         f"torch {torch.__version__}, transformers {transformers.__version__}; total {seconds:.0f} s",
         f"- model: {path.name} (SmolLM2-135M-Instruct, dequantized from its GGUF); training: {args.training}, "
@@ -279,8 +301,9 @@ def report(args, path, device, rows, qat_rows, spectra, checks, heldout, train_t
         f"- LoRDS: 4-bit NF, parity rank for block {args.block_size}, {args.ptq_steps} activation-aware PTQ steps; "
         "LoRA ranks per module equal to the LoRDS ranks, alpha = 2 r, all seven decoder linears",
         f"- step time: median over steps 2..{args.steps}; peak: torch.cuda.max_memory_allocated while training; "
-        "forward: eager latency of one (1, 256) window (median of 30) through the base (LoRDS before training; the "
-        "peft model with its adapter disabled) -> through the trained model (LoRDS scales back in bf16, as saved)",
+        "forward: latency of one (1, 256) window (median of CUDA-graph replays, eager where marked) through the "
+        "base (LoRDS before training; the peft model with its adapter disabled) -> through the trained model (LoRDS "
+        "scales back in bf16, as saved)",
         *checks, "",
         "| method | trainable floats | held-out after | before training | step (ms) | peak memory (GB) "
         "| forward (ms) | rank of ΔW (99% energy) |",

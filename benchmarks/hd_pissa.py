@@ -11,14 +11,16 @@ Communication per step is counted, not measured: values each device sends.
 
 import argparse
 import copy
+import shlex
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.finetune import decoder_linears, effective_rank, lora, lora_delta, lords_ranks, prepare, timed_finetune
-from lords.assets import calibration_tokens, default_model_path, documents, heldout_tokens, load_pretrained, token_stream
-from lords.eval.perplexity import perplexity
+from benchmarks.finetune import (add_workload_arguments, decoder_linears, effective_rank, lora, lora_delta, lords_ranks,
+                                 prepare, timed_finetune, workload)
+from lords.assets import calibration_tokens, default_model_path, heldout_tokens, load_pretrained
 from lords.hd_pissa import hd_pissa_finetune
 
 
@@ -36,15 +38,15 @@ def main() -> None:
     parser.add_argument("--ptq-steps", type=int, default=200)
     parser.add_argument("--max-tokens", type=int, default=40_000)
     parser.add_argument("--layer", default="model.layers.10.mlp.down_proj")
+    add_workload_arguments(parser)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     started = time.perf_counter()
     path = Path(args.model) if args.model else default_model_path()
     dense, tokenizer = load_pretrained(path, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    train_tokens = token_stream(tokenizer, documents("calibration"))
     heldout = heldout_tokens(tokenizer, args.max_tokens)
     calibration = calibration_tokens(tokenizer, 64, 512)
-    score = lambda model: perplexity(model, heldout, seq_len=512, progress=False)  # noqa: E731
+    train_tokens, score, metric, training = workload(args, tokenizer, heldout)
     ranks = lords_ranks(dense, args.block_size)
     linears = decoder_linears(dense)
     lora_values = sum(ranks[name.rsplit(".", 1)[-1]] * (m.in_features + m.out_features) for name, m in linears.items())
@@ -84,19 +86,18 @@ def main() -> None:
     dense_values = sum(m.in_features * m.out_features for m in linears.values())
     lines = [
         "# HD-PiSSA vs data-parallel LoRA, PiSSA and LoRDS-PEFT", "",
-        "Produced by:", "", f"    python -m benchmarks.hd_pissa --out results/{Path(args.out or 'hd_pissa.md').name} --steps {args.steps} "
-        f"--slices {args.slices} --rank {args.rank}", "",
+        "Produced by:", "", "    python -m benchmarks.hd_pissa " + shlex.join(sys.argv[1:]), "",
         f"- date: {time.strftime('%Y-%m-%d')}; device: "
         f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; total {time.perf_counter() - started:.0f} s",
-        f"- model: {path.name}; {args.steps} steps of {args.batch_size} x {args.seq_len} tokens of Lee documents 0-239, "
-        f"AdamW/Adam lr {args.lr} cosine; held-out perplexity over {heldout.numel()} tokens (same kind of news)",
+        f"- model: {path.name}; training: {training}, {args.steps} steps of {args.batch_size} x {args.seq_len} tokens, "
+        f"AdamW/Adam lr {args.lr} cosine; held-out: {metric}",
         f"- {args.slices} devices emulated on one GPU (see the script's docstring); sent per step: values each device "
         f"sends (a dense data-parallel fine-tune would all-reduce about {2 * dense_values / 1e6:.0f}M)",
         f"- rank of ΔW: singular values holding 99% of the float32 update's energy (LoRA/PiSSA from their factors, "
         f"HD-PiSSA from its master weight), {args.layer} (576 x 1536)",
-        "- LoRA, PiSSA and HD-PiSSA train the bf16 model; LoRDS-PEFT trains a 4-bit LoRDS model (its perplexity "
+        "- LoRA, PiSSA and HD-PiSSA train the bf16 model; LoRDS-PEFT trains a 4-bit LoRDS model (its score "
         "carries the quantization)", "",
-        "| method | trainable floats per device | held-out ppl | sent per step | wall (s) | rank of ΔW |",
+        "| method | trainable floats per device | held-out | sent per step | wall (s) | rank of ΔW |",
         "|---|---|---|---|---|---|",
     ]
     for method, floats, ppl, sent, seconds, erank in rows:

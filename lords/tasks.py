@@ -61,26 +61,33 @@ def training_tokens(tokenizer, docs: list[dict]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def choice_accuracy(model, tokenizer, docs: list[dict]) -> dict[str, float]:
-    """acc and acc_per_char over the docs: one forward pass per doc, its choices batched (right-padded)."""
+def choice_accuracy(model, tokenizer, docs: list[dict], docs_per_batch: int = 16) -> dict[str, float]:
+    """acc and acc_per_char over the docs. The choices of docs_per_batch docs share one right-padded forward pass:
+    padding only follows a row's tokens, so under the causal mask it changes no score."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     correct = {"acc": 0, "acc_per_char": 0}
-    for doc in docs:
-        context = tokenizer(doc["query"], add_special_tokens=False).input_ids
-        endings = [tokenizer(" " + choice, add_special_tokens=False).input_ids for choice in doc["choices"]]
-        length = len(context) + max(len(ending) for ending in endings)
-        batch = torch.full((len(endings), length), tokenizer.eos_token_id, dtype=torch.long)
-        for row, ending in enumerate(endings):
+    for first in range(0, len(docs), docs_per_batch):
+        rows = []  # (doc, context ids, ending ids) per choice
+        for doc in docs[first: first + docs_per_batch]:
+            context = tokenizer(doc["query"], add_special_tokens=False).input_ids
+            rows += [(doc, context, tokenizer(" " + choice, add_special_tokens=False).input_ids)
+                     for choice in doc["choices"]]
+        batch = torch.full((len(rows), max(len(c) + len(e) for _, c, e in rows)), tokenizer.eos_token_id,
+                           dtype=torch.long)
+        for row, (_, context, ending) in enumerate(rows):
             batch[row, : len(context) + len(ending)] = torch.tensor(context + ending)
         log_probs = F.log_softmax(model(batch.to(device)).logits.float(), dim=-1).cpu()
-        scores = []
-        for row, ending in enumerate(endings):
-            positions = torch.arange(len(context) - 1, len(context) - 1 + len(ending))
-            scores.append(log_probs[row, positions, torch.tensor(ending)].sum().item())
-        per_char = [score / len(" " + choice) for score, choice in zip(scores, doc["choices"])]
-        correct["acc"] += int(max(range(len(scores)), key=scores.__getitem__) == doc["gold"])
-        correct["acc_per_char"] += int(max(range(len(per_char)), key=per_char.__getitem__) == doc["gold"])
+        scores = [log_probs[row, torch.arange(len(context) - 1, len(context) - 1 + len(ending)),
+                            torch.tensor(ending)].sum().item() for row, (_, context, ending) in enumerate(rows)]
+        row = 0
+        for doc in docs[first: first + docs_per_batch]:
+            choices = len(doc["choices"])
+            totals = scores[row: row + choices]
+            per_char = [score / len(" " + choice) for score, choice in zip(totals, doc["choices"])]
+            correct["acc"] += int(max(range(choices), key=totals.__getitem__) == doc["gold"])
+            correct["acc_per_char"] += int(max(range(choices), key=per_char.__getitem__) == doc["gold"])
+            row += choices
     model.train(was_training)
     return {metric: count / len(docs) for metric, count in correct.items()}

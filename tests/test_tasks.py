@@ -54,7 +54,8 @@ def reference_scores(model, tokenizer, doc):
     return scores
 
 
-def test_choice_accuracy_matches_unbatched_scoring(model_folder):
+@pytest.mark.parametrize("docs_per_batch", [1, 5, 16])
+def test_choice_accuracy_matches_unbatched_scoring(model_folder, docs_per_batch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(model_folder).eval()
@@ -71,7 +72,7 @@ def test_choice_accuracy_matches_unbatched_scoring(model_folder):
         best, worst = max(range(4), key=scores.__getitem__), min(range(4), key=scores.__getitem__)
         doc["gold"] = best if index % 2 == 0 else worst
         docs.append((doc, max(range(4), key=per_char.__getitem__)))
-    result = choice_accuracy(model, tokenizer, [doc for doc, _ in docs])
+    result = choice_accuracy(model, tokenizer, [doc for doc, _ in docs], docs_per_batch)
     assert result["acc"] == pytest.approx(0.5)
     expected_per_char = sum(doc["gold"] == best_per_char for doc, best_per_char in docs) / len(docs)
     assert result["acc_per_char"] == pytest.approx(expected_per_char)

@@ -11,6 +11,8 @@ meets a (row bucket, N, K, bits, dtype) and keeps the winner, as Triton's autotu
 without an n x m gradient.
 """
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -62,9 +64,13 @@ def lords_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None):
     if choice is None:
         if not _can_time(x):
             return KERNELS[default_choice(rows)](*args)
-        # gpu_time's first call runs outside its graph capture, so each kernel autotunes its own configs there
-        times = {name: gpu_time(lambda name=name: KERNELS[name](*args)) for name in candidates(rows)}
-        choice = _choices[key] = min(times, key=times.get)
+        times = {}
+        for name in candidates(rows):
+            try:  # gpu_time's first call runs outside its capture: each kernel autotunes its own configs there
+                times[name] = gpu_time(lambda name=name: KERNELS[name](*args))
+            except RuntimeError as error:  # a kernel that cannot be captured is not chosen; the others can be
+                warnings.warn(f"lords_matmul: {name} kernel left out for {key}: {error}")
+        choice = _choices[key] = min(times, key=times.get) if times else default_choice(rows)
     return KERNELS[choice](*args)
 
 

@@ -2,18 +2,50 @@
 tests) only the small interpreter config runs."""
 
 import os
+import statistics
 
+import torch
 import triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def gpu_time(fn, quantiles=None):
+def gpu_time(fn, quantiles=None, rep_ms: float = 20.0):
     """Milliseconds of GPU time per call of fn, from replays of a captured CUDA graph. A plain do_bench of a kernel
     shorter than its Python launch (tens of microseconds for a Triton launcher; a decode kernel takes 8-50) times the
     launch, and configs or kernels would be chosen by noise. 20 ms of replays: Triton's default of 100 ms per config
-    makes tuning a model's shapes take minutes."""
-    return triton.testing.do_bench_cudagraph(fn, rep=20, quantiles=quantiles, return_mode="median")
+    makes tuning a model's shapes take minutes.
+
+    The capture is thread-local: in the default global mode a CUDA call made meanwhile by another thread (a compile,
+    a module load) invalidates it, and a failed capture leaves the process unable to launch anything."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()  # compiles, autotunes and allocates outside the capture
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(5):
+            fn()
+        end.record()
+        end.synchronize()
+        calls = max(1, min(1000, int(rep_ms / max(start.elapsed_time(end) / 5, 1e-3))))
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+            for _ in range(calls):
+                fn()
+        times = []
+        for _ in range(10):
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / calls)
+    torch.cuda.current_stream().wait_stream(stream)
+    del graph
+    times.sort()
+    if quantiles is not None:  # Triton's autotuner asks for (0.5, 0.2, 0.8)
+        return [times[round(q * (len(times) - 1))] for q in quantiles]
+    return statistics.median(times)
 
 
 def autotune(configs, interpret_configs, key, **kwargs):
