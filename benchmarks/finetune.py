@@ -174,6 +174,13 @@ def forward_ms(model, tokens: torch.Tensor) -> tuple[float, str]:
     return 1e3 * sorted(times[3:])[15], "eager"
 
 
+def as_served(model, dtype):
+    """The LoRDS scales back in the model's dtype, as an adapter saves them (they train in float32)."""
+    for layer in lords_layers(model).values():
+        layer.scale_b.data, layer.scale_a.data = layer.scale_b.data.to(dtype), layer.scale_a.data.to(dtype)
+    return model
+
+
 def workload(args, tokenizer, heldout: torch.Tensor):
     """(training tokens, score(model), what is scored, what is trained on): a QA task of lords.tasks with --task, else
     the news text scored by perplexity."""
@@ -235,16 +242,15 @@ def main() -> None:
                 errors = gradient_check(model.get_submodule(args.layer))
                 checks.append(f"- GPU gradient check of the Triton backward on {args.layer} (512 random bf16 tokens): "
                               f"relative error of dB {errors[0]:.1e}, of dA {errors[1]:.1e} against float64 autograd")
-            if method == "lords-peft":
-                latency_before, timing = forward_ms(model, heldout)  # un-adapted: same modules, same kernels
+            if method == "lords-peft":  # un-adapted, scales as served (bf16): same modules, same kernels
+                latency_before, timing = forward_ms(as_served(copy.deepcopy(model), dtype), heldout)
             else:
                 with model.disable_adapter():  # the quantized base without its LoRA branch
                     latency_before, timing = forward_ms(model, heldout)
             losses, step_s, peak = timed_finetune(model, train_tokens, args)
             after_score = score(model)
-            if method == "lords-peft":  # served as saved: the adapter stores the trained scales in bf16
-                for layer in lords_layers(model).values():
-                    layer.scale_b.data, layer.scale_a.data = layer.scale_b.data.to(dtype), layer.scale_a.data.to(dtype)
+            if method == "lords-peft":
+                as_served(model, dtype)
             latency_after, timing_after = forward_ms(model, heldout)
             if method == "lords-peft":
                 delta = dense_weight(model.get_submodule(args.layer)) - before
@@ -257,6 +263,7 @@ def main() -> None:
             rows.append((method, floats, after_score, f"{before_score:.3f}", f"{1e3 * step_s:.1f}", f"{peak:.2f}",
                          latency, str(effective_rank(delta))))
             print(method, rows[-1], f"loss {losses[0]:.3f} -> {sum(losses[-10:]) / len(losses[-10:]):.3f}", flush=True)
+            report(args, path, device, rows, [], spectra, checks, time.perf_counter() - started)
             del model
         except Exception as error:  # a baseline that cannot run here is reported, not fatal
             rows.append((method, float("nan"), float("nan"), f"{type(error).__name__}: {error}"[:120], "", "", "", ""))
@@ -283,18 +290,21 @@ def main() -> None:
         export_qat(qat)
         qat_rows.append((bits, ptq_score, score(qat), floats, 1e3 * step_s, peak))
         print("qat", qat_rows[-1], flush=True)
+        report(args, path, device, rows, qat_rows, spectra, checks, time.perf_counter() - started)
         del qat
-    report(args, path, device, rows, qat_rows, spectra, checks, heldout, train_tokens, time.perf_counter() - started)
+    report(args, path, device, rows, qat_rows, spectra, checks, time.perf_counter() - started, done=True)
 
 
-def report(args, path, device, rows, qat_rows, spectra, checks, heldout, train_tokens, seconds) -> None:
+def report(args, path, device, rows, qat_rows, spectra, checks, seconds, done=False) -> None:
+    """Written after every method, so that a run cut short still leaves its finished rows (marked as partial)."""
     import transformers
 
     lines = [
         "# Fine-tuning: LoRDS-PEFT vs QLoRA, LoftQ and QPiSSA; LoRDS QAT vs PTQ", "",
         "Produced by:", "", "    python -m benchmarks.finetune " + shlex.join(sys.argv[1:]), "",
         f"- date: {time.strftime('%Y-%m-%d')}; device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; "
-        f"torch {torch.__version__}, transformers {transformers.__version__}; total {seconds:.0f} s",
+        f"torch {torch.__version__}, transformers {transformers.__version__}; "
+        + (f"total {seconds:.0f} s" if done else f"PARTIAL: the run had not finished ({seconds:.0f} s in)"),
         f"- model: {path.name} (SmolLM2-135M-Instruct, dequantized from its GGUF); training: {args.training}, "
         f"{args.steps} steps of {args.batch_size} x {args.seq_len} tokens, AdamW lr {args.lr} (cosine); held-out: "
         f"{args.metric}",
@@ -302,7 +312,7 @@ def report(args, path, device, rows, qat_rows, spectra, checks, heldout, train_t
         "LoRA ranks per module equal to the LoRDS ranks, alpha = 2 r, all seven decoder linears",
         f"- step time: median over steps 2..{args.steps}; peak: torch.cuda.max_memory_allocated while training; "
         "forward: latency of one (1, 256) window (median of CUDA-graph replays, eager where marked) through the "
-        "base (LoRDS before training; the peft model with its adapter disabled) -> through the trained model (LoRDS "
+        "base (LoRDS before training, scales in bf16 as served; the peft model with its adapter disabled) -> through the trained model (LoRDS "
         "scales back in bf16, as saved)",
         *checks, "",
         "| method | trainable floats | held-out after | before training | step (ms) | peak memory (GB) "
@@ -319,12 +329,16 @@ def report(args, path, device, rows, qat_rows, spectra, checks, heldout, train_t
         for bits, ptq_score, qat_score, floats, step, peak in qat_rows:
             lines.append(f"| {bits} | {ptq_score:.3f} | {qat_score:.3f} | {floats / 1e6:.1f}M | {step:.1f} | {peak:.2f} |")
     text = "\n".join(lines) + "\n"
-    print(text)
+    if done:
+        print(text)
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
-        plot_spectra(spectra, args.layer, out.with_suffix(".png"))
+        partial = out.with_name(out.name + ".partial")
+        partial.write_text(text)
+        partial.replace(out)
+        if spectra:
+            plot_spectra(spectra, args.layer, out.with_suffix(".png"))
 
 
 def plot_spectra(spectra: dict, layer: str, path: Path) -> None:
@@ -343,6 +357,7 @@ def plot_spectra(spectra: dict, layer: str, path: Path) -> None:
     axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 if __name__ == "__main__":

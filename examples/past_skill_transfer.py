@@ -2,8 +2,10 @@
 
     python -m examples.past_skill_transfer --out results/past.md
 
-No RL trainer is installable offline here, so the source "skill" stage is a second, task-format SFT (the spec's
-fallback). The task: after a passage, answer "What is the last word of the passage?"; it is scored by exact match of
+The source "skill" stage is a second, task-format SFT (the spec's fallback), not RL. TRL installs from the registry
+and its GRPOTrainer runs on the default model, but tried from the base model with this task's exact-match reward,
+every sampled answer scored 0 (no advantage, no update), at about a minute per step on 2 CPU cores; an RL stage needs
+a task-format SFT before it and a GPU. The task: after a passage, answer "What is the last word of the passage?"; it is scored by exact match of
 the greedy answer and by the loss of the answer tokens. The corpus is split by documents:
 - source knowledge SFT: plain language modelling on documents 0-119   (theta_sft_S = SFT(theta_0))
 - source skill stage: the task on passages of documents 0-119         (theta_skill_S = SFT(theta_sft_S))
@@ -141,6 +143,11 @@ def main() -> None:
         errors = apply_skill(quantized, skill, 1.0, args.refit_steps)
         rows.append((f"LoRDS {args.lords_bits}-bit theta_sft_T + 1 v (B, A and codes re-fitted)",
                      *evaluate(quantized, tokenizer, heldout)))
+        injected_first = copy.deepcopy(sft_target)
+        apply_skill(injected_first, skill, 1.0)
+        lords.quantize(injected_first, lords.LoRDSConfig(bits=args.lords_bits, steps=args.lords_steps), progress=False)
+        rows.append((f"LoRDS {args.lords_bits}-bit of (theta_sft_T + 1 v) (injected before quantizing)",
+                     *evaluate(injected_first, tokenizer, heldout)))
         quantization = sum(r.weight_error for r in reports) / len(reports)
         before = sum(e[0] for e in errors.values()) / len(errors)
         after = sum(e[1] for e in errors.values()) / len(errors)
@@ -149,7 +156,8 @@ def main() -> None:
             f"{quantization:.4f}); v applied by re-fitting every LoRDSLinear to its shifted weight ({args.refit_steps} "
             f"steps from the current scales). Mean relative error to the shifted weights: {before:.4f} with the old "
             f"scales, {after:.4f} after the re-fit; leaving v out entirely would be {sum(shares) / len(shares):.4f} "
-            "(mean ||v|| / ||W||)"]
+            "(mean ||v|| / ||W||). Where the dense target is at hand, v can instead be added before quantizing "
+            "(`lords skill apply` on the dense model, then `lords quantize`)"]
 
     def mean(values):
         return sum(values.values()) / len(values)
@@ -160,7 +168,7 @@ def main() -> None:
         f"- date: {time.strftime('%Y-%m-%d')}; device: cpu ({torch.get_num_threads()} threads); torch "
         f"{torch.__version__}; total {time.perf_counter() - started:.0f} s",
         f"- every stage: {args.steps} full fine-tuning steps, batch {args.batch_size}, AdamW lr {args.lr}; knowledge "
-        f"SFT on windows of {args.seq_len} tokens; the skill stage is a task-format SFT (no RL trainer offline); "
+        f"SFT on windows of {args.seq_len} tokens; the skill stage is a task-format SFT (not RL); "
         f"its loss {skill_losses[0]:.3f} -> {sum(skill_losses[-5:]) / len(skill_losses[-5:]):.3f}",
         f"- task: \"{QUESTION.strip().replace(chr(10), ' / ')}\" after a passage of at most {args.passage_tokens} tokens; {len(heldout)} "
         "held-out passages (documents 240-298); exact match of the first answer word, and the answer tokens' loss",

@@ -55,6 +55,10 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype:
     gguf = gguf_file(path)
     tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf)
     model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf, dtype=dtype)
+    if gguf:  # transformers marks a GGUF load as quantized, though it dequantized every tensor: the model is dense
+        model.hf_quantizer, model.is_quantized = None, False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     return model.to(device).eval(), tokenizer
 
 

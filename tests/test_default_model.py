@@ -18,3 +18,8 @@ def test_default_model_is_a_real_lm(monkeypatch):
     # random weights would give ~ vocabulary size (49152); the measured value is ~31
     assert ppl < 60
     assert isinstance(model.model.layers[0].mlp.down_proj, torch.nn.Linear)
+    # dequantized from its GGUF, so dense: the Hugging Face Trainer must accept it for full fine-tuning
+    from transformers.trainer_utils import validate_quantization_for_training
+
+    validate_quantization_for_training(model)
+    assert not hasattr(model.config, "quantization_config")
