@@ -69,18 +69,19 @@ def choice_accuracy(model, tokenizer, docs: list[dict], docs_per_batch: int = 16
     model.eval()
     correct = {"acc": 0, "acc_per_char": 0}
     for first in range(0, len(docs), docs_per_batch):
-        rows = []  # (doc, context ids, ending ids) per choice
+        rows = []  # (context ids, ending ids) per choice
         for doc in docs[first: first + docs_per_batch]:
             context = tokenizer(doc["query"], add_special_tokens=False).input_ids
-            rows += [(doc, context, tokenizer(" " + choice, add_special_tokens=False).input_ids)
-                     for choice in doc["choices"]]
-        batch = torch.full((len(rows), max(len(c) + len(e) for _, c, e in rows)), tokenizer.eos_token_id,
-                           dtype=torch.long)
-        for row, (_, context, ending) in enumerate(rows):
+            rows += [(context, tokenizer(" " + choice, add_special_tokens=False).input_ids) for choice in doc["choices"]]
+        length = max(len(context) + len(ending) for context, ending in rows)
+        batch = torch.full((len(rows), length), tokenizer.eos_token_id, dtype=torch.long)
+        for row, (context, ending) in enumerate(rows):
             batch[row, : len(context) + len(ending)] = torch.tensor(context + ending)
-        log_probs = F.log_softmax(model(batch.to(device)).logits.float(), dim=-1).cpu()
-        scores = [log_probs[row, torch.arange(len(context) - 1, len(context) - 1 + len(ending)),
-                            torch.tensor(ending)].sum().item() for row, (_, context, ending) in enumerate(rows)]
+        logits = model(batch.to(device)).logits
+        scores = []  # log-softmax at the ending's positions only: the whole (rows, length, vocabulary) is large
+        for row, (context, ending) in enumerate(rows):
+            log_probs = F.log_softmax(logits[row, len(context) - 1: len(context) - 1 + len(ending)].float(), dim=-1)
+            scores.append(log_probs.gather(1, torch.tensor(ending, device=log_probs.device)[:, None]).sum().item())
         row = 0
         for doc in docs[first: first + docs_per_batch]:
             choices = len(doc["choices"])
