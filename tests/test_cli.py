@@ -134,3 +134,26 @@ def test_skill_extract_apply_and_sweep(model_folder, tmp_path, capsys):
     assert len(rows) == 2
     with pytest.raises(SystemExit, match="exists"):
         main(["skill", "extract", "--base", str(model_folder), "--tuned", str(tmp_path / "tuned"), "--out", str(skill)])
+
+
+def test_skill_apply_to_a_lords_target_reports_the_refit(model_folder, tmp_path, capsys):
+    import re
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tuned = AutoModelForCausalLM.from_pretrained(model_folder)
+    with torch.no_grad():
+        tuned.model.layers[1].mlp.down_proj.weight.add_(1e-4)  # far below the 4-bit error: the re-fit keeps little
+    tuned.save_pretrained(tmp_path / "tuned")
+    AutoTokenizer.from_pretrained(model_folder).save_pretrained(tmp_path / "tuned")
+    skill = tmp_path / "skill.safetensors"
+    main(["skill", "extract", "--base", str(model_folder), "--tuned", str(tmp_path / "tuned"), "--out", str(skill)])
+    main(["quantize", str(model_folder), "--bits", "4", "--block-size", "32", "--steps", "2", "--calibration", "none",
+          "--out", str(tmp_path / "q"), "--device", "cpu"])
+    capsys.readouterr()
+    main(["skill", "apply", str(tmp_path / "q"), str(skill), "--refit-steps", "5", "--out", str(tmp_path / "applied"),
+          "--device", "cpu"])
+    printed = capsys.readouterr().out
+    before, after = map(float, re.search(r"error ([\d.]+) with the old scales, ([\d.]+) after 5 steps", printed).groups())
+    assert after > 0.5 * before and "apply the skill to it and quantize afterwards" in printed
+    assert (tmp_path / "applied" / CONFIG_NAME).is_file()
