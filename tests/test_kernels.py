@@ -153,7 +153,9 @@ def test_decode_config_pruning_keeps_register_budget():
     assert fits_registers(huge, {}, M_PAD=4, RANK_PAD=128) == huge
 
 
-def test_wrong_input_width_is_named():
+@pytest.mark.parametrize("rows", [2, 8])
+@pytest.mark.parametrize("matmul", [lords_matmul, fused_matmul])
+def test_wrong_input_width_is_named(matmul, rows):
     with pytest.raises(ValueError, match="input has 10 features, the layer expects 16"):
-        lords_matmul(torch.randn(2, 10), torch.zeros(4, 8, dtype=torch.uint8), get_codebook("nf", 4),
-                     torch.ones(4, 1), torch.ones(1, 16), 4)
+        matmul(torch.randn(rows, 10), torch.zeros(4, 8, dtype=torch.uint8), get_codebook("nf", 4),
+               torch.ones(4, 1), torch.ones(1, 16), 4)

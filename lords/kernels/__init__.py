@@ -55,8 +55,8 @@ def _can_time(x: torch.Tensor) -> bool:
 
 def lords_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None):
     """x (..., K) -> (..., N) for packed codes of an (N, K) weight; scales B (N, r), A (r, K). What LoRDSLinear runs
-    on CUDA: the fastest kernel for this shape, timed once per (row bucket, N, K, bits, dtype)."""
-    check_input(x, scale_a)
+    on CUDA: the fastest kernel for this shape, timed once per (row bucket, N, K, bits, dtype). Each kernel checks
+    the input's width."""
     rows = x.numel() // x.shape[-1]
     args = (x, codes, codebook, scale_b, scale_a, bits, bias)
     key = (m_bucket(rows), scale_b.shape[0], scale_a.shape[1], bits, x.dtype)
@@ -76,6 +76,5 @@ def lords_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None):
 
 def fused_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None):
     """x @ W^T without materialising the dense weight at any M: decode for a few rows, else tiled."""
-    check_input(x, scale_a)
     kernel = decode_matmul if x.numel() // x.shape[-1] <= DECODE_ROWS else tiled_matmul
     return kernel(x, codes, codebook, scale_b, scale_a, bits, bias)
