@@ -152,6 +152,8 @@ def main() -> None:
     parser.add_argument("--title", default="", help="added to the section title (e.g. 'run 2')")
     args = parser.parse_args()
     started = time.perf_counter()
+    out = Path(args.out) if args.out else None
+    previous = out.read_text() + "\n" if args.append and out and out.exists() else ""  # kept above this run's section
     rows = {}
     for name in args.variants:
         make = VARIANTS[name]
@@ -173,6 +175,11 @@ def main() -> None:
             traceback.print_exc()
         del model
         torch.cuda.empty_cache()
+        write_report(args, rows, previous, time.perf_counter() - started, done=name == args.variants[-1])
+
+
+def write_report(args, rows: dict, previous: str, seconds: float, done: bool) -> None:
+    """Written after every variant, so that a run cut short still leaves its finished rows (marked as partial)."""
     report = [
         f"## End to end{', ' + args.title if args.title else ''}: Llama-3-8B shapes, random weights, "
         + ", ".join(args.variants), "",
@@ -201,12 +208,15 @@ def main() -> None:
             f"| {ratio('prefill b1 (ms)')} | {row['prefill b16 (ms)']:.1f} | {ratio('prefill b16 (ms)')} "
             f"| {row['decode b1 mode']} / {row['decode b16 mode']} |"
         )
-    report += ["", f"Total {time.perf_counter() - started:.0f} s."]
+    report += ["", f"Total {seconds:.0f} s." if done else f"PARTIAL: the run had not finished ({seconds:.0f} s in)."]
     text = "\n".join(report) + "\n"
-    print(text)
+    if done:
+        print(text)
     if args.out:
         out = Path(args.out)
-        out.write_text((out.read_text() + "\n" if args.append and out.exists() else "") + text)
+        partial = out.with_name(out.name + ".partial")
+        partial.write_text(previous + text)
+        partial.replace(out)
 
 
 if __name__ == "__main__":

@@ -52,9 +52,12 @@ def main() -> None:
     lora_values = sum(ranks[name.rsplit(".", 1)[-1]] * (m.in_features + m.out_features) for name, m in linears.items())
     rows = []
 
+    dense_values = sum(m.in_features * m.out_features for m in linears.values())
+
     def record(method, model, floats, sent, seconds, delta):
         rows.append((method, floats, score(model), sent, seconds, effective_rank(delta)))
         print(rows[-1], flush=True)
+        report(args, path, device, metric, training, dense_values, rows, time.perf_counter() - started, done=False)
 
     for method, init in (("data-parallel LoRA", True), ("PiSSA", "pissa")):
         model = lora(copy.deepcopy(dense), ranks, init)
@@ -83,12 +86,17 @@ def main() -> None:
     record("LoRDS-PEFT (4-bit)", model, floats, 2 * floats, time.perf_counter() - start,
            model.get_submodule(args.layer).dequantize(torch.float32) - before)
 
-    dense_values = sum(m.in_features * m.out_features for m in linears.values())
+    report(args, path, device, metric, training, dense_values, rows, time.perf_counter() - started, done=True)
+
+
+def report(args, path, device, metric, training, dense_values, rows, seconds, done) -> None:
+    """Written after every method, so that a run cut short still leaves its finished rows (marked as partial)."""
     lines = [
         "# HD-PiSSA vs data-parallel LoRA, PiSSA and LoRDS-PEFT", "",
         "Produced by:", "", "    python -m benchmarks.hd_pissa " + shlex.join(sys.argv[1:]), "",
         f"- date: {time.strftime('%Y-%m-%d')}; device: "
-        f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; total {time.perf_counter() - started:.0f} s",
+        f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; "
+        + (f"total {seconds:.0f} s" if done else f"PARTIAL: the run had not finished ({seconds:.0f} s in)"),
         f"- model: {path.name}; training: {training}, {args.steps} steps of {args.batch_size} x {args.seq_len} tokens, "
         f"AdamW/Adam lr {args.lr} cosine; held-out: {metric}",
         f"- {args.slices} devices emulated on one GPU (see the script's docstring); sent per step: values each device "
@@ -100,12 +108,16 @@ def main() -> None:
         "| method | trainable floats per device | held-out | sent per step | wall (s) | rank of ΔW |",
         "|---|---|---|---|---|---|",
     ]
-    for method, floats, ppl, sent, seconds, erank in rows:
-        lines.append(f"| {method} | {floats / 1e6:.2f}M | {ppl:.3f} | {sent / 1e6:.2f}M | {seconds:.0f} | {erank} |")
+    for method, floats, held_out, sent, wall, erank in rows:
+        lines.append(f"| {method} | {floats / 1e6:.2f}M | {held_out:.3f} | {sent / 1e6:.2f}M | {wall:.0f} | {erank} |")
     text = "\n".join(lines) + "\n"
-    print(text)
+    if done:
+        print(text)
     if args.out:
-        Path(args.out).write_text(text)
+        out = Path(args.out)
+        partial = out.with_name(out.name + ".partial")
+        partial.write_text(text)
+        partial.replace(out)
 
 
 if __name__ == "__main__":
