@@ -27,7 +27,7 @@ from torch import nn
 
 import lords
 from lords.assets import calibration_tokens, default_model_path, documents, heldout_tokens, load_pretrained, token_stream
-from lords.tasks import choice_accuracy, load_task, training_tokens
+from lords.tasks import choice_accuracy, evaluation_split, load_task, training_tokens
 from lords.eval.perplexity import perplexity
 from benchmarks.e2e import to_nf4
 from lords.factorize import parity_rank
@@ -185,7 +185,7 @@ def workload(args, tokenizer, heldout: torch.Tensor):
     """(training tokens, score(model), what is scored, what is trained on): a QA task of lords.tasks with --task, else
     the news text scored by perplexity."""
     if args.task:
-        split = "test" if args.task in ("arc_easy", "arc_challenge", "openbookqa") else "val"
+        split = evaluation_split(args.task)
         train_tokens = training_tokens(tokenizer, load_task(args.task, "train"))
         docs = load_task(args.task, split)[: args.eval_examples]
         metric = f"{args.task} {split} acc_per_char ({len(docs)} examples; higher is better)"

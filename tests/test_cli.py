@@ -157,3 +157,29 @@ def test_skill_apply_to_a_lords_target_reports_the_refit(model_folder, tmp_path,
     before, after = map(float, re.search(r"error ([\d.]+) with the old scales, ([\d.]+) after 5 steps", printed).groups())
     assert after > 0.5 * before and "apply the skill to it and quantize afterwards" in printed
     assert (tmp_path / "applied" / CONFIG_NAME).is_file()
+
+
+def test_finetune_and_eval_on_a_task(model_folder, tmp_path, monkeypatch, capsys):
+    """--task trains on the task's train split and --eval scores its test split; the saved model scores the same."""
+    from transformers import AutoTokenizer
+
+    from lords.tasks import load_task, training_tokens
+    from test_tasks import write_requests
+
+    docs = [{"query": f"Question: w{i} w{i + 1}?\nAnswer:", "choices": ["the", f"w{i + 2}", "news said"], "gold": i % 3}
+            for i in range(10)]
+    write_requests(tmp_path / "tasks", "toy", "train", docs)
+    write_requests(tmp_path / "tasks", "toy", "test", docs[:6])
+    monkeypatch.setenv("LORDS_TASK_DIR", str(tmp_path / "tasks"))
+    whole = tmp_path / "whole"
+    main(["finetune", str(model_folder), "--task", "toy", "--quantize-steps", "1", "--steps", "2", "--lr", "1e-2",
+          "--seq-len", "16", "--max-tokens", "128", "--eval", "--out", str(tmp_path / "adapter"),
+          "--save-model", str(whole), "--device", "cpu"])
+    printed = capsys.readouterr().out.splitlines()
+    tokens = training_tokens(AutoTokenizer.from_pretrained(model_folder), load_task("toy", "train")).numel()
+    assert any(line.endswith(f"on {tokens} tokens of toy (train split)") for line in printed)
+    scores = [line for line in printed if line.startswith("toy test (6 questions): acc ")]
+    assert len(scores) == 2  # before and after training
+    main(["eval", str(whole), "--task", "toy", "--seq-len", "16",
+          "--max-tokens", "128", "--device", "cpu"])
+    assert capsys.readouterr().out.strip().splitlines()[-1] == scores[-1]

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lords.tasks import choice_accuracy, load_task, training_tokens
+from lords.tasks import choice_accuracy, evaluation_split, load_task, training_tokens
 
 
 def write_requests(root, task, split, docs):
@@ -30,6 +30,14 @@ def test_load_task_keeps_one_doc_per_example(tmp_path, monkeypatch):
     write_requests(tmp_path, "toy", "val", DOCS)
     monkeypatch.setenv("LORDS_TASK_DIR", str(tmp_path))
     assert load_task("toy", "val") == DOCS
+
+
+def test_evaluation_split_is_test_where_shipped_else_validation(tmp_path, monkeypatch):
+    write_requests(tmp_path, "with_test", "test", DOCS)
+    write_requests(tmp_path, "with_test", "val", DOCS)
+    write_requests(tmp_path, "val_only", "val", DOCS)
+    monkeypatch.setenv("LORDS_TASK_DIR", str(tmp_path))
+    assert (evaluation_split("with_test"), evaluation_split("val_only")) == ("test", "val")
 
 
 def test_missing_split_and_bad_split_are_named(tmp_path, monkeypatch):
