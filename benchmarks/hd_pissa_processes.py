@@ -10,16 +10,14 @@ the emulation's time per step.
 """
 
 import argparse
-import os
 import shlex
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks.distributed import join_process_group, run_workers
 from benchmarks.finetune import add_workload_arguments, workload
 from lords.assets import default_model_path, heldout_tokens, load_pretrained
 from lords.hd_pissa import hd_pissa_finetune
@@ -45,12 +43,7 @@ def train(args, device: torch.device, slices: int | None) -> dict:
 def worker(args) -> None:
     import torch.distributed as dist
 
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo")
-    result = train(args, device, None)
+    result = train(args, join_process_group(), None)
     if dist.get_rank() == 0:
         torch.save(result, args.worker_out)
     dist.destroy_process_group()
@@ -76,14 +69,9 @@ def main() -> None:
     if torch.cuda.is_available() and torch.cuda.device_count() < args.processes:
         raise SystemExit(f"{args.processes} processes need {args.processes} GPUs, this machine has "
                          f"{torch.cuda.device_count()}")
-    with tempfile.TemporaryDirectory() as folder:
-        worker_out = Path(folder) / "rank0.pt"
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.processes}",
-                   "-m", "benchmarks.hd_pissa_processes", *sys.argv[1:], "--worker-out", str(worker_out)]
-        started = time.perf_counter()
-        subprocess.run(command, check=True)
-        launched = time.perf_counter() - started
-        processes = torch.load(worker_out)
+    started = time.perf_counter()
+    processes = run_workers("benchmarks.hd_pissa_processes", sys.argv[1:], args.processes)
+    launched = time.perf_counter() - started
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     emulated = train(args, device, args.processes)
     difference = (processes["update"] - emulated["update"]).norm() / emulated["update"].norm()

@@ -1,0 +1,172 @@
+"""LoRDS-PEFT and LoRDS-QAT under torchrun (DDP and FSDP2) against one process on the whole batch.
+
+    python -m benchmarks.distributed --processes 2 --out results/distributed.md     # a machine with 2 GPUs
+
+For each method and each mode the script starts K workers with torchrun (NCCL on GPUs, gloo on CPUs); every worker
+builds the same model (LoRDS SVD init, no refinement, so every process starts from identical values), trains on its
+share of each global batch through lords.train.finetune, and rank 0 saves its losses, timings and the trained values
+of one decoder block. The same training then runs in this process on the whole batch. K processes should take the
+same steps as one, so the trained values should agree up to the order of floating-point sums.
+"""
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import lords
+from lords.assets import default_model_path, documents, load_pretrained, token_stream
+from lords.peft import mark_trainable
+from lords.qat import prepare_qat, qat_parameter_groups
+from lords.train import finetune, process_and_world
+
+METHODS = ("peft", "qat")
+MODES = ("ddp", "fsdp")
+
+
+def run_workers(module: str, argv: list[str], processes: int) -> dict:
+    """Run `python -m module argv --worker-out FILE` on `processes` torchrun workers; what rank 0 saved to FILE."""
+    with tempfile.TemporaryDirectory() as folder:
+        worker_out = Path(folder) / "rank0.pt"
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+                        "-m", module, *argv, "--worker-out", str(worker_out)], check=True)
+        return torch.load(worker_out)
+
+
+def join_process_group() -> torch.device:
+    """In a torchrun worker: this worker's device, after joining the group (NCCL on GPUs, gloo on CPUs)."""
+    import torch.distributed as dist
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return device
+
+
+def train(args, method: str, fsdp: bool, device: torch.device) -> dict:
+    path = Path(args.model) if args.model else default_model_path()
+    model, tokenizer = load_pretrained(path, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    config = lords.LoRDSConfig(bits=4, steps=0)
+    groups = None
+    if method == "peft":
+        lords.quantize(model, config, device=device, progress=False)
+        mark_trainable(model)
+    else:
+        prepare_qat(model, config, device=device, progress=False)
+        for param in model.parameters():
+            param.requires_grad_(False)
+        groups = qat_parameter_groups(model, args.qat_lr)
+        for group in groups:
+            for param in group["params"]:
+                param.requires_grad_(True)
+    block = f"model.layers.{args.block}."
+    initial = {name: p.detach().float().cpu().clone() for name, p in model.named_parameters()
+               if p.requires_grad and name.startswith(block)}
+    tokens = token_stream(tokenizer, documents("calibration"))
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    stamps = [time.perf_counter()]
+    losses = finetune(model, tokens, args.steps, args.lr if method == "peft" else args.qat_lr, args.batch_size,
+                      args.seq_len, progress=False, param_groups=groups, fsdp=fsdp,
+                      on_step=lambda step, loss: stamps.append(time.perf_counter()))
+    steps = sorted(b - a for a, b in zip(stamps[1:], stamps[2:]))
+    trained = {name: p.detach().float().cpu() for name, p in model.named_parameters() if name in initial}
+    return {"losses": losses, "step_s": steps[len(steps) // 2],
+            "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else float("nan"),
+            "update": {name: trained[name] - initial[name] for name in initial}, "trained": trained}
+
+
+def worker(args) -> None:
+    import torch.distributed as dist
+
+    device = join_process_group()
+    try:
+        result = train(args, args.method, args.mode == "fsdp", device)
+    except Exception as error:  # reported in the table, not fatal
+        result = {"error": f"{type(error).__name__}: {str(error).splitlines()[0]}"[:160]}
+    if process_and_world()[0] == 0:
+        torch.save(result, args.worker_out)
+    dist.destroy_process_group()
+
+
+def relative_difference(result: dict, reference: dict) -> float:
+    """||trained - reference trained|| / ||reference update|| over the saved block."""
+    gap = sum((result["trained"][n] - reference["trained"][n]).norm() ** 2 for n in reference["trained"]) ** 0.5
+    update = sum(u.norm() ** 2 for u in reference["update"].values()) ** 0.5
+    return (gap / update).item()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--qat-lr", type=float, default=2e-5)
+    parser.add_argument("--batch-size", type=int, default=8, help="global batch, split over the processes")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--block", type=int, default=10, help="decoder block whose trained values are compared")
+    parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)  # set for the torchrun workers
+    parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker_out:
+        return worker(args)
+    if torch.cuda.is_available() and torch.cuda.device_count() < args.processes:
+        raise SystemExit(f"{args.processes} processes need {args.processes} GPUs, this machine has "
+                         f"{torch.cuda.device_count()}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    started = time.perf_counter()
+    rows = []
+    for method in METHODS:
+        reference = train(args, method, False, device)
+        rows.append((method, "1 process, whole batch", reference, None))
+        for mode in MODES:
+            result = run_workers("benchmarks.distributed", [*sys.argv[1:], "--method", method, "--mode", mode],
+                                 args.processes)
+            rows.append((method, f"{args.processes} processes, {mode.upper()}", result,
+                         None if "error" in result else relative_difference(result, reference)))
+            print(method, mode, result.get("error", f"loss {result['losses'][-1]:.4f}"), flush=True)
+    backend = "NCCL" if device.type == "cuda" else "gloo"
+    lines = [
+        f"# LoRDS-PEFT and QAT on {args.processes} processes (DDP, FSDP2) vs one process", "",
+        "Produced by:", "", "    python -m benchmarks.distributed " + shlex.join(sys.argv[1:]), "",
+        f"- date: {time.strftime('%Y-%m-%d')}; device: "
+        f"{f'{torch.cuda.device_count()} x ' + torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; "
+        f"torch {torch.__version__}; {backend}; total {time.perf_counter() - started:.0f} s",
+        f"- default model, LoRDS 4-bit SVD init (no refinement); {args.steps} steps of a global batch of "
+        f"{args.batch_size} x {args.seq_len} tokens of the training documents; PEFT trains B, A at lr {args.lr}; QAT "
+        f"trains weights and scales at lr {args.qat_lr} (scales x4)",
+        f"- difference: ||trained - trained by one process|| / ||update by one process|| over block {args.block}'s "
+        "trained values; step: median; peak: torch.cuda.max_memory_allocated on rank 0", "",
+        "| method | run | step (ms) | peak memory per GPU (GB) | loss, last step | difference to one process |",
+        "|---|---|---|---|---|---|",
+    ]
+    for method, run, result, difference in rows:
+        if "error" in result:
+            lines.append(f"| {method} | {run} | {result['error']} | | | |")
+            continue
+        lines.append(f"| {method} | {run} | {1e3 * result['step_s']:.1f} | {result['peak_gb']:.2f} "
+                     f"| {result['losses'][-1]:.4f} | {'' if difference is None else f'{difference:.2e}'} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        partial = out.with_name(out.name + ".partial")
+        partial.write_text(text)
+        partial.replace(out)
+
+
+if __name__ == "__main__":
+    main()
