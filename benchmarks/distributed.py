@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.tables import write_table
 import lords
 from lords.assets import default_model_path, documents, load_pretrained, token_stream
 from lords.peft import mark_trainable
@@ -162,10 +163,7 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
-        out = Path(args.out)
-        partial = out.with_name(out.name + ".partial")
-        partial.write_text(text)
-        partial.replace(out)
+        write_table(args.out, text)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import transformers
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
+from benchmarks.tables import write_table
 from benchmarks.kernels import random_layer
 from lords.factorize import parity_rank
 
@@ -213,10 +214,7 @@ def write_report(args, rows: dict, previous: str, seconds: float, done: bool) ->
     if done:
         print(text)
     if args.out:
-        out = Path(args.out)
-        partial = out.with_name(out.name + ".partial")
-        partial.write_text(previous + text)
-        partial.replace(out)
+        write_table(args.out, previous + text)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from lords.assets import calibration_tokens, default_model_path, documents, held
 from lords.tasks import choice_accuracy, evaluation_split, load_task, training_tokens
 from lords.eval.perplexity import perplexity
 from benchmarks.e2e import to_nf4
+from benchmarks.tables import write_table
 from lords.factorize import parity_rank
 from lords.hd_pissa import TARGETS
 from lords.model import set_submodule
@@ -332,13 +333,9 @@ def report(args, path, device, rows, qat_rows, spectra, checks, seconds, done=Fa
     if done:
         print(text)
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        partial = out.with_name(out.name + ".partial")
-        partial.write_text(text)
-        partial.replace(out)
+        write_table(args.out, text)
         if spectra:
-            plot_spectra(spectra, args.layer, out.with_suffix(".png"))
+            plot_spectra(spectra, args.layer, Path(args.out).with_suffix(".png"))
 
 
 def plot_spectra(spectra: dict, layer: str, path: Path) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.tables import write_table
 from benchmarks.finetune import (add_workload_arguments, decoder_linears, effective_rank, lora, lora_delta, lords_ranks,
                                  prepare, timed_finetune, workload)
 from lords.assets import calibration_tokens, default_model_path, heldout_tokens, load_pretrained
@@ -114,10 +115,7 @@ def report(args, path, device, metric, training, dense_values, rows, seconds, do
     if done:
         print(text)
     if args.out:
-        out = Path(args.out)
-        partial = out.with_name(out.name + ".partial")
-        partial.write_text(text)
-        partial.replace(out)
+        write_table(args.out, text)
 
 
 if __name__ == "__main__":

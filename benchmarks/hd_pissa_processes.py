@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.tables import write_table
 from benchmarks.distributed import join_process_group, run_workers
 from benchmarks.finetune import add_workload_arguments, workload
 from lords.assets import default_model_path, heldout_tokens, load_pretrained
@@ -98,10 +99,7 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
-        out = Path(args.out)
-        partial = out.with_name(out.name + ".partial")
-        partial.write_text(text)
-        partial.replace(out)
+        write_table(args.out, text)
 
 
 if __name__ == "__main__":

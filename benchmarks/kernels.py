@@ -170,7 +170,7 @@ def main() -> None:
                    "", "| M | " + " | ".join(f"{name} (us)" for name in names)
                    + " | b64 / bf16 | b64 / bnb | b64 / int4 | b64 GB/s (% of copy) |",
                    "|---" * (len(names) + 5) + "|"]
-        widths = [f"| M | bf16 (us) | " + " | ".join(f"{name} (us) | / bf16" for name in other_widths) + " |",
+        widths = ["| M | bf16 (us) | " + " | ".join(f"{name} (us) | / bf16" for name in other_widths) + " |",
                   "|---" * (2 + 2 * len(other_widths)) + "|"]
         for m in sorted({*MS, *DECODE_MS}):
             x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
