@@ -2,22 +2,31 @@
 
     python -m examples.past_skill_transfer --out results/past.md
 
-The source "skill" stage is a second, task-format SFT (the spec's fallback), not RL. TRL installs from the registry
-and its GRPOTrainer runs on the default model, but tried from the base model with this task's exact-match reward,
-every sampled answer scored 0 (no advantage, no update), at about a minute per step on 2 CPU cores; an RL stage needs
-a task-format SFT before it and a GPU. The task: after a passage, answer "What is the last word of the passage?"; it is scored by exact match of
-the greedy answer and by the loss of the answer tokens. The corpus is split by documents:
+The task: after a passage, answer "What is the last word of the passage?"; it is scored by exact match of the greedy
+answer and by the loss of the answer tokens. The corpus is split by documents:
 - source knowledge SFT: plain language modelling on documents 0-119   (theta_sft_S = SFT(theta_0))
-- source skill stage: the task on passages of documents 0-119         (theta_skill_S = SFT(theta_sft_S))
+- source skill stage on passages of documents 0-119                   (theta_skill_S = skill(theta_sft_S))
 - target knowledge SFT: plain language modelling on documents 120-239 (theta_sft_T = SFT(theta_0))
 - skill vector v = theta_skill_S - theta_sft_S; injected: theta_sft_T + lambda * v
 - evaluation: the task on passages of the held-out documents 240-298.
-All stages fine-tune every parameter (AdamW, same lr); the deltas are taken with lords.skills.
+The skill stage stands in for the paper's RL stage. By default (--skill-stage dpo) it is a preference stage, TRL's
+DPOTrainer from theta_sft_S against a frozen copy of it (needs `pip install -e ".[rl]"`): chosen is the passage's last
+word, rejected another word of the same passage. Plain DPO (loss type 'sigmoid') did not teach the task: theta_sft_S
+answers with an end-of-turn token, and pairs that differ only in the word never contrast that, so after 30 steps at
+lr 1e-5, 5e-5 and 1e-4 the held-out exact match was 0%, 2.5% and 5%. The default adds TRL's 'sft' loss type (the
+chosen answer's negative log-likelihood, RPO-style) to the DPO loss. An RL stage proper was tried first: TRL's
+GRPOTrainer runs on the default model, but every sampled answer scored 0 on this exact-match reward (no advantage,
+no update), at about a minute per step on 2 CPU cores. --skill-stage sft is a second, task-format SFT
+instead (the spec's fallback when no preference or RL trainer is installed).
+The SFT stages fine-tune every parameter (AdamW, same lr); the deltas are taken with lords.skills.
 """
 
 import argparse
 import copy
 import math
+import os
+import random
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,25 +38,85 @@ from lords.skills import apply_skill, extract, layer_cosines
 from lords.train import finetune
 
 QUESTION = "\nQuestion: What is the last word of the passage?\nAnswer:"
+PUNCTUATION = ".,;:!?\"'()"
 
 
-def task_examples(tokenizer, texts: list[str], passage_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(prompt ids, answer ids) per document: the passage is the document's first words, cut to a token budget."""
-    examples = []
+def task_passages(tokenizer, texts: list[str], passage_tokens: int) -> list[list[str]]:
+    """The words of each document's opening, cut to a token budget; documents without a usable last word are dropped."""
+    passages = []
     for text in texts:
         words = text.split()
         while words and len(tokenizer(" ".join(words), add_special_tokens=False)["input_ids"]) > passage_tokens:
             words = words[: max(1, len(words) * 3 // 4)]
-        if len(words) < 5:
-            continue
-        last = words[-1].strip(".,;:!?\"'()")
-        if not last:
-            continue
-        prompt = "Passage: " + " ".join(words) + QUESTION
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        answer_ids = tokenizer(" " + last + "\n", add_special_tokens=False)["input_ids"]
-        examples.append((torch.tensor(prompt_ids), torch.tensor(answer_ids)))
-    return examples
+        if len(words) >= 5 and bare(words[-1]):
+            passages.append(words)
+    return passages
+
+
+def bare(word: str) -> str:
+    return word.strip(PUNCTUATION)
+
+
+def prompt_text(words: list[str]) -> str:
+    return "Passage: " + " ".join(words) + QUESTION
+
+
+def answer_text(word: str) -> str:
+    return " " + word + "\n"
+
+
+def task_examples(tokenizer, passages: list[list[str]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(prompt ids, answer ids) per passage."""
+    def ids(text):
+        return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return [(ids(prompt_text(words)), ids(answer_text(bare(words[-1])))) for words in passages]
+
+
+def preference_pairs(passages: list[list[str]], seed: int = 0) -> dict[str, list[str]]:
+    """TRL's preference format: chosen answers the passage's last word, rejected another word of the same passage
+    (drawn with a fixed seed), so both answers have the task's format and only the choice of word differs."""
+    generator = random.Random(seed)
+    pairs = {"prompt": [], "chosen": [], "rejected": []}
+    for words in passages:
+        last = bare(words[-1])
+        others = sorted({bare(word) for word in words[:-1]} - {last, ""})
+        if others:
+            pairs["prompt"].append(prompt_text(words))
+            pairs["chosen"].append(answer_text(last))
+            pairs["rejected"].append(answer_text(generator.choice(others)))
+    return pairs
+
+
+def import_trl():
+    try:
+        import datasets
+        import trl
+    except ImportError as error:
+        raise ImportError(f"--skill-stage dpo needs TRL ({error}): pip install -e \".[rl]\", or run with "
+                          "--skill-stage sft") from error
+    return trl, datasets
+
+
+def dpo_stage(model, tokenizer, pairs: dict[str, list[str]], steps: int, lr: float, beta: float, batch_size: int,
+              loss_type: list[str]) -> list[dict]:
+    """TRL's DPOTrainer on `model` in place; returns TRL's per-step logs (loss, rewards/accuracies, ...)."""
+    trl, datasets = import_trl()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    # An explicit reference: TRL's default reloads the weights named in model.config, which are theta_0, not this model.
+    reference = copy.deepcopy(model)
+    with tempfile.TemporaryDirectory() as output_dir:
+        config = trl.DPOConfig(
+            output_dir=output_dir, max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=lr,
+            beta=beta, loss_type=loss_type, use_cpu=True, bf16=False, gradient_checkpointing=False, logging_steps=1,
+            report_to="none", save_strategy="no", push_to_hub=False, disable_tqdm=True, seed=0)
+        trainer = trl.DPOTrainer(model=model, ref_model=reference, args=config, processing_class=tokenizer,
+                                 train_dataset=datasets.Dataset.from_dict(pairs))
+        trainer.train()
+    if trainer.accelerator.unwrap_model(trainer.model) is not model:
+        raise RuntimeError("TRL trained a copy of the model, not the model the skill vector is taken from")
+    model.eval()
+    return [log for log in trainer.state.log_history if "rewards/accuracies" in log]
 
 
 def task_sft(model, examples, steps: int, lr: float, batch_size: int, seed: int = 0) -> list[float]:
@@ -86,8 +155,30 @@ def evaluate(model, tokenizer, examples) -> tuple[float, float]:
                                 pad_token_id=tokenizer.eos_token_id)
         predicted = tokenizer.decode(output[0, prompt.numel():], skip_special_tokens=True).split()
         expected = tokenizer.decode(answer, skip_special_tokens=True).split()
-        hits += bool(predicted) and predicted[0].strip(".,;:!?\"'()") == expected[0]
+        hits += bool(predicted) and bare(predicted[0]) == expected[0]
     return hits / len(examples), loss / len(examples)
+
+
+def dpo_skill(model, tokenizer, passages: list[list[str]], args) -> str:
+    """The DPO skill stage on `model` in place; returns the report's line about it."""
+    trl, _ = import_trl()
+    pairs = preference_pairs(passages)
+    steps = args.dpo_steps or args.steps
+    logs = dpo_stage(model, tokenizer, pairs, steps, args.dpo_lr, args.dpo_beta, args.batch_size,
+                     args.dpo_loss_type)
+    last = logs[-5:]
+
+    def first_to_last(key):
+        return f"{logs[0][key]:.3f} -> {sum(log[key] for log in last) / len(last):.3f}"
+
+    return (f"the skill stage is a preference stage, TRL {trl.__version__}'s DPOTrainer (loss types "
+            f"{' + '.join(args.dpo_loss_type)}, beta {args.dpo_beta}, AdamW lr {args.dpo_lr} with TRL's linear "
+            f"decay, {steps} steps, batch {args.batch_size}, full fine-tuning) from theta_sft_S against a frozen copy "
+            f"of theta_sft_S; {len(pairs['prompt'])} pairs from the passages of documents 0-119: prompt = passage + "
+            "question, chosen = its last word, rejected = another word of the same passage (seeded draw); loss "
+            f"{first_to_last('loss')}, reward accuracy {first_to_last('rewards/accuracies')}, reward margin "
+            f"{first_to_last('rewards/margins')}, chosen log-probability {first_to_last('logps/chosen')} (first step "
+            f"-> mean of the last {len(last)})")
 
 
 def main() -> None:
@@ -103,12 +194,29 @@ def main() -> None:
     parser.add_argument("--lords-bits", type=int, default=4, help="also inject into a LoRDS-quantized target (0: skip)")
     parser.add_argument("--lords-steps", type=int, default=20, help="data-free refinement steps of that target")
     parser.add_argument("--refit-steps", type=int, default=100)
+    parser.add_argument("--skill-stage", choices=["dpo", "sft"], default="dpo",
+                        help="dpo: TRL's DPOTrainer on preference pairs; sft: a task-format SFT (no TRL needed)")
+    parser.add_argument("--dpo-steps", type=int, default=None, help="DPO steps (default: --steps)")
+    parser.add_argument("--dpo-lr", type=float, default=5e-5)
+    parser.add_argument("--dpo-beta", type=float, default=0.1)
+    parser.add_argument("--dpo-loss-type", nargs="+", default=["sigmoid", "sft"],
+                        help="TRL's DPO loss types, summed with weight 1; 'sigmoid' alone is plain DPO, which did not "
+                             "teach the answer format here (see the module docstring)")
     args = parser.parse_args()
+    # Everything stays on this machine: TRL's trainers would otherwise send a usage ping to the Hugging Face Hub
+    # (read when huggingface_hub is first imported, so before that).
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    if args.skill_stage == "dpo":
+        import_trl()  # fail before the first SFT stage, not after it
     started = time.perf_counter()
     torch.manual_seed(0)
     base, tokenizer = load_pretrained(default_model_path())
     source_docs, target_docs = documents("calibration")[:120], documents("calibration")[120:]
-    heldout = task_examples(tokenizer, documents("heldout"), args.passage_tokens)[: args.eval_examples]
+    heldout = task_examples(tokenizer, task_passages(tokenizer, documents("heldout"), args.passage_tokens))
+    heldout = heldout[: args.eval_examples]
+    source_passages = task_passages(tokenizer, source_docs, args.passage_tokens)
 
     def knowledge_sft(model, texts):
         finetune(model, token_stream(tokenizer, texts), args.steps, args.lr, args.batch_size, args.seq_len,
@@ -117,8 +225,15 @@ def main() -> None:
 
     sft_source = knowledge_sft(copy.deepcopy(base), source_docs)
     skill_source = copy.deepcopy(sft_source)
-    skill_losses = task_sft(skill_source, task_examples(tokenizer, source_docs, args.passage_tokens), args.steps,
-                            args.lr, args.batch_size)
+    if args.skill_stage == "dpo":
+        skill_line = dpo_skill(skill_source, tokenizer, source_passages, args)
+    else:
+        losses = task_sft(skill_source, task_examples(tokenizer, source_passages), args.steps, args.lr,
+                          args.batch_size)
+        skill_line = (f"the skill stage is a task-format SFT (not RL, not a preference stage) on the "
+                      f"{len(source_passages)} passages of documents 0-119, same steps and lr; its loss "
+                      f"{losses[0]:.3f} -> {sum(losses[-5:]) / len(losses[-5:]):.3f} (first step -> mean of the "
+                      "last 5)")
     sft_target = knowledge_sft(copy.deepcopy(base), target_docs)
     sft_target_b = knowledge_sft(copy.deepcopy(base), source_docs[:60] + target_docs[:60])
     skill = extract(sft_source, skill_source)
@@ -131,7 +246,11 @@ def main() -> None:
         injected = copy.deepcopy(sft_target)
         apply_skill(injected, skill, scale)
         rows.append((f"theta_sft_T + {scale:g} v (PaST)", *evaluate(injected, tokenizer, heldout)))
-    rows.append(("theta_skill_S (source model with the skill)", *evaluate(skill_source, tokenizer, heldout)))
+    rows.append(("theta_sft_S (source knowledge SFT, before the skill stage)",
+                 *evaluate(sft_source, tokenizer, heldout)))
+    skill_row = (f"theta_skill_S (source model after the {args.skill_stage.upper()} skill stage)",
+                 *evaluate(skill_source, tokenizer, heldout))
+    rows.append(skill_row)
     lords_lines = []
     if args.lords_bits:
         quantized = copy.deepcopy(sft_target)
@@ -167,9 +286,9 @@ def main() -> None:
         "Produced by:", "", f"    python -m examples.past_skill_transfer --out results/{Path(args.out or 'past.md').name}", "",
         f"- date: {time.strftime('%Y-%m-%d')}; device: cpu ({torch.get_num_threads()} threads); torch "
         f"{torch.__version__}; total {time.perf_counter() - started:.0f} s",
-        f"- every stage: {args.steps} full fine-tuning steps, batch {args.batch_size}, AdamW lr {args.lr}; knowledge "
-        f"SFT on windows of {args.seq_len} tokens; the skill stage is a task-format SFT (not RL); "
-        f"its loss {skill_losses[0]:.3f} -> {sum(skill_losses[-5:]) / len(skill_losses[-5:]):.3f}",
+        f"- knowledge SFT stages: {args.steps} full fine-tuning steps, batch {args.batch_size}, AdamW lr {args.lr}, "
+        f"windows of {args.seq_len} tokens",
+        f"- {skill_line}",
         f"- task: \"{QUESTION.strip().replace(chr(10), ' / ')}\" after a passage of at most {args.passage_tokens} tokens; {len(heldout)} "
         "held-out passages (documents 240-298); exact match of the first answer word, and the answer tokens' loss",
         f"- mean cosine over parameters: skill vector v vs the target SFT delta {mean(cosine):+.4f}; control, two "
@@ -181,7 +300,7 @@ def main() -> None:
     print(text)
     if args.out:
         Path(args.out).write_text(text)
-    if not math.isfinite(rows[-1][2]):
+    if not math.isfinite(skill_row[2]):
         raise SystemExit("the skill stage diverged")
 
 
