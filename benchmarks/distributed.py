@@ -20,12 +20,13 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.finetune import qat_trainable, timed_finetune
 from benchmarks.tables import write_table
 import lords
 from lords.assets import default_model_path, documents, load_pretrained, token_stream
 from lords.peft import mark_trainable
-from lords.qat import prepare_qat, qat_parameter_groups
-from lords.train import finetune, process_and_world
+from lords.qat import prepare_qat
+from lords.train import process_and_world
 
 METHODS = ("peft", "qat")
 MODES = ("ddp", "fsdp")
@@ -62,28 +63,14 @@ def train(args, method: str, fsdp: bool, device: torch.device) -> dict:
         mark_trainable(model)
     else:
         prepare_qat(model, config, device=device, progress=False)
-        for param in model.parameters():
-            param.requires_grad_(False)
-        groups = qat_parameter_groups(model, args.qat_lr)
-        for group in groups:
-            for param in group["params"]:
-                param.requires_grad_(True)
+        groups = qat_trainable(model, args.qat_lr)
     block = f"model.layers.{args.block}."
     initial = {name: p.detach().float().cpu().clone() for name, p in model.named_parameters()
                if p.requires_grad and name.startswith(block)}
     tokens = token_stream(tokenizer, documents("calibration"))
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    stamps = [time.perf_counter()]
-    losses = finetune(model, tokens, args.steps, args.lr if method == "peft" else args.qat_lr, args.batch_size,
-                      args.seq_len, progress=False, param_groups=groups, fsdp=fsdp,
-                      on_step=lambda step, loss: stamps.append(time.perf_counter()))
-    steps = sorted(b - a for a, b in zip(stamps[1:], stamps[2:]))
+    losses, step_s, peak_gb = timed_finetune(model, tokens, args, param_groups=groups, fsdp=fsdp)
     trained = {name: p.detach().float().cpu() for name, p in model.named_parameters() if name in initial}
-    return {"losses": losses, "step_s": steps[len(steps) // 2],
-            "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else float("nan"),
+    return {"losses": losses, "step_s": step_s, "peak_gb": peak_gb,
             "update": {name: trained[name] - initial[name] for name in initial}, "trained": trained}
 
 

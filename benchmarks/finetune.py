@@ -136,7 +136,18 @@ def effective_rank(delta: torch.Tensor, energy: float = 0.99) -> int:
     return int((values.cumsum(0) / values.sum() < energy).sum().item()) + 1
 
 
-def timed_finetune(model, tokens, args, param_groups=None) -> tuple[list[float], float, float]:
+def qat_trainable(model, lr: float) -> list[dict]:
+    """Only the QAT weights and scales train (not the embeddings or norms); their AdamW groups."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    groups = qat_parameter_groups(model, lr)
+    for group in groups:
+        for param in group["params"]:
+            param.requires_grad_(True)
+    return groups
+
+
+def timed_finetune(model, tokens, args, param_groups=None, fsdp=False) -> tuple[list[float], float, float]:
     """(losses, median seconds per step, peak GPU memory in GB while training)."""
     cuda = torch.cuda.is_available()
     if cuda:
@@ -144,7 +155,8 @@ def timed_finetune(model, tokens, args, param_groups=None) -> tuple[list[float],
         torch.cuda.reset_peak_memory_stats()
     stamps = [time.perf_counter()]
     losses = finetune(model, tokens, args.steps, args.lr, args.batch_size, args.seq_len, progress=False,
-                      param_groups=param_groups, on_step=lambda step, loss: stamps.append(time.perf_counter()))
+                      param_groups=param_groups, fsdp=fsdp,
+                      on_step=lambda step, loss: stamps.append(time.perf_counter()))
     steps = sorted(b - a for a, b in zip(stamps[1:], stamps[2:]))  # the first step (autotuning) is left out
     peak = torch.cuda.max_memory_allocated() / 1e9 if cuda else float("nan")
     return losses, steps[len(steps) // 2] if steps else float("nan"), peak
@@ -280,12 +292,7 @@ def main() -> None:
         del ptq
         qat = copy.deepcopy(dense)
         prepare_qat(qat, config, calibration, progress=False)
-        for param in qat.parameters():
-            param.requires_grad_(False)
-        groups = qat_parameter_groups(qat, args.qat_lr)
-        for group in groups:
-            for param in group["params"]:
-                param.requires_grad_(True)
+        groups = qat_trainable(qat, args.qat_lr)
         floats = trainable_floats(qat)
         losses, step_s, peak = timed_finetune(qat, train_tokens, args, param_groups=groups)
         export_qat(qat)
