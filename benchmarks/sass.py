@@ -1,0 +1,209 @@
+"""What the LoRDS kernels compile to on an H100, read on any machine: sm_90a SASS, no GPU needed.
+
+    python -m benchmarks.sass --out results/kernels_sass.md
+
+Each wrapper (decode_matmul, tiled_matmul, dequantize) is called on CPU tensors of a real layer shape with Triton's
+launch replaced by a recorder, so that each kernel is compiled ahead of time (triton.compile, target sm_90a) with
+exactly the arguments and the compile-time values its launch would have had, for every autotune config that
+survives pruning. Integer arguments are specialised as Triton's launcher does (1 becomes a constant, multiples of 16
+are marked divisible by 16). Per config it reports registers, the stack (spills), shared memory, and for the
+kernel's main loop (its largest backward branch) the SASS instructions per thread, the weights one thread handles
+per iteration, their ratio, and the tensor-core instructions (HGMMA) and global loads in it.
+
+Instructions per weight is a count, not a time: how much issue work decoding costs the SMs per weight. That work is
+a large part of the decode kernel's time (on the GPU, replacing the codebook gather by a register lookup took the
+14336 x 4096 decode from 97 to 54 us), but times come only from the GPU.
+"""
+
+import argparse
+import collections
+import re
+import subprocess
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import JITFunction
+
+from lords.factorize import parity_rank
+from lords.kernels import codes as kernel_codes
+from lords.kernels import decode, forward
+from lords.packing import SEGMENTS, row_bytes
+
+from .tables import write_table
+
+TARGET = GPUTarget("cuda", 90, 32)
+SHARED_LIMIT = 227 * 1024  # an H100 block's shared memory; a config over it fails to launch and autotuning skips it
+POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.uint8: "*u8",
+                 torch.int32: "*i32"}
+
+
+@contextmanager
+def recorded_launches():
+    """Within the block, kernel[grid](...) records (kernel, args, kwargs) instead of launching."""
+    launches = []
+    saved = JITFunction.run, Autotuner.run, kernel_codes.INTERPRET
+
+    def record(self, *args, grid=None, warmup=False, **kwargs):
+        launches.append((self, args, kwargs))
+
+    JITFunction.run, Autotuner.run, kernel_codes.INTERPRET = record, record, False
+    try:
+        yield launches
+    finally:
+        JITFunction.run, Autotuner.run, kernel_codes.INTERPRET = saved
+
+
+def specialise(fn: JITFunction, args, kwargs) -> tuple[dict, dict, dict]:
+    """Signature, constants and divisibility attributes of one launch, as Triton's launcher derives them."""
+    values = dict(zip(fn.arg_names, args)) | kwargs
+    signature, constants, attrs = {}, {}, {}
+    for index, param in enumerate(fn.params):
+        value = values[param.name]
+        if param.is_constexpr or value is None:
+            signature[param.name], constants[param.name] = "constexpr", value
+        elif isinstance(value, torch.Tensor):
+            signature[param.name] = POINTER_TYPES[value.dtype]
+            attrs[(index,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
+        elif isinstance(value, int) and value == 1:
+            signature[param.name], constants[param.name] = "constexpr", 1
+        else:
+            signature[param.name] = "i32" if isinstance(value, int) else "fp32"
+            if isinstance(value, int) and value % 16 == 0:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+    return signature, constants, attrs
+
+
+def compile_launch(kernel: Autotuner, args, kwargs):
+    """(config, compiled kernel) for every config the autotuned launch would consider, in the autotuner's order."""
+    kernel.nargs = dict(zip(kernel.arg_names, args))  # what Autotuner.run sets before pruning
+    for config in kernel.prune_configs(kwargs):
+        signature, constants, attrs = specialise(kernel.fn, args, kwargs | config.kwargs)
+        source = ASTSource(fn=kernel.fn, signature=signature, constexprs=constants, attrs=attrs)
+        options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+        yield config, triton.compile(source, target=TARGET, options=options)
+
+
+def binary(name: str) -> str:
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def sass_of(cubin: bytes) -> tuple[list[tuple[int, str]], str]:
+    """[(address, instruction)] and cuobjdump's resource usage line."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        sass, usage = (subprocess.run([binary("cuobjdump"), flag, file.name], capture_output=True, text=True,
+                                      check=True).stdout for flag in ("--dump-sass", "--dump-resource-usage"))
+    return [(int(address, 16), text) for address, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)], usage
+
+
+def main_loop(instructions: list[tuple[int, str]]) -> list[str]:
+    """The instructions of the largest loop (from a branch target to its backward branch); all if there is none."""
+    index_of = {address: index for index, (address, _) in enumerate(instructions)}
+    start, end = 0, len(instructions) - 1
+    for index, (address, text) in enumerate(instructions):
+        target = re.search(r"BRA\s.*?0x([0-9a-f]+)", text)
+        if target and int(target.group(1), 16) < address and int(target.group(1), 16) in index_of:
+            loop_start = index_of[int(target.group(1), 16)]
+            if index - loop_start > end - start or (start, end) == (0, len(instructions) - 1):
+                start, end = loop_start, index
+    return [text for _, text in instructions[start: end + 1]]
+
+
+def opcode(text: str) -> str:
+    return re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
+
+
+def analyse(compiled, weights_per_step: int, threads: int) -> dict:
+    instructions, usage = sass_of(compiled.asm["cubin"])
+    loop = main_loop(instructions)
+    counts = collections.Counter(opcode(text) for text in loop)
+    registers = re.search(r"REG:(\d+)", usage).group(1)
+    stack = re.search(r"STACK:(\d+)", usage).group(1)
+    per_thread = weights_per_step / threads
+    return {"registers": int(registers), "stack": int(stack), "shared": compiled.metadata.shared,
+            "loop": len(loop), "weights": per_thread, "per_weight": len(loop) / per_thread,
+            "hgmma": counts["HGMMA"], "loads": counts["LDG"] + counts["LDGSTS"],
+            "top": ", ".join(f"{name} {count}" for name, count in counts.most_common(5))}
+
+
+def weights_per_step(kernel_name: str, meta: dict, bits: int) -> int:
+    """Weights one program covers per iteration of its main loop; the dequantize kernel has no loop and covers
+    BLOCK_N x BLOCK_J weights of one segment. The decode kernel steps over BLOCK_W int32 words (4 byte columns)."""
+    columns = 4 * meta["BLOCK_W"] if "BLOCK_W" in meta else meta["BLOCK_J"]
+    return meta["BLOCK_N"] * columns * (1 if "dequantize" in kernel_name else SEGMENTS[bits])
+
+
+CASES = [  # (what, N, K, rows, bits, activation dtype)
+    ("decode", 14336, 4096, 1, 4, torch.bfloat16), ("decode", 14336, 4096, 4, 4, torch.bfloat16),
+    ("decode", 14336, 4096, 1, 3, torch.bfloat16), ("decode", 14336, 4096, 1, 2, torch.bfloat16),
+    ("decode", 4096, 4096, 1, 4, torch.float16),
+    ("tiled", 14336, 4096, 16, 4, torch.bfloat16), ("dequantize", 14336, 4096, 2048, 4, torch.bfloat16),
+]
+
+
+def launches_of(what: str, n: int, k: int, rows: int, bits: int, dtype) -> list:
+    rank = parity_rank(n, k, 64)
+    codes = torch.zeros(n, row_bytes(k, bits), dtype=torch.uint8)
+    codebook = torch.linspace(-1, 1, 2**bits)
+    scale_b, scale_a = torch.ones(n, rank), torch.ones(rank, k)
+    x = torch.zeros(rows, k, dtype=dtype)
+    with recorded_launches() as launches:
+        if what == "decode":
+            decode.decode_matmul(x, codes, codebook, scale_b, scale_a, bits)
+        elif what == "tiled":
+            forward.tiled_matmul(x, codes, codebook, scale_b, scale_a, bits)
+        else:
+            forward.dequantize(codes, codebook, scale_b, scale_a, bits, dtype)
+    return launches
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--quick", action="store_true", help="per kernel, stop at the first config that fits and does not spill (the CI check)")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    report = [
+        "# What the LoRDS kernels compile to on an H100 (sm_90a SASS, compiled ahead of time, no GPU)", "",
+        "Produced by:", "", "    python -m benchmarks.sass --out results/kernels_sass.md", "",
+        f"- date: {time.strftime('%Y-%m-%d')}; target sm_90a; triton {triton.__version__}, torch {torch.__version__}",
+        "- per autotune config that survives pruning (--quick: up to the first that fits and does not spill); fits: shared memory within an H100 "
+        "block's 227 KB (a config over it is skipped by autotuning); loop: SASS instructions per thread in the main loop; weights: "
+        "weights one thread handles per iteration; stack > 0 means register spills", "",
+        "| kernel | shape (N x K) | rows | bits | dtype | config | registers | stack (B) | shared (KB) | fits | loop instr. | "
+        "weights / thread | instr. / weight | HGMMA | global loads | most frequent |",
+        "|---" * 16 + "|",
+    ]
+    for what, n, k, rows, bits, dtype in CASES:
+        for kernel, launch_args, launch_kwargs in launches_of(what, n, k, rows, bits, dtype):
+            if not isinstance(kernel, Autotuner):  # decode's XA pass: no loop over the weights
+                continue
+            name = kernel.fn.__name__
+            for config, compiled in compile_launch(kernel, launch_args, launch_kwargs):
+                result = analyse(compiled, weights_per_step(name, config.kwargs, bits), 32 * config.num_warps)
+                shown = " ".join(f"{key.removeprefix('BLOCK_')}={value}" for key, value in config.kwargs.items())
+                report.append(
+                    f"| {name.strip('_')} | {n} x {k} | {rows} | {bits} | {str(dtype)[6:]} | {shown} "
+                    f"w{config.num_warps} s{config.num_stages} | {result['registers']} | {result['stack']} | "
+                    f"{result['shared'] / 1024:.0f} | {'yes' if result['shared'] <= SHARED_LIMIT else 'no'} | {result['loop']} | {result['weights']:.0f} | "
+                    f"{result['per_weight']:.1f} | {result['hgmma']} | {result['loads']} | {result['top']} |")
+                print(report[-1], flush=True)
+                if args.quick and result["stack"] == 0 and result["shared"] <= SHARED_LIMIT:
+                    break
+    report += ["", f"Total {time.perf_counter() - started:.0f} s."]
+    text = "\n".join(report) + "\n"
+    if args.out:
+        write_table(args.out, text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
