@@ -40,6 +40,9 @@ from .tables import write_table
 
 TARGET = GPUTarget("cuda", 90, 32)
 SHARED_LIMIT = 227 * 1024  # an H100 block's shared memory; a config over it fails to launch and autotuning skips it
+# An H100 SXM issues at most one warp instruction per cycle on each of its 132 SMs' 4 schedulers, at up to 1.98 GHz:
+# a lower bound on the time of N * K weights at a given instruction count per weight.
+ISSUE_PER_SECOND = 132 * 4 * 32 * 1.98e9
 POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.uint8: "*u8",
                  torch.int32: "*i32"}
 
@@ -177,10 +180,12 @@ def main() -> None:
         f"- date: {time.strftime('%Y-%m-%d')}; target sm_90a; triton {triton.__version__}, torch {torch.__version__}",
         "- per autotune config that survives pruning (--quick: up to the first that fits and does not spill); fits: shared memory within an H100 "
         "block's 227 KB (a config over it is skipped by autotuning); loop: SASS instructions per thread in the main loop; weights: "
-        "weights one thread handles per iteration; stack > 0 means register spills", "",
+        "weights one thread handles per iteration; issue bound: the instructions of all N x K weights at one warp "
+        "instruction per cycle per scheduler of an H100 SXM (132 SMs x 4, 1.98 GHz), a floor under the kernel's time "
+        "that leaves out memory, tensor-core time and the work outside the loop; stack > 0 means register spills", "",
         "| kernel | shape (N x K) | rows | bits | dtype | config | registers | stack (B) | shared (KB) | fits | loop instr. | "
-        "weights / thread | instr. / weight | HGMMA | global loads | most frequent |",
-        "|---" * 16 + "|",
+        "weights / thread | instr. / weight | issue bound (us) | HGMMA | global loads | most frequent |",
+        "|---" * 17 + "|",
     ]
     for what, n, k, rows, bits, dtype in CASES:
         for kernel, launch_args, launch_kwargs in launches_of(what, n, k, rows, bits, dtype):
@@ -194,7 +199,8 @@ def main() -> None:
                     f"| {name.strip('_')} | {n} x {k} | {rows} | {bits} | {str(dtype)[6:]} | {shown} "
                     f"w{config.num_warps} s{config.num_stages} | {result['registers']} | {result['stack']} | "
                     f"{result['shared'] / 1024:.0f} | {'yes' if result['shared'] <= SHARED_LIMIT else 'no'} | {result['loop']} | {result['weights']:.0f} | "
-                    f"{result['per_weight']:.1f} | {result['hgmma']} | {result['loads']} | {result['top']} |")
+                    f"{result['per_weight']:.1f} | {result['per_weight'] * n * k / ISSUE_PER_SECOND * 1e6:.1f} | "
+                    f"{result['hgmma']} | {result['loads']} | {result['top']} |")
                 print(report[-1], flush=True)
                 if args.quick and result["stack"] == 0 and result["shared"] <= SHARED_LIMIT:
                     break
