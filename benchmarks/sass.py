@@ -138,8 +138,8 @@ def analyse(compiled, weights_per_step: int, threads: int) -> dict:
 
 
 def weights_per_step(kernel_name: str, meta: dict, bits: int) -> int:
-    """Weights one program covers per iteration of its main loop; the dequantize kernel has no loop and covers
-    BLOCK_N x BLOCK_J weights of one segment. The decode kernel steps over BLOCK_W int32 words (4 byte columns)."""
+    """Weights one program covers per iteration of its main loop: BLOCK_J byte columns (or BLOCK_W int32 words of 4
+    byte columns) of every segment. The dequantize kernel has no loop and covers those columns of one segment."""
     columns = 4 * meta["BLOCK_W"] if "BLOCK_W" in meta else meta["BLOCK_J"]
     return meta["BLOCK_N"] * columns * (1 if "dequantize" in kernel_name else SEGMENTS[bits])
 
@@ -171,25 +171,27 @@ def launches_of(what: str, n: int, k: int, rows: int, bits: int, dtype) -> list:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=None)
-    parser.add_argument("--quick", action="store_true", help="per kernel, stop at the first config that fits and does not spill (the CI check)")
+    parser.add_argument("--quick", action="store_true",
+                        help="per kernel, stop at the first config that fits and does not spill (the CI check)")
     args = parser.parse_args()
     started = time.perf_counter()
     report = [
         "# What the LoRDS kernels compile to on an H100 (sm_90a SASS, compiled ahead of time, no GPU)", "",
         "Produced by:", "", "    python -m benchmarks.sass --out results/kernels_sass.md", "",
         f"- date: {time.strftime('%Y-%m-%d')}; target sm_90a; triton {triton.__version__}, torch {torch.__version__}",
-        "- per autotune config that survives pruning (--quick: up to the first that fits and does not spill); fits: shared memory within an H100 "
-        "block's 227 KB (a config over it is skipped by autotuning); loop: SASS instructions per thread in the main loop; weights: "
-        "weights one thread handles per iteration; issue bound: the instructions of all N x K weights at one warp "
-        "instruction per cycle per scheduler of an H100 SXM (132 SMs x 4, 1.98 GHz), a floor under the kernel's time "
-        "that leaves out memory, tensor-core time and the work outside the loop; stack > 0 means register spills", "",
-        "| kernel | shape (N x K) | rows | bits | dtype | config | registers | stack (B) | shared (KB) | fits | loop instr. | "
-        "weights / thread | instr. / weight | issue bound (us) | HGMMA | global loads | most frequent |",
+        "- per autotune config that survives pruning (--quick: up to the first that fits and does not spill); fits: "
+        "shared memory within an H100 block's 227 KB (a config over it is skipped by autotuning); loop: SASS "
+        "instructions per thread in the main loop; weights: weights one thread handles per iteration; issue bound: "
+        "the instructions of all N x K weights at one warp instruction per cycle per scheduler of an H100 SXM "
+        "(132 SMs x 4, 1.98 GHz), a floor under the kernel's time that leaves out memory, tensor-core time and the "
+        "work outside the loop; stack > 0 means register spills", "",
+        "| kernel | shape (N x K) | rows | bits | dtype | config | registers | stack (B) | shared (KB) | fits | "
+        "loop instr. | weights / thread | instr. / weight | issue bound (us) | HGMMA | global loads | most frequent |",
         "|---" * 17 + "|",
     ]
     for what, n, k, rows, bits, dtype in CASES:
         for kernel, launch_args, launch_kwargs in launches_of(what, n, k, rows, bits, dtype):
-            if not isinstance(kernel, Autotuner):  # decode's XA pass: no loop over the weights
+            if not isinstance(kernel, Autotuner):  # a helper pass without configs, not a loop over the weights
                 continue
             name = kernel.fn.__name__
             for config, compiled in compile_launch(kernel, launch_args, launch_kwargs):
@@ -198,7 +200,8 @@ def main() -> None:
                 report.append(
                     f"| {name.strip('_')} | {n} x {k} | {rows} | {bits} | {str(dtype)[6:]} | {shown} "
                     f"w{config.num_warps} s{config.num_stages} | {result['registers']} | {result['stack']} | "
-                    f"{result['shared'] / 1024:.0f} | {'yes' if result['shared'] <= SHARED_LIMIT else 'no'} | {result['loop']} | {result['weights']:.0f} | "
+                    f"{result['shared'] / 1024:.0f} | {'yes' if result['shared'] <= SHARED_LIMIT else 'no'} | "
+                    f"{result['loop']} | {result['weights']:.0f} | "
                     f"{result['per_weight']:.1f} | {result['per_weight'] * n * k / ISSUE_PER_SECOND * 1e6:.1f} | "
                     f"{result['hgmma']} | {result['loads']} | {result['top']} |")
                 print(report[-1], flush=True)

@@ -20,10 +20,10 @@ def test_every_kernel_has_a_config_that_compiles_for_sm90_fits_and_does_not_spil
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}  # the GPU configs
     subprocess.run([sys.executable, "-m", "benchmarks.sass", "--quick", "--out", str(out)], check=True, env=env,
                    cwd=Path(__file__).parents[1], capture_output=True, timeout=900)
-    rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| ") and "_kernel" in line]
-    header = [cell.strip() for cell in next(line for line in out.read_text().splitlines()
-                                            if line.startswith("| kernel")).split("|")[1:-1]]
-    rows = [dict(zip(header, (cell.strip() for cell in row))) for row in rows]
+    lines = out.read_text().splitlines()
+    header = [cell.strip() for cell in next(line for line in lines if line.startswith("| kernel")).split("|")[1:-1]]
+    rows = [dict(zip(header, (cell.strip() for cell in line.split("|")[1:-1])))
+            for line in lines if line.startswith("| ") and "_kernel" in line]
     usable = {(row["kernel"], row["bits"], row["rows"], row["dtype"]): row for row in rows
               if row["fits"] == "yes" and row["stack (B)"] == "0"}
     # every case has a config that launches without spilling: the autotuner is never left with none
