@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.finetune import qat_trainable, timed_finetune
-from benchmarks.tables import write_table
+from benchmarks.tables import devices, finish_report
 import lords
 from lords.assets import default_model_path, documents, load_pretrained, token_stream
 from lords.peft import mark_trainable
@@ -131,7 +131,7 @@ def main() -> None:
         f"# LoRDS-PEFT and QAT on {args.processes} processes (DDP, FSDP2) vs one process", "",
         "Produced by:", "", "    python -m benchmarks.distributed " + shlex.join(sys.argv[1:]), "",
         f"- date: {time.strftime('%Y-%m-%d')}; device: "
-        f"{f'{torch.cuda.device_count()} x ' + torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; "
+        f"{devices(device)}; "
         f"torch {torch.__version__}; {backend}; total {time.perf_counter() - started:.0f} s",
         f"- default model, LoRDS 4-bit SVD init (no refinement); {args.steps} steps of a global batch of "
         f"{args.batch_size} x {args.seq_len} tokens of the training documents; PEFT trains B, A at lr {args.lr}; QAT "
@@ -147,10 +147,7 @@ def main() -> None:
             continue
         lines.append(f"| {method} | {run} | {1e3 * result['step_s']:.1f} | {result['peak_gb']:.2f} "
                      f"| {result['losses'][-1]:.4f} | {'' if difference is None else f'{difference:.2e}'} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        write_table(args.out, text)
+    finish_report(lines, args.out)
 
 
 if __name__ == "__main__":

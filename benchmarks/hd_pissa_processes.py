@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.tables import write_table
+from benchmarks.tables import devices, finish_report
 from benchmarks.distributed import join_process_group, run_workers
 from benchmarks.finetune import add_workload_arguments, workload
 from lords.assets import default_model_path, heldout_tokens, load_pretrained
@@ -83,7 +83,7 @@ def main() -> None:
         f"# HD-PiSSA on {args.processes} processes vs its single-process emulation", "",
         "Produced by:", "", "    python -m benchmarks.hd_pissa_processes " + shlex.join(sys.argv[1:]), "",
         f"- date: {time.strftime('%Y-%m-%d')}; device: "
-        f"{f'{torch.cuda.device_count()} x ' + torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; "
+        f"{devices(device)}; "
         f"torch {torch.__version__}; the torchrun launch took {launched:.0f} s in all (model loading included)",
         f"- {args.steps} steps, global batch {args.batch_size} x {args.seq_len} tokens, rank {args.rank} per slice, "
         f"Adam lr {args.lr} cosine; held-out: {emulated['metric']}",
@@ -96,10 +96,7 @@ def main() -> None:
         last = result["losses"][-10:]
         lines.append(f"| {name} | {result['seconds']:.1f} | {1e3 * result['seconds'] / args.steps:.1f} "
                      f"| {result['score']:.3f} | {result['sent'] / 1e6:.2f}M | {sum(last) / len(last):.4f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        write_table(args.out, text)
+    finish_report(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from lords.kernels import codes as kernel_codes
 from lords.kernels import decode, forward
 from lords.packing import SEGMENTS, row_bytes
 
-from .tables import write_table
+from .tables import finish_report
 
 TARGET = GPUTarget("cuda", 90, 32)
 SHARED_LIMIT = 227 * 1024  # an H100 block's shared memory; a config over it fails to launch and autotuning skips it
@@ -208,10 +208,7 @@ def main() -> None:
                 if args.quick and result["stack"] == 0 and result["shared"] <= SHARED_LIMIT:
                     break
     report += ["", f"Total {time.perf_counter() - started:.0f} s."]
-    text = "\n".join(report) + "\n"
-    if args.out:
-        write_table(args.out, text)
-    print(text)
+    finish_report(report, args.out)
 
 
 if __name__ == "__main__":
