@@ -137,11 +137,11 @@ def analyse(compiled, weights_per_step: int, threads: int) -> dict:
             "top": ", ".join(f"{name} {count}" for name, count in counts.most_common(5))}
 
 
-def weights_per_step(kernel_name: str, meta: dict, bits: int) -> int:
-    """Weights one program covers per iteration of its main loop: BLOCK_J byte columns (or BLOCK_W int32 words of 4
-    byte columns) of every segment. The dequantize kernel has no loop and covers those columns of one segment."""
+def weights_per_step(meta: dict, bits: int) -> int:
+    """Weights one program covers per iteration of its main loop (the dequantize kernel has none: its whole body):
+    BLOCK_J byte columns (or BLOCK_W int32 words of 4 byte columns) of every segment."""
     columns = 4 * meta["BLOCK_W"] if "BLOCK_W" in meta else meta["BLOCK_J"]
-    return meta["BLOCK_N"] * columns * (1 if "dequantize" in kernel_name else SEGMENTS[bits])
+    return meta["BLOCK_N"] * columns * SEGMENTS[bits]
 
 
 CASES = [  # (what, N, K, rows, bits, activation dtype)
@@ -195,7 +195,7 @@ def main() -> None:
                 continue
             name = kernel.fn.__name__
             for config, compiled in compile_launch(kernel, launch_args, launch_kwargs):
-                result = analyse(compiled, weights_per_step(name, config.kwargs, bits), 32 * config.num_warps)
+                result = analyse(compiled, weights_per_step(config.kwargs, bits), 32 * config.num_warps)
                 shown = " ".join(f"{key.removeprefix('BLOCK_')}={value}" for key, value in config.kwargs.items())
                 report.append(
                     f"| {name.strip('_')} | {n} x {k} | {rows} | {bits} | {str(dtype)[6:]} | {shown} "
