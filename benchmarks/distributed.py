@@ -11,7 +11,6 @@ same steps as one, so the trained values should agree up to the order of floatin
 
 import argparse
 import os
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.finetune import qat_trainable, timed_finetune
-from benchmarks.tables import devices, finish_report
+from benchmarks.tables import devices, finish_report, produced_by
 import lords
 from lords.assets import default_model_path, documents, load_pretrained, token_stream
 from lords.peft import mark_trainable
@@ -30,6 +29,26 @@ from lords.train import process_and_world
 
 METHODS = ("peft", "qat")
 MODES = ("ddp", "fsdp")
+
+
+def process_parser(description: str, steps: int, batch_help: str) -> argparse.ArgumentParser:
+    """The arguments of a benchmark that compares a run on several processes with one process; --worker-out is set
+    for its torchrun workers."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--batch-size", type=int, default=8, help=batch_help)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def check_gpus(processes: int) -> None:
+    if torch.cuda.is_available() and torch.cuda.device_count() < processes:
+        raise SystemExit(f"{processes} processes need {processes} GPUs, this machine has {torch.cuda.device_count()}")
 
 
 def run_workers(module: str, argv: list[str], processes: int) -> dict:
@@ -95,25 +114,15 @@ def relative_difference(result: dict, reference: dict) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default=None)
-    parser.add_argument("--out", default=None)
-    parser.add_argument("--processes", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--lr", type=float, default=2e-4)
+    parser = process_parser(__doc__, steps=50, batch_help="global batch, split over the processes")
     parser.add_argument("--qat-lr", type=float, default=2e-5)
-    parser.add_argument("--batch-size", type=int, default=8, help="global batch, split over the processes")
-    parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--block", type=int, default=10, help="decoder block whose trained values are compared")
     parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)  # set for the torchrun workers
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
-    parser.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker_out:
         return worker(args)
-    if torch.cuda.is_available() and torch.cuda.device_count() < args.processes:
-        raise SystemExit(f"{args.processes} processes need {args.processes} GPUs, this machine has "
-                         f"{torch.cuda.device_count()}")
+    check_gpus(args.processes)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     started = time.perf_counter()
     rows = []
@@ -128,8 +137,8 @@ def main() -> None:
             print(method, mode, result.get("error", f"loss {result['losses'][-1]:.4f}"), flush=True)
     backend = "NCCL" if device.type == "cuda" else "gloo"
     lines = [
-        f"# LoRDS-PEFT and QAT on {args.processes} processes (DDP, FSDP2) vs one process", "",
-        "Produced by:", "", "    python -m benchmarks.distributed " + shlex.join(sys.argv[1:]), "",
+        *produced_by(f"# LoRDS-PEFT and QAT on {args.processes} processes (DDP, FSDP2) vs one process",
+                     "benchmarks.distributed"),
         f"- date: {time.strftime('%Y-%m-%d')}; device: "
         f"{devices(device)}; "
         f"torch {torch.__version__}; {backend}; total {time.perf_counter() - started:.0f} s",

@@ -10,8 +10,6 @@ replays. Prefill: one eager forward over the prompt into a fresh static cache, l
 """
 
 import argparse
-import shlex
-import sys
 import time
 import traceback
 from pathlib import Path
@@ -21,7 +19,7 @@ import transformers
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
-from benchmarks.tables import write_table
+from benchmarks.tables import elapsed, produced_by, write_table
 from benchmarks.kernels import random_layer
 from lords.factorize import parity_rank
 
@@ -182,9 +180,8 @@ def main() -> None:
 def write_report(args, rows: dict, previous: str, seconds: float, done: bool) -> None:
     """Written after every variant, so that a run cut short still leaves its finished rows (marked as partial)."""
     report = [
-        f"## End to end{', ' + args.title if args.title else ''}: Llama-3-8B shapes, random weights, "
-        + ", ".join(args.variants), "",
-        "Produced by:", "", "    python -m benchmarks.e2e " + shlex.join(sys.argv[1:]), "",
+        *produced_by(f"## End to end{', ' + args.title if args.title else ''}: Llama-3-8B shapes, random weights, "
+                     + ", ".join(args.variants), "benchmarks.e2e"),
         f"- date: {time.strftime('%Y-%m-%d')}; device: {torch.cuda.get_device_name()}; torch {torch.__version__}, "
         f"transformers {transformers.__version__}; {args.layers} decoder layers, prompt {args.prompt} tokens",
         "- lords rows: LoRDSLinear's CUDA path, lords.kernels.lords_matmul: per layer shape and batch, the fastest of the "
@@ -209,7 +206,7 @@ def write_report(args, rows: dict, previous: str, seconds: float, done: bool) ->
             f"| {ratio('prefill b1 (ms)')} | {row['prefill b16 (ms)']:.1f} | {ratio('prefill b16 (ms)')} "
             f"| {row['decode b1 mode']} / {row['decode b16 mode']} |"
         )
-    report += ["", f"Total {seconds:.0f} s." if done else f"PARTIAL: the run had not finished ({seconds:.0f} s in)."]
+    report += ["", elapsed(seconds, done) + "."]
     text = "\n".join(report) + "\n"
     if done:
         print(text)

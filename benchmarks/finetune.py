@@ -17,8 +17,6 @@ tensors (peft's LoftQ does too), so their memory is that of a dense base.
 import argparse
 import copy
 import math
-import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -30,7 +28,7 @@ from lords.assets import calibration_tokens, default_model_path, documents, held
 from lords.tasks import choice_accuracy, evaluation_split, load_task, training_tokens
 from lords.eval.perplexity import perplexity
 from benchmarks.e2e import to_nf4
-from benchmarks.tables import write_table
+from benchmarks.tables import elapsed, produced_by, write_table
 from lords.factorize import parity_rank
 from lords.hd_pissa import TARGETS
 from lords.model import set_submodule
@@ -308,11 +306,10 @@ def report(args, path, device, rows, qat_rows, spectra, checks, seconds, done=Fa
     import transformers
 
     lines = [
-        "# Fine-tuning: LoRDS-PEFT vs QLoRA, LoftQ and QPiSSA; LoRDS QAT vs PTQ", "",
-        "Produced by:", "", "    python -m benchmarks.finetune " + shlex.join(sys.argv[1:]), "",
+        *produced_by("# Fine-tuning: LoRDS-PEFT vs QLoRA, LoftQ and QPiSSA; LoRDS QAT vs PTQ", "benchmarks.finetune"),
         f"- date: {time.strftime('%Y-%m-%d')}; device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; "
         f"torch {torch.__version__}, transformers {transformers.__version__}; "
-        + (f"total {seconds:.0f} s" if done else f"PARTIAL: the run had not finished ({seconds:.0f} s in)"),
+        + elapsed(seconds, done),
         f"- model: {path.name} (SmolLM2-135M-Instruct, dequantized from its GGUF); training: {args.training}, "
         f"{args.steps} steps of {args.batch_size} x {args.seq_len} tokens, AdamW lr {args.lr} (cosine); held-out: "
         f"{args.metric}",

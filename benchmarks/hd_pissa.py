@@ -11,14 +11,12 @@ Communication per step is counted, not measured: values each device sends.
 
 import argparse
 import copy
-import shlex
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.tables import write_table
+from benchmarks.tables import elapsed, produced_by, write_table
 from benchmarks.finetune import (add_workload_arguments, decoder_linears, effective_rank, lora, lora_delta, lords_ranks,
                                  prepare, timed_finetune, workload)
 from lords.assets import calibration_tokens, default_model_path, heldout_tokens, load_pretrained
@@ -93,11 +91,10 @@ def main() -> None:
 def report(args, path, device, metric, training, dense_values, rows, seconds, done) -> None:
     """Written after every method, so that a run cut short still leaves its finished rows (marked as partial)."""
     lines = [
-        "# HD-PiSSA vs data-parallel LoRA, PiSSA and LoRDS-PEFT", "",
-        "Produced by:", "", "    python -m benchmarks.hd_pissa " + shlex.join(sys.argv[1:]), "",
+        *produced_by("# HD-PiSSA vs data-parallel LoRA, PiSSA and LoRDS-PEFT", "benchmarks.hd_pissa"),
         f"- date: {time.strftime('%Y-%m-%d')}; device: "
         f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; "
-        + (f"total {seconds:.0f} s" if done else f"PARTIAL: the run had not finished ({seconds:.0f} s in)"),
+        + elapsed(seconds, done),
         f"- model: {path.name}; training: {training}, {args.steps} steps of {args.batch_size} x {args.seq_len} tokens, "
         f"AdamW/Adam lr {args.lr} cosine; held-out: {metric}",
         f"- {args.slices} devices emulated on one GPU (see the script's docstring); sent per step: values each device "

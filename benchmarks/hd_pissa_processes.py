@@ -9,16 +9,14 @@ same update (bit-identical up to the GPU's non-deterministic kernels), and the K
 the emulation's time per step.
 """
 
-import argparse
-import shlex
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.tables import devices, finish_report
-from benchmarks.distributed import join_process_group, run_workers
+from benchmarks.tables import devices, finish_report, produced_by
+from benchmarks.distributed import check_gpus, join_process_group, process_parser, run_workers
 from benchmarks.finetune import add_workload_arguments, workload
 from lords.assets import default_model_path, heldout_tokens, load_pretrained
 from lords.hd_pissa import hd_pissa_finetune
@@ -51,25 +49,15 @@ def worker(args) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default=None)
-    parser.add_argument("--out", default=None)
-    parser.add_argument("--processes", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--batch-size", type=int, default=8, help="global batch, split over the K slices")
-    parser.add_argument("--seq-len", type=int, default=256)
+    parser = process_parser(__doc__, steps=100, batch_help="global batch, split over the K slices")
     parser.add_argument("--rank", type=int, default=5, help="rank per slice")
     parser.add_argument("--max-tokens", type=int, default=40_000)
     parser.add_argument("--layer", default="model.layers.10.mlp.down_proj")
-    parser.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)  # set for the torchrun workers
     add_workload_arguments(parser)
     args = parser.parse_args()
     if args.worker_out:
         return worker(args)
-    if torch.cuda.is_available() and torch.cuda.device_count() < args.processes:
-        raise SystemExit(f"{args.processes} processes need {args.processes} GPUs, this machine has "
-                         f"{torch.cuda.device_count()}")
+    check_gpus(args.processes)
     started = time.perf_counter()
     processes = run_workers("benchmarks.hd_pissa_processes", sys.argv[1:], args.processes)
     launched = time.perf_counter() - started
@@ -80,8 +68,8 @@ def main() -> None:
     rows = [(f"{args.processes} processes ({'NCCL' if device.type == 'cuda' else 'gloo'})", processes),
             (f"1 process, {args.processes} virtual slices", emulated)]
     lines = [
-        f"# HD-PiSSA on {args.processes} processes vs its single-process emulation", "",
-        "Produced by:", "", "    python -m benchmarks.hd_pissa_processes " + shlex.join(sys.argv[1:]), "",
+        *produced_by(f"# HD-PiSSA on {args.processes} processes vs its single-process emulation",
+                     "benchmarks.hd_pissa_processes"),
         f"- date: {time.strftime('%Y-%m-%d')}; device: "
         f"{devices(device)}; "
         f"torch {torch.__version__}; the torchrun launch took {launched:.0f} s in all (model loading included)",

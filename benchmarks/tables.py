@@ -1,6 +1,8 @@
 """Writing a results table: through a temporary name moved into place, so that a reader (or a run cut short) never
 sees half a file and an earlier table is replaced only by a whole new one."""
 
+import shlex
+import sys
 from pathlib import Path
 
 import torch
@@ -12,6 +14,16 @@ def write_table(path: str | Path, text: str) -> None:
     partial = out.with_name(out.name + ".partial")
     partial.write_text(text)
     partial.replace(out)
+
+
+def produced_by(title: str, module: str) -> list[str]:
+    """A report's opening lines: its title and the command that wrote it, with this run's arguments."""
+    return [title, "", "Produced by:", "", f"    python -m {module} " + shlex.join(sys.argv[1:]), ""]
+
+
+def elapsed(seconds: float, done: bool) -> str:
+    """A report's run time, or the mark of a run cut short."""
+    return f"total {seconds:.0f} s" if done else f"PARTIAL: the run had not finished ({seconds:.0f} s in)"
 
 
 def devices(device: torch.device) -> str:
