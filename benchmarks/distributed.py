@@ -3,10 +3,15 @@
     python -m benchmarks.distributed --processes 2 --out results/distributed.md     # a machine with 2 GPUs
 
 For each method and each mode the script starts K workers with torchrun (NCCL on GPUs, gloo on CPUs); every worker
-builds the same model (LoRDS SVD init, no refinement, so every process starts from identical values), trains on its
-share of each global batch through lords.train.finetune, and rank 0 saves its losses, timings and the trained values
-of one decoder block. The same training then runs in this process on the whole batch. K processes should take the
-same steps as one, so the trained values should agree up to the order of floating-point sums.
+builds the same model (LoRDS SVD init, no refinement), trains on its share of each global batch through
+lords.train.finetune, and rank 0 saves its losses, timings and the starting and trained values of one decoder block.
+The reference is the same training on the whole batch in one torchrun process. K processes should take the same
+steps as one, so their updates (trained minus starting values) should agree up to the order of floating-point sums.
+The reference runs under torchrun too, every run with the same thread count, because the starting values depend on
+it: on the CPU, LAPACK's SVD gave down_proj factors of the default model that differ by 1e-4 relative between one
+thread and two. With the reference in this process (two threads) the updates of 2 processes differed from its own
+by 3.5-4% after 2 AdamW steps; with every process on one thread, by 1.8-2.9e-5. The table reports the start gap and
+the update gap apart.
 """
 
 import argparse
@@ -53,10 +58,13 @@ def check_gpus(processes: int) -> None:
 
 def run_workers(module: str, argv: list[str], processes: int) -> dict:
     """Run `python -m module argv --worker-out FILE` on `processes` torchrun workers; what rank 0 saved to FILE."""
+    # torchrun sets one thread a process only when it starts several; the same count everywhere keeps the SVD init,
+    # which depends on it, the same in a one-process reference and in the workers.
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     with tempfile.TemporaryDirectory() as folder:
         worker_out = Path(folder) / "rank0.pt"
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-                        "-m", module, *argv, "--worker-out", str(worker_out)], check=True)
+                        "-m", module, *argv, "--worker-out", str(worker_out)], check=True, env=env)
         return torch.load(worker_out)
 
 
@@ -106,11 +114,20 @@ def worker(args) -> None:
     dist.destroy_process_group()
 
 
-def relative_difference(result: dict, reference: dict) -> float:
-    """||trained - reference trained|| / ||reference update|| over the saved block."""
-    gap = sum((result["trained"][n] - reference["trained"][n]).norm() ** 2 for n in reference["trained"]) ** 0.5
-    update = sum(u.norm() ** 2 for u in reference["update"].values()) ** 0.5
-    return (gap / update).item()
+def differences(result: dict, reference: dict) -> tuple[float, float]:
+    """||update - reference update|| and ||start - reference start|| over the saved block, both over ||reference
+    update||."""
+    def norm(values) -> torch.Tensor:
+        return sum(value.norm() ** 2 for value in values) ** 0.5
+
+    def start(run: dict, name: str) -> torch.Tensor:
+        return run["trained"][name] - run["update"][name]
+
+    names = list(reference["update"])
+    update = norm(reference["update"].values())
+    update_gap = norm(result["update"][n] - reference["update"][n] for n in names)
+    start_gap = norm(start(result, n) - start(reference, n) for n in names)
+    return (update_gap / update).item(), (start_gap / update).item()
 
 
 def main() -> None:
@@ -127,13 +144,15 @@ def main() -> None:
     started = time.perf_counter()
     rows = []
     for method in METHODS:
-        reference = train(args, method, False, device)
+        reference = run_workers("benchmarks.distributed", [*sys.argv[1:], "--method", method, "--mode", "ddp"], 1)
+        if "error" in reference:
+            raise SystemExit(f"{method} on one process failed: {reference['error']}")
         rows.append((method, "1 process, whole batch", reference, None))
         for mode in MODES:
             result = run_workers("benchmarks.distributed", [*sys.argv[1:], "--method", method, "--mode", mode],
                                  args.processes)
             rows.append((method, f"{args.processes} processes, {mode.upper()}", result,
-                         None if "error" in result else relative_difference(result, reference)))
+                         None if "error" in result else differences(result, reference)))
             print(method, mode, result.get("error", f"loss {result['losses'][-1]:.4f}"), flush=True)
     backend = "NCCL" if device.type == "cuda" else "gloo"
     lines = [
@@ -145,17 +164,19 @@ def main() -> None:
         f"- default model, LoRDS 4-bit SVD init (no refinement); {args.steps} steps of a global batch of "
         f"{args.batch_size} x {args.seq_len} tokens of the training documents; PEFT trains B, A at lr {args.lr}; QAT "
         f"trains weights and scales at lr {args.qat_lr} (scales x4)",
-        f"- difference: ||trained - trained by one process|| / ||update by one process|| over block {args.block}'s "
-        "trained values; step: median; peak: torch.cuda.max_memory_allocated on rank 0", "",
-        "| method | run | step (ms) | peak memory per GPU (GB) | loss, last step | difference to one process |",
-        "|---|---|---|---|---|---|",
+        f"- update gap: ||update - update by one process|| / ||update by one process|| over block {args.block}'s "
+        "trained values (update = trained - starting values); start gap: the starting values' difference over the "
+        "same norm; step: median; peak: torch.cuda.max_memory_allocated on rank 0", "",
+        "| method | run | step (ms) | peak memory per GPU (GB) | loss, last step | update gap | start gap |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for method, run, result, difference in rows:
+    for method, run, result, gaps in rows:
         if "error" in result:
-            lines.append(f"| {method} | {run} | {result['error']} | | | |")
+            lines.append(f"| {method} | {run} | {result['error']} | | | | |")
             continue
+        gap_cells = "| | |" if gaps is None else f"| {gaps[0]:.2e} | {gaps[1]:.2e} |"
         lines.append(f"| {method} | {run} | {1e3 * result['step_s']:.1f} | {result['peak_gb']:.2f} "
-                     f"| {result['losses'][-1]:.4f} | {'' if difference is None else f'{difference:.2e}'} |")
+                     f"| {result['losses'][-1]:.4f} {gap_cells}")
     finish_report(lines, args.out)
 
 

@@ -28,7 +28,7 @@ from lords.assets import calibration_tokens, default_model_path, documents, held
 from lords.tasks import choice_accuracy, evaluation_split, load_task, training_tokens
 from lords.eval.perplexity import perplexity
 from benchmarks.e2e import to_nf4
-from benchmarks.tables import elapsed, produced_by, write_table
+from benchmarks.tables import elapsed, finish_report, produced_by
 from lords.factorize import parity_rank
 from lords.hd_pissa import TARGETS
 from lords.model import set_submodule
@@ -333,13 +333,9 @@ def report(args, path, device, rows, qat_rows, spectra, checks, seconds, done=Fa
                   "| bits | PTQ held-out | QAT held-out | trainable floats | step (ms) | peak memory (GB) |", "|---|---|---|---|---|---|"]
         for bits, ptq_score, qat_score, floats, step, peak in qat_rows:
             lines.append(f"| {bits} | {ptq_score:.3f} | {qat_score:.3f} | {floats / 1e6:.1f}M | {step:.1f} | {peak:.2f} |")
-    text = "\n".join(lines) + "\n"
-    if done:
-        print(text)
-    if args.out:
-        write_table(args.out, text)
-        if spectra:
-            plot_spectra(spectra, args.layer, Path(args.out).with_suffix(".png"))
+    finish_report(lines, args.out, done)
+    if args.out and spectra:
+        plot_spectra(spectra, args.layer, Path(args.out).with_suffix(".png"))
 
 
 def plot_spectra(spectra: dict, layer: str, path: Path) -> None:

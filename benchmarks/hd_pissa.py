@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.tables import elapsed, produced_by, write_table
+from benchmarks.tables import elapsed, finish_report, produced_by
 from benchmarks.finetune import (add_workload_arguments, decoder_linears, effective_rank, lora, lora_delta, lords_ranks,
                                  prepare, timed_finetune, workload)
 from lords.assets import calibration_tokens, default_model_path, heldout_tokens, load_pretrained
@@ -108,11 +108,7 @@ def report(args, path, device, metric, training, dense_values, rows, seconds, do
     ]
     for method, floats, held_out, sent, wall, erank in rows:
         lines.append(f"| {method} | {floats / 1e6:.2f}M | {held_out:.3f} | {sent / 1e6:.2f}M | {wall:.0f} | {erank} |")
-    text = "\n".join(lines) + "\n"
-    if done:
-        print(text)
-    if args.out:
-        write_table(args.out, text)
+    finish_report(lines, args.out, done)
 
 
 if __name__ == "__main__":

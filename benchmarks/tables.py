@@ -1,5 +1,6 @@
-"""Writing a results table: through a temporary name moved into place, so that a reader (or a run cut short) never
-sees half a file and an earlier table is replaced only by a whole new one."""
+"""Writing a results report: its opening lines (the command that produced it), and the file itself through a temporary
+name moved into place, so that a reader (or a run cut short) never sees half a file and an earlier table is replaced
+only by a whole new one."""
 
 import shlex
 import sys
@@ -18,7 +19,7 @@ def write_table(path: str | Path, text: str) -> None:
 
 def produced_by(title: str, module: str) -> list[str]:
     """A report's opening lines: its title and the command that wrote it, with this run's arguments."""
-    return [title, "", "Produced by:", "", f"    python -m {module} " + shlex.join(sys.argv[1:]), ""]
+    return [title, "", "Produced by:", "", f"    python -m {module} {shlex.join(sys.argv[1:])}".rstrip(), ""]
 
 
 def elapsed(seconds: float, done: bool) -> str:
@@ -31,9 +32,11 @@ def devices(device: torch.device) -> str:
     return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}" if device.type == "cuda" else "cpu"
 
 
-def finish_report(lines: list[str], out: str | Path | None) -> None:
-    """Print a finished report and write it to out, if given."""
+def finish_report(lines: list[str], out: str | Path | None, done: bool = True) -> None:
+    """Write the report to out, if given; print it once it is done (a partial one is written after every row, so that
+    a run cut short still leaves its finished rows)."""
     text = "\n".join(lines) + "\n"
-    print(text)
+    if done:
+        print(text)
     if out:
         write_table(out, text)

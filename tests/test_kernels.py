@@ -56,7 +56,7 @@ def test_forward_matches_float64(kernel, bits, kind, m, n, k, rank):
 
 
 @pytest.mark.parametrize("bits,kind", BITS_AND_CODEBOOKS)
-# k = 300: segments of 75-150 byte columns, so that programs walk several column tiles and the last one is partial
+# k = 300: segments of 75-150 byte columns, split over several programs, the last one's tile partial
 @pytest.mark.parametrize("n,k,rank", [(24, 40, 1), (33, 72, 17), (10, 37, 2), (9, 300, 3)])
 def test_dequantize_matches_float64(bits, kind, n, k, rank):
     _, codes, codebook, scale_b, scale_a, _ = random_problem(bits, kind, 1, n, k, rank, seed=bits + n)

@@ -30,7 +30,8 @@ TILED_CONFIGS = [
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_J": 32}, num_warps=4, num_stages=1),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_J": 32}, num_warps=4, num_stages=1),
 ]
-# The five fastest of 12 (BLOCK_N, BLOCK_J, warps) on the H100 over the 8B and 70B shapes at 2-4 bits.
+# Five of 12 (BLOCK_N, BLOCK_J, warps) swept on the H100 (8B and 70B shapes, 2-4 bits): those most often among the
+# four fastest.
 DEQUANT_CONFIGS = [
     triton.Config({"BLOCK_N": 64, "BLOCK_J": 64}, num_warps=4, num_stages=1),
     triton.Config({"BLOCK_N": 64, "BLOCK_J": 128}, num_warps=4, num_stages=1),
