@@ -10,6 +10,7 @@ replays. Prefill: one eager forward over the prompt into a fresh static cache, l
 """
 
 import argparse
+import os
 import time
 import traceback
 from pathlib import Path
@@ -20,7 +21,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
 from benchmarks.tables import elapsed, produced_by, write_table
-from benchmarks.kernels import random_layer
+from benchmarks.kernels import precompile, random_layer, timing_launches
 from lords.factorize import parity_rank
 
 LLAMA3_8B = dict(
@@ -149,8 +150,17 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=1024)
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--title", default="", help="added to the section title (e.g. 'run 2')")
+    parser.add_argument("--compile-workers", type=int, default=min(16, os.cpu_count()),
+                        help="processes compiling the LoRDS kernels before timing (0: compile while autotuning)")
     args = parser.parse_args()
     started = time.perf_counter()
+    layers = [(int(name.split("-")[1][0]), 64) for name in args.variants if name.startswith("lords")]
+    if args.compile_workers and layers:
+        hidden, intermediate = LLAMA3_8B["hidden_size"], LLAMA3_8B["intermediate_size"]
+        kv = hidden // LLAMA3_8B["num_attention_heads"] * LLAMA3_8B["num_key_value_heads"]
+        shapes = [(hidden, hidden), (kv, hidden), (intermediate, hidden), (hidden, intermediate)]
+        rows = [1, 16, args.prompt, 16 * args.prompt]
+        print(f"compiled in {precompile(timing_launches(shapes, rows, layers), args.compile_workers):.0f} s", flush=True)
     out = Path(args.out) if args.out else None
     previous = out.read_text() + "\n" if args.append and out and out.exists() else ""  # kept above this run's section
     rows = {}

@@ -11,6 +11,8 @@ that launch overhead counts for no method; ratios are lords_matmul at b = 64 ove
 """
 
 import argparse
+import multiprocessing
+import os
 import time
 from pathlib import Path
 
@@ -20,7 +22,11 @@ import triton
 
 from lords.codebooks import get_codebook
 from lords.factorize import parity_rank
-from lords.kernels import MAX_ROWS, TILED_MAX_ROWS, decode_matmul, dequant_matmul, lords_matmul, tiled_matmul
+from lords.kernels import (KERNELS, MAX_ROWS, TILED_MAX_ROWS, candidates, decode_matmul, dequant_matmul, lords_matmul,
+                           tiled_matmul)
+from lords.kernels.autotune import compile_only
+from lords.kernels.codes import rank_pad
+from lords.kernels.forward import m_bucket
 from lords.linear import LoRDSLinear
 from lords.packing import pack_codes
 
@@ -28,6 +34,16 @@ SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (28672, 8192
 MS = [1, 4, 16, 64, 256, 2048, 8192]
 DECODE_MS = [1, 2, 4]
 OTHER_WIDTH_MS = [1, 16, 2048]
+
+
+# (shape, M, bits, codebook, rank, activation dtypes); M odd gets a bias. Few cases: every new (bits, rank, dtype)
+# compiles each autotune config.
+CORRECTNESS_CASES = [
+    ((4096, 4096), 1, 4, "nf", 32, (torch.bfloat16, torch.float16)),
+    ((1000, 1000), 3, 3, "int", 13, (torch.bfloat16,)),
+    ((14336, 4096), 64, 2, "int", 49, (torch.bfloat16,)), ((1024, 4096), 2, 2, "nf", 99, (torch.bfloat16,)),
+    ((333, 520), 300, 4, "int", 1, (torch.bfloat16,)),
+]
 
 
 def random_layer(n, k, bits, rank, device) -> LoRDSLinear:
@@ -49,6 +65,48 @@ def kernel_fns(layer: LoRDSLinear, bias=None) -> dict:
     }
 
 
+def timing_launches(shapes, rows, layers) -> list[tuple]:
+    """(kernel, N, K, rows, bits, rank, codebook kind, dtype, bias) of every kernel launch that lords_matmul's choice
+    makes for these shapes, row counts and (bits, block) layers, with the default codebook and bf16 activations."""
+    return [(name, n, k, m, bits, parity_rank(n, k, block), None, torch.bfloat16, False)
+            for n, k in shapes for m in rows for bits, block in layers for name in candidates(m)]
+
+
+def correctness_launches() -> list[tuple]:
+    return [(name, n, k, m, bits, rank, kind, dtype, m % 2 == 1)
+            for (n, k), m, bits, kind, rank, dtypes in CORRECTNESS_CASES for dtype in dtypes for name in candidates(m)]
+
+
+def _compile_group(launches) -> None:
+    for name, n, k, m, bits, rank, kind, dtype, bias in launches:
+        layer = LoRDSLinear(k, n, bits, rank, device="cuda")
+        if kind is not None:
+            layer.codebook.copy_(get_codebook(kind, bits).to("cuda"))
+        x = torch.zeros(m, k, device="cuda", dtype=dtype)
+        with compile_only(), torch.no_grad():
+            KERNELS[name](x, layer.codes, layer.codebook, layer.scale_b, layer.scale_a, bits,
+                          torch.zeros(n, device="cuda", dtype=dtype) if bias else None)
+
+
+def precompile(launches, workers: int) -> float:
+    """Compile every autotune config of these launches into Triton's disk cache, in `workers` processes, so that the
+    timing that follows finds them compiled: compiled one by one while autotuning, the correctness checks and one shape
+    took most of a 600 s device call; 16 processes compiled the whole run's in 83-101 s on the H100 machine. Launches
+    that look like one Triton specialisation (same kernel, rank padding and divisibility) go to one worker in turn, so
+    that the second finds the first's binary. Returns the seconds taken."""
+    started = time.perf_counter()
+    groups = {}
+    for launch in dict.fromkeys(launches):
+        name, n, k, m, bits, rank, kind, dtype, bias = launch
+        rows = m if name == "decode" else (m == 1, m % 16 == 0, m_bucket(m) % 16 == 0) if name == "tiled" else None
+        specialisation = (name, rows, bits, rank_pad(rank), rank % 16 == 0, rank == 1, n % 16 == 0, k % 256 == 0,
+                          kind, dtype, bias)
+        groups.setdefault(specialisation, []).append(launch)
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        pool.map(_compile_group, sorted(groups.values(), key=len, reverse=True), chunksize=1)
+    return time.perf_counter() - started
+
+
 def poison_allocator(device) -> None:
     """Fill free cached blocks with NaN so that an output element the kernel never writes shows up."""
     poison = torch.full((2**28,), float("nan"), device=device)
@@ -59,13 +117,7 @@ def check_correctness(device) -> list[str]:
     """Fresh random inputs per case; every kernel, bf16 and fp16 activations, against a float64 reference."""
     lines = ["| kernel | shape (N x K) | M | bits | codebook | rank | bias | dtype | rel. error vs fp64 | all written |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    # Few cases: every new (bits, rank, dtype) compiles each autotune config, which costs more GPU time than timing.
-    for (n, k), m, bits, kind, rank, dtypes in [
-        ((4096, 4096), 1, 4, "nf", 32, (torch.bfloat16, torch.float16)),
-        ((1000, 1000), 3, 3, "int", 13, (torch.bfloat16,)),
-        ((14336, 4096), 64, 2, "int", 49, (torch.bfloat16,)), ((1024, 4096), 2, 2, "nf", 99, (torch.bfloat16,)),
-        ((333, 520), 300, 4, "int", 1, (torch.bfloat16,)),
-    ]:
+    for (n, k), m, bits, kind, rank, dtypes in CORRECTNESS_CASES:
         layer = random_layer(n, k, bits, rank, device)
         layer.codebook.copy_(get_codebook(kind, bits).to(device))
         bias = torch.randn(n, device=device) if m % 2 else None
@@ -129,6 +181,8 @@ def main() -> None:
     parser.add_argument("--shapes", type=int, default=len(SHAPES), help="how many of SHAPES to time")
     parser.add_argument("--skip", type=int, default=0, help="start at this index of SHAPES (a run cut short resumes)")
     parser.add_argument("--replot", action="store_true", help="only redraw the PNG from the tables in --out")
+    parser.add_argument("--compile-workers", type=int, default=min(16, os.cpu_count()),
+                        help="processes compiling the kernels before timing (0: compile while autotuning)")
     args = parser.parse_args()
     if args.replot:
         plot(tables_from_markdown(Path(args.out).read_text()), Path(args.out).with_suffix(".png"))
@@ -136,11 +190,19 @@ def main() -> None:
     device = torch.device("cuda")
     torch.manual_seed(0)
     started = time.perf_counter()
+    shapes = SHAPES[args.skip : args.shapes]
+    compiled = "kernels compiled while autotuning"
+    if args.compile_workers:
+        launches = timing_launches(shapes, DECODE_MS + MS, [(4, 64), (4, 128)])
+        launches += timing_launches(shapes, OTHER_WIDTH_MS, [(3, 64), (2, 64)])
+        seconds = precompile(launches + (correctness_launches() if not args.skip else []), args.compile_workers)
+        compiled = f"kernels compiled beforehand by {args.compile_workers} processes in {seconds:.0f} s"
+        print(compiled, flush=True)
     report = [
         "# LoRDS kernels vs bf16 cuBLAS, bitsandbytes NF4 and torch int4 (tinygemm)", "",
         "Produced by:", "", "    python -m benchmarks.kernels --out results/kernels.md", "",
         f"- date: {time.strftime('%Y-%m-%d')}; device: {torch.cuda.get_device_name()}; torch {torch.__version__}, "
-        f"triton {triton.__version__}",
+        f"triton {triton.__version__}; {compiled}",
         "- lords-b64/b128 and the 3-/2-bit rows: `lords_matmul`, what LoRDSLinear runs on CUDA: whichever of the "
         "decode kernel, the tiled kernel and Triton dequantize + cuBLAS timed fastest for the shape at first use; "
         "decode-b64, tiled-b64 and dequant-b64: each kernel on its own",
@@ -149,7 +211,7 @@ def main() -> None:
     report += [f"- measured copy bandwidth (read + write): {bandwidth:.0f} GB/s", "", "## Correctness on the GPU", ""]
     report += check_correctness(device) if not args.skip else ["(checked in the run that timed the first shapes)"]
     plots = {}
-    for n, k in SHAPES[args.skip : args.shapes]:
+    for n, k in shapes:
         weight = torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02
         anchors = {"bf16": lambda x, w=weight: F.linear(x, w)}
         for name, make in (("bnb-nf4", bnb_nf4), ("int4-tinygemm", int4_tinygemm)):

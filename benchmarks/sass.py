@@ -74,6 +74,8 @@ def specialise(fn: JITFunction, args, kwargs) -> tuple[dict, dict, dict]:
         elif isinstance(value, torch.Tensor):
             signature[param.name] = POINTER_TYPES[value.dtype]
             attrs[(index,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
+        elif isinstance(value, int) and param.do_not_specialize:
+            signature[param.name] = "i32"
         elif isinstance(value, int) and value == 1:
             signature[param.name], constants[param.name] = "constexpr", 1
         else:
@@ -84,12 +86,18 @@ def specialise(fn: JITFunction, args, kwargs) -> tuple[dict, dict, dict]:
 
 
 def compile_launch(kernel: Autotuner, args, kwargs):
-    """(config, compiled kernel) for every config the autotuned launch would consider, in the autotuner's order."""
+    """(config, compiled kernel) for every config the autotuned launch would consider, in the autotuner's order; a
+    config that compiles to a binary already listed (one differing only in a runtime argument, PER_SM) is skipped."""
     kernel.nargs = dict(zip(kernel.arg_names, args))  # what Autotuner.run sets before pruning
+    seen = set()
     for config in kernel.prune_configs(kwargs):
         signature, constants, attrs = specialise(kernel.fn, args, kwargs | config.kwargs)
-        source = ASTSource(fn=kernel.fn, signature=signature, constexprs=constants, attrs=attrs)
         options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+        binary = repr((sorted(signature.items()), sorted(constants.items()), sorted(attrs.items()), options))
+        if binary in seen:
+            continue
+        seen.add(binary)
+        source = ASTSource(fn=kernel.fn, signature=signature, constexprs=constants, attrs=attrs)
         yield config, triton.compile(source, target=TARGET, options=options)
 
 
@@ -108,15 +116,18 @@ def sass_of(cubin: bytes) -> tuple[list[tuple[int, str]], str]:
 
 
 def main_loop(instructions: list[tuple[int, str]]) -> list[str]:
-    """The instructions of the largest loop (from a branch target to its backward branch); all if there is none."""
+    """The instructions of the largest innermost loop (from a branch target to its backward branch, holding no other
+    loop: the stream-K kernels nest their step loop in a loop over tiles); all if there is none."""
     index_of = {address: index for index, (address, _) in enumerate(instructions)}
-    start, end = 0, len(instructions) - 1
+    loops = []
     for index, (address, text) in enumerate(instructions):
         target = re.search(r"BRA\s.*?0x([0-9a-f]+)", text)
         if target and int(target.group(1), 16) < address and int(target.group(1), 16) in index_of:
-            loop_start = index_of[int(target.group(1), 16)]
-            if index - loop_start > end - start or (start, end) == (0, len(instructions) - 1):
-                start, end = loop_start, index
+            loops.append((index_of[int(target.group(1), 16)], index))
+    innermost = [(start, end) for start, end in loops
+                 if not any(start <= inner_start and inner_end <= end and (inner_start, inner_end) != (start, end)
+                            for inner_start, inner_end in loops)]
+    start, end = max(innermost, key=lambda loop: loop[1] - loop[0], default=(0, len(instructions) - 1))
     return [text for _, text in instructions[start: end + 1]]
 
 

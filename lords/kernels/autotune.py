@@ -1,11 +1,13 @@
 """Autotuning shared by the LoRDS kernels: on the GPU each config is timed briefly; under TRITON_INTERPRET=1 (the CPU
 tests) only the small interpreter config runs."""
 
+import contextlib
 import os
 import statistics
 
 import torch
 import triton
+from triton.runtime.autotuner import Autotuner
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -50,3 +52,26 @@ def gpu_time(fn, quantiles=None, rep_ms: float = 20.0):
 
 def autotune(configs, interpret_configs, key, **kwargs):
     return triton.autotune(configs=interpret_configs if INTERPRET else configs, key=key, do_bench=gpu_time, **kwargs)
+
+
+def processors(device: torch.device) -> int:
+    """Multiprocessors of a GPU; one under the CPU interpreter, whose grid is then PER_SM programs."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+@contextlib.contextmanager
+def compile_only():
+    """Within it, launching an autotuned kernel compiles every config that survives pruning (into Triton's on-disk
+    cache) and runs nothing; outputs are left as allocated. Processes doing this for different shapes fill the cache
+    in parallel: ptxas takes seconds per config, and autotuning one kernel otherwise compiles its configs one by
+    one."""
+    run = Autotuner.run
+
+    def warm(self, *args, grid, warmup=False, **kwargs):
+        return self.warmup(*args, grid=grid, **kwargs)
+
+    Autotuner.run = warm
+    try:
+        yield
+    finally:
+        Autotuner.run = run

@@ -107,6 +107,14 @@ def segment_levels(word, codebook_ptr, segment, BITS: tl.constexpr, TABLE: tl.co
 
 
 @triton.jit
+def work_share(units):
+    """[start, end) of this program's share of `units` work units: equal, contiguous shares over the grid."""
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    return (pid * units // programs).to(tl.int32), ((pid + 1) * units // programs).to(tl.int32)
+
+
+@triton.jit
 def segment_columns(offs_j, segment, SEGMENT, K):
     """The weight columns of byte columns offs_j in `segment`, and which of them exist."""
     offs_k = segment * SEGMENT + offs_j

@@ -1,4 +1,4 @@
-"""LoRDS decode (a few rows of X) in the algebraic form, with split-K.
+"""LoRDS decode (a few rows of X) in the algebraic form, with the K steps shared out evenly ("stream-K").
 
     Y[m, n] = sum_k X[m, k] (sum_t B[n, t] A[t, k]) C[n, k] = sum_t B[n, t] * sum_k (X[m, k] A[t, k]) C[n, k]
 
@@ -7,36 +7,40 @@ operand of one tensor-core tl.dot per segment; B is applied once per output tile
 elementwise work is the code decode alone (the tiled kernel also multiplies by the scale tile and re-lays it out for
 a second dot); the price is r times the multiply-adds per row of X, which is why this form serves at most MAX_ROWS
 rows. Every program re-reads the A tile from L2, so BLOCK_N is large (A traffic / code traffic = 4 * RANK_PAD /
-BLOCK_N at 4 bits), and K is split across programs (SPLIT_K) so that the GPU still fills; the partial sums meet in a
-float32 buffer through atomic adds.
+BLOCK_N at 4 bits), and the K steps of a tile are shared by several programs so that the GPU still fills; the partial
+sums meet in a float32 buffer through atomic adds.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from .autotune import autotune
+from .autotune import autotune, processors
 from .codes import (check_input, layout_args, layout_meta, load_scale_a, load_scale_b, load_words, rank_pad,
-                    segment_columns, segment_levels)
+                    segment_columns, segment_levels, work_share)
 
 MAX_ROWS = 4
-CONFIGS = [
-    triton.Config({"BLOCK_N": 128, "BLOCK_J": 32, "SPLIT_K": 4}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_N": 128, "BLOCK_J": 64, "SPLIT_K": 2}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_N": 256, "BLOCK_J": 32, "SPLIT_K": 4}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_N": 256, "BLOCK_J": 64, "SPLIT_K": 2}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_N": 256, "BLOCK_J": 64, "SPLIT_K": 4}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_N": 64, "BLOCK_J": 64, "SPLIT_K": 8}, num_warps=4, num_stages=4),
+# PER_SM: programs per multiprocessor. The grid is one wave of programs (at most as many as fit on the GPU at once)
+# that split the (N tile, K step) work evenly, "stream-K": a grid of (N tiles, K splits) left a partial second wave
+# (ncu, H100, 14336 x 4096), and one wave took 0.84-0.99x its time at M = 1. How many programs fit depends on the
+# registers the config compiles to, so autotuning picks it.
+TILES = [
+    ({"BLOCK_N": 128, "BLOCK_J": 32}, 4, 3, (1, 2, 3, 4)),
+    ({"BLOCK_N": 128, "BLOCK_J": 64}, 4, 3, (1, 2)),
+    ({"BLOCK_N": 256, "BLOCK_J": 64}, 8, 2, (1, 2)),
+    ({"BLOCK_N": 64, "BLOCK_J": 64}, 4, 4, (2, 3, 4)),
     # 3 bits unroll 8 segments a step: these small ones fit its shared memory
-    triton.Config({"BLOCK_N": 64, "BLOCK_J": 32, "SPLIT_K": 4}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_N": 128, "BLOCK_J": 16, "SPLIT_K": 4}, num_warps=4, num_stages=1),
+    ({"BLOCK_N": 64, "BLOCK_J": 32}, 4, 2, (2, 4)),
+    ({"BLOCK_N": 128, "BLOCK_J": 16}, 4, 1, (2, 3, 4)),
 ]
-INTERPRET_CONFIGS = [triton.Config({"BLOCK_N": 16, "BLOCK_J": 16, "SPLIT_K": 2}, num_warps=4, num_stages=1)]
+CONFIGS = [triton.Config({**tile, "PER_SM": per_sm}, num_warps=warps, num_stages=stages)
+           for tile, warps, stages, per_sms in TILES for per_sm in per_sms]
+INTERPRET_CONFIGS = [triton.Config({"BLOCK_N": 16, "BLOCK_J": 16, "PER_SM": 3}, num_warps=4, num_stages=1)]
 
 
 def fits_registers(configs, named_args, **kwargs):
     """Drop configs whose (BLOCK_N, M*r) accumulator or (M*r, BLOCK_J) X*A tile would exceed ~128 values a thread:
-    they spill, and compile for minutes. The smallest config always stays."""
+    they spill, and compile for minutes. The smallest tile always stays."""
     columns = kwargs["M_PAD"] * kwargs["RANK_PAD"]
 
     def per_thread(config):
@@ -44,50 +48,52 @@ def fits_registers(configs, named_args, **kwargs):
         return columns * max(config.kwargs["BLOCK_N"], config.kwargs["BLOCK_J"]) / threads
 
     kept = [config for config in configs if per_thread(config) <= 128]
-    return kept or [min(configs, key=per_thread)]
+    smallest = min(map(per_thread, configs))
+    return kept or [config for config in configs if per_thread(config) == smallest]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["PER_SM"])  # one binary for every PER_SM
 def _decode_kernel(
     x_ptr, codes_ptr, codebook_ptr, scale_b_ptr, scale_a_ptr, bias_ptr, y_ptr,
-    M, N, K, RANK, SEGMENT, ROW_BYTES, stride_xm,
+    M, N, K, RANK, SEGMENT, ROW_BYTES, stride_xm, PER_SM,
     BITS: tl.constexpr, SEGMENTS: tl.constexpr, TABLE: tl.constexpr, RANK_PAD: tl.constexpr, M_PAD: tl.constexpr,
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # the work is n_tiles x steps units, N tile major; this program takes an equal, contiguous share of them, which
+    # may end in one tile and go on in the next (PER_SM only sizes the grid)
+    steps = tl.cdiv(SEGMENT, BLOCK_J)
+    start, end = work_share(tl.cdiv(N, BLOCK_N) * steps)
     offs_m = tl.arange(0, M_PAD)
     offs_r = tl.arange(0, RANK_PAD)
-    mask_n = offs_n < N
-    j_per_split = tl.cdiv(SEGMENT, SPLIT_K * BLOCK_J) * BLOCK_J
-    j_start = pid_k * j_per_split
-    j_end = tl.minimum(j_start + j_per_split, SEGMENT)
-    acc = tl.zeros((BLOCK_N, M_PAD * RANK_PAD), dtype=tl.float32)
-    for j0 in range(j_start, j_end, BLOCK_J):
-        offs_j = j0 + tl.arange(0, BLOCK_J)
-        word = load_words(codes_ptr, offs_n, offs_j, N, SEGMENT, ROW_BYTES, BITS)
-        for segment in tl.static_range(SEGMENTS):
-            offs_k, mask_k = segment_columns(offs_j, segment, SEGMENT, K)
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                        mask=(offs_m[:, None] < M) & mask_k[None, :], other=0.0).to(tl.float32)
-            scale_a = load_scale_a(scale_a_ptr, offs_r, offs_k, mask_k, K, RANK).to(tl.float32)
-            if M_PAD == 1:
-                xa = scale_a * x
-            else:
-                # rows ordered (m, t), matching the accumulator's columns
-                xa = (x[:, None, :] * scale_a[None, :, :]).reshape(M_PAD * RANK_PAD, BLOCK_J)
-            level = segment_levels(word, codebook_ptr, segment, BITS, TABLE)
-            acc += tl.dot(level.to(x_ptr.dtype.element_ty), tl.trans(xa.to(x_ptr.dtype.element_ty)))
-    scale_b = load_scale_b(scale_b_ptr, offs_n, offs_r, N, RANK).to(tl.float32)
-    y = tl.sum(acc.reshape(BLOCK_N, M_PAD, RANK_PAD) * scale_b[:, None, :], axis=2)
-    if HAS_BIAS:
-        y += tl.where(pid_k == 0, tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32), 0.0)[:, None]
-    tl.atomic_add(y_ptr + offs_m[None, :] * N + offs_n[:, None], y, mask=mask_n[:, None] & (offs_m[None, :] < M))
+    for tile in range(start // steps, (end - 1) // steps + 1):
+        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        first = tl.maximum(start - tile * steps, 0)
+        acc = tl.zeros((BLOCK_N, M_PAD * RANK_PAD), dtype=tl.float32)
+        for step in range(first, tl.minimum(end - tile * steps, steps)):
+            offs_j = step * BLOCK_J + tl.arange(0, BLOCK_J)
+            word = load_words(codes_ptr, offs_n, offs_j, N, SEGMENT, ROW_BYTES, BITS)
+            for segment in tl.static_range(SEGMENTS):
+                offs_k, mask_k = segment_columns(offs_j, segment, SEGMENT, K)
+                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                            mask=(offs_m[:, None] < M) & mask_k[None, :], other=0.0).to(tl.float32)
+                scale_a = load_scale_a(scale_a_ptr, offs_r, offs_k, mask_k, K, RANK).to(tl.float32)
+                if M_PAD == 1:
+                    xa = scale_a * x
+                else:
+                    # rows ordered (m, t), matching the accumulator's columns
+                    xa = (x[:, None, :] * scale_a[None, :, :]).reshape(M_PAD * RANK_PAD, BLOCK_J)
+                level = segment_levels(word, codebook_ptr, segment, BITS, TABLE)
+                acc += tl.dot(level.to(x_ptr.dtype.element_ty), tl.trans(xa.to(x_ptr.dtype.element_ty)))
+        scale_b = load_scale_b(scale_b_ptr, offs_n, offs_r, N, RANK).to(tl.float32)
+        y = tl.sum(acc.reshape(BLOCK_N, M_PAD, RANK_PAD) * scale_b[:, None, :], axis=2)
+        if HAS_BIAS:  # added once, by the program that holds the tile's first step
+            y += tl.where(first == 0, tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32), 0.0)[:, None]
+        tl.atomic_add(y_ptr + offs_m[None, :] * N + offs_n[:, None], y, mask=mask_n[:, None] & (offs_m[None, :] < M))
 
 
 _decode = autotune(
-    CONFIGS, INTERPRET_CONFIGS, key=["M", "N", "K", "BITS"], reset_to_zero=["y_ptr"],
+    CONFIGS, INTERPRET_CONFIGS, key=["M", "N", "K", "RANK", "BITS"], reset_to_zero=["y_ptr"],
     prune_configs_by={"early_config_prune": fits_registers},
 )(_decode_kernel)
 
@@ -105,12 +111,15 @@ def decode_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None) -> torc
     y = torch.zeros(M, out_features, device=x.device, dtype=torch.float32)
 
     def grid(meta):
-        return (triton.cdiv(out_features, meta["BLOCK_N"]), meta["SPLIT_K"])
+        units = triton.cdiv(out_features, meta["BLOCK_N"]) * triton.cdiv(layout["SEGMENT"], meta["BLOCK_J"])
+        return (min(units, processors(x.device) * meta["PER_SM"]),)
+
+    layout = layout_args(in_features, bits)
 
     _decode[grid](
         x2, codes, codebook.float().contiguous(), scale_b.contiguous(), scale_a.contiguous(),
         bias if bias is not None else y, y,
-        M, out_features, in_features, rank, **layout_args(in_features, bits), stride_xm=x2.stride(0),
+        M, out_features, in_features, rank, **layout, stride_xm=x2.stride(0),
         RANK_PAD=rank_pad(rank), M_PAD=triton.next_power_of_2(M), HAS_BIAS=bias is not None,
         **layout_meta(bits, codebook),
     )

@@ -1,8 +1,11 @@
 """The tiled LoRDS forward Y = X @ ((B @ A) * C[codes])^T + bias, and the one-pass dequantization.
 
-- tiled: each program owns a BLOCK_M x BLOCK_N tile of Y and walks the packed byte columns; per step it loads one
-  tile of words and, for every segment, decodes its level tile, computes the scale tile B[n_tile] @ A[:, k_tile] with
-  one tl.dot (rank padded to a power of two >= 16) and reuses it across the BLOCK_M rows;
+- tiled: BLOCK_M x BLOCK_N tiles of Y, each walking the packed byte columns; per step a program loads one tile of
+  words and, for every segment, decodes its level tile, computes the scale tile B[n_tile] @ A[:, k_tile] with one
+  tl.dot (rank padded to a power of two >= 16) and reuses it across the BLOCK_M rows. As in decode.py, one wave of
+  programs shares the (tile, step) work out evenly and partial tiles meet through float32 atomic adds: at small M a
+  grid of one program per tile can leave the GPU half idle (4096 x 14336 at M = 16 has 128 tiles of 16 x 32 for 132
+  multiprocessors; one wave took 0.70x the time);
 - dequantize: writes the dense weight in one pass over the codes (scale tile by tl.dot, as above), so that a long
   prefill can hand the GEMM to cuBLAS. Each program decodes one tile of words and writes its columns in every
   segment.
@@ -12,24 +15,30 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import autotune
+from .autotune import autotune, processors
 from .codes import (check_input, layout_args, layout_meta, load_scale_a, load_scale_b, load_words, rank_pad,
-                    segment_columns, segment_levels)
+                    segment_columns, segment_levels, work_share)
 
-# Autotune picks one per (M bucket, N, K, bits).
-TILED_CONFIGS = [
-    # Small M: narrow N tiles, so that even M = 1 launches enough programs to fill the GPU.
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_J": 128}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_J": 128}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_J": 256}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_J": 128}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_J": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_J": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_J": 64}, num_warps=8, num_stages=3),
+# Autotune picks one per (M bucket, N, K, rank, bits). PER_SM, programs per multiprocessor, as in decode.py: the
+# grid is one wave that shares the (M tile, N tile, K step) work out evenly. Most of these tiles take over 100 KB of
+# shared memory, so one program fits on a multiprocessor (results/kernels_sass.md); the small ones also run 2 or 4.
+# PER_SM = 0 is one program per tile, a choice for the large tiles: that grid (with plain stores) was up to 1.3x
+# faster on 14336 x 4096 at M = 64 and 256, though with the atomics it did not win the time back (README).
+TILED_TILES = [
+    # Small M: narrow N tiles
+    ({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_J": 128}, 4, 4, (1,)),
+    ({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_J": 128}, 4, 4, (1,)),
+    ({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_J": 256}, 4, 3, (1,)),
+    ({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_J": 128}, 4, 3, (1,)),
+    ({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_J": 64}, 4, 3, (1, 2)),
+    ({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_J": 64}, 4, 3, (0, 1)),
+    ({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_J": 64}, 8, 3, (0, 1)),
     # 3 bits unroll 8 segments a step: these fit its shared memory
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_J": 32}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_J": 32}, num_warps=4, num_stages=1),
+    ({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_J": 32}, 4, 1, (2, 4)),
+    ({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_J": 32}, 4, 1, (2, 4)),
 ]
+TILED_CONFIGS = [triton.Config({**tile, "PER_SM": per_sm}, num_warps=warps, num_stages=stages)
+                 for tile, warps, stages, per_sms in TILED_TILES for per_sm in per_sms]
 # Five of 12 (BLOCK_N, BLOCK_J, warps) swept on the H100 (8B and 70B shapes, 2-4 bits): those most often among the
 # four fastest.
 DEQUANT_CONFIGS = [
@@ -39,7 +48,7 @@ DEQUANT_CONFIGS = [
     triton.Config({"BLOCK_N": 32, "BLOCK_J": 128}, num_warps=4, num_stages=1),
     triton.Config({"BLOCK_N": 128, "BLOCK_J": 64}, num_warps=8, num_stages=1),
 ]
-INTERPRET_TILED = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_J": 32}, num_warps=4, num_stages=1)]
+INTERPRET_TILED = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_J": 32, "PER_SM": 3}, num_warps=4, num_stages=1)]
 INTERPRET_DEQUANT = [triton.Config({"BLOCK_N": 16, "BLOCK_J": 32}, num_warps=4, num_stages=1)]
 
 
@@ -47,39 +56,41 @@ def m_bucket(m: int) -> int:
     return 1 << max(0, (m - 1).bit_length())
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["PER_SM"])
 def _tiled_kernel(
     x_ptr, codes_ptr, codebook_ptr, scale_b_ptr, scale_a_ptr, bias_ptr, y_ptr,
-    M, N, K, RANK, SEGMENT, ROW_BYTES,
-    stride_xm, stride_xk, stride_ym, stride_yn,
-    M_BUCKET,
+    M, N, K, RANK, SEGMENT, ROW_BYTES, stride_xm, stride_xk,
+    M_BUCKET, PER_SM,
     BITS: tl.constexpr, SEGMENTS: tl.constexpr, TABLE: tl.constexpr, RANK_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # units: (N tile, M tile, K step), in that order, so that the programs of one N tile read its codes from L2
+    steps = tl.cdiv(SEGMENT, BLOCK_J)
+    m_tiles = tl.cdiv(M, BLOCK_M)
+    start, end = work_share(tl.cdiv(N, BLOCK_N) * m_tiles * steps)
     offs_r = tl.arange(0, RANK_PAD)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    # B rows for this tile stay in registers for the whole loop.
-    scale_b = load_scale_b(scale_b_ptr, offs_n, offs_r, N, RANK)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for j0 in range(0, SEGMENT, BLOCK_J):
-        offs_j = j0 + tl.arange(0, BLOCK_J)
-        word = load_words(codes_ptr, offs_n, offs_j, N, SEGMENT, ROW_BYTES, BITS)
-        for segment in tl.static_range(SEGMENTS):
-            offs_k, mask_k = segment_columns(offs_j, segment, SEGMENT, K)
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            scale = tl.dot(scale_b, load_scale_a(scale_a_ptr, offs_r, offs_k, mask_k, K, RANK))
-            level = segment_levels(word, codebook_ptr, segment, BITS, TABLE)
-            acc += tl.dot(x, tl.trans((scale * level).to(x.dtype)))
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
-             acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    for tile in range(start // steps, (end - 1) // steps + 1):
+        offs_m = (tile % m_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = (tile // m_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        first = tl.maximum(start - tile * steps, 0)
+        # B rows for this tile stay in registers for the whole loop.
+        scale_b = load_scale_b(scale_b_ptr, offs_n, offs_r, N, RANK)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for step in range(first, tl.minimum(end - tile * steps, steps)):
+            offs_j = step * BLOCK_J + tl.arange(0, BLOCK_J)
+            word = load_words(codes_ptr, offs_n, offs_j, N, SEGMENT, ROW_BYTES, BITS)
+            for segment in tl.static_range(SEGMENTS):
+                offs_k, mask_k = segment_columns(offs_j, segment, SEGMENT, K)
+                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                            mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+                scale = tl.dot(scale_b, load_scale_a(scale_a_ptr, offs_r, offs_k, mask_k, K, RANK))
+                level = segment_levels(word, codebook_ptr, segment, BITS, TABLE)
+                acc += tl.dot(x, tl.trans((scale * level).to(x.dtype)))
+        if HAS_BIAS:  # added once, by the program that holds the tile's first step
+            acc += tl.where(first == 0, tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32), 0.0)[None, :]
+        tl.atomic_add(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit
@@ -104,8 +115,9 @@ def _dequantize_kernel(
                  mask=(offs_n[:, None] < N) & mask_k[None, :])
 
 
-_tiled = autotune(TILED_CONFIGS, INTERPRET_TILED, key=["M_BUCKET", "N", "K", "BITS"])(_tiled_kernel)
-_dequantize = autotune(DEQUANT_CONFIGS, INTERPRET_DEQUANT, key=["N", "K", "BITS"])(_dequantize_kernel)
+_tiled = autotune(TILED_CONFIGS, INTERPRET_TILED, key=["M_BUCKET", "N", "K", "RANK", "BITS"],
+                  reset_to_zero=["y_ptr"])(_tiled_kernel)
+_dequantize = autotune(DEQUANT_CONFIGS, INTERPRET_DEQUANT, key=["N", "K", "RANK", "BITS"])(_dequantize_kernel)
 
 
 def tiled_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None) -> torch.Tensor:
@@ -114,19 +126,22 @@ def tiled_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None) -> torch
     (out_features, rank), in_features = scale_b.shape, scale_a.shape[1]
     x2 = x.reshape(-1, in_features)
     M = x2.shape[0]
-    y = torch.empty(M, out_features, device=x.device, dtype=x.dtype)
+    y = torch.zeros(M, out_features, device=x.device, dtype=torch.float32)
+    layout = layout_args(in_features, bits)
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(out_features, meta["BLOCK_N"]))
+        tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(out_features, meta["BLOCK_N"])
+        if meta["PER_SM"] == 0:
+            return (tiles,)
+        return (min(tiles * triton.cdiv(layout["SEGMENT"], meta["BLOCK_J"]), processors(x.device) * meta["PER_SM"]),)
 
     _tiled[grid](
         x2, codes, codebook.float().contiguous(), scale_b.to(x.dtype).contiguous(),
         scale_a.to(x.dtype).contiguous(), bias if bias is not None else y, y,
-        M, out_features, in_features, rank, **layout_args(in_features, bits),
-        stride_xm=x2.stride(0), stride_xk=x2.stride(1), stride_ym=y.stride(0), stride_yn=y.stride(1),
+        M, out_features, in_features, rank, **layout, stride_xm=x2.stride(0), stride_xk=x2.stride(1),
         M_BUCKET=m_bucket(M), RANK_PAD=rank_pad(rank), HAS_BIAS=bias is not None, **layout_meta(bits, codebook),
     )
-    return y.reshape(*x.shape[:-1], out_features)
+    return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
 
 
 def dequantize(codes, codebook, scale_b, scale_a, bits, dtype=torch.bfloat16) -> torch.Tensor:
