@@ -271,7 +271,8 @@ def main() -> None:
     if args.out:
         out = Path(args.out)
         out.write_text(text)
-        plot(plots, out.with_suffix(".png"))
+        if plots:  # none with --shapes 0, the correctness checks alone
+            plot(plots, out.with_suffix(".png"))
 
 
 def tables_from_markdown(text: str) -> dict:
