@@ -139,7 +139,8 @@ def decode_ms(model, batch: int, prompt: int, replays: int = 50) -> tuple[float,
     return sorted(times)[len(times) // 2], mode
 
 
-VARIANTS = {"bf16": None, "bnb-nf4": to_nf4, "lords-4bit": to_lords(4), "lords-3bit": to_lords(3)}
+LORDS_BITS = {"lords-4bit": 4, "lords-3bit": 3}
+VARIANTS = {"bf16": None, "bnb-nf4": to_nf4, **{name: to_lords(bits) for name, bits in LORDS_BITS.items()}}
 
 
 def main() -> None:
@@ -154,7 +155,7 @@ def main() -> None:
                         help="processes compiling the LoRDS kernels before timing (0: compile while autotuning)")
     args = parser.parse_args()
     started = time.perf_counter()
-    layers = [(int(name.split("-")[1][0]), 64) for name in args.variants if name.startswith("lords")]
+    layers = [(LORDS_BITS[name], 64) for name in args.variants if name in LORDS_BITS]
     if args.compile_workers and layers:
         hidden, intermediate = LLAMA3_8B["hidden_size"], LLAMA3_8B["intermediate_size"]
         kv = hidden // LLAMA3_8B["num_attention_heads"] * LLAMA3_8B["num_key_value_heads"]

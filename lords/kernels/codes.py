@@ -3,8 +3,10 @@
 Codes come in lords.packing's segment layout: byte column j of a row holds the codes of columns s * S + j for every
 segment s. A kernel loads one (BLOCK_N, BLOCK_J) tile of words with contiguous, 16-byte loads (the launcher passes
 the row length and S as arguments, so Triton sees when they are multiples of 16), then takes segment s's code tile
-out of it with shifts: no register interleaving. The level lookup is a gather from the 4- to 16-entry codebook,
-which stays in L1.
+out of it with shifts: no register interleaving. The level lookup is a register table (level_table) on the GPU and a
+gather from the 4- to 16-entry codebook under the interpreter.
+
+Beside the codes, the helpers every kernel shares: loading tiles of B and A, and a program's share of the work.
 """
 
 import weakref
@@ -112,6 +114,12 @@ def work_share(units):
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     return (pid * units // programs).to(tl.int32), ((pid + 1) * units // programs).to(tl.int32)
+
+
+@triton.jit
+def tile_steps(tile, start, end, steps):
+    """[first, last) of the K steps of `tile` (the units tile * steps ...) that fall in the share [start, end)."""
+    return tl.maximum(start - tile * steps, 0), tl.minimum(end - tile * steps, steps)
 
 
 @triton.jit

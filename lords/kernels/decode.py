@@ -17,7 +17,7 @@ import triton.language as tl
 
 from .autotune import autotune, processors
 from .codes import (check_input, layout_args, layout_meta, load_scale_a, load_scale_b, load_words, rank_pad,
-                    segment_columns, segment_levels, work_share)
+                    segment_columns, segment_levels, tile_steps, work_share)
 
 MAX_ROWS = 4
 # PER_SM: programs per multiprocessor. The grid is one wave of programs (at most as many as fit on the GPU at once)
@@ -68,9 +68,9 @@ def _decode_kernel(
     for tile in range(start // steps, (end - 1) // steps + 1):
         offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        first = tl.maximum(start - tile * steps, 0)
+        first, last = tile_steps(tile, start, end, steps)
         acc = tl.zeros((BLOCK_N, M_PAD * RANK_PAD), dtype=tl.float32)
-        for step in range(first, tl.minimum(end - tile * steps, steps)):
+        for step in range(first, last):
             offs_j = step * BLOCK_J + tl.arange(0, BLOCK_J)
             word = load_words(codes_ptr, offs_n, offs_j, N, SEGMENT, ROW_BYTES, BITS)
             for segment in tl.static_range(SEGMENTS):

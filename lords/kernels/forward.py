@@ -17,7 +17,7 @@ import triton.language as tl
 
 from .autotune import autotune, processors
 from .codes import (check_input, layout_args, layout_meta, load_scale_a, load_scale_b, load_words, rank_pad,
-                    segment_columns, segment_levels, work_share)
+                    segment_columns, segment_levels, tile_steps, work_share)
 
 # Autotune picks one per (M bucket, N, K, rank, bits). PER_SM, programs per multiprocessor, as in decode.py: the
 # grid is one wave that shares the (M tile, N tile, K step) work out evenly. Most of these tiles take over 100 KB of
@@ -74,11 +74,11 @@ def _tiled_kernel(
         offs_n = (tile // m_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_m = offs_m < M
         mask_n = offs_n < N
-        first = tl.maximum(start - tile * steps, 0)
+        first, last = tile_steps(tile, start, end, steps)
         # B rows for this tile stay in registers for the whole loop.
         scale_b = load_scale_b(scale_b_ptr, offs_n, offs_r, N, RANK)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for step in range(first, tl.minimum(end - tile * steps, steps)):
+        for step in range(first, last):
             offs_j = step * BLOCK_J + tl.arange(0, BLOCK_J)
             word = load_words(codes_ptr, offs_n, offs_j, N, SEGMENT, ROW_BYTES, BITS)
             for segment in tl.static_range(SEGMENTS):
