@@ -11,7 +11,6 @@ that launch overhead counts for no method; ratios are lords_matmul at b = 64 ove
 """
 
 import argparse
-import multiprocessing
 import os
 import time
 from pathlib import Path
@@ -22,11 +21,8 @@ import triton
 
 from lords.codebooks import get_codebook
 from lords.factorize import parity_rank
-from lords.kernels import (KERNELS, MAX_ROWS, TILED_MAX_ROWS, candidates, decode_matmul, dequant_matmul, lords_matmul,
-                           tiled_matmul)
-from lords.kernels.autotune import compile_only
-from lords.kernels.codes import rank_pad
-from lords.kernels.forward import m_bucket
+from lords.kernels import MAX_ROWS, TILED_MAX_ROWS, decode_matmul, dequant_matmul, lords_matmul, tiled_matmul
+from lords.kernels.precompile import layer_launches, precompile
 from lords.linear import LoRDSLinear
 from lords.packing import pack_codes
 
@@ -66,45 +62,17 @@ def kernel_fns(layer: LoRDSLinear, bias=None) -> dict:
 
 
 def timing_launches(shapes, rows, layers) -> list[tuple]:
-    """(kernel, N, K, rows, bits, rank, codebook kind, dtype, bias) of every kernel launch that lords_matmul's choice
-    makes for these shapes, row counts and (bits, block) layers, with the default codebook and bf16 activations."""
-    return [(name, n, k, m, bits, parity_rank(n, k, block), None, torch.bfloat16, False)
-            for n, k in shapes for m in rows for bits, block in layers for name in candidates(m)]
+    """The kernel launches lords_matmul makes for these shapes, row counts and (bits, block) layers, as random_layer
+    builds them (default codebook, bf16 scales) with bf16 activations."""
+    return [launch for n, k in shapes for bits, block in layers
+            for launch in layer_launches(n, k, parity_rank(n, k, block), bits, get_codebook("nf", bits), rows,
+                                         torch.bfloat16, torch.bfloat16, False)]
 
 
 def correctness_launches() -> list[tuple]:
-    return [(name, n, k, m, bits, rank, kind, dtype, m % 2 == 1)
-            for (n, k), m, bits, kind, rank, dtypes in CORRECTNESS_CASES for dtype in dtypes for name in candidates(m)]
-
-
-def _compile_group(launches) -> None:
-    for name, n, k, m, bits, rank, kind, dtype, bias in launches:
-        layer = LoRDSLinear(k, n, bits, rank, device="cuda")
-        if kind is not None:
-            layer.codebook.copy_(get_codebook(kind, bits).to("cuda"))
-        x = torch.zeros(m, k, device="cuda", dtype=dtype)
-        with compile_only(), torch.no_grad():
-            KERNELS[name](x, layer.codes, layer.codebook, layer.scale_b, layer.scale_a, bits,
-                          torch.zeros(n, device="cuda", dtype=dtype) if bias else None)
-
-
-def precompile(launches, workers: int) -> float:
-    """Compile every autotune config of these launches into Triton's disk cache, in `workers` processes, so that the
-    timing that follows finds them compiled: compiled one by one while autotuning, the correctness checks and one shape
-    took most of a 600 s device call; 16 processes compiled the whole run's in 83-101 s on the H100 machine. Launches
-    that look like one Triton specialisation (same kernel, rank padding and divisibility) go to one worker in turn, so
-    that the second finds the first's binary. Returns the seconds taken."""
-    started = time.perf_counter()
-    groups = {}
-    for launch in dict.fromkeys(launches):
-        name, n, k, m, bits, rank, kind, dtype, bias = launch
-        rows = m if name == "decode" else (m == 1, m % 16 == 0, m_bucket(m) % 16 == 0) if name == "tiled" else None
-        specialisation = (name, rows, bits, rank_pad(rank), rank % 16 == 0, rank == 1, n % 16 == 0, k % 256 == 0,
-                          kind, dtype, bias)
-        groups.setdefault(specialisation, []).append(launch)
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        pool.map(_compile_group, sorted(groups.values(), key=len, reverse=True), chunksize=1)
-    return time.perf_counter() - started
+    return [launch for (n, k), m, bits, kind, rank, dtypes in CORRECTNESS_CASES for dtype in dtypes
+            for launch in layer_launches(n, k, rank, bits, get_codebook(kind, bits), [m], dtype, torch.bfloat16,
+                                         m % 2 == 1)]
 
 
 def poison_allocator(device) -> None:

@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 from .config import LoRDSConfig  # noqa: E402
 from .linear import LoRDSLinear  # noqa: E402
-from .model import quantize  # noqa: E402
+from .model import precompile_kernels, quantize  # noqa: E402
 from .checkpoint import load, save  # noqa: E402
 
-__all__ = ["LoRDSConfig", "LoRDSLinear", "quantize", "save", "load", "__version__"]
+__all__ = ["LoRDSConfig", "LoRDSLinear", "quantize", "precompile_kernels", "save", "load", "__version__"]

@@ -239,6 +239,29 @@ def quantize(
     )
 
 
+def kernel_launches(model: nn.Module, rows=(1, 16, 2048), dtype: torch.dtype | None = None) -> list[tuple]:
+    """The Triton kernel launches the model's LoRDS layers may make at these row counts (batch x tokens a forward)
+    with activations in dtype (default: a transformers model's dtype, else bf16); lords.kernels.precompile's
+    layer_launches for every layer."""
+    from .kernels.precompile import layer_launches
+
+    dtype = dtype or getattr(model, "dtype", torch.bfloat16)
+
+    return [launch for module in model.modules() if isinstance(module, LoRDSLinear)
+            for launch in layer_launches(module.out_features, module.in_features, module.rank, module.bits,
+                                         module.codebook, rows, dtype, module.scale_b.dtype, module.bias is not None)]
+
+
+def precompile_kernels(
+    model: nn.Module, rows=(1, 16, 2048), dtype: torch.dtype | None = None, workers: int | None = None
+) -> float:
+    """Compile those kernels (kernel_launches) in parallel processes before the first forward, which otherwise
+    compiles every autotune config one by one; lords.kernels.precompile. Returns the seconds taken (0 without CUDA)."""
+    from .kernels.precompile import precompile
+
+    return precompile(kernel_launches(model, rows, dtype), workers)
+
+
 def format_report(reports: list[LayerReport]) -> str:
     lines = [f"{'layer':<44} {'shape':>12} {'bits':>4} {'rank':>4} {'bpw':>6} {'err init':>9} {'err':>8} {'w err':>8} {'sec':>6}"]
     for r in reports:

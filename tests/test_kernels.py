@@ -192,3 +192,20 @@ def test_tiled_one_program_per_tile_matches_float64(monkeypatch):
     out = tiled_matmul(x, pack_codes(codes, 4), codebook, scale_b, scale_a, 4, bias)
     expected = reference(x, codes, codebook, scale_b, scale_a, bias)
     assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-5
+
+
+def test_precompile_launches_are_what_lords_matmul_runs():
+    from lords.kernels.precompile import compile_launches
+    from lords.model import kernel_launches
+
+    model = torch.nn.Sequential(LoRDSLinear(40, 24, 4, 3), torch.nn.ReLU(), LoRDSLinear(24, 33, 3, 5, bias=True))
+    launches = kernel_launches(model, rows=(1, 16, 300), dtype=torch.float32)
+    # decode up to MAX_ROWS rows, tiled up to 256, dequantize + cuBLAS always; per layer
+    assert [(name, n, m) for name, n, _, m, *_ in launches] == [
+        (name, n, m) for n in (24, 33)
+        for name, m in [("decode", 1), ("tiled", 1), ("dequant", 1), ("tiled", 16), ("dequant", 16), ("dequant", 300)]]
+    name, n, k, m, bits, rank, levels, dtype, scale_dtype, bias = launches[-1]
+    assert (k, bits, rank, dtype, scale_dtype, bias) == (24, 3, 5, torch.float32, torch.bfloat16, True)
+    assert levels == tuple(get_codebook("nf", 3).tolist())
+    # every launch's tensors pass the wrappers' checks (widths, row limits)
+    compile_launches(launches, device="cpu")
