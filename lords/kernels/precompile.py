@@ -43,7 +43,10 @@ def precompile(launches, workers: int | None = None) -> float:
     """Compile every autotune config of these launches (layer_launches) into Triton's disk cache, in `workers`
     processes (default: one per CPU core, at most 16). Launches that look like one Triton specialisation (same kernel,
     rank padding and divisibility) go to one worker in turn, so that the second finds the first's binary. Nothing to do
-    without CUDA: the CPU interpreter compiles nothing. Returns the seconds taken."""
+    without CUDA: the CPU interpreter compiles nothing. Returns the seconds taken.
+
+    The workers are spawned (a forked child cannot use CUDA once the parent has), so a script that calls this must do
+    so under `if __name__ == "__main__":`, as for any spawned pool."""
     started = time.perf_counter()
     if not torch.cuda.is_available():
         return 0.0
