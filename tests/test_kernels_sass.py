@@ -34,3 +34,14 @@ def test_every_kernel_has_a_config_that_compiles_for_sm90_fits_and_does_not_spil
         assert float(row["instr. / weight"]) > 0
         if kernel == "decode_kernel":  # the algebraic form's dot runs on wgmma
             assert int(row["HGMMA"]) > 0, row
+
+
+def test_main_loop_is_the_largest_innermost_loop():
+    from benchmarks.sass import main_loop
+
+    # a tile loop (0x10-0x90) around a step loop (0x20-0x60), then a short loop (0xa0-0xb0) after it
+    text = {0x00: "MOV R1, R2", 0x10: "IADD R3, R3, 1", 0x20: "LDG R4, [R5]", 0x30: "HGMMA R6", 0x40: "PRMT R7",
+            0x50: "ISETP P0", 0x60: "@P0 BRA 0x20", 0x70: "RED [R8], R9", 0x80: "ISETP P1", 0x90: "@P1 BRA 0x10",
+            0xa0: "IADD R1, R1, 1", 0xb0: "@P2 BRA 0xa0", 0xc0: "EXIT"}
+    assert main_loop(sorted(text.items())) == [text[address] for address in range(0x20, 0x70, 0x10)]
+    assert main_loop([(0x0, "MOV R1, R2"), (0x10, "EXIT")]) == ["MOV R1, R2", "EXIT"]  # no loop: everything
