@@ -10,7 +10,6 @@ replays. Prefill: one eager forward over the prompt into a fresh static cache, l
 """
 
 import argparse
-import os
 import time
 import traceback
 from pathlib import Path
@@ -23,6 +22,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 from benchmarks.tables import elapsed, produced_by, write_table
 from benchmarks.kernels import random_layer
 from lords.factorize import parity_rank
+from lords.kernels.precompile import WORKERS
 from lords.model import precompile_kernels
 
 LLAMA3_8B = dict(
@@ -152,7 +152,7 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=1024)
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--title", default="", help="added to the section title (e.g. 'run 2')")
-    parser.add_argument("--compile-workers", type=int, default=min(16, os.cpu_count()),
+    parser.add_argument("--compile-workers", type=int, default=WORKERS,
                         help="processes compiling the LoRDS kernels before timing (0: compile while autotuning)")
     args = parser.parse_args()
     started = time.perf_counter()

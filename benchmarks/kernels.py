@@ -11,7 +11,6 @@ that launch overhead counts for no method; ratios are lords_matmul at b = 64 ove
 """
 
 import argparse
-import os
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import triton
 from lords.codebooks import get_codebook
 from lords.factorize import parity_rank
 from lords.kernels import MAX_ROWS, TILED_MAX_ROWS, decode_matmul, dequant_matmul, lords_matmul, tiled_matmul
-from lords.kernels.precompile import layer_launches, precompile
+from lords.kernels.precompile import WORKERS, layer_launches, precompile
 from lords.linear import LoRDSLinear
 from lords.packing import pack_codes
 
@@ -149,7 +148,7 @@ def main() -> None:
     parser.add_argument("--shapes", type=int, default=len(SHAPES), help="how many of SHAPES to time")
     parser.add_argument("--skip", type=int, default=0, help="start at this index of SHAPES (a run cut short resumes)")
     parser.add_argument("--replot", action="store_true", help="only redraw the PNG from the tables in --out")
-    parser.add_argument("--compile-workers", type=int, default=min(16, os.cpu_count()),
+    parser.add_argument("--compile-workers", type=int, default=WORKERS,
                         help="processes compiling the kernels before timing (0: compile while autotuning)")
     args = parser.parse_args()
     if args.replot:

@@ -246,7 +246,6 @@ def kernel_launches(model: nn.Module, rows=(1, 16, 2048), dtype: torch.dtype | N
     from .kernels.precompile import layer_launches
 
     dtype = dtype or getattr(model, "dtype", torch.bfloat16)
-
     return [launch for module in model.modules() if isinstance(module, LoRDSLinear)
             for launch in layer_launches(module.out_features, module.in_features, module.rank, module.bits,
                                          module.codebook, rows, dtype, module.scale_b.dtype, module.bias is not None)]

@@ -1,8 +1,8 @@
 """Compiling the LoRDS kernels ahead of their first use, in parallel processes.
 
-Autotuning compiles each config of a kernel the first time a shape meets it, one after another, and ptxas takes
-seconds per config: a model's first forward can spend minutes there. `precompile` compiles every config those calls
-will need into Triton's on-disk cache first, in one process per CPU core, so that autotuning only times them.
+Autotuning compiles each config of a kernel the first time a shape meets it, one after another, inside the first
+forward. `precompile` compiles every config those calls will need into Triton's on-disk cache first, in one process
+per CPU core, so that autotuning only times them.
 """
 
 import multiprocessing
@@ -15,7 +15,9 @@ from ..packing import row_bytes
 from . import KERNELS, candidates
 from .autotune import compile_only
 from .codes import rank_pad
-from .forward import m_bucket
+from .forward import dequantize, m_bucket
+
+WORKERS = min(16, os.cpu_count() or 1)
 
 
 def layer_launches(out_features, in_features, rank, bits, codebook, rows, dtype, scale_dtype, bias) -> list[tuple]:
@@ -35,15 +37,18 @@ def compile_launches(launches, device="cuda") -> None:
         scale_a = torch.zeros(rank, k, dtype=scale_dtype, device=device)
         x = torch.zeros(m, k, dtype=dtype, device=device)
         with compile_only(), torch.no_grad():
-            KERNELS[name](x, codes, codebook, scale_b, scale_a, bits,
-                          torch.zeros(n, dtype=dtype, device=device) if bias else None)
+            if name == "dequant":  # only the dequantize pass is Triton; the cuBLAS GEMM after it needs no compiling
+                dequantize(codes, codebook, scale_b, scale_a, bits, dtype)
+            else:
+                KERNELS[name](x, codes, codebook, scale_b, scale_a, bits,
+                              torch.zeros(n, dtype=dtype, device=device) if bias else None)
 
 
 def precompile(launches, workers: int | None = None) -> float:
     """Compile every autotune config of these launches (layer_launches) into Triton's disk cache, in `workers`
-    processes (default: one per CPU core, at most 16). Launches that look like one Triton specialisation (same kernel,
-    rank padding and divisibility) go to one worker in turn, so that the second finds the first's binary. Nothing to do
-    without CUDA: the CPU interpreter compiles nothing. Returns the seconds taken.
+    processes (default WORKERS: one per CPU core, at most 16). Launches that look like one Triton specialisation (same
+    kernel, rank padding and divisibility) go to one worker in turn, so that the second finds the first's binary.
+    Nothing to do without CUDA: the CPU interpreter compiles nothing. Returns the seconds taken.
 
     The workers are spawned (a forked child cannot use CUDA once the parent has), so a script that calls this must do
     so under `if __name__ == "__main__":`, as for any spawned pool."""
@@ -57,6 +62,6 @@ def precompile(launches, workers: int | None = None) -> float:
         specialisation = (name, rows, bits, rank_pad(rank), rank % 16 == 0, rank == 1, n % 16 == 0, k % 256 == 0,
                           levels, dtype, scale_dtype, bias)
         groups.setdefault(specialisation, []).append(launch)
-    with multiprocessing.get_context("spawn").Pool(workers or min(16, os.cpu_count())) as pool:
+    with multiprocessing.get_context("spawn").Pool(workers or WORKERS) as pool:
         pool.map(compile_launches, sorted(groups.values(), key=len, reverse=True), chunksize=1)
     return time.perf_counter() - started
