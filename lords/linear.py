@@ -13,8 +13,7 @@ from .packing import pack_codes, row_bytes, unpack_codes
 # "auto": "triton" for CUDA inputs when Triton is installed, "torch" otherwise.
 # "torch": the reference, dequantize in torch + matmul. "triton": lords.kernels.lords_matmul, which picks the decode,
 # tiled or dequantize + cuBLAS kernel by the number of rows (results/kernels.md). "fused": Triton kernels that never
-# hold the dense weight, at any number of rows (the tiled kernel sums into a float32 output, rows x out x 4 bytes for
-# the length of the call).
+# hold the dense weight, at any number of rows.
 BACKENDS = ("auto", "torch", "triton", "fused")
 
 

@@ -168,14 +168,21 @@ def test_wrong_input_width_is_named(matmul, rows):
                torch.ones(4, 1), torch.ones(1, 16), 4)
 
 
-def test_compile_only_runs_nothing_and_restores_launches():
+def test_compile_only_runs_nothing_and_restores_launches(monkeypatch):
+    from lords.kernels import decode
     from lords.kernels.autotune import compile_only
 
+    runs = []
+    run = decode._decode.fn.run
+    monkeypatch.setattr(decode._decode.fn, "run",  # a warmup only compiles
+                        lambda *args, **kwargs: runs.append(kwargs.get("warmup", False)) or run(*args, **kwargs))
     x, codes, codebook, scale_b, scale_a, _ = random_problem(4, "nf", 2, 24, 40, 3, seed=0)
     packed = pack_codes(codes, 4)
     with compile_only():
-        assert (decode_matmul(x, packed, codebook, scale_b, scale_a, 4) == 0).all()  # its zero-filled output
+        decode_matmul(x, packed, codebook, scale_b, scale_a, 4)
+    assert runs == [True]
     out = decode_matmul(x, packed, codebook, scale_b, scale_a, 4)
+    assert runs == [True, False]
     expected = reference(x, codes, codebook, scale_b, scale_a, None)
     assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-5
 

@@ -6,7 +6,7 @@ the row length and S as arguments, so Triton sees when they are multiples of 16)
 out of it with shifts: no register interleaving. The level lookup is a register table (level_table) on the GPU and a
 gather from the 4- to 16-entry codebook under the interpreter.
 
-Beside the codes, the helpers every kernel shares: loading tiles of B and A, and a program's share of the work.
+Beside the codes, the helpers every kernel shares: loading tiles of B and A.
 """
 
 import weakref
@@ -106,20 +106,6 @@ def segment_levels(word, codebook_ptr, segment, BITS: tl.constexpr, TABLE: tl.co
                                           pack=4)
         return level.to(tl.float32)
     return tl.load(codebook_ptr + code)
-
-
-@triton.jit
-def work_share(units):
-    """[start, end) of this program's share of `units` work units: equal, contiguous shares over the grid."""
-    pid = tl.program_id(0)
-    programs = tl.num_programs(0)
-    return (pid * units // programs).to(tl.int32), ((pid + 1) * units // programs).to(tl.int32)
-
-
-@triton.jit
-def tile_steps(tile, start, end, steps):
-    """[first, last) of the K steps of `tile` (the units tile * steps ...) that fall in the share [start, end)."""
-    return tl.maximum(start - tile * steps, 0), tl.minimum(end - tile * steps, steps)
 
 
 @triton.jit

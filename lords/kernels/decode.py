@@ -8,7 +8,7 @@ elementwise work is the code decode alone (the tiled kernel also multiplies by t
 a second dot); the price is r times the multiply-adds per row of X, which is why this form serves at most MAX_ROWS
 rows. Every program re-reads the A tile from L2, so BLOCK_N is large (A traffic / code traffic = 4 * RANK_PAD /
 BLOCK_N at 4 bits), and the K steps of a tile are shared by several programs so that the GPU still fills; the partial
-sums meet in a float32 buffer through atomic adds.
+sums meet in a float32 workspace (stream_k.py).
 """
 
 import torch
@@ -17,7 +17,8 @@ import triton.language as tl
 
 from .autotune import autotune, processors
 from .codes import (check_input, layout_args, layout_meta, load_scale_a, load_scale_b, load_words, rank_pad,
-                    segment_columns, segment_levels, tile_steps, work_share)
+                    segment_columns, segment_levels)
+from .stream_k import store_tile, tile_slot, tile_steps, work_share, workspace
 
 MAX_ROWS = 4
 # PER_SM: programs per multiprocessor. The grid is one wave of programs (at most as many as fit on the GPU at once)
@@ -54,7 +55,7 @@ def fits_registers(configs, named_args, **kwargs):
 
 @triton.jit(do_not_specialize=["PER_SM"])  # one binary for every PER_SM
 def _decode_kernel(
-    x_ptr, codes_ptr, codebook_ptr, scale_b_ptr, scale_a_ptr, bias_ptr, y_ptr,
+    x_ptr, codes_ptr, codebook_ptr, scale_b_ptr, scale_a_ptr, bias_ptr, y_ptr, sums_ptr, counts_ptr,
     M, N, K, RANK, SEGMENT, ROW_BYTES, stride_xm, PER_SM,
     BITS: tl.constexpr, SEGMENTS: tl.constexpr, TABLE: tl.constexpr, RANK_PAD: tl.constexpr, M_PAD: tl.constexpr,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
@@ -62,7 +63,8 @@ def _decode_kernel(
     # the work is n_tiles x steps units, N tile major; this program takes an equal, contiguous share of them, which
     # may end in one tile and go on in the next (PER_SM only sizes the grid)
     steps = tl.cdiv(SEGMENT, BLOCK_J)
-    start, end = work_share(tl.cdiv(N, BLOCK_N) * steps)
+    units = tl.cdiv(N, BLOCK_N) * steps
+    start, end = work_share(units)
     offs_m = tl.arange(0, M_PAD)
     offs_r = tl.arange(0, RANK_PAD)
     for tile in range(start // steps, (end - 1) // steps + 1):
@@ -87,13 +89,18 @@ def _decode_kernel(
                 acc += tl.dot(level.to(x_ptr.dtype.element_ty), tl.trans(xa.to(x_ptr.dtype.element_ty)))
         scale_b = load_scale_b(scale_b_ptr, offs_n, offs_r, N, RANK).to(tl.float32)
         y = tl.sum(acc.reshape(BLOCK_N, M_PAD, RANK_PAD) * scale_b[:, None, :], axis=2)
-        if HAS_BIAS:  # added once, by the program that holds the tile's first step
-            y += tl.where(first == 0, tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32), 0.0)[:, None]
-        tl.atomic_add(y_ptr + offs_m[None, :] * N + offs_n[:, None], y, mask=mask_n[:, None] & (offs_m[None, :] < M))
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+        else:
+            bias = 0.0
+        slot = tile_slot(tile, steps, units)
+        store_tile(y, bias, y_ptr + offs_m[None, :] * N + offs_n[:, None], mask_n[:, None] & (offs_m[None, :] < M),
+                   sums_ptr + slot * (BLOCK_N * M_PAD) + tl.arange(0, BLOCK_N)[:, None] * M_PAD + offs_m[None, :],
+                   counts_ptr + slot, last - first, steps)
 
 
 _decode = autotune(
-    CONFIGS, INTERPRET_CONFIGS, key=["M", "N", "K", "RANK", "BITS"], reset_to_zero=["y_ptr"],
+    CONFIGS, INTERPRET_CONFIGS, key=["M", "N", "K", "RANK", "BITS"],
     prune_configs_by={"early_config_prune": fits_registers},
 )(_decode_kernel)
 
@@ -108,7 +115,8 @@ def decode_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None) -> torc
     M = x2.shape[0]
     if M > MAX_ROWS:
         raise ValueError(f"the decode kernel takes at most {MAX_ROWS} rows (its cost grows as rows x rank), got {M}")
-    y = torch.zeros(M, out_features, device=x.device, dtype=torch.float32)
+    y = torch.empty(M, out_features, device=x.device, dtype=x.dtype)
+    sums, counts = workspace(x.device, _decode.configs, lambda tile: tile["BLOCK_N"] * MAX_ROWS)
 
     def grid(meta):
         units = triton.cdiv(out_features, meta["BLOCK_N"]) * triton.cdiv(layout["SEGMENT"], meta["BLOCK_J"])
@@ -118,9 +126,9 @@ def decode_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None) -> torc
 
     _decode[grid](
         x2, codes, codebook.float().contiguous(), scale_b.contiguous(), scale_a.contiguous(),
-        bias if bias is not None else y, y,
+        bias if bias is not None else y, y, sums, counts,
         M, out_features, in_features, rank, **layout, stride_xm=x2.stride(0),
         RANK_PAD=rank_pad(rank), M_PAD=triton.next_power_of_2(M), HAS_BIAS=bias is not None,
         **layout_meta(bits, codebook),
     )
-    return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
+    return y.reshape(*x.shape[:-1], out_features)

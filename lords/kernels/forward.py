@@ -3,7 +3,7 @@
 - tiled: BLOCK_M x BLOCK_N tiles of Y, each walking the packed byte columns; per step a program loads one tile of
   words and, for every segment, decodes its level tile, computes the scale tile B[n_tile] @ A[:, k_tile] with one
   tl.dot (rank padded to a power of two >= 16) and reuses it across the BLOCK_M rows. As in decode.py, one wave of
-  programs shares the (tile, step) work out evenly and partial tiles meet through float32 atomic adds: at small M a
+  programs shares the (tile, step) work out evenly and partial tiles meet in a float32 workspace (stream_k.py): at small M a
   grid of one program per tile can leave the GPU half idle (4096 x 14336 at M = 16 has 128 tiles of 16 x 32 for 132
   multiprocessors; one wave took 0.70x the time);
 - dequantize: writes the dense weight in one pass over the codes (scale tile by tl.dot, as above), so that a long
@@ -17,7 +17,8 @@ import triton.language as tl
 
 from .autotune import autotune, processors
 from .codes import (check_input, layout_args, layout_meta, load_scale_a, load_scale_b, load_words, rank_pad,
-                    segment_columns, segment_levels, tile_steps, work_share)
+                    segment_columns, segment_levels)
+from .stream_k import store_tile, tile_slot, tile_steps, work_share, workspace
 
 # Autotune picks one per (M bucket, N, K, rank, bits). PER_SM, programs per multiprocessor, as in decode.py: the
 # grid is one wave that shares the (M tile, N tile, K step) work out evenly. Most of these tiles take over 100 KB of
@@ -58,7 +59,7 @@ def m_bucket(m: int) -> int:
 
 @triton.jit(do_not_specialize=["PER_SM"])
 def _tiled_kernel(
-    x_ptr, codes_ptr, codebook_ptr, scale_b_ptr, scale_a_ptr, bias_ptr, y_ptr,
+    x_ptr, codes_ptr, codebook_ptr, scale_b_ptr, scale_a_ptr, bias_ptr, y_ptr, sums_ptr, counts_ptr,
     M, N, K, RANK, SEGMENT, ROW_BYTES, stride_xm, stride_xk,
     M_BUCKET, PER_SM,
     BITS: tl.constexpr, SEGMENTS: tl.constexpr, TABLE: tl.constexpr, RANK_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -67,7 +68,8 @@ def _tiled_kernel(
     # units: (N tile, M tile, K step), in that order, so that the programs of one N tile read its codes from L2
     steps = tl.cdiv(SEGMENT, BLOCK_J)
     m_tiles = tl.cdiv(M, BLOCK_M)
-    start, end = work_share(tl.cdiv(N, BLOCK_N) * m_tiles * steps)
+    units = tl.cdiv(N, BLOCK_N) * m_tiles * steps
+    start, end = work_share(units)
     offs_r = tl.arange(0, RANK_PAD)
     for tile in range(start // steps, (end - 1) // steps + 1):
         offs_m = (tile % m_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -88,9 +90,14 @@ def _tiled_kernel(
                 scale = tl.dot(scale_b, load_scale_a(scale_a_ptr, offs_r, offs_k, mask_k, K, RANK))
                 level = segment_levels(word, codebook_ptr, segment, BITS, TABLE)
                 acc += tl.dot(x, tl.trans((scale * level).to(x.dtype)))
-        if HAS_BIAS:  # added once, by the program that holds the tile's first step
-            acc += tl.where(first == 0, tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32), 0.0)[None, :]
-        tl.atomic_add(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask_m[:, None] & mask_n[None, :])
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        else:
+            bias = 0.0
+        slot = tile_slot(tile, steps, units)
+        store_tile(acc, bias, y_ptr + offs_m[:, None] * N + offs_n[None, :], mask_m[:, None] & mask_n[None, :],
+                   sums_ptr + slot * (BLOCK_M * BLOCK_N) + tl.arange(0, BLOCK_M)[:, None] * BLOCK_N
+                   + tl.arange(0, BLOCK_N)[None, :], counts_ptr + slot, last - first, steps)
 
 
 @triton.jit
@@ -115,8 +122,7 @@ def _dequantize_kernel(
                  mask=(offs_n[:, None] < N) & mask_k[None, :])
 
 
-_tiled = autotune(TILED_CONFIGS, INTERPRET_TILED, key=["M_BUCKET", "N", "K", "RANK", "BITS"],
-                  reset_to_zero=["y_ptr"])(_tiled_kernel)
+_tiled = autotune(TILED_CONFIGS, INTERPRET_TILED, key=["M_BUCKET", "N", "K", "RANK", "BITS"])(_tiled_kernel)
 _dequantize = autotune(DEQUANT_CONFIGS, INTERPRET_DEQUANT, key=["N", "K", "RANK", "BITS"])(_dequantize_kernel)
 
 
@@ -126,8 +132,9 @@ def tiled_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None) -> torch
     (out_features, rank), in_features = scale_b.shape, scale_a.shape[1]
     x2 = x.reshape(-1, in_features)
     M = x2.shape[0]
-    y = torch.zeros(M, out_features, device=x.device, dtype=torch.float32)
+    y = torch.empty(M, out_features, device=x.device, dtype=x.dtype)
     layout = layout_args(in_features, bits)
+    sums, counts = workspace(x.device, _tiled.configs, lambda tile: tile["BLOCK_M"] * tile["BLOCK_N"])
 
     def grid(meta):
         tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(out_features, meta["BLOCK_N"])
@@ -137,11 +144,11 @@ def tiled_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None) -> torch
 
     _tiled[grid](
         x2, codes, codebook.float().contiguous(), scale_b.to(x.dtype).contiguous(),
-        scale_a.to(x.dtype).contiguous(), bias if bias is not None else y, y,
+        scale_a.to(x.dtype).contiguous(), bias if bias is not None else y, y, sums, counts,
         M, out_features, in_features, rank, **layout, stride_xm=x2.stride(0), stride_xk=x2.stride(1),
         M_BUCKET=m_bucket(M), RANK_PAD=rank_pad(rank), HAS_BIAS=bias is not None, **layout_meta(bits, codebook),
     )
-    return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
+    return y.reshape(*x.shape[:-1], out_features)
 
 
 def dequantize(codes, codebook, scale_b, scale_a, bits, dtype=torch.bfloat16) -> torch.Tensor:
