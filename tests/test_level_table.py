@@ -12,13 +12,14 @@ MASK = 0xFFFFFFFF
 
 
 def prmt(a: int, b: int, selector: int) -> int:
-    """PTX prmt.b32 (default mode): output byte k is byte (selector nibble k) of the 8 bytes {b, a}."""
+    """PTX prmt.b32 (default mode): output byte k is byte (low three bits of selector nibble k) of the 8 bytes
+    {b, a}, or, where the nibble's bit 3 is set, that byte's sign bit replicated."""
     pool = a | (b << 32)
     out = 0
     for k in range(4):
         index = (selector >> (4 * k)) & 0xF
-        assert index < 8, "the sign-replicate mode is never meant to be used"
-        out |= ((pool >> (8 * index)) & 0xFF) << (8 * k)
+        byte = (pool >> (8 * (index & 7))) & 0xFF
+        out |= (0xFF * (byte >> 7) if index & 8 else byte) << (8 * k)
     return out
 
 
@@ -26,6 +27,7 @@ OPS = {
     "and.b32": lambda a, b: a & b,
     "or.b32": lambda a, b: a | b,
     "shr.u32": lambda a, b: a >> b,
+    "shl.b32": lambda a, b: a << b,
     "mov.b32": lambda a: a,
     "mul.lo.u32": lambda a, b: (a * b) & MASK,
     "prmt.b32": prmt,
@@ -46,18 +48,32 @@ def execute(ptx: str, packed_codes: int) -> tuple[int, int]:
     return registers["$0"], registers["$1"]
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["nf", "int"])
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_register_lookup_returns_fp16_levels(monkeypatch, kind, bits):
+def test_register_lookup_returns_the_levels(monkeypatch, kind, bits, dtype):
     monkeypatch.setattr(kernel_codes, "INTERPRET", False)
     codebook = get_codebook(kind, bits)
-    ptx = kernel_codes.level_table(codebook)
+    ptx = kernel_codes.level_table(codebook, dtype)
     generator = torch.Generator().manual_seed(bits)
     for _ in range(200):
         codes = torch.randint(0, 2**bits, (4,), generator=generator).tolist()
         low, high = execute(ptx, sum(code << (8 * k) for k, code in enumerate(codes)))
         halves = torch.tensor([low & 0xFFFF, low >> 16, high & 0xFFFF, high >> 16], dtype=torch.int32)
-        assert torch.equal(halves.to(torch.int16).view(torch.float16), codebook.half()[codes])
+        assert torch.equal(halves.to(torch.int16).view(dtype), codebook.to(dtype)[codes])
+
+
+def test_register_lookup_covers_every_code_in_every_position(monkeypatch):
+    """All 16 codes at each of the four byte positions: the selector and the bit-3 mask of every lane."""
+    monkeypatch.setattr(kernel_codes, "INTERPRET", False)
+    codebook = torch.linspace(-1, 1, 16)
+    ptx = kernel_codes.level_table(codebook, torch.bfloat16)
+    for code in range(16):
+        for position in range(4):
+            codes = [(code + 5 * lane) % 16 if lane != position else code for lane in range(4)]
+            low, high = execute(ptx, sum(c << (8 * k) for k, c in enumerate(codes)))
+            halves = torch.tensor([low & 0xFFFF, low >> 16, high & 0xFFFF, high >> 16], dtype=torch.int32)
+            assert torch.equal(halves.to(torch.int16).view(torch.bfloat16), codebook.bfloat16()[codes])
 
 
 def test_table_follows_writes_to_the_codebook(monkeypatch):

@@ -29,7 +29,7 @@ INTERPRET_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_J": 32}
 def _scale_grad_kernel(
     dy_ptr, x_ptr, codes_ptr, codebook_ptr, scale_b_ptr, scale_a_ptr, grad_b_ptr, grad_a_ptr,
     M, N, K, RANK, SEGMENT, ROW_BYTES, stride_dym, stride_xm,
-    BITS: tl.constexpr, SEGMENTS: tl.constexpr, TABLE: tl.constexpr, RANK_PAD: tl.constexpr,
+    BITS: tl.constexpr, SEGMENTS: tl.constexpr, TABLE: tl.constexpr, BF16_LEVELS: tl.constexpr, RANK_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -48,7 +48,7 @@ def _scale_grad_kernel(
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         grad_w += tl.dot(tl.trans(dy), x)
     word = load_words(codes_ptr, offs_n, offs_j, N, SEGMENT, ROW_BYTES, BITS)
-    grad_scale = grad_w * segment_levels(word, codebook_ptr, segment, BITS, TABLE)
+    grad_scale = grad_w * segment_levels(word, codebook_ptr, segment, BITS, TABLE, BF16_LEVELS)
     mask_r = offs_r < RANK
     scale_a = load_scale_a(scale_a_ptr, offs_r, offs_k, mask_k, K, RANK).to(tl.float32)
     scale_b = load_scale_b(scale_b_ptr, offs_n, offs_r, N, RANK).to(tl.float32)

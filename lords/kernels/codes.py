@@ -18,26 +18,27 @@ import triton.language as tl
 from ..packing import SEGMENTS, row_bytes, segment_width
 from .autotune import INTERPRET
 
-# Four codes (one per byte of $2, at most 16 levels) to four fp16 levels in $0, $1, through registers: prmt picks
-# byte k of an 8-byte table with the low three bits of code k, once from levels 0-7 and once from 8-15, bit 3 chooses
-# between the two (lop3 0xE4 is "mask ? a : b"), and the high and low bytes are interleaved into two fp16 pairs.
-# A gather from the codebook in memory costs one load per weight, which measured 2.5x slower than the whole kernel
-# without it (results/kernels.md).
+# Four codes (one per byte of $2, at most 16 levels) to four 16-bit levels (fp16 or bf16) in $0, $1, through
+# registers: prmt picks byte k of an 8-byte table with the low three bits of code k, once from levels 0-7 and once
+# from 8-15, bit 3 chooses between the two (lop3 0xE4 is "mask ? a : b"), and the high and low bytes are interleaved
+# into two pairs. A gather from the codebook in memory costs one load per weight, which measured 2.5x slower than the
+# whole kernel without it (results/kernels.md).
 def _level_table_ptx(words: dict[str, str]) -> str:
     def pick_bytes(out: str, half: str) -> str:  # byte k of `out`: byte (code k & 7) of levels 0-7 or 8-15 of `half`
         return (f"mov.b32 a, {words[half + '0']};\nmov.b32 b, {words[half + '1']};\nprmt.b32 {out}, a, b, s;\n"
                 f"mov.b32 a, {words[half + '2']};\nmov.b32 b, {words[half + '3']};\nprmt.b32 a, a, b, s;\n"
                 f"lop3.b32 {out}, a, {out}, m, 0xE4;\n")
 
-    return ("{\n.reg .b32 s, y, m, a, b, hi, lo;\n"
-            # the low three bits of the four codes, one per nibble: prmt's selector
-            "and.b32 s, $2, 0x07070707;\nshr.u32 y, s, 4;\nor.b32 y, y, s;\nshr.u32 s, y, 8;\nand.b32 s, s, 0xFF00;\n"
-            "and.b32 y, y, 0xFF;\nor.b32 s, s, y;\n"
-            # bit 3 of each code as a byte mask
-            "shr.u32 m, $2, 3;\nand.b32 m, m, 0x01010101;\nmul.lo.u32 m, m, 255;\n"
+    return ("{\n.reg .b32 s, m, a, b, hi, lo;\n"
+            # prmt's selector, the low three bits of code k in nibble k: bytes 0 and 2 of s | s >> 4
+            "and.b32 s, $2, 0x07070707;\nshr.u32 m, s, 4;\nor.b32 s, s, m;\nprmt.b32 s, s, 0, 0x20;\n"
+            # bit 3 of each code as a byte mask: shifted into the byte's sign bit, which prmt's mode 8-11 replicates
+            "shl.b32 m, $2, 4;\nprmt.b32 m, m, 0, 0xBA98;\n"
             + pick_bytes("hi", "hi") + pick_bytes("lo", "lo")
             + "prmt.b32 $0, lo, hi, 0x5140;\nprmt.b32 $1, lo, hi, 0x7362;\n}")
-_tables: dict[int, tuple] = {}  # id(codebook) -> (weak reference, version, PTX)
+
+
+_tables: dict[tuple, tuple] = {}  # (id(codebook), dtype) -> (weak reference, version, PTX)
 
 
 def check_input(x: torch.Tensor, scale_a: torch.Tensor) -> None:
@@ -55,29 +56,33 @@ def layout_args(in_features: int, bits: int) -> dict:
     return {"SEGMENT": segment_width(in_features, bits), "ROW_BYTES": row_bytes(in_features, bits)}
 
 
-def layout_meta(bits: int, codebook: torch.Tensor) -> dict:
-    """The compile-time arguments every kernel takes: bit width, segments, and the level lookup."""
-    return {"BITS": bits, "SEGMENTS": SEGMENTS[bits], "TABLE": level_table(codebook)}
+def layout_meta(bits: int, codebook: torch.Tensor, levels: torch.dtype = torch.float16) -> dict:
+    """The compile-time arguments every kernel takes: bit width, segments, and the level lookup, whose levels come
+    out in `levels` (float16 or bfloat16) on the GPU; a kernel that feeds them straight to tl.dot asks for its
+    operand type and saves two conversions per weight."""
+    return {"BITS": bits, "SEGMENTS": SEGMENTS[bits], "TABLE": level_table(codebook, levels),
+            "BF16_LEVELS": levels == torch.bfloat16}
 
 
-def level_table(codebook: torch.Tensor) -> str | None:
-    """The register lookup for this codebook as PTX (its levels are immediates), or None where it cannot run: under
-    TRITON_INTERPRET=1 the kernels gather from the codebook in memory instead. Cached per codebook tensor, so that
-    only the first call reads the levels back from the GPU (later calls can be captured in a CUDA graph)."""
+def level_table(codebook: torch.Tensor, dtype: torch.dtype = torch.float16) -> str | None:
+    """The register lookup for this codebook's levels in `dtype` (float16 or bfloat16) as PTX (the levels are
+    immediates), or None where it cannot run: under TRITON_INTERPRET=1 the kernels gather from the codebook in memory
+    instead. Cached per codebook tensor and dtype, so that only the first call reads the levels back from the GPU
+    (later calls can be captured in a CUDA graph)."""
     if INTERPRET:
         return None
-    cached = _tables.get(id(codebook))
+    cached = _tables.get((id(codebook), dtype))
     # a dead reference means another tensor took over the id; a new version means the levels were written to
     if cached is None or cached[0]() is not codebook or cached[1] != codebook._version:
-        levels = torch.zeros(16, dtype=torch.float16)
-        levels[: codebook.numel()] = codebook.detach().to("cpu", torch.float16)
+        levels = torch.zeros(16, dtype=dtype)
+        levels[: codebook.numel()] = codebook.detach().to("cpu", dtype)
         bits = levels.view(torch.int16).to(torch.int32) & 0xFFFF
         words = {}
         for name, byte in (("lo", bits & 0xFF), ("hi", bits >> 8)):
             for reg in range(4):
                 words[f"{name}{reg}"] = hex(sum(int(byte[4 * reg + i]) << (8 * i) for i in range(4)))
         cached = (weakref.ref(codebook), codebook._version, _level_table_ptx(words))
-        _tables[id(codebook)] = cached
+        _tables[id(codebook), dtype] = cached
     return cached[2]
 
 
@@ -94,18 +99,25 @@ def load_words(codes_ptr, offs_n, offs_j, N, SEGMENT, ROW_BYTES, BITS: tl.conste
 
 
 @triton.jit
-def segment_levels(word, codebook_ptr, segment, BITS: tl.constexpr, TABLE: tl.constexpr):
-    """C[codes] in float32 for segment `segment` (compile-time or run-time) of a tile of words: through the register
-    table when TABLE (level_table's PTX, fp16 levels) is given, else gathered from the codebook."""
+def segment_levels(word, codebook_ptr, segment, BITS: tl.constexpr, TABLE: tl.constexpr,
+                   BF16_LEVELS: tl.constexpr):
+    """C[codes] for segment `segment` (compile-time or run-time) of a tile of words: through the register table when
+    TABLE (level_table's PTX) is given, in bfloat16 or float16 as BF16_LEVELS says the table was built, else in
+    float32, gathered from the codebook."""
     if BITS == 3:
         code = ((word >> (2 * segment)) & 3) | (((word >> (16 + segment)) & 1) << 2)
     else:
         code = (word >> (BITS * segment)) & ((1 << BITS) - 1)
-    if TABLE is not None:
+    # (one branch per result type: Triton 3.6 takes no constexpr dtype here)
+    if TABLE is None:
+        level = tl.load(codebook_ptr + code)
+    elif BF16_LEVELS:
+        level = tl.inline_asm_elementwise(TABLE, "=r,=r,r", [code.to(tl.uint8)], dtype=tl.bfloat16, is_pure=True,
+                                          pack=4)
+    else:
         level = tl.inline_asm_elementwise(TABLE, "=r,=r,r", [code.to(tl.uint8)], dtype=tl.float16, is_pure=True,
                                           pack=4)
-        return level.to(tl.float32)
-    return tl.load(codebook_ptr + code)
+    return level
 
 
 @triton.jit

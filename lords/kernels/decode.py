@@ -57,8 +57,8 @@ def fits_registers(configs, named_args, **kwargs):
 def _decode_kernel(
     x_ptr, codes_ptr, codebook_ptr, scale_b_ptr, scale_a_ptr, bias_ptr, y_ptr, sums_ptr, counts_ptr,
     M, N, K, RANK, SEGMENT, ROW_BYTES, stride_xm, PER_SM,
-    BITS: tl.constexpr, SEGMENTS: tl.constexpr, TABLE: tl.constexpr, RANK_PAD: tl.constexpr, M_PAD: tl.constexpr,
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
+    BITS: tl.constexpr, SEGMENTS: tl.constexpr, TABLE: tl.constexpr, BF16_LEVELS: tl.constexpr, RANK_PAD: tl.constexpr,
+    M_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
     # the work is n_tiles x steps units, N tile major; this program takes an equal, contiguous share of them, which
     # may end in one tile and go on in the next (PER_SM only sizes the grid)
@@ -85,7 +85,7 @@ def _decode_kernel(
                 else:
                     # rows ordered (m, t), matching the accumulator's columns
                     xa = (x[:, None, :] * scale_a[None, :, :]).reshape(M_PAD * RANK_PAD, BLOCK_J)
-                level = segment_levels(word, codebook_ptr, segment, BITS, TABLE)
+                level = segment_levels(word, codebook_ptr, segment, BITS, TABLE, BF16_LEVELS)
                 acc += tl.dot(level.to(x_ptr.dtype.element_ty), tl.trans(xa.to(x_ptr.dtype.element_ty)))
         scale_b = load_scale_b(scale_b_ptr, offs_n, offs_r, N, RANK).to(tl.float32)
         y = tl.sum(acc.reshape(BLOCK_N, M_PAD, RANK_PAD) * scale_b[:, None, :], axis=2)
@@ -129,6 +129,7 @@ def decode_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None) -> torc
         bias if bias is not None else y, y, sums, counts,
         M, out_features, in_features, rank, **layout, stride_xm=x2.stride(0),
         RANK_PAD=rank_pad(rank), M_PAD=triton.next_power_of_2(M), HAS_BIAS=bias is not None,
-        **layout_meta(bits, codebook),
+        # the levels go straight into tl.dot: the table gives them in its operand type
+        **layout_meta(bits, codebook, x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float16),
     )
     return y.reshape(*x.shape[:-1], out_features)

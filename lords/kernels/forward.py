@@ -3,9 +3,9 @@
 - tiled: BLOCK_M x BLOCK_N tiles of Y, each walking the packed byte columns; per step a program loads one tile of
   words and, for every segment, decodes its level tile, computes the scale tile B[n_tile] @ A[:, k_tile] with one
   tl.dot (rank padded to a power of two >= 16) and reuses it across the BLOCK_M rows. As in decode.py, one wave of
-  programs shares the (tile, step) work out evenly and partial tiles meet in a float32 workspace (stream_k.py): at small M a
-  grid of one program per tile can leave the GPU half idle (4096 x 14336 at M = 16 has 128 tiles of 16 x 32 for 132
-  multiprocessors; one wave took 0.70x the time);
+  programs shares the (tile, step) work out evenly and partial tiles meet in a float32 workspace (stream_k.py): at
+  small M a grid of one program per tile can leave the GPU half idle (4096 x 14336 at M = 16 has 128 tiles of 16 x 32
+  for 132 multiprocessors; one wave took 0.70x the time);
 - dequantize: writes the dense weight in one pass over the codes (scale tile by tl.dot, as above), so that a long
   prefill can hand the GEMM to cuBLAS. Each program decodes one tile of words and writes its columns in every
   segment.
@@ -62,8 +62,8 @@ def _tiled_kernel(
     x_ptr, codes_ptr, codebook_ptr, scale_b_ptr, scale_a_ptr, bias_ptr, y_ptr, sums_ptr, counts_ptr,
     M, N, K, RANK, SEGMENT, ROW_BYTES, stride_xm, stride_xk,
     M_BUCKET, PER_SM,
-    BITS: tl.constexpr, SEGMENTS: tl.constexpr, TABLE: tl.constexpr, RANK_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
+    BITS: tl.constexpr, SEGMENTS: tl.constexpr, TABLE: tl.constexpr, BF16_LEVELS: tl.constexpr, RANK_PAD: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
     # units: (N tile, M tile, K step), in that order, so that the programs of one N tile read its codes from L2
     steps = tl.cdiv(SEGMENT, BLOCK_J)
@@ -88,7 +88,7 @@ def _tiled_kernel(
                 x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                             mask=mask_m[:, None] & mask_k[None, :], other=0.0)
                 scale = tl.dot(scale_b, load_scale_a(scale_a_ptr, offs_r, offs_k, mask_k, K, RANK))
-                level = segment_levels(word, codebook_ptr, segment, BITS, TABLE)
+                level = segment_levels(word, codebook_ptr, segment, BITS, TABLE, BF16_LEVELS)
                 acc += tl.dot(x, tl.trans((scale * level).to(x.dtype)))
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -104,7 +104,7 @@ def _tiled_kernel(
 def _dequantize_kernel(
     codes_ptr, codebook_ptr, scale_b_ptr, scale_a_ptr, w_ptr,
     N, K, RANK, SEGMENT, ROW_BYTES,
-    BITS: tl.constexpr, SEGMENTS: tl.constexpr, TABLE: tl.constexpr, RANK_PAD: tl.constexpr,
+    BITS: tl.constexpr, SEGMENTS: tl.constexpr, TABLE: tl.constexpr, BF16_LEVELS: tl.constexpr, RANK_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -117,7 +117,7 @@ def _dequantize_kernel(
     for segment in tl.static_range(SEGMENTS):
         offs_k, mask_k = segment_columns(offs_j, segment, SEGMENT, K)
         scale = tl.dot(scale_b, load_scale_a(scale_a_ptr, offs_r, offs_k, mask_k, K, RANK))
-        weight = scale * segment_levels(word, codebook_ptr, segment, BITS, TABLE)
+        weight = scale * segment_levels(word, codebook_ptr, segment, BITS, TABLE, BF16_LEVELS)
         tl.store(w_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :], weight.to(w_ptr.dtype.element_ty),
                  mask=(offs_n[:, None] < N) & mask_k[None, :])
 
