@@ -1,5 +1,6 @@
 """LoRDSLinear: a linear layer stored as packed codes, a codebook and low-rank scales B (n x r), A (r x m)."""
 
+import functools
 import importlib.util
 
 import torch
@@ -17,6 +18,7 @@ from .packing import pack_codes, row_bytes, unpack_codes
 BACKENDS = ("auto", "torch", "triton", "fused")
 
 
+@functools.cache
 def _triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
@@ -142,6 +144,11 @@ class LoRDSLinear(nn.Module):
         use_triton = self.backend in ("triton", "fused") or (
             self.backend == "auto" and x.is_cuda and _triton_available()
         )
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad or self.scale_b.requires_grad or self.scale_a.requires_grad
+            or (bias is not None and bias.requires_grad))
+        if not needs_grad:  # inference: no autograd node, whose bookkeeping costs host time on every call
+            return self.matmul(x, bias, use_triton)
         return _LoRDSFunction.apply(x, self.scale_b, self.scale_a, bias, self, use_triton)
 
     def extra_repr(self) -> str:

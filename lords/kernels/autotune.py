@@ -2,6 +2,7 @@
 tests) only the small interpreter config runs."""
 
 import contextlib
+import functools
 import os
 import statistics
 
@@ -56,7 +57,23 @@ def autotune(configs, interpret_configs, key, **kwargs):
 
 def processors(device: torch.device) -> int:
     """Multiprocessors of a GPU; one under the CPU interpreter, whose grid is then PER_SM programs."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    return _processors(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 1
+
+
+@functools.cache
+def _processors(index: int) -> int:  # asked on every launch: a property query costs microseconds of host time
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def cdiv(a: int, b: int) -> int:
+    """Host-side ceil(a / b). triton.cdiv is a constexpr function, several microseconds a call outside a kernel."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """Host-side, as cdiv."""
+    return 1 << (n - 1).bit_length()
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import autotune
+from .autotune import autotune, cdiv
 from ..packing import SEGMENTS
 from .codes import (layout_args, layout_meta, load_scale_a, load_scale_b, load_words, rank_pad, segment_columns,
                     segment_levels)
@@ -72,7 +72,7 @@ def scale_grads(grad_out, x, codes, codebook, scale_b, scale_a, bits) -> tuple[t
     grad_a = torch.zeros(rank, in_features, device=x.device, dtype=torch.float32)
 
     def grid(meta):
-        return (triton.cdiv(out_features, meta["BLOCK_N"]), triton.cdiv(layout["SEGMENT"], meta["BLOCK_J"]),
+        return (cdiv(out_features, meta["BLOCK_N"]), cdiv(layout["SEGMENT"], meta["BLOCK_J"]),
                 SEGMENTS[bits])
 
     layout = layout_args(in_features, bits)

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ..packing import SEGMENTS, row_bytes, segment_width
-from .autotune import INTERPRET
+from .autotune import INTERPRET, next_power_of_2
 
 # Four codes (one per byte of $2, at most 16 levels) to four 16-bit levels (fp16 or bf16) in $0, $1, through
 # registers: prmt picks byte k of an 8-byte table with the low three bits of code k, once from levels 0-7 and once
@@ -48,7 +48,7 @@ def check_input(x: torch.Tensor, scale_a: torch.Tensor) -> None:
 
 def rank_pad(rank: int) -> int:
     """tl.dot needs every dimension >= 16; powers of two keep tl.arange legal."""
-    return max(16, triton.next_power_of_2(rank))
+    return max(16, next_power_of_2(rank))
 
 
 def layout_args(in_features: int, bits: int) -> dict:

@@ -15,10 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import autotune, processors
+from .autotune import autotune, cdiv, next_power_of_2, processors
 from .codes import (check_input, layout_args, layout_meta, load_scale_a, load_scale_b, load_words, rank_pad,
                     segment_columns, segment_levels)
-from .stream_k import store_tile, tile_slot, tile_steps, work_share, workspace
+from .stream_k import store_tile, tile_slot, tile_steps, work_share, workspace, workspace_per_sm
 
 MAX_ROWS = 4
 # PER_SM: programs per multiprocessor. The grid is one wave of programs (at most as many as fit on the GPU at once)
@@ -37,6 +37,7 @@ TILES = [
 CONFIGS = [triton.Config({**tile, "PER_SM": per_sm}, num_warps=warps, num_stages=stages)
            for tile, warps, stages, per_sms in TILES for per_sm in per_sms]
 INTERPRET_CONFIGS = [triton.Config({"BLOCK_N": 16, "BLOCK_J": 16, "PER_SM": 3}, num_warps=4, num_stages=1)]
+WORKSPACE = workspace_per_sm(CONFIGS + INTERPRET_CONFIGS, lambda tile: tile["BLOCK_N"] * MAX_ROWS)
 
 
 def fits_registers(configs, named_args, **kwargs):
@@ -116,10 +117,10 @@ def decode_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None) -> torc
     if M > MAX_ROWS:
         raise ValueError(f"the decode kernel takes at most {MAX_ROWS} rows (its cost grows as rows x rank), got {M}")
     y = torch.empty(M, out_features, device=x.device, dtype=x.dtype)
-    sums, counts = workspace(x.device, _decode.configs, lambda tile: tile["BLOCK_N"] * MAX_ROWS)
+    sums, counts = workspace(x.device, *WORKSPACE)
 
     def grid(meta):
-        units = triton.cdiv(out_features, meta["BLOCK_N"]) * triton.cdiv(layout["SEGMENT"], meta["BLOCK_J"])
+        units = cdiv(out_features, meta["BLOCK_N"]) * cdiv(layout["SEGMENT"], meta["BLOCK_J"])
         return (min(units, processors(x.device) * meta["PER_SM"]),)
 
     layout = layout_args(in_features, bits)
@@ -128,7 +129,7 @@ def decode_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None) -> torc
         x2, codes, codebook.float().contiguous(), scale_b.contiguous(), scale_a.contiguous(),
         bias if bias is not None else y, y, sums, counts,
         M, out_features, in_features, rank, **layout, stride_xm=x2.stride(0),
-        RANK_PAD=rank_pad(rank), M_PAD=triton.next_power_of_2(M), HAS_BIAS=bias is not None,
+        RANK_PAD=rank_pad(rank), M_PAD=next_power_of_2(M), HAS_BIAS=bias is not None,
         # the levels go straight into tl.dot: the table gives them in its operand type
         **layout_meta(bits, codebook, x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float16),
     )

@@ -15,10 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import autotune, processors
+from .autotune import autotune, cdiv, processors
 from .codes import (check_input, layout_args, layout_meta, load_scale_a, load_scale_b, load_words, rank_pad,
                     segment_columns, segment_levels)
-from .stream_k import store_tile, tile_slot, tile_steps, work_share, workspace
+from .stream_k import store_tile, tile_slot, tile_steps, work_share, workspace, workspace_per_sm
 
 # Autotune picks one per (M bucket, N, K, rank, bits). PER_SM, programs per multiprocessor, as in decode.py: the
 # grid is one wave that shares the (M tile, N tile, K step) work out evenly. Most of these tiles take over 100 KB of
@@ -50,6 +50,7 @@ DEQUANT_CONFIGS = [
     triton.Config({"BLOCK_N": 128, "BLOCK_J": 64}, num_warps=8, num_stages=1),
 ]
 INTERPRET_TILED = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_J": 32, "PER_SM": 3}, num_warps=4, num_stages=1)]
+TILED_WORKSPACE = workspace_per_sm(TILED_CONFIGS + INTERPRET_TILED, lambda tile: tile["BLOCK_M"] * tile["BLOCK_N"])
 INTERPRET_DEQUANT = [triton.Config({"BLOCK_N": 16, "BLOCK_J": 32}, num_warps=4, num_stages=1)]
 
 
@@ -134,13 +135,13 @@ def tiled_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None) -> torch
     M = x2.shape[0]
     y = torch.empty(M, out_features, device=x.device, dtype=x.dtype)
     layout = layout_args(in_features, bits)
-    sums, counts = workspace(x.device, _tiled.configs, lambda tile: tile["BLOCK_M"] * tile["BLOCK_N"])
+    sums, counts = workspace(x.device, *TILED_WORKSPACE)
 
     def grid(meta):
-        tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(out_features, meta["BLOCK_N"])
+        tiles = cdiv(M, meta["BLOCK_M"]) * cdiv(out_features, meta["BLOCK_N"])
         if meta["PER_SM"] == 0:
             return (tiles,)
-        return (min(tiles * triton.cdiv(layout["SEGMENT"], meta["BLOCK_J"]), processors(x.device) * meta["PER_SM"]),)
+        return (min(tiles * cdiv(layout["SEGMENT"], meta["BLOCK_J"]), processors(x.device) * meta["PER_SM"]),)
 
     _tiled[grid](
         x2, codes, codebook.float().contiguous(), scale_b.to(x.dtype).contiguous(),
@@ -157,7 +158,7 @@ def dequantize(codes, codebook, scale_b, scale_a, bits, dtype=torch.bfloat16) ->
     weight = torch.empty(out_features, in_features, device=codes.device, dtype=dtype)
 
     def grid(meta):
-        return (triton.cdiv(out_features, meta["BLOCK_N"]), triton.cdiv(layout["SEGMENT"], meta["BLOCK_J"]))
+        return (cdiv(out_features, meta["BLOCK_N"]), cdiv(layout["SEGMENT"], meta["BLOCK_J"]))
 
     layout = layout_args(in_features, bits)
     _dequantize[grid](

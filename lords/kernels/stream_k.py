@@ -20,27 +20,36 @@ import triton.language as tl
 
 from .autotune import processors
 
-# (device, stream) -> (float32 sums, int32 counts). Kernels on one stream run one after another and leave both at
+# (device index, stream) -> (float32 sums, int32 counts). Kernels on one stream run one after another and leave both at
 # zero; kernels that may run at the same time are on different streams, so they get different workspaces.
 _workspaces: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def workspace(device: torch.device, configs, tile_size) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zeroed float32 sums and int32 counters for the current stream of `device`, enough for a launch of any of
-    these autotune configs: a slot of tile_size(config.kwargs) values per program of a one-wave grid (PER_SM programs
-    per multiprocessor; PER_SM = 0, one program per tile, shares no tile). The workspace grows to the largest request
-    and is kept (a few MB). A CUDA graph keeps the workspace of the stream it was captured on."""
-    per_sm = [(c.kwargs["PER_SM"], tile_size(c.kwargs)) for c in configs]
+def workspace_per_sm(configs, tile_size) -> tuple[int, int]:
+    """Float32 values and counters a workspace needs per multiprocessor for a launch of any of these autotune
+    configs: a slot of tile_size(config.kwargs) values per program of a one-wave grid (PER_SM programs per
+    multiprocessor; PER_SM = 0, one program per tile, shares no tile)."""
+    return (max(c.kwargs["PER_SM"] * tile_size(c.kwargs) for c in configs), max(c.kwargs["PER_SM"] for c in configs))
+
+
+def workspace(device: torch.device, values_per_sm: int, slots_per_sm: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zeroed float32 sums and int32 counters for the current stream of `device` (sizes from workspace_per_sm). The
+    workspace grows to the largest request and is kept (a few MB). A CUDA graph keeps the workspace of the stream it
+    was captured on."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        key = (index, triton.runtime.driver.active.get_current_stream(index))
+    else:
+        key = (device.type, 0)
     sms = processors(device)
-    values = max(1, sms * max(programs * size for programs, size in per_sm))
-    slots = max(1, sms * max(programs for programs, _ in per_sm))
-    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
-    sums, counts = _workspaces.get(key, (torch.zeros(0), torch.zeros(0)))
-    if sums.numel() < values or counts.numel() < slots:
-        sums = torch.zeros(max(sums.numel(), values), device=device, dtype=torch.float32)
-        counts = torch.zeros(max(counts.numel(), slots), device=device, dtype=torch.int32)
-        _workspaces[key] = (sums, counts)
-    return sums, counts
+    values, slots = max(1, sms * values_per_sm), max(1, sms * slots_per_sm)
+    found = _workspaces.get(key)
+    if found is None or found[0].numel() < values or found[1].numel() < slots:
+        if found is not None:
+            values, slots = max(found[0].numel(), values), max(found[1].numel(), slots)
+        found = _workspaces[key] = (torch.zeros(values, device=device, dtype=torch.float32),
+                                    torch.zeros(slots, device=device, dtype=torch.int32))
+    return found
 
 
 def workspace_tensors() -> list[torch.Tensor]:
