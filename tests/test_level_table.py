@@ -36,25 +36,35 @@ OPS = {
 
 
 def execute(ptx: str, packed_codes: int) -> tuple[int, int]:
-    registers = {"$2": packed_codes}
+    """Runs the table on four codes, one per byte; returns the two words of level pairs (codes 0, 1 and 2, 3)."""
+    quads = "$4" in ptx  # the four-output form: 16-bit $0-$3, the codes in $4
+    registers = {"$4" if quads else "$2": packed_codes}
     for line in ptx.splitlines():
         line = line.strip().rstrip(";")
         if not line or line in "{}" or line.startswith(".reg"):
+            continue
+        if line.startswith("mov.b32 {"):  # mov.b32 {$0, $1}, a: the low and high halves of a
+            halves, source = line[len("mov.b32 {"):].split("},")
+            low, high = (name.strip() for name in halves.split(","))
+            registers[low], registers[high] = registers[source.strip()] & 0xFFFF, registers[source.strip()] >> 16
             continue
         op, operands = line.split(None, 1)
         target, *sources = [operand.strip() for operand in operands.split(",")]
         values = [int(source, 0) if source[0].isdigit() else registers[source] for source in sources]
         registers[target] = OPS[op](*values) & MASK
+    if quads:
+        return registers["$0"] | registers["$1"] << 16, registers["$2"] | registers["$3"] << 16
     return registers["$0"], registers["$1"]
 
 
+@pytest.mark.parametrize("quads", [False, True], ids=["pairs", "quads"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["nf", "int"])
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_register_lookup_returns_the_levels(monkeypatch, kind, bits, dtype):
+def test_register_lookup_returns_the_levels(monkeypatch, kind, bits, dtype, quads):
     monkeypatch.setattr(kernel_codes, "INTERPRET", False)
     codebook = get_codebook(kind, bits)
-    ptx = kernel_codes.level_table(codebook, dtype)
+    ptx = kernel_codes.level_table(codebook, dtype, quads)
     generator = torch.Generator().manual_seed(bits)
     for _ in range(200):
         codes = torch.randint(0, 2**bits, (4,), generator=generator).tolist()

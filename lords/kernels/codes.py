@@ -4,7 +4,10 @@ Codes come in lords.packing's segment layout: byte column j of a row holds the c
 segment s. A kernel loads one (BLOCK_N, BLOCK_J) tile of words with contiguous, 16-byte loads (the launcher passes
 the row length and S as arguments, so Triton sees when they are multiples of 16), then takes segment s's code tile
 out of it with shifts: no register interleaving. The level lookup is a register table (level_table) on the GPU and a
-gather from the 4- to 16-entry codebook under the interpreter.
+gather from the 4- to 16-entry codebook under the interpreter. At 2 and 4 bits the decode kernel takes the bytes four
+at a time instead (load_quads): an int32 then holds the codes of four consecutive columns of every segment, so one
+shift and mask hand the table a segment's four codes, with no per-code extraction and repacking (quad_levels: 8.5
+instead of 9.9 SASS instructions per weight, results/kernels_sass.md).
 
 Beside the codes, the helpers every kernel shares: loading tiles of B and A.
 """
@@ -23,19 +26,21 @@ from .autotune import INTERPRET, next_power_of_2
 # from 8-15, bit 3 chooses between the two (lop3 0xE4 is "mask ? a : b"), and the high and low bytes are interleaved
 # into two pairs. A gather from the codebook in memory costs one load per weight, which measured 2.5x slower than the
 # whole kernel without it (results/kernels.md).
-def _level_table_ptx(words: dict[str, str]) -> str:
+def _level_table_ptx(words: dict[str, str], quads: bool) -> str:
     def pick_bytes(out: str, half: str) -> str:  # byte k of `out`: byte (code k & 7) of levels 0-7 or 8-15 of `half`
         return (f"mov.b32 a, {words[half + '0']};\nmov.b32 b, {words[half + '1']};\nprmt.b32 {out}, a, b, s;\n"
                 f"mov.b32 a, {words[half + '2']};\nmov.b32 b, {words[half + '3']};\nprmt.b32 a, a, b, s;\n"
                 f"lop3.b32 {out}, a, {out}, m, 0xE4;\n")
 
+    codes = "$4" if quads else "$2"
     return ("{\n.reg .b32 s, m, a, b, hi, lo;\n"
             # prmt's selector, the low three bits of code k in nibble k: bytes 0 and 2 of s | s >> 4
-            "and.b32 s, $2, 0x07070707;\nshr.u32 m, s, 4;\nor.b32 s, s, m;\nprmt.b32 s, s, 0, 0x20;\n"
+            f"and.b32 s, {codes}, 0x07070707;\nshr.u32 m, s, 4;\nor.b32 s, s, m;\nprmt.b32 s, s, 0, 0x20;\n"
             # bit 3 of each code as a byte mask: shifted into the byte's sign bit, which prmt's mode 8-11 replicates
-            "shl.b32 m, $2, 4;\nprmt.b32 m, m, 0, 0xBA98;\n"
+            f"shl.b32 m, {codes}, 4;\nprmt.b32 m, m, 0, 0xBA98;\n"
             + pick_bytes("hi", "hi") + pick_bytes("lo", "lo")
-            + "prmt.b32 $0, lo, hi, 0x5140;\nprmt.b32 $1, lo, hi, 0x7362;\n}")
+            + ("prmt.b32 a, lo, hi, 0x5140;\nprmt.b32 b, lo, hi, 0x7362;\nmov.b32 {$0, $1}, a;\nmov.b32 {$2, $3}, b;\n}"
+               if quads else "prmt.b32 $0, lo, hi, 0x5140;\nprmt.b32 $1, lo, hi, 0x7362;\n}"))
 
 
 _tables: dict[tuple, tuple] = {}  # (id(codebook), dtype) -> (weak reference, version, PTX)
@@ -56,22 +61,23 @@ def layout_args(in_features: int, bits: int) -> dict:
     return {"SEGMENT": segment_width(in_features, bits), "ROW_BYTES": row_bytes(in_features, bits)}
 
 
-def layout_meta(bits: int, codebook: torch.Tensor, levels: torch.dtype = torch.float16) -> dict:
+def layout_meta(bits: int, codebook: torch.Tensor, levels: torch.dtype = torch.float16, quads: bool = False) -> dict:
     """The compile-time arguments every kernel takes: bit width, segments, and the level lookup, whose levels come
     out in `levels` (float16 or bfloat16) on the GPU; a kernel that feeds them straight to tl.dot asks for its
-    operand type and saves two conversions per weight."""
-    return {"BITS": bits, "SEGMENTS": SEGMENTS[bits], "TABLE": level_table(codebook, levels),
+    operand type and saves two conversions per weight. quads: the table for quad_levels (at 2 and 4 bits)."""
+    return {"BITS": bits, "SEGMENTS": SEGMENTS[bits], "TABLE": level_table(codebook, levels, quads and bits != 3),
             "BF16_LEVELS": levels == torch.bfloat16}
 
 
-def level_table(codebook: torch.Tensor, dtype: torch.dtype = torch.float16) -> str | None:
+def level_table(codebook: torch.Tensor, dtype: torch.dtype = torch.float16, quads: bool = False) -> str | None:
     """The register lookup for this codebook's levels in `dtype` (float16 or bfloat16) as PTX (the levels are
-    immediates), or None where it cannot run: under TRITON_INTERPRET=1 the kernels gather from the codebook in memory
-    instead. Cached per codebook tensor and dtype, so that only the first call reads the levels back from the GPU
-    (later calls can be captured in a CUDA graph)."""
+    immediates): four codes in one register to two registers of level pairs, or with `quads` to four 16-bit
+    registers (quad_levels); None where it cannot run: under TRITON_INTERPRET=1 the kernels gather from the codebook
+    in memory instead. Cached per codebook tensor, dtype and form, so that only the first call reads the levels back
+    from the GPU (later calls can be captured in a CUDA graph)."""
     if INTERPRET:
         return None
-    cached = _tables.get((id(codebook), dtype))
+    cached = _tables.get((id(codebook), dtype, quads))
     # a dead reference means another tensor took over the id; a new version means the levels were written to
     if cached is None or cached[0]() is not codebook or cached[1] != codebook._version:
         levels = torch.zeros(16, dtype=dtype)
@@ -81,8 +87,8 @@ def level_table(codebook: torch.Tensor, dtype: torch.dtype = torch.float16) -> s
         for name, byte in (("lo", bits & 0xFF), ("hi", bits >> 8)):
             for reg in range(4):
                 words[f"{name}{reg}"] = hex(sum(int(byte[4 * reg + i]) << (8 * i) for i in range(4)))
-        cached = (weakref.ref(codebook), codebook._version, _level_table_ptx(words))
-        _tables[id(codebook), dtype] = cached
+        cached = (weakref.ref(codebook), codebook._version, _level_table_ptx(words, quads))
+        _tables[id(codebook), dtype, quads] = cached
     return cached[2]
 
 
@@ -118,6 +124,37 @@ def segment_levels(word, codebook_ptr, segment, BITS: tl.constexpr, TABLE: tl.co
         level = tl.inline_asm_elementwise(TABLE, "=r,=r,r", [code.to(tl.uint8)], dtype=tl.float16, is_pure=True,
                                           pack=4)
     return level
+
+
+@triton.jit
+def load_quads(codes_ptr, offs_n, offs_j, N, SEGMENT, ROW_BYTES, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr):
+    """The (BLOCK_N, BLOCK_J // 4) int32 words of byte columns offs_j taken four at a time (little-endian): at 2 and
+    4 bits a word's bytes hold the codes of four consecutive columns in each segment."""
+    rows = codes_ptr + offs_n[:, None].to(tl.int64) * ROW_BYTES + offs_j[None, :]
+    byte = tl.load(rows, mask=(offs_n[:, None] < N) & (offs_j[None, :] < SEGMENT), other=0)
+    even, odd = tl.split(byte.reshape(BLOCK_N, BLOCK_J // 4, 2, 2))
+    low, high = tl.split(even.to(tl.int32) | (odd.to(tl.int32) << 8))
+    return low | (high << 16)
+
+
+@triton.jit
+def quad_levels(quad, codebook_ptr, TABLE: tl.constexpr, BF16_LEVELS: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_J: tl.constexpr):
+    """C[codes] for the four codes in each int32 of `quad` (one per byte, (BLOCK_N, BLOCK_J // 4)) as the
+    (BLOCK_N, BLOCK_J) tile of their columns: through level_table(..., quads=True) or gathered, as segment_levels."""
+    if TABLE is None:
+        l0 = tl.load(codebook_ptr + (quad & 0xFF))
+        l1 = tl.load(codebook_ptr + ((quad >> 8) & 0xFF))
+        l2 = tl.load(codebook_ptr + ((quad >> 16) & 0xFF))
+        l3 = tl.load(codebook_ptr + ((quad >> 24) & 0xFF))
+    elif BF16_LEVELS:
+        l0, l1, l2, l3 = tl.inline_asm_elementwise(TABLE, "=h,=h,=h,=h,r", [quad], dtype=(tl.bfloat16,) * 4,
+                                                   is_pure=True, pack=1)
+    else:
+        l0, l1, l2, l3 = tl.inline_asm_elementwise(TABLE, "=h,=h,=h,=h,r", [quad], dtype=(tl.float16,) * 4,
+                                                   is_pure=True, pack=1)
+    # (w, q, p) -> column 4 w + 2 q + p holds code 2 q + p
+    return tl.join(tl.join(l0, l2), tl.join(l1, l3)).reshape(BLOCK_N, BLOCK_J)
 
 
 @triton.jit

@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 
 from .autotune import autotune, cdiv, next_power_of_2, processors
-from .codes import (check_input, layout_args, layout_meta, load_scale_a, load_scale_b, load_words, rank_pad,
-                    segment_columns, segment_levels)
+from .codes import (check_input, layout_args, layout_meta, load_quads, load_scale_a, load_scale_b, load_words,
+                    quad_levels, rank_pad, segment_columns, segment_levels)
 from .stream_k import store_tile, tile_slot, tile_steps, work_share, workspace, workspace_per_sm
 
 MAX_ROWS = 4
@@ -75,7 +75,10 @@ def _decode_kernel(
         acc = tl.zeros((BLOCK_N, M_PAD * RANK_PAD), dtype=tl.float32)
         for step in range(first, last):
             offs_j = step * BLOCK_J + tl.arange(0, BLOCK_J)
-            word = load_words(codes_ptr, offs_n, offs_j, N, SEGMENT, ROW_BYTES, BITS)
+            if BITS == 3:  # a 3-bit code spans three byte planes: one column per word
+                word = load_words(codes_ptr, offs_n, offs_j, N, SEGMENT, ROW_BYTES, BITS)
+            else:
+                quad = load_quads(codes_ptr, offs_n, offs_j, N, SEGMENT, ROW_BYTES, BLOCK_N, BLOCK_J)
             for segment in tl.static_range(SEGMENTS):
                 offs_k, mask_k = segment_columns(offs_j, segment, SEGMENT, K)
                 x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
@@ -86,7 +89,11 @@ def _decode_kernel(
                 else:
                     # rows ordered (m, t), matching the accumulator's columns
                     xa = (x[:, None, :] * scale_a[None, :, :]).reshape(M_PAD * RANK_PAD, BLOCK_J)
-                level = segment_levels(word, codebook_ptr, segment, BITS, TABLE, BF16_LEVELS)
+                if BITS == 3:
+                    level = segment_levels(word, codebook_ptr, segment, BITS, TABLE, BF16_LEVELS)
+                else:  # the segment's codes of four columns, one per byte
+                    level = quad_levels((quad >> (BITS * segment)) & (0x01010101 * ((1 << BITS) - 1)), codebook_ptr,
+                                        TABLE, BF16_LEVELS, BLOCK_N, BLOCK_J)
                 acc += tl.dot(level.to(x_ptr.dtype.element_ty), tl.trans(xa.to(x_ptr.dtype.element_ty)))
         scale_b = load_scale_b(scale_b_ptr, offs_n, offs_r, N, RANK).to(tl.float32)
         y = tl.sum(acc.reshape(BLOCK_N, M_PAD, RANK_PAD) * scale_b[:, None, :], axis=2)
@@ -131,6 +138,7 @@ def decode_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None) -> torc
         M, out_features, in_features, rank, **layout, stride_xm=x2.stride(0),
         RANK_PAD=rank_pad(rank), M_PAD=next_power_of_2(M), HAS_BIAS=bias is not None,
         # the levels go straight into tl.dot: the table gives them in its operand type
-        **layout_meta(bits, codebook, x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float16),
+        **layout_meta(bits, codebook, x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float16,
+                      quads=True),
     )
     return y.reshape(*x.shape[:-1], out_features)
