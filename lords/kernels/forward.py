@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import autotune, cdiv, processors
+from .autotune import autotune, cdiv, next_power_of_2, processors
 from .codes import (check_input, layout_args, layout_meta, load_scale_a, load_scale_b, load_words, rank_pad,
                     segment_columns, segment_levels)
 from .stream_k import store_tile, tile_slot, tile_steps, work_share, workspace, workspace_per_sm
@@ -55,7 +55,8 @@ INTERPRET_DEQUANT = [triton.Config({"BLOCK_N": 16, "BLOCK_J": 32}, num_warps=4, 
 
 
 def m_bucket(m: int) -> int:
-    return 1 << max(0, (m - 1).bit_length())
+    """The row bucket a tuned config serves."""
+    return next_power_of_2(m)
 
 
 @triton.jit(do_not_specialize=["PER_SM"])
