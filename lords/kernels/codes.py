@@ -93,10 +93,16 @@ def level_table(codebook: torch.Tensor, dtype: torch.dtype = torch.float16, quad
 
 
 @triton.jit
+def code_bytes(codes_ptr, offs_n, offs_j, N, SEGMENT, ROW_BYTES):
+    """Pointers to the (BLOCK_N, BLOCK_J) tile of byte columns offs_j in rows offs_n (first plane), and which exist."""
+    rows = codes_ptr + offs_n[:, None].to(tl.int64) * ROW_BYTES + offs_j[None, :]
+    return rows, (offs_n[:, None] < N) & (offs_j[None, :] < SEGMENT)
+
+
+@triton.jit
 def load_words(codes_ptr, offs_n, offs_j, N, SEGMENT, ROW_BYTES, BITS: tl.constexpr):
     """The (BLOCK_N, BLOCK_J) int32 words of byte columns offs_j: one byte, or three byte planes at 3 bits."""
-    rows = codes_ptr + offs_n[:, None].to(tl.int64) * ROW_BYTES + offs_j[None, :]
-    mask = (offs_n[:, None] < N) & (offs_j[None, :] < SEGMENT)
+    rows, mask = code_bytes(codes_ptr, offs_n, offs_j, N, SEGMENT, ROW_BYTES)
     word = tl.load(rows, mask=mask, other=0).to(tl.int32)
     if BITS == 3:
         word |= tl.load(rows + SEGMENT, mask=mask, other=0).to(tl.int32) << 8
@@ -130,8 +136,8 @@ def segment_levels(word, codebook_ptr, segment, BITS: tl.constexpr, TABLE: tl.co
 def load_quads(codes_ptr, offs_n, offs_j, N, SEGMENT, ROW_BYTES, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr):
     """The (BLOCK_N, BLOCK_J // 4) int32 words of byte columns offs_j taken four at a time (little-endian): at 2 and
     4 bits a word's bytes hold the codes of four consecutive columns in each segment."""
-    rows = codes_ptr + offs_n[:, None].to(tl.int64) * ROW_BYTES + offs_j[None, :]
-    byte = tl.load(rows, mask=(offs_n[:, None] < N) & (offs_j[None, :] < SEGMENT), other=0)
+    rows, mask = code_bytes(codes_ptr, offs_n, offs_j, N, SEGMENT, ROW_BYTES)
+    byte = tl.load(rows, mask=mask, other=0)
     even, odd = tl.split(byte.reshape(BLOCK_N, BLOCK_J // 4, 2, 2))
     low, high = tl.split(even.to(tl.int32) | (odd.to(tl.int32) << 8))
     return low | (high << 16)
