@@ -43,8 +43,8 @@ CORRECTNESS_CASES = [
 ]
 
 
-def random_layer(n, k, bits, rank, device) -> LoRDSLinear:
-    layer = LoRDSLinear(k, n, bits, rank, device=device)
+def random_layer(n, k, bits, rank, device, codebook: str = "nf") -> LoRDSLinear:
+    layer = LoRDSLinear(k, n, bits, rank, codebook=codebook, device=device)
     with torch.no_grad():
         layer.codes.copy_(pack_codes(torch.randint(0, 2**bits, (n, k), device=device, dtype=torch.uint8), bits))
         layer.scale_b.copy_(torch.rand(n, rank, device=device) * 0.1 + 0.01)

@@ -31,6 +31,7 @@ from triton.compiler import ASTSource
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
 
+from lords.codebooks import get_codebook
 from lords.factorize import parity_rank
 from lords.kernels import codes as kernel_codes
 from lords.kernels import decode, forward
@@ -155,18 +156,19 @@ def weights_per_step(meta: dict, bits: int) -> int:
     return meta["BLOCK_N"] * columns * SEGMENTS[bits]
 
 
-CASES = [  # (what, N, K, rows, bits, activation dtype)
-    ("decode", 14336, 4096, 1, 4, torch.bfloat16), ("decode", 14336, 4096, 4, 4, torch.bfloat16),
-    ("decode", 14336, 4096, 1, 3, torch.bfloat16), ("decode", 14336, 4096, 1, 2, torch.bfloat16),
-    ("decode", 4096, 4096, 1, 4, torch.float16),
-    ("tiled", 14336, 4096, 16, 4, torch.bfloat16), ("dequantize", 14336, 4096, 2048, 4, torch.bfloat16),
+CASES = [  # (what, N, K, rows, bits, activation dtype, codebook)
+    ("decode", 14336, 4096, 1, 4, torch.bfloat16, "nf"), ("decode", 14336, 4096, 1, 4, torch.bfloat16, "int"),
+    ("decode", 14336, 4096, 4, 4, torch.bfloat16, "nf"),
+    ("decode", 14336, 4096, 1, 3, torch.bfloat16, "nf"), ("decode", 14336, 4096, 1, 2, torch.bfloat16, "nf"),
+    ("decode", 4096, 4096, 1, 4, torch.float16, "nf"),
+    ("tiled", 14336, 4096, 16, 4, torch.bfloat16, "nf"), ("dequantize", 14336, 4096, 2048, 4, torch.bfloat16, "nf"),
 ]
 
 
-def launches_of(what: str, n: int, k: int, rows: int, bits: int, dtype) -> list:
+def launches_of(what: str, n: int, k: int, rows: int, bits: int, dtype, kind: str) -> list:
     rank = parity_rank(n, k, 64)
     codes = torch.zeros(n, row_bytes(k, bits), dtype=torch.uint8)
-    codebook = torch.linspace(-1, 1, 2**bits)
+    codebook = get_codebook(kind, bits)
     scale_b, scale_a = torch.ones(n, rank), torch.ones(rank, k)
     x = torch.zeros(rows, k, dtype=dtype)
     with recorded_launches() as launches:
@@ -196,12 +198,12 @@ def main() -> None:
         "the instructions of all N x K weights at one warp instruction per cycle per scheduler of an H100 SXM "
         "(132 SMs x 4, 1.98 GHz), a floor under the kernel's time that leaves out memory, tensor-core time and the "
         "work outside the loop; stack > 0 means register spills", "",
-        "| kernel | shape (N x K) | rows | bits | dtype | config | registers | stack (B) | shared (KB) | fits | "
+        "| kernel | shape (N x K) | rows | bits | codebook | dtype | config | registers | stack (B) | shared (KB) | fits | "
         "loop instr. | weights / thread | instr. / weight | issue bound (us) | HGMMA | global loads | most frequent |",
-        "|---" * 17 + "|",
+        "|---" * 18 + "|",
     ]
-    for what, n, k, rows, bits, dtype in CASES:
-        for kernel, launch_args, launch_kwargs in launches_of(what, n, k, rows, bits, dtype):
+    for what, n, k, rows, bits, dtype, kind in CASES:
+        for kernel, launch_args, launch_kwargs in launches_of(what, n, k, rows, bits, dtype, kind):
             if not isinstance(kernel, Autotuner):  # a helper pass without configs, not a loop over the weights
                 continue
             name = kernel.fn.__name__
@@ -209,7 +211,7 @@ def main() -> None:
                 result = analyse(compiled, weights_per_step(config.kwargs, bits), 32 * config.num_warps)
                 shown = " ".join(f"{key.removeprefix('BLOCK_')}={value}" for key, value in config.kwargs.items())
                 report.append(
-                    f"| {name.strip('_')} | {n} x {k} | {rows} | {bits} | {str(dtype)[6:]} | {shown} "
+                    f"| {name.strip('_')} | {n} x {k} | {rows} | {bits} | {kind} | {str(dtype)[6:]} | {shown} "
                     f"w{config.num_warps} s{config.num_stages} | {result['registers']} | {result['stack']} | "
                     f"{result['shared'] / 1024:.0f} | {'yes' if result['shared'] <= SHARED_LIMIT else 'no'} | "
                     f"{result['loop']} | {result['weights']:.0f} | "

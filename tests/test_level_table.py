@@ -23,6 +23,17 @@ def prmt(a: int, b: int, selector: int) -> int:
     return out
 
 
+def packed_fma(dtype: torch.dtype):
+    """PTX fma.rn.{bf16x2, f16x2}: a * b + c on both 16-bit halves, rounded once."""
+    def halves(word: int) -> torch.Tensor:
+        return torch.tensor([word & 0xFFFF, word >> 16], dtype=torch.int32).to(torch.int16).view(dtype).double()
+
+    def fma(a: int, b: int, c: int) -> int:
+        low, high = (halves(a) * halves(b) + halves(c)).to(dtype).view(torch.int16).to(torch.int32).tolist()
+        return (low & 0xFFFF) | ((high & 0xFFFF) << 16)
+    return fma
+
+
 OPS = {
     "and.b32": lambda a, b: a & b,
     "or.b32": lambda a, b: a | b,
@@ -32,11 +43,13 @@ OPS = {
     "mul.lo.u32": lambda a, b: (a * b) & MASK,
     "prmt.b32": prmt,
     "lop3.b32": lambda a, b, mask, lut: (a & mask) | (b & ~mask & MASK) if lut == 0xE4 else None,
+    "fma.rn.bf16x2": packed_fma(torch.bfloat16),
+    "fma.rn.f16x2": packed_fma(torch.float16),
 }
 
 
 def execute(ptx: str, packed_codes: int) -> tuple[int, int]:
-    """Runs the table on four codes, one per byte; returns the two words of level pairs (codes 0, 1 and 2, 3)."""
+    """Runs the lookup on four codes, one per byte; returns the two words of level pairs (codes 0, 1 and 2, 3)."""
     quads = "$4" in ptx  # the four-output form: 16-bit $0-$3, the codes in $4
     registers = {"$4" if quads else "$2": packed_codes}
     for line in ptx.splitlines():
@@ -57,6 +70,12 @@ def execute(ptx: str, packed_codes: int) -> tuple[int, int]:
     return registers["$0"], registers["$1"]
 
 
+def lookup_levels(ptx: str, codes: list[int], dtype: torch.dtype) -> torch.Tensor:
+    low, high = execute(ptx, sum(code << (8 * k) for k, code in enumerate(codes)))
+    halves = torch.tensor([low & 0xFFFF, low >> 16, high & 0xFFFF, high >> 16], dtype=torch.int32)
+    return halves.to(torch.int16).view(dtype)
+
+
 @pytest.mark.parametrize("quads", [False, True], ids=["pairs", "quads"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["nf", "int"])
@@ -64,41 +83,60 @@ def execute(ptx: str, packed_codes: int) -> tuple[int, int]:
 def test_register_lookup_returns_the_levels(monkeypatch, kind, bits, dtype, quads):
     monkeypatch.setattr(kernel_codes, "INTERPRET", False)
     codebook = get_codebook(kind, bits)
-    ptx = kernel_codes.level_table(codebook, dtype, quads)
+    lookup = kernel_codes.level_lookup(codebook, dtype, quads)
+    assert lookup.dtype == dtype
+    # the kernel's levels times its output scale are the codebook; the integer form (int codebooks) has levels
+    # code - 2^(bits-1), exact in both dtypes, and scale 1 / (2^(bits-1) - 1)
+    integer = kind == "int"
+    half = 2 ** (bits - 1)
+    assert lookup.scale == (pytest.approx(1 / (half - 1)) if integer else 1.0)
+    torch.testing.assert_close(lookup.levels * lookup.scale, codebook, rtol=1e-6, atol=0)
+    if integer:
+        assert torch.equal(lookup.levels, torch.arange(2**bits) - float(half))
     generator = torch.Generator().manual_seed(bits)
     for _ in range(200):
         codes = torch.randint(0, 2**bits, (4,), generator=generator).tolist()
-        low, high = execute(ptx, sum(code << (8 * k) for k, code in enumerate(codes)))
-        halves = torch.tensor([low & 0xFFFF, low >> 16, high & 0xFFFF, high >> 16], dtype=torch.int32)
-        assert torch.equal(halves.to(torch.int16).view(dtype), codebook.to(dtype)[codes])
+        assert torch.equal(lookup_levels(lookup.table, codes, dtype), lookup.levels.to(dtype)[codes])
 
 
-def test_register_lookup_covers_every_code_in_every_position(monkeypatch):
-    """All 16 codes at each of the four byte positions: the selector and the bit-3 mask of every lane."""
+@pytest.mark.parametrize("kind", ["table", "int"])
+def test_register_lookup_covers_every_code_in_every_position(monkeypatch, kind):
+    """All 16 codes at each of the four byte positions: the table's selector and bit-3 mask of every lane, and the
+    integer form's byte placement."""
     monkeypatch.setattr(kernel_codes, "INTERPRET", False)
-    codebook = torch.linspace(-1, 1, 16)
-    ptx = kernel_codes.level_table(codebook, torch.bfloat16)
+    codebook = torch.linspace(-1, 1, 16) if kind == "table" else get_codebook("int", 4)
+    lookup = kernel_codes.level_lookup(codebook, torch.bfloat16)
     for code in range(16):
         for position in range(4):
             codes = [(code + 5 * lane) % 16 if lane != position else code for lane in range(4)]
-            low, high = execute(ptx, sum(c << (8 * k) for k, c in enumerate(codes)))
-            halves = torch.tensor([low & 0xFFFF, low >> 16, high & 0xFFFF, high >> 16], dtype=torch.int32)
-            assert torch.equal(halves.to(torch.int16).view(torch.bfloat16), codebook.bfloat16()[codes])
+            assert torch.equal(lookup_levels(lookup.table, codes, torch.bfloat16),
+                               lookup.levels.bfloat16()[codes])
 
 
-def test_table_follows_writes_to_the_codebook(monkeypatch):
+def test_integer_levels_are_found_only_where_exact():
+    assert kernel_codes.integer_levels(get_codebook("int", 4)) == (-8, pytest.approx(1 / 7))
+    assert kernel_codes.integer_levels(get_codebook("int", 2)) == (-2, 1.0)
+    assert kernel_codes.integer_levels(0.25 * get_codebook("int", 3)) == (-4, pytest.approx(0.25 / 3))
+    assert kernel_codes.integer_levels(get_codebook("nf", 4)) is None
+    assert kernel_codes.integer_levels(torch.linspace(-1, 1, 16)) is None  # offset -7.5: not an integer
+    assert kernel_codes.integer_levels(get_codebook("int", 4).flip(0)) is None  # descending
+
+
+def test_lookup_follows_writes_to_the_codebook(monkeypatch):
     monkeypatch.setattr(kernel_codes, "INTERPRET", False)
     codebook = get_codebook("nf", 4).clone()
-    before = kernel_codes.level_table(codebook)
-    assert kernel_codes.level_table(codebook) is before  # cached: no read-back from the GPU on later calls
+    before = kernel_codes.level_lookup(codebook)
+    assert kernel_codes.level_lookup(codebook) is before  # cached: no read-back from the GPU on later calls
     codebook.mul_(0.5)
-    after = kernel_codes.level_table(codebook)
-    assert after != before
-    _, high = execute(after, 15 << 24)
-    assert torch.tensor([high >> 16], dtype=torch.int32).to(torch.int16).view(torch.float16).item() == pytest.approx(
-        codebook[15].item(), rel=1e-3)
+    after = kernel_codes.level_lookup(codebook)
+    assert after.table != before.table
+    assert lookup_levels(after.table, [0, 0, 0, 15], torch.float16)[3].item() == pytest.approx(codebook[15].item(),
+                                                                                              rel=1e-3)
 
 
 def test_no_table_under_the_interpreter(monkeypatch):
     monkeypatch.setattr(kernel_codes, "INTERPRET", True)
-    assert kernel_codes.level_table(get_codebook("nf", 4)) is None
+    for kind in ("nf", "int"):
+        lookup = kernel_codes.level_lookup(get_codebook(kind, 4))
+        assert lookup.table is None
+        torch.testing.assert_close(lookup.levels * lookup.scale, get_codebook(kind, 4), rtol=1e-6, atol=0)

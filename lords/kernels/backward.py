@@ -13,8 +13,8 @@ import triton.language as tl
 
 from .autotune import autotune, cdiv
 from ..packing import SEGMENTS
-from .codes import (layout_args, layout_meta, load_scale_a, load_scale_b, load_words, rank_pad, segment_columns,
-                    segment_levels)
+from .codes import (layout_args, layout_meta, level_lookup, load_scale_a, load_scale_b, load_words, rank_pad,
+                    segment_columns, segment_levels)
 
 CONFIGS = [
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_J": 64}, num_warps=4, num_stages=3),
@@ -28,7 +28,7 @@ INTERPRET_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_J": 32}
 @triton.jit
 def _scale_grad_kernel(
     dy_ptr, x_ptr, codes_ptr, codebook_ptr, scale_b_ptr, scale_a_ptr, grad_b_ptr, grad_a_ptr,
-    M, N, K, RANK, SEGMENT, ROW_BYTES, stride_dym, stride_xm,
+    M, N, K, RANK, SEGMENT, ROW_BYTES, stride_dym, stride_xm, LEVEL_SCALE,
     BITS: tl.constexpr, SEGMENTS: tl.constexpr, TABLE: tl.constexpr, BF16_LEVELS: tl.constexpr, RANK_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
@@ -48,7 +48,7 @@ def _scale_grad_kernel(
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         grad_w += tl.dot(tl.trans(dy), x)
     word = load_words(codes_ptr, offs_n, offs_j, N, SEGMENT, ROW_BYTES, BITS)
-    grad_scale = grad_w * segment_levels(word, codebook_ptr, segment, BITS, TABLE, BF16_LEVELS)
+    grad_scale = grad_w * (segment_levels(word, codebook_ptr, segment, BITS, TABLE, BF16_LEVELS) * LEVEL_SCALE)
     mask_r = offs_r < RANK
     scale_a = load_scale_a(scale_a_ptr, offs_r, offs_k, mask_k, K, RANK).to(tl.float32)
     scale_b = load_scale_b(scale_b_ptr, offs_n, offs_r, N, RANK).to(tl.float32)
@@ -76,9 +76,10 @@ def scale_grads(grad_out, x, codes, codebook, scale_b, scale_a, bits) -> tuple[t
                 SEGMENTS[bits])
 
     layout = layout_args(in_features, bits)
+    lookup = level_lookup(codebook)
     _scale_grad[grid](
-        dy, x2, codes, codebook.float().contiguous(), scale_b.contiguous(), scale_a.contiguous(), grad_b, grad_a,
+        dy, x2, codes, lookup.levels, scale_b.contiguous(), scale_a.contiguous(), grad_b, grad_a,
         dy.shape[0], out_features, in_features, rank, **layout, stride_dym=dy.stride(0), stride_xm=x2.stride(0),
-        RANK_PAD=rank_pad(rank), **layout_meta(bits, codebook),
+        LEVEL_SCALE=lookup.scale, RANK_PAD=rank_pad(rank), **layout_meta(bits, lookup),
     )
     return grad_b, grad_a

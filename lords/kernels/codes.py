@@ -3,7 +3,7 @@
 Codes come in lords.packing's segment layout: byte column j of a row holds the codes of columns s * S + j for every
 segment s. A kernel loads one (BLOCK_N, BLOCK_J) tile of words with contiguous, 16-byte loads (the launcher passes
 the row length and S as arguments, so Triton sees when they are multiples of 16), then takes segment s's code tile
-out of it with shifts: no register interleaving. The level lookup is a register table (level_table) on the GPU and a
+out of it with shifts: no register interleaving. The level lookup (level_lookup) is a register table on the GPU and a
 gather from the 4- to 16-entry codebook under the interpreter. At 2 and 4 bits the decode kernel takes the bytes four
 at a time instead (load_quads): an int32 then holds the codes of four consecutive columns of every segment, so one
 shift and mask hand the table a segment's four codes, with no per-code extraction and repacking (quad_levels: 8.5
@@ -13,6 +13,7 @@ Beside the codes, the helpers every kernel shares: loading tiles of B and A.
 """
 
 import weakref
+from typing import NamedTuple
 
 import torch
 import triton
@@ -43,7 +44,83 @@ def _level_table_ptx(words: dict[str, str], quads: bool) -> str:
                if quads else "prmt.b32 $0, lo, hi, 0x5140;\nprmt.b32 $1, lo, hi, 0x7362;\n}"))
 
 
-_tables: dict[tuple, tuple] = {}  # (id(codebook), dtype) -> (weak reference, version, PTX)
+def _integer_levels_ptx(dtype: torch.dtype, offset: int, quads: bool) -> str:
+    """The table's interface (four codes, one per byte, to four 16-bit levels) for an integer codebook: a code
+    placed in the low mantissa bits of 128.0 (bf16) or 1024.0 (fp16) makes 128 + code or 1024 + code exactly, and
+    one packed add of offset - 128 (or - 1024) leaves code + offset, an exact small integer. Two levels take three
+    instructions (prmt, or, fma) where the table takes about nine."""
+    base, one, kind = (128, 0x3F80, "bf16x2") if dtype == torch.bfloat16 else (1024, 0x3C00, "f16x2")
+    magic, shift = (torch.tensor([base, offset - base], dtype=dtype).view(torch.int16).to(torch.int32) & 0xFFFF).tolist()
+    codes = "$4" if quads else "$2"
+    return ("{\n.reg .b32 p, q, one, shift;\n"
+            f"mov.b32 one, {one * 0x10001:#x};\nmov.b32 shift, {shift * 0x10001:#x};\n"
+            # bytes 0, 1 (and 2, 3) of the codes to the low bytes of the two halves
+            f"prmt.b32 p, {codes}, 0, 0x4140;\nprmt.b32 q, {codes}, 0, 0x4342;\n"
+            f"or.b32 p, p, {magic * 0x10001:#x};\nor.b32 q, q, {magic * 0x10001:#x};\n"
+            f"fma.rn.{kind} p, p, one, shift;\nfma.rn.{kind} q, q, one, shift;\n"
+            + ("mov.b32 {$0, $1}, p;\nmov.b32 {$2, $3}, q;\n}" if quads else "mov.b32 $0, p;\nmov.b32 $1, q;\n}"))
+
+
+def integer_levels(codebook: torch.Tensor) -> tuple[int, float] | None:
+    """(offset, step) when every level is (code + offset) * step with a small integer offset, as in lords.codebooks'
+    int codebooks ((code - 8) / 7 at 4 bits); None for any other codebook."""
+    levels = codebook.detach().to("cpu", torch.float64)
+    step = (levels[1] - levels[0]).item()
+    if step <= 0:
+        return None
+    offset = round(levels[0].item() / step)
+    expected = (torch.arange(levels.numel(), dtype=torch.float64) + offset) * step
+    if abs(offset) > 64 or (levels - expected).abs().max() > 1e-6 * levels.abs().max():
+        return None
+    return offset, step
+
+
+class LevelLookup(NamedTuple):
+    """How a kernel turns codes into levels: `table`, the register lookup's PTX giving them in `dtype` (None under
+    the interpreter, which gathers from `levels` in memory), as levels / `scale`: the kernel scales its output."""
+    table: str | None
+    levels: torch.Tensor
+    scale: float
+    dtype: torch.dtype
+
+
+_lookups: dict[tuple, tuple] = {}  # (id(codebook), dtype, quads) -> (weak reference, version, LevelLookup)
+
+
+def level_lookup(codebook: torch.Tensor, dtype: torch.dtype = torch.float16, quads: bool = False) -> LevelLookup:
+    """The level lookup for this codebook with levels in `dtype` (float16 or bfloat16) on the GPU; a kernel that
+    feeds them straight to tl.dot asks for its operand type and saves two conversions per weight. A register table
+    (PTX, the levels as immediates) taking four codes in one register to two registers of level pairs, or with
+    `quads` to four 16-bit registers (quad_levels). An integer codebook (integer_levels) takes no table: its levels
+    come out as code + offset and the step is the kernel's output scale. Cached per codebook
+    tensor, dtype and form, so that only the first call reads the levels back from the GPU (later calls can be
+    captured in a CUDA graph)."""
+    key = (id(codebook), dtype, quads)
+    cached = _lookups.get(key)
+    # a dead reference means another tensor took over the id; a new version means the levels were written to
+    if cached is None or cached[0]() is not codebook or cached[1] != codebook._version:
+        integer = integer_levels(codebook)
+        if integer is not None:
+            offset, step = integer
+            lookup = LevelLookup(None if INTERPRET else _integer_levels_ptx(dtype, offset, quads),
+                                 (codebook.detach().float() / step).round().contiguous(), step, dtype)
+        else:
+            lookup = LevelLookup(None if INTERPRET else _level_table_ptx(_table_words(codebook, dtype), quads),
+                                 codebook.detach().float().contiguous(), 1.0, dtype)
+        cached = _lookups[key] = (weakref.ref(codebook), codebook._version, lookup)
+    return cached[2]
+
+
+def _table_words(codebook: torch.Tensor, dtype: torch.dtype) -> dict[str, str]:
+    """The levels in `dtype` as eight 32-bit immediates: low bytes (lo0-lo3) and high bytes (hi0-hi3) of 16 levels."""
+    levels = torch.zeros(16, dtype=dtype)
+    levels[: codebook.numel()] = codebook.detach().to("cpu", dtype)
+    bits = levels.view(torch.int16).to(torch.int32) & 0xFFFF
+    words = {}
+    for name, byte in (("lo", bits & 0xFF), ("hi", bits >> 8)):
+        for reg in range(4):
+            words[f"{name}{reg}"] = hex(sum(int(byte[4 * reg + i]) << (8 * i) for i in range(4)))
+    return words
 
 
 def check_input(x: torch.Tensor, scale_a: torch.Tensor) -> None:
@@ -61,35 +138,10 @@ def layout_args(in_features: int, bits: int) -> dict:
     return {"SEGMENT": segment_width(in_features, bits), "ROW_BYTES": row_bytes(in_features, bits)}
 
 
-def layout_meta(bits: int, codebook: torch.Tensor, levels: torch.dtype = torch.float16, quads: bool = False) -> dict:
-    """The compile-time arguments every kernel takes: bit width, segments, and the level lookup, whose levels come
-    out in `levels` (float16 or bfloat16) on the GPU; a kernel that feeds them straight to tl.dot asks for its
-    operand type and saves two conversions per weight. quads: the table for quad_levels (at 2 and 4 bits)."""
-    return {"BITS": bits, "SEGMENTS": SEGMENTS[bits], "TABLE": level_table(codebook, levels, quads and bits != 3),
-            "BF16_LEVELS": levels == torch.bfloat16}
-
-
-def level_table(codebook: torch.Tensor, dtype: torch.dtype = torch.float16, quads: bool = False) -> str | None:
-    """The register lookup for this codebook's levels in `dtype` (float16 or bfloat16) as PTX (the levels are
-    immediates): four codes in one register to two registers of level pairs, or with `quads` to four 16-bit
-    registers (quad_levels); None where it cannot run: under TRITON_INTERPRET=1 the kernels gather from the codebook
-    in memory instead. Cached per codebook tensor, dtype and form, so that only the first call reads the levels back
-    from the GPU (later calls can be captured in a CUDA graph)."""
-    if INTERPRET:
-        return None
-    cached = _tables.get((id(codebook), dtype, quads))
-    # a dead reference means another tensor took over the id; a new version means the levels were written to
-    if cached is None or cached[0]() is not codebook or cached[1] != codebook._version:
-        levels = torch.zeros(16, dtype=dtype)
-        levels[: codebook.numel()] = codebook.detach().to("cpu", dtype)
-        bits = levels.view(torch.int16).to(torch.int32) & 0xFFFF
-        words = {}
-        for name, byte in (("lo", bits & 0xFF), ("hi", bits >> 8)):
-            for reg in range(4):
-                words[f"{name}{reg}"] = hex(sum(int(byte[4 * reg + i]) << (8 * i) for i in range(4)))
-        cached = (weakref.ref(codebook), codebook._version, _level_table_ptx(words, quads))
-        _tables[id(codebook), dtype, quads] = cached
-    return cached[2]
+def layout_meta(bits: int, lookup: LevelLookup) -> dict:
+    """The compile-time arguments every kernel takes: bit width, segments, and the level lookup (level_lookup)."""
+    return {"BITS": bits, "SEGMENTS": SEGMENTS[bits], "TABLE": lookup.table,
+            "BF16_LEVELS": lookup.dtype == torch.bfloat16}
 
 
 @triton.jit
@@ -114,7 +166,7 @@ def load_words(codes_ptr, offs_n, offs_j, N, SEGMENT, ROW_BYTES, BITS: tl.conste
 def segment_levels(word, codebook_ptr, segment, BITS: tl.constexpr, TABLE: tl.constexpr,
                    BF16_LEVELS: tl.constexpr):
     """C[codes] for segment `segment` (compile-time or run-time) of a tile of words: through the register table when
-    TABLE (level_table's PTX) is given, in bfloat16 or float16 as BF16_LEVELS says the table was built, else in
+    TABLE (level_lookup's PTX) is given, in bfloat16 or float16 as BF16_LEVELS says the table was built, else in
     float32, gathered from the codebook."""
     if BITS == 3:
         code = ((word >> (2 * segment)) & 3) | (((word >> (16 + segment)) & 1) << 2)
@@ -147,7 +199,8 @@ def load_quads(codes_ptr, offs_n, offs_j, N, SEGMENT, ROW_BYTES, BLOCK_N: tl.con
 def quad_levels(quad, codebook_ptr, TABLE: tl.constexpr, BF16_LEVELS: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_J: tl.constexpr):
     """C[codes] for the four codes in each int32 of `quad` (one per byte, (BLOCK_N, BLOCK_J // 4)) as the
-    (BLOCK_N, BLOCK_J) tile of their columns: through level_table(..., quads=True) or gathered, as segment_levels."""
+    (BLOCK_N, BLOCK_J) tile of their columns: through level_lookup(..., quads=True)'s PTX or gathered, as
+    segment_levels."""
     if TABLE is None:
         l0 = tl.load(codebook_ptr + (quad & 0xFF))
         l1 = tl.load(codebook_ptr + ((quad >> 8) & 0xFF))

@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 
 from .autotune import autotune, cdiv, next_power_of_2, processors
-from .codes import (check_input, layout_args, layout_meta, load_quads, load_scale_a, load_scale_b, load_words,
-                    quad_levels, rank_pad, segment_columns, segment_levels)
+from .codes import (check_input, layout_args, layout_meta, level_lookup, load_quads, load_scale_a, load_scale_b,
+                    load_words, quad_levels, rank_pad, segment_columns, segment_levels)
 from .stream_k import store_tile, tile_slot, tile_steps, work_share, workspace, workspace_per_sm
 
 MAX_ROWS = 4
@@ -57,7 +57,7 @@ def fits_registers(configs, named_args, **kwargs):
 @triton.jit(do_not_specialize=["PER_SM"])  # one binary for every PER_SM
 def _decode_kernel(
     x_ptr, codes_ptr, codebook_ptr, scale_b_ptr, scale_a_ptr, bias_ptr, y_ptr, sums_ptr, counts_ptr,
-    M, N, K, RANK, SEGMENT, ROW_BYTES, stride_xm, PER_SM,
+    M, N, K, RANK, SEGMENT, ROW_BYTES, stride_xm, PER_SM, LEVEL_SCALE,
     BITS: tl.constexpr, SEGMENTS: tl.constexpr, TABLE: tl.constexpr, BF16_LEVELS: tl.constexpr, RANK_PAD: tl.constexpr,
     M_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
@@ -95,7 +95,7 @@ def _decode_kernel(
                     level = quad_levels((quad >> (BITS * segment)) & (0x01010101 * ((1 << BITS) - 1)), codebook_ptr,
                                         TABLE, BF16_LEVELS, BLOCK_N, BLOCK_J)
                 acc += tl.dot(level.to(x_ptr.dtype.element_ty), tl.trans(xa.to(x_ptr.dtype.element_ty)))
-        scale_b = load_scale_b(scale_b_ptr, offs_n, offs_r, N, RANK).to(tl.float32)
+        scale_b = load_scale_b(scale_b_ptr, offs_n, offs_r, N, RANK).to(tl.float32) * LEVEL_SCALE
         y = tl.sum(acc.reshape(BLOCK_N, M_PAD, RANK_PAD) * scale_b[:, None, :], axis=2)
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
@@ -131,14 +131,13 @@ def decode_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None) -> torc
         return (min(units, processors(x.device) * meta["PER_SM"]),)
 
     layout = layout_args(in_features, bits)
+    # the levels go straight into tl.dot: the lookup gives them in its operand type
+    lookup = level_lookup(codebook, x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float16,
+                          quads=bits != 3)
 
     _decode[grid](
-        x2, codes, codebook.float().contiguous(), scale_b.contiguous(), scale_a.contiguous(),
-        bias if bias is not None else y, y, sums, counts,
-        M, out_features, in_features, rank, **layout, stride_xm=x2.stride(0),
-        RANK_PAD=rank_pad(rank), M_PAD=next_power_of_2(M), HAS_BIAS=bias is not None,
-        # the levels go straight into tl.dot: the table gives them in its operand type
-        **layout_meta(bits, codebook, x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float16,
-                      quads=True),
+        x2, codes, lookup.levels, scale_b.contiguous(), scale_a.contiguous(), bias if bias is not None else y, y, sums,
+        counts, M, out_features, in_features, rank, **layout, stride_xm=x2.stride(0), LEVEL_SCALE=lookup.scale,
+        RANK_PAD=rank_pad(rank), M_PAD=next_power_of_2(M), HAS_BIAS=bias is not None, **layout_meta(bits, lookup),
     )
     return y.reshape(*x.shape[:-1], out_features)

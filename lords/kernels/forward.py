@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 
 from .autotune import autotune, cdiv, next_power_of_2, processors
-from .codes import (check_input, layout_args, layout_meta, load_scale_a, load_scale_b, load_words, rank_pad,
-                    segment_columns, segment_levels)
+from .codes import (check_input, layout_args, layout_meta, level_lookup, load_scale_a, load_scale_b, load_words,
+                    rank_pad, segment_columns, segment_levels)
 from .stream_k import store_tile, tile_slot, tile_steps, work_share, workspace, workspace_per_sm
 
 # Autotune picks one per (M bucket, N, K, rank, bits). PER_SM, programs per multiprocessor, as in decode.py: the
@@ -63,7 +63,7 @@ def m_bucket(m: int) -> int:
 def _tiled_kernel(
     x_ptr, codes_ptr, codebook_ptr, scale_b_ptr, scale_a_ptr, bias_ptr, y_ptr, sums_ptr, counts_ptr,
     M, N, K, RANK, SEGMENT, ROW_BYTES, stride_xm, stride_xk,
-    M_BUCKET, PER_SM,
+    M_BUCKET, PER_SM, LEVEL_SCALE,
     BITS: tl.constexpr, SEGMENTS: tl.constexpr, TABLE: tl.constexpr, BF16_LEVELS: tl.constexpr, RANK_PAD: tl.constexpr,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
@@ -97,7 +97,8 @@ def _tiled_kernel(
         else:
             bias = 0.0
         slot = tile_slot(tile, steps, units)
-        store_tile(acc, bias, y_ptr + offs_m[:, None] * N + offs_n[None, :], mask_m[:, None] & mask_n[None, :],
+        store_tile(acc * LEVEL_SCALE, bias, y_ptr + offs_m[:, None] * N + offs_n[None, :],
+                   mask_m[:, None] & mask_n[None, :],
                    sums_ptr + slot * (BLOCK_M * BLOCK_N) + tl.arange(0, BLOCK_M)[:, None] * BLOCK_N
                    + tl.arange(0, BLOCK_N)[None, :], counts_ptr + slot, last - first, steps)
 
@@ -105,7 +106,7 @@ def _tiled_kernel(
 @triton.jit
 def _dequantize_kernel(
     codes_ptr, codebook_ptr, scale_b_ptr, scale_a_ptr, w_ptr,
-    N, K, RANK, SEGMENT, ROW_BYTES,
+    N, K, RANK, SEGMENT, ROW_BYTES, LEVEL_SCALE,
     BITS: tl.constexpr, SEGMENTS: tl.constexpr, TABLE: tl.constexpr, BF16_LEVELS: tl.constexpr, RANK_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
@@ -119,7 +120,7 @@ def _dequantize_kernel(
     for segment in tl.static_range(SEGMENTS):
         offs_k, mask_k = segment_columns(offs_j, segment, SEGMENT, K)
         scale = tl.dot(scale_b, load_scale_a(scale_a_ptr, offs_r, offs_k, mask_k, K, RANK))
-        weight = scale * segment_levels(word, codebook_ptr, segment, BITS, TABLE, BF16_LEVELS)
+        weight = scale * LEVEL_SCALE * segment_levels(word, codebook_ptr, segment, BITS, TABLE, BF16_LEVELS)
         tl.store(w_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :], weight.to(w_ptr.dtype.element_ty),
                  mask=(offs_n[:, None] < N) & mask_k[None, :])
 
@@ -144,11 +145,13 @@ def tiled_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None) -> torch
             return (tiles,)
         return (min(tiles * cdiv(layout["SEGMENT"], meta["BLOCK_J"]), processors(x.device) * meta["PER_SM"]),)
 
+    lookup = level_lookup(codebook)
     _tiled[grid](
-        x2, codes, codebook.float().contiguous(), scale_b.to(x.dtype).contiguous(),
-        scale_a.to(x.dtype).contiguous(), bias if bias is not None else y, y, sums, counts,
+        x2, codes, lookup.levels, scale_b.to(x.dtype).contiguous(), scale_a.to(x.dtype).contiguous(),
+        bias if bias is not None else y, y, sums, counts,
         M, out_features, in_features, rank, **layout, stride_xm=x2.stride(0), stride_xk=x2.stride(1),
-        M_BUCKET=m_bucket(M), RANK_PAD=rank_pad(rank), HAS_BIAS=bias is not None, **layout_meta(bits, codebook),
+        M_BUCKET=m_bucket(M), LEVEL_SCALE=lookup.scale, RANK_PAD=rank_pad(rank), HAS_BIAS=bias is not None,
+        **layout_meta(bits, lookup),
     )
     return y.reshape(*x.shape[:-1], out_features)
 
@@ -162,8 +165,10 @@ def dequantize(codes, codebook, scale_b, scale_a, bits, dtype=torch.bfloat16) ->
         return (cdiv(out_features, meta["BLOCK_N"]), cdiv(layout["SEGMENT"], meta["BLOCK_J"]))
 
     layout = layout_args(in_features, bits)
+    lookup = level_lookup(codebook)
     _dequantize[grid](
-        codes, codebook.float().contiguous(), scale_b.to(dtype).contiguous(), scale_a.to(dtype).contiguous(), weight,
-        out_features, in_features, rank, **layout, RANK_PAD=rank_pad(rank), **layout_meta(bits, codebook),
+        codes, lookup.levels, scale_b.to(dtype).contiguous(), scale_a.to(dtype).contiguous(), weight,
+        out_features, in_features, rank, **layout, LEVEL_SCALE=lookup.scale, RANK_PAD=rank_pad(rank),
+        **layout_meta(bits, lookup),
     )
     return weight
