@@ -99,16 +99,18 @@ def test_register_lookup_returns_the_levels(monkeypatch, kind, bits, dtype, quad
         assert torch.equal(lookup_levels(lookup.table, codes, dtype), lookup.levels.to(dtype)[codes])
 
 
-@pytest.mark.parametrize("kind", ["table", "int"])
-def test_register_lookup_covers_every_code_in_every_position(monkeypatch, kind):
-    """All 16 codes at each of the four byte positions: the table's selector and bit-3 mask of every lane, and the
-    integer form's byte placement."""
+@pytest.mark.parametrize("levels,kind", [(16, "table"), (8, "table"), (16, "int")])
+def test_register_lookup_covers_every_code_in_every_position(monkeypatch, levels, kind):
+    """Every code at each of the four byte positions: the table's selector and bit-3 mask of every lane (the
+    8-level table has no mask), and the integer form's byte placement."""
     monkeypatch.setattr(kernel_codes, "INTERPRET", False)
-    codebook = torch.linspace(-1, 1, 16) if kind == "table" else get_codebook("int", 4)
+    codebook = torch.linspace(-1, 1, levels) if kind == "table" else get_codebook("int", 4)
     lookup = kernel_codes.level_lookup(codebook, torch.bfloat16)
-    for code in range(16):
+    if kind == "table":  # 8 levels: one pick per byte plane, no choice between two by bit 3
+        assert ("lop3" in lookup.table) == (levels == 16)
+    for code in range(levels):
         for position in range(4):
-            codes = [(code + 5 * lane) % 16 if lane != position else code for lane in range(4)]
+            codes = [(code + 5 * lane) % levels if lane != position else code for lane in range(4)]
             assert torch.equal(lookup_levels(lookup.table, codes, torch.bfloat16),
                                lookup.levels.bfloat16()[codes])
 

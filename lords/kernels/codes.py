@@ -25,20 +25,25 @@ from .autotune import INTERPRET, next_power_of_2
 # Four codes (one per byte of $2, at most 16 levels) to four 16-bit levels (fp16 or bf16) in $0, $1, through
 # registers: prmt picks byte k of an 8-byte table with the low three bits of code k, once from levels 0-7 and once
 # from 8-15, bit 3 chooses between the two (lop3 0xE4 is "mask ? a : b"), and the high and low bytes are interleaved
-# into two pairs. A gather from the codebook in memory costs one load per weight, which measured 2.5x slower than the
-# whole kernel without it (results/kernels.md).
-def _level_table_ptx(words: dict[str, str], quads: bool) -> str:
+# into two pairs. A codebook of at most 8 levels (2 and 3 bits) needs neither the second pick nor the choice. A
+# gather from the codebook in memory costs one load per weight, which measured 2.5x slower than the whole kernel
+# without it (results/kernels.md).
+def _level_table_ptx(words: dict[str, str], quads: bool, levels: int) -> str:
     def pick_bytes(out: str, half: str) -> str:  # byte k of `out`: byte (code k & 7) of levels 0-7 or 8-15 of `half`
-        return (f"mov.b32 a, {words[half + '0']};\nmov.b32 b, {words[half + '1']};\nprmt.b32 {out}, a, b, s;\n"
-                f"mov.b32 a, {words[half + '2']};\nmov.b32 b, {words[half + '3']};\nprmt.b32 a, a, b, s;\n"
+        low = f"mov.b32 a, {words[half + '0']};\nmov.b32 b, {words[half + '1']};\nprmt.b32 {out}, a, b, s;\n"
+        if levels <= 8:
+            return low
+        return (low + f"mov.b32 a, {words[half + '2']};\nmov.b32 b, {words[half + '3']};\nprmt.b32 a, a, b, s;\n"
                 f"lop3.b32 {out}, a, {out}, m, 0xE4;\n")
 
     codes = "$4" if quads else "$2"
     return ("{\n.reg .b32 s, m, a, b, hi, lo;\n"
-            # prmt's selector, the low three bits of code k in nibble k: bytes 0 and 2 of s | s >> 4
-            f"and.b32 s, {codes}, 0x07070707;\nshr.u32 m, s, 4;\nor.b32 s, s, m;\nprmt.b32 s, s, 0, 0x20;\n"
+            # prmt's selector, the low three bits of code k in nibble k: bytes 0 and 2 of s | s >> 4 (the kernels
+            # hand over codes of at most 3 bits where the codebook has at most 8 levels)
+            + (f"and.b32 s, {codes}, 0x07070707;\n" if levels > 8 else f"mov.b32 s, {codes};\n")
+            + "shr.u32 m, s, 4;\nor.b32 s, s, m;\nprmt.b32 s, s, 0, 0x20;\n"
             # bit 3 of each code as a byte mask: shifted into the byte's sign bit, which prmt's mode 8-11 replicates
-            f"shl.b32 m, {codes}, 4;\nprmt.b32 m, m, 0, 0xBA98;\n"
+            + (f"shl.b32 m, {codes}, 4;\nprmt.b32 m, m, 0, 0xBA98;\n" if levels > 8 else "")
             + pick_bytes("hi", "hi") + pick_bytes("lo", "lo")
             + ("prmt.b32 a, lo, hi, 0x5140;\nprmt.b32 b, lo, hi, 0x7362;\nmov.b32 {$0, $1}, a;\nmov.b32 {$2, $3}, b;\n}"
                if quads else "prmt.b32 $0, lo, hi, 0x5140;\nprmt.b32 $1, lo, hi, 0x7362;\n}"))
@@ -105,7 +110,8 @@ def level_lookup(codebook: torch.Tensor, dtype: torch.dtype = torch.float16, qua
             lookup = LevelLookup(None if INTERPRET else _integer_levels_ptx(dtype, offset, quads),
                                  (codebook.detach().float() / step).round().contiguous(), step, dtype)
         else:
-            lookup = LevelLookup(None if INTERPRET else _level_table_ptx(_table_words(codebook, dtype), quads),
+            lookup = LevelLookup(None if INTERPRET else _level_table_ptx(_table_words(codebook, dtype), quads,
+                                                                     codebook.numel()),
                                  codebook.detach().float().contiguous(), 1.0, dtype)
         cached = _lookups[key] = (weakref.ref(codebook), codebook._version, lookup)
     return cached[2]
