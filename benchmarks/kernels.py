@@ -6,7 +6,7 @@ Anchors in the same run, same inputs: bf16 cuBLAS (F.linear), bitsandbytes NF4 (
 tinygemm int4 (_weight_int4pack_mm, group 128), and the naive LoRDS path (torch dequantize, then cuBLAS). Ours, at the
 parity rank for b = 64: each kernel on its own (decode for M <= 4, tiled up to M = 256, Triton dequantize + cuBLAS),
 and `lords_matmul`, which picks the fastest of them per shape and is what LoRDSLinear runs on CUDA, also at b = 128;
-3- and 2-bit through lords_matmul at b = 64. Times are medians of replays of CUDA graphs (triton.testing.do_bench_cudagraph), so
+3- and 2-bit (NF) and 4-bit with the INT codebook through lords_matmul at b = 64. Times are medians of replays of CUDA graphs (triton.testing.do_bench_cudagraph), so
 that launch overhead counts for no method; ratios are lords_matmul at b = 64 over the anchor.
 """
 
@@ -63,10 +63,10 @@ def kernel_fns(layer: LoRDSLinear, bias=None) -> dict:
 
 
 def timing_launches(shapes, rows, layers) -> list[tuple]:
-    """The kernel launches lords_matmul makes for these shapes, row counts and (bits, block) layers, as random_layer
-    builds them (default codebook, bf16 scales) with bf16 activations."""
-    return [launch for n, k in shapes for bits, block in layers
-            for launch in layer_launches(n, k, parity_rank(n, k, block), bits, get_codebook("nf", bits), rows,
+    """The kernel launches lords_matmul makes for these shapes, row counts and (bits, block, codebook) layers, as
+    random_layer builds them (bf16 scales) with bf16 activations."""
+    return [launch for n, k in shapes for bits, block, kind in layers
+            for launch in layer_launches(n, k, parity_rank(n, k, block), bits, get_codebook(kind, bits), rows,
                                          torch.bfloat16, torch.bfloat16, False)]
 
 
@@ -182,8 +182,8 @@ def main() -> None:
     shapes = SHAPES[args.skip : args.shapes]
     compiled = "kernels compiled while autotuning"
     if args.compile_workers:
-        launches = timing_launches(shapes, DECODE_MS + MS, [(4, 64), (4, 128)])
-        launches += timing_launches(shapes, OTHER_WIDTH_MS, [(3, 64), (2, 64)])
+        launches = timing_launches(shapes, DECODE_MS + MS, [(4, 64, "nf"), (4, 128, "nf")])
+        launches += timing_launches(shapes, OTHER_WIDTH_MS, [(3, 64, "nf"), (2, 64, "nf"), (4, 64, "int")])
         seconds = precompile(launches + (correctness_launches() if not args.skip else []), args.compile_workers)
         compiled = f"kernels compiled beforehand by {args.compile_workers} processes in {seconds:.0f} s"
         print(compiled, flush=True)
@@ -192,7 +192,7 @@ def main() -> None:
         "Produced by:", "", "    python -m benchmarks.kernels --out results/kernels.md", "",
         f"- date: {time.strftime('%Y-%m-%d')}; device: {torch.cuda.get_device_name()}; torch {torch.__version__}, "
         f"triton {triton.__version__}; {compiled}",
-        "- lords-b64/b128 and the 3-/2-bit rows: `lords_matmul`, what LoRDSLinear runs on CUDA: whichever of the "
+        "- lords-b64/b128 and the 3-/2-bit and int rows: `lords_matmul`, what LoRDSLinear runs on CUDA: whichever of the "
         "decode kernel, the tiled kernel and Triton dequantize + cuBLAS timed fastest for the shape at first use; "
         "decode-b64, tiled-b64 and dequant-b64: each kernel on its own",
     ]
@@ -208,16 +208,18 @@ def main() -> None:
                 anchors[name] = make(weight)
             except Exception as error:  # an anchor that cannot run here is reported, not fatal
                 report.append(f"- {name} unavailable for {n}x{k}: {type(error).__name__}: {error}")
-        layers = {(bits, block): random_layer(n, k, bits, parity_rank(n, k, block), device)
-                  for bits, block in ((4, 64), (4, 128), (3, 64), (2, 64))}
-        naive = layers[4, 64]
+        layers = {(bits, block, kind): random_layer(n, k, bits, parity_rank(n, k, block), device, kind)
+                  for bits, block, kind in ((4, 64, "nf"), (4, 128, "nf"), (3, 64, "nf"), (2, 64, "nf"), (4, 64, "int"))}
+        naive = layers[4, 64, "nf"]
         anchors["lords-naive"] = lambda x, layer=naive: F.linear(x, layer.dequantize(x.dtype))
-        kernels = kernel_fns(layers[4, 64])
+        kernels = kernel_fns(layers[4, 64, "nf"])
         ours = {"decode-b64": kernels["decode"], "tiled-b64": kernels["tiled"], "dequant-b64": kernels["dequant"],
-                "lords-b64": kernels["lords"], "lords-b128": kernel_fns(layers[4, 128])["lords"]}
-        other_widths = {f"lords-{bits}bit-b64": kernel_fns(layers[bits, 64])["lords"] for bits in (3, 2)}
+                "lords-b64": kernels["lords"], "lords-b128": kernel_fns(layers[4, 128, "nf"])["lords"]}
+        other_widths = {f"lords-{bits}bit-{kind}-b64": kernel_fns(layers[bits, 64, kind])["lords"]
+                        for bits, kind in ((3, "nf"), (2, "nf"), (4, "int"))}
         names = [*anchors, *ours]
-        report += ["", f"## {n} x {k} (out x in), 4-bit, ranks {layers[4, 64].rank} (b64), {layers[4, 128].rank} (b128)",
+        report += ["", f"## {n} x {k} (out x in), 4-bit, ranks {layers[4, 64, 'nf'].rank} (b64), "
+                   f"{layers[4, 128, 'nf'].rank} (b128)",
                    "", "| M | " + " | ".join(f"{name} (us)" for name in names)
                    + " | b64 / bf16 | b64 / bnb | b64 / int4 | b64 GB/s (% of copy) |",
                    "|---" * (len(names) + 5) + "|"]
@@ -236,7 +238,7 @@ def main() -> None:
                 except Exception as error:
                     report.append(f"<!-- {name} M={m}: {type(error).__name__}: {error} -->")
             ours_time = times["lords-b64"]
-            layer = layers[4, 64]
+            layer = layers[4, 64, "nf"]
             moved = layer.codes.numel() + 2 * layer.rank * (n + k) + 2 * m * (n + k)
             ratio = {name: ours_time / times[name] if name in times else float("nan")
                      for name in ("bf16", "bnb-nf4", "int4-tinygemm")}
@@ -250,7 +252,7 @@ def main() -> None:
                     f"{times[name]:.1f} | {times[name] / times['bf16']:.2f}" for name in other_widths) + " |")
             for name in names:
                 plots.setdefault((n, k), {}).setdefault(name, {})[m] = times.get(name)
-        report += ["", f"3- and 2-bit, {n} x {k}, lords_matmul at b = 64:", "", *widths]
+        report += ["", f"3- and 2-bit (NF) and 4-bit INT, {n} x {k}, lords_matmul at b = 64:", "", *widths]
         print("\n".join(report[-len(MS) - 12 :]), flush=True)
         if args.out:  # after every shape, so that a run cut short still leaves its tables
             Path(args.out).write_text("\n".join(report) + "\n")

@@ -105,7 +105,8 @@ def test_lords_matmul_times_the_candidates_once_per_shape(monkeypatch):
     timed = []
     fake_times = [3.0, 1.0, 2.0]  # decode, tiled, dequant: the tiled kernel "wins"
     monkeypatch.setattr(kernels, "_can_time", lambda x: True)
-    monkeypatch.setattr(kernels, "gpu_time", lambda fn: fake_times[len(timed) - 1] if not timed.append(fn) else None)
+    monkeypatch.setattr(kernels, "gpu_time",
+                        lambda fn: fake_times[(len(timed) - 1) % 3] if not timed.append(fn) else None)
     monkeypatch.setattr(kernels, "_choices", {})
     x, codes, codebook, scale_b, scale_a, bias = random_problem(4, "nf", 3, 24, 40, 2, seed=0)
     for _ in range(2):
@@ -114,6 +115,9 @@ def test_lords_matmul_times_the_candidates_once_per_shape(monkeypatch):
         assert list(kernels._choices.values()) == ["tiled"]
         expected = reference(x, codes, codebook, scale_b, scale_a, bias)
         assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-5
+    # an integer codebook decodes without a table: the same shape is timed again for it
+    lords_matmul(x, pack_codes(codes, 4), get_codebook("int", 4), scale_b, scale_a, 4, bias)
+    assert len(timed) == 6 and len(kernels._choices) == 2
 
 
 def test_lords_matmul_leaves_out_a_kernel_whose_timing_fails(monkeypatch):

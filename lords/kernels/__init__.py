@@ -6,7 +6,8 @@ X @ ((B @ A) * C[codes])^T on the GPU, three ways:
 - forward.py's one-pass dequantization and cuBLAS, where the GEMM dominates and cuBLAS is the faster GEMM.
 Which one is fastest depends on the shape as well as on M (results/kernels.md: at M = 64 the tiled kernel wins by
 1.8x on 14336 x 4096 and loses by 1.8x on 4096 x 14336), so `lords_matmul` times the candidates the first time it
-meets a (row bucket, N, K, bits, dtype) and keeps the winner, as Triton's autotuner does for configs.
+meets a (row bucket, N, K, bits, dtype, integer codebook or not) and keeps the winner, as Triton's autotuner does for
+configs.
 `fused_matmul` never materialises the dense weight. backward.py's `scale_grads` gives dL/dB and dL/dA for PEFT
 without an n x m gradient.
 """
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 
 from .autotune import INTERPRET, gpu_time
 from .backward import scale_grads  # noqa: F401
-from .codes import check_input
+from .codes import check_input, level_lookup
 from .decode import MAX_ROWS, decode_matmul
 from .forward import dequantize, m_bucket, tiled_matmul
 
@@ -55,11 +56,11 @@ def _can_time(x: torch.Tensor) -> bool:
 
 def lords_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None):
     """x (..., K) -> (..., N) for packed codes of an (N, K) weight; scales B (N, r), A (r, K). What LoRDSLinear runs
-    on CUDA: the fastest kernel for this shape, timed once per (row bucket, N, K, bits, dtype). Each kernel checks
-    the input's width."""
+    on CUDA: the fastest kernel for this shape, timed once per (row bucket, N, K, bits, dtype, integer codebook or
+    not). Each kernel checks the input's width."""
     rows = x.numel() // x.shape[-1]
     args = (x, codes, codebook, scale_b, scale_a, bits, bias)
-    key = (m_bucket(rows), scale_b.shape[0], scale_a.shape[1], bits, x.dtype)
+    key = (m_bucket(rows), scale_b.shape[0], scale_a.shape[1], bits, x.dtype, level_lookup(codebook).integer)
     choice = _choices.get(key)
     if choice is None:
         if not _can_time(x):

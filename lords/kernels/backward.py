@@ -58,7 +58,7 @@ def _scale_grad_kernel(
                   mask=mask_r[:, None] & mask_k[None, :])
 
 
-_scale_grad = autotune(CONFIGS, INTERPRET_CONFIGS, key=["N", "K", "RANK", "BITS"],
+_scale_grad = autotune(CONFIGS, INTERPRET_CONFIGS, key=["N", "K", "RANK", "BITS", "TABLE"],
                        reset_to_zero=["grad_b_ptr", "grad_a_ptr"])(_scale_grad_kernel)
 
 

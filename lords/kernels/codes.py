@@ -82,11 +82,13 @@ def integer_levels(codebook: torch.Tensor) -> tuple[int, float] | None:
 
 class LevelLookup(NamedTuple):
     """How a kernel turns codes into levels: `table`, the register lookup's PTX giving them in `dtype` (None under
-    the interpreter, which gathers from `levels` in memory), as levels / `scale`: the kernel scales its output."""
+    the interpreter, which gathers from `levels` in memory), as levels / `scale`: the kernel scales its output.
+    `integer`: the codebook's levels are integers times the scale, decoded without a table."""
     table: str | None
     levels: torch.Tensor
     scale: float
     dtype: torch.dtype
+    integer: bool
 
 
 _lookups: dict[tuple, tuple] = {}  # (id(codebook), dtype, quads) -> (weak reference, version, LevelLookup)
@@ -108,11 +110,11 @@ def level_lookup(codebook: torch.Tensor, dtype: torch.dtype = torch.float16, qua
         if integer is not None:
             offset, step = integer
             lookup = LevelLookup(None if INTERPRET else _integer_levels_ptx(dtype, offset, quads),
-                                 (codebook.detach().float() / step).round().contiguous(), step, dtype)
+                                 (codebook.detach().float() / step).round().contiguous(), step, dtype, True)
         else:
             lookup = LevelLookup(None if INTERPRET else _level_table_ptx(_table_words(codebook, dtype), quads,
                                                                      codebook.numel()),
-                                 codebook.detach().float().contiguous(), 1.0, dtype)
+                                 codebook.detach().float().contiguous(), 1.0, dtype, False)
         cached = _lookups[key] = (weakref.ref(codebook), codebook._version, lookup)
     return cached[2]
 
@@ -192,13 +194,24 @@ def segment_levels(word, codebook_ptr, segment, BITS: tl.constexpr, TABLE: tl.co
 
 @triton.jit
 def load_quads(codes_ptr, offs_n, offs_j, N, SEGMENT, ROW_BYTES, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr):
-    """The (BLOCK_N, BLOCK_J // 4) int32 words of byte columns offs_j taken four at a time (little-endian): at 2 and
-    4 bits a word's bytes hold the codes of four consecutive columns in each segment."""
+    """The (BLOCK_N, BLOCK_J // 4) int32 words of byte columns offs_j taken four at a time (little-endian): a word's
+    bytes hold the codes (or, at 3 bits, the code bits of this byte plane) of four consecutive columns in each
+    segment."""
     rows, mask = code_bytes(codes_ptr, offs_n, offs_j, N, SEGMENT, ROW_BYTES)
     byte = tl.load(rows, mask=mask, other=0)
     even, odd = tl.split(byte.reshape(BLOCK_N, BLOCK_J // 4, 2, 2))
     low, high = tl.split(even.to(tl.int32) | (odd.to(tl.int32) << 8))
     return low | (high << 16)
+
+
+@triton.jit
+def segment_quad(quad, quad_mid, quad_high, segment: tl.constexpr, BITS: tl.constexpr):
+    """The codes of segment `segment`, one per byte, from the int32s of load_quads: one byte plane at 2 and 4 bits
+    (quad), three at 3 bits (quad, quad_mid, quad_high: bits 0-1 of segments 0-3, of segments 4-7, bit 2 of all)."""
+    if BITS == 3:
+        low = (quad if segment < 4 else quad_mid) >> (2 * (segment % 4))
+        return (low & 0x03030303) | (((quad_high >> segment) & 0x01010101) << 2)
+    return (quad >> (BITS * segment)) & (0x01010101 * ((1 << BITS) - 1))
 
 
 @triton.jit

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from .autotune import autotune, cdiv, next_power_of_2, processors
 from .codes import (check_input, layout_args, layout_meta, level_lookup, load_quads, load_scale_a, load_scale_b,
-                    load_words, quad_levels, rank_pad, segment_columns, segment_levels)
+                    quad_levels, rank_pad, segment_columns, segment_quad)
 from .stream_k import store_tile, tile_slot, tile_steps, work_share, workspace, workspace_per_sm
 
 MAX_ROWS = 4
@@ -28,6 +28,7 @@ MAX_ROWS = 4
 TILES = [
     ({"BLOCK_N": 128, "BLOCK_J": 32}, 4, 3, (1, 2, 3, 4)),
     ({"BLOCK_N": 128, "BLOCK_J": 64}, 4, 3, (1, 2)),
+    ({"BLOCK_N": 128, "BLOCK_J": 64}, 8, 3, (2,)),
     ({"BLOCK_N": 256, "BLOCK_J": 64}, 8, 2, (1, 2)),
     ({"BLOCK_N": 64, "BLOCK_J": 64}, 4, 4, (2, 3, 4)),
     # 3 bits unroll 8 segments a step: these small ones fit its shared memory
@@ -75,10 +76,14 @@ def _decode_kernel(
         acc = tl.zeros((BLOCK_N, M_PAD * RANK_PAD), dtype=tl.float32)
         for step in range(first, last):
             offs_j = step * BLOCK_J + tl.arange(0, BLOCK_J)
-            if BITS == 3:  # a 3-bit code spans three byte planes: one column per word
-                word = load_words(codes_ptr, offs_n, offs_j, N, SEGMENT, ROW_BYTES, BITS)
+            quad = load_quads(codes_ptr, offs_n, offs_j, N, SEGMENT, ROW_BYTES, BLOCK_N, BLOCK_J)
+            if BITS == 3:  # two more byte planes (packing.py): bits 0-1 of segments 4-7, bit 2 of all eight
+                quad_mid = load_quads(codes_ptr + SEGMENT, offs_n, offs_j, N, SEGMENT, ROW_BYTES, BLOCK_N, BLOCK_J)
+                quad_high = load_quads(codes_ptr + 2 * SEGMENT, offs_n, offs_j, N, SEGMENT, ROW_BYTES, BLOCK_N,
+                                       BLOCK_J)
             else:
-                quad = load_quads(codes_ptr, offs_n, offs_j, N, SEGMENT, ROW_BYTES, BLOCK_N, BLOCK_J)
+                quad_mid = quad
+                quad_high = quad
             for segment in tl.static_range(SEGMENTS):
                 offs_k, mask_k = segment_columns(offs_j, segment, SEGMENT, K)
                 x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
@@ -89,11 +94,8 @@ def _decode_kernel(
                 else:
                     # rows ordered (m, t), matching the accumulator's columns
                     xa = (x[:, None, :] * scale_a[None, :, :]).reshape(M_PAD * RANK_PAD, BLOCK_J)
-                if BITS == 3:
-                    level = segment_levels(word, codebook_ptr, segment, BITS, TABLE, BF16_LEVELS)
-                else:  # the segment's codes of four columns, one per byte
-                    level = quad_levels((quad >> (BITS * segment)) & (0x01010101 * ((1 << BITS) - 1)), codebook_ptr,
-                                        TABLE, BF16_LEVELS, BLOCK_N, BLOCK_J)
+                level = quad_levels(segment_quad(quad, quad_mid, quad_high, segment, BITS), codebook_ptr, TABLE,
+                                    BF16_LEVELS, BLOCK_N, BLOCK_J)
                 acc += tl.dot(level.to(x_ptr.dtype.element_ty), tl.trans(xa.to(x_ptr.dtype.element_ty)))
         scale_b = load_scale_b(scale_b_ptr, offs_n, offs_r, N, RANK).to(tl.float32) * LEVEL_SCALE
         y = tl.sum(acc.reshape(BLOCK_N, M_PAD, RANK_PAD) * scale_b[:, None, :], axis=2)
@@ -108,7 +110,9 @@ def _decode_kernel(
 
 
 _decode = autotune(
-    CONFIGS, INTERPRET_CONFIGS, key=["M", "N", "K", "RANK", "BITS"],
+    # the level lookup in the key: an integer codebook's (no table) fastest config is not a table's (H100: 41 against 32
+    # us at M = 1 on 14336 x 4096 with the config tuned for NF)
+    CONFIGS, INTERPRET_CONFIGS, key=["M", "N", "K", "RANK", "BITS", "TABLE"],
     prune_configs_by={"early_config_prune": fits_registers},
 )(_decode_kernel)
 
@@ -133,7 +137,7 @@ def decode_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None) -> torc
     layout = layout_args(in_features, bits)
     # the levels go straight into tl.dot: the lookup gives them in its operand type
     lookup = level_lookup(codebook, x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float16,
-                          quads=bits != 3)
+                          quads=True)
 
     _decode[grid](
         x2, codes, lookup.levels, scale_b.contiguous(), scale_a.contiguous(), bias if bias is not None else y, y, sums,

@@ -31,6 +31,7 @@ TILED_TILES = [
     ({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_J": 128}, 4, 4, (1,)),
     ({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_J": 256}, 4, 3, (1,)),
     ({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_J": 128}, 4, 3, (1,)),
+    ({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_J": 32}, 4, 2, (2,)),
     ({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_J": 64}, 4, 3, (1, 2)),
     ({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_J": 64}, 4, 3, (0, 1)),
     ({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_J": 64}, 8, 3, (0, 1)),
@@ -125,8 +126,10 @@ def _dequantize_kernel(
                  mask=(offs_n[:, None] < N) & mask_k[None, :])
 
 
-_tiled = autotune(TILED_CONFIGS, INTERPRET_TILED, key=["M_BUCKET", "N", "K", "RANK", "BITS"])(_tiled_kernel)
-_dequantize = autotune(DEQUANT_CONFIGS, INTERPRET_DEQUANT, key=["N", "K", "RANK", "BITS"])(_dequantize_kernel)
+# The level lookup (TABLE) is in the keys: an integer codebook's short decode has other fastest configs than a table.
+_tiled = autotune(TILED_CONFIGS, INTERPRET_TILED, key=["M_BUCKET", "N", "K", "RANK", "BITS", "TABLE"])(_tiled_kernel)
+_dequantize = autotune(DEQUANT_CONFIGS, INTERPRET_DEQUANT, key=["N", "K", "RANK", "BITS", "TABLE"])(
+    _dequantize_kernel)
 
 
 def tiled_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None) -> torch.Tensor:
