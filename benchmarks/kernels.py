@@ -6,8 +6,9 @@ Anchors in the same run, same inputs: bf16 cuBLAS (F.linear), bitsandbytes NF4 (
 tinygemm int4 (_weight_int4pack_mm, group 128), and the naive LoRDS path (torch dequantize, then cuBLAS). Ours, at the
 parity rank for b = 64: each kernel on its own (decode for M <= 4, tiled up to M = 256, Triton dequantize + cuBLAS),
 and `lords_matmul`, which picks the fastest of them per shape and is what LoRDSLinear runs on CUDA, also at b = 128;
-3- and 2-bit (NF) and 4-bit with the INT codebook through lords_matmul at b = 64. Times are medians of replays of CUDA graphs (triton.testing.do_bench_cudagraph), so
-that launch overhead counts for no method; ratios are lords_matmul at b = 64 over the anchor.
+3- and 2-bit (NF) and 4-bit with the INT codebook through lords_matmul at b = 64. Times are medians of replays of
+CUDA graphs (triton.testing.do_bench_cudagraph), so that launch overhead counts for no method; ratios are
+lords_matmul at b = 64 over the anchor.
 """
 
 import argparse
@@ -192,7 +193,8 @@ def main() -> None:
         "Produced by:", "", "    python -m benchmarks.kernels --out results/kernels.md", "",
         f"- date: {time.strftime('%Y-%m-%d')}; device: {torch.cuda.get_device_name()}; torch {torch.__version__}, "
         f"triton {triton.__version__}; {compiled}",
-        "- lords-b64/b128 and the 3-/2-bit and int rows: `lords_matmul`, what LoRDSLinear runs on CUDA: whichever of the "
+        "- lords-b64/b128 and the 3-/2-bit and int rows: `lords_matmul`, what LoRDSLinear runs on CUDA: whichever of "
+        "the "
         "decode kernel, the tiled kernel and Triton dequantize + cuBLAS timed fastest for the shape at first use; "
         "decode-b64, tiled-b64 and dequant-b64: each kernel on its own",
     ]
@@ -209,7 +211,8 @@ def main() -> None:
             except Exception as error:  # an anchor that cannot run here is reported, not fatal
                 report.append(f"- {name} unavailable for {n}x{k}: {type(error).__name__}: {error}")
         layers = {(bits, block, kind): random_layer(n, k, bits, parity_rank(n, k, block), device, kind)
-                  for bits, block, kind in ((4, 64, "nf"), (4, 128, "nf"), (3, 64, "nf"), (2, 64, "nf"), (4, 64, "int"))}
+                  for bits, block, kind in ((4, 64, "nf"), (4, 128, "nf"), (3, 64, "nf"), (2, 64, "nf"),
+                                            (4, 64, "int"))}
         naive = layers[4, 64, "nf"]
         anchors["lords-naive"] = lambda x, layer=naive: F.linear(x, layer.dequantize(x.dtype))
         kernels = kernel_fns(layers[4, 64, "nf"])

@@ -55,7 +55,8 @@ def _integer_levels_ptx(dtype: torch.dtype, offset: int, quads: bool) -> str:
     one packed add of offset - 128 (or - 1024) leaves code + offset, an exact small integer. Two levels take three
     instructions (prmt, or, fma) where the table takes about nine."""
     base, one, kind = (128, 0x3F80, "bf16x2") if dtype == torch.bfloat16 else (1024, 0x3C00, "f16x2")
-    magic, shift = (torch.tensor([base, offset - base], dtype=dtype).view(torch.int16).to(torch.int32) & 0xFFFF).tolist()
+    halves = torch.tensor([base, offset - base], dtype=dtype).view(torch.int16).to(torch.int32) & 0xFFFF
+    magic, shift = halves.tolist()
     codes = "$4" if quads else "$2"
     return ("{\n.reg .b32 p, q, one, shift;\n"
             f"mov.b32 one, {one * 0x10001:#x};\nmov.b32 shift, {shift * 0x10001:#x};\n"
