@@ -13,8 +13,8 @@ import triton.language as tl
 
 from .autotune import autotune, cdiv
 from ..packing import SEGMENTS
-from .codes import (layout_args, layout_meta, level_lookup, load_scale_a, load_scale_b, load_words, rank_pad,
-                    segment_columns, segment_levels)
+from .codes import (layout_args, layout_meta, level_lookup, load_planes, load_scale_a, load_scale_b, quad_levels,
+                    rank_pad, segment_columns, segment_quad)
 
 CONFIGS = [
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_J": 64}, num_warps=4, num_stages=3),
@@ -47,8 +47,10 @@ def _scale_grad_kernel(
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         grad_w += tl.dot(tl.trans(dy), x)
-    word = load_words(codes_ptr, offs_n, offs_j, N, SEGMENT, ROW_BYTES, BITS)
-    grad_scale = grad_w * (segment_levels(word, codebook_ptr, segment, BITS, TABLE, BF16_LEVELS) * LEVEL_SCALE)
+    quad, quad_mid, quad_high = load_planes(codes_ptr, offs_n, offs_j, N, SEGMENT, ROW_BYTES, BITS, BLOCK_N, BLOCK_J)
+    level = quad_levels(segment_quad(quad, quad_mid, quad_high, segment, BITS), codebook_ptr, TABLE, BF16_LEVELS,
+                        BLOCK_N, BLOCK_J)
+    grad_scale = grad_w * (level * LEVEL_SCALE)
     mask_r = offs_r < RANK
     scale_a = load_scale_a(scale_a_ptr, offs_r, offs_k, mask_k, K, RANK).to(tl.float32)
     scale_b = load_scale_b(scale_b_ptr, offs_n, offs_r, N, RANK).to(tl.float32)

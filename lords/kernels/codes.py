@@ -1,13 +1,13 @@
 """Decoding packed codes into codebook levels, shared by every LoRDS kernel.
 
 Codes come in lords.packing's segment layout: byte column j of a row holds the codes of columns s * S + j for every
-segment s. A kernel loads one (BLOCK_N, BLOCK_J) tile of words with contiguous, 16-byte loads (the launcher passes
-the row length and S as arguments, so Triton sees when they are multiples of 16), then takes segment s's code tile
-out of it with shifts: no register interleaving. The level lookup (level_lookup) is a register table on the GPU and a
-gather from the 4- to 16-entry codebook under the interpreter. At 2 and 4 bits the decode kernel takes the bytes four
-at a time instead (load_quads): an int32 then holds the codes of four consecutive columns of every segment, so one
-shift and mask hand the table a segment's four codes, with no per-code extraction and repacking (quad_levels: 8.5
-instead of 9.9 SASS instructions per weight, results/kernels_sass.md).
+segment s (at 3 bits, in three byte planes). A kernel loads one (BLOCK_N, BLOCK_J) tile of bytes per plane with
+contiguous, 16-byte loads (the launcher passes the row length and S as arguments, so Triton sees when they are
+multiples of 16) and regroups it four bytes to an int32 (load_planes): an int32 then holds the codes of four
+consecutive columns of every segment, so one shift and mask hand the level lookup a segment's four codes, with no
+per-code extraction and repacking (the decode kernel: 9.9 -> 8.5 SASS instructions per weight at 4 bits, 12.3 ->
+6.7 at 3 bits, results/kernels_sass.md). The lookup (level_lookup) is a register table on the GPU, or for an integer
+codebook a few instructions without one, and a gather from the 4- to 16-entry codebook under the interpreter.
 
 Beside the codes, the helpers every kernel shares: loading tiles of B and A.
 """
@@ -22,13 +22,13 @@ import triton.language as tl
 from ..packing import SEGMENTS, row_bytes, segment_width
 from .autotune import INTERPRET, next_power_of_2
 
-# Four codes (one per byte of $2, at most 16 levels) to four 16-bit levels (fp16 or bf16) in $0, $1, through
+# Four codes (one per byte of $4, at most 16 levels) to four 16-bit levels (fp16 or bf16) in $0-$3, through
 # registers: prmt picks byte k of an 8-byte table with the low three bits of code k, once from levels 0-7 and once
 # from 8-15, bit 3 chooses between the two (lop3 0xE4 is "mask ? a : b"), and the high and low bytes are interleaved
 # into two pairs. A codebook of at most 8 levels (2 and 3 bits) needs neither the second pick nor the choice. A
 # gather from the codebook in memory costs one load per weight, which measured 2.5x slower than the whole kernel
 # without it (results/kernels.md).
-def _level_table_ptx(words: dict[str, str], quads: bool, levels: int) -> str:
+def _level_table_ptx(words: dict[str, str], levels: int) -> str:
     def pick_bytes(out: str, half: str) -> str:  # byte k of `out`: byte (code k & 7) of levels 0-7 or 8-15 of `half`
         low = f"mov.b32 a, {words[half + '0']};\nmov.b32 b, {words[half + '1']};\nprmt.b32 {out}, a, b, s;\n"
         if levels <= 8:
@@ -36,20 +36,18 @@ def _level_table_ptx(words: dict[str, str], quads: bool, levels: int) -> str:
         return (low + f"mov.b32 a, {words[half + '2']};\nmov.b32 b, {words[half + '3']};\nprmt.b32 a, a, b, s;\n"
                 f"lop3.b32 {out}, a, {out}, m, 0xE4;\n")
 
-    codes = "$4" if quads else "$2"
     return ("{\n.reg .b32 s, m, a, b, hi, lo;\n"
             # prmt's selector, the low three bits of code k in nibble k: bytes 0 and 2 of s | s >> 4 (the kernels
             # hand over codes of at most 3 bits where the codebook has at most 8 levels)
-            + (f"and.b32 s, {codes}, 0x07070707;\n" if levels > 8 else f"mov.b32 s, {codes};\n")
+            + ("and.b32 s, $4, 0x07070707;\n" if levels > 8 else "mov.b32 s, $4;\n")
             + "shr.u32 m, s, 4;\nor.b32 s, s, m;\nprmt.b32 s, s, 0, 0x20;\n"
             # bit 3 of each code as a byte mask: shifted into the byte's sign bit, which prmt's mode 8-11 replicates
-            + (f"shl.b32 m, {codes}, 4;\nprmt.b32 m, m, 0, 0xBA98;\n" if levels > 8 else "")
+            + ("shl.b32 m, $4, 4;\nprmt.b32 m, m, 0, 0xBA98;\n" if levels > 8 else "")
             + pick_bytes("hi", "hi") + pick_bytes("lo", "lo")
-            + ("prmt.b32 a, lo, hi, 0x5140;\nprmt.b32 b, lo, hi, 0x7362;\nmov.b32 {$0, $1}, a;\nmov.b32 {$2, $3}, b;\n}"
-               if quads else "prmt.b32 $0, lo, hi, 0x5140;\nprmt.b32 $1, lo, hi, 0x7362;\n}"))
+            + "prmt.b32 a, lo, hi, 0x5140;\nprmt.b32 b, lo, hi, 0x7362;\nmov.b32 {$0, $1}, a;\nmov.b32 {$2, $3}, b;\n}")
 
 
-def _integer_levels_ptx(dtype: torch.dtype, offset: int, quads: bool) -> str:
+def _integer_levels_ptx(dtype: torch.dtype, offset: int) -> str:
     """The table's interface (four codes, one per byte, to four 16-bit levels) for an integer codebook: a code
     placed in the low mantissa bits of 128.0 (bf16) or 1024.0 (fp16) makes 128 + code or 1024 + code exactly, and
     one packed add of offset - 128 (or - 1024) leaves code + offset, an exact small integer. Two levels take three
@@ -57,14 +55,13 @@ def _integer_levels_ptx(dtype: torch.dtype, offset: int, quads: bool) -> str:
     base, one, kind = (128, 0x3F80, "bf16x2") if dtype == torch.bfloat16 else (1024, 0x3C00, "f16x2")
     halves = torch.tensor([base, offset - base], dtype=dtype).view(torch.int16).to(torch.int32) & 0xFFFF
     magic, shift = halves.tolist()
-    codes = "$4" if quads else "$2"
     return ("{\n.reg .b32 p, q, one, shift;\n"
             f"mov.b32 one, {one * 0x10001:#x};\nmov.b32 shift, {shift * 0x10001:#x};\n"
             # bytes 0, 1 (and 2, 3) of the codes to the low bytes of the two halves
-            f"prmt.b32 p, {codes}, 0, 0x4140;\nprmt.b32 q, {codes}, 0, 0x4342;\n"
+            "prmt.b32 p, $4, 0, 0x4140;\nprmt.b32 q, $4, 0, 0x4342;\n"
             f"or.b32 p, p, {magic * 0x10001:#x};\nor.b32 q, q, {magic * 0x10001:#x};\n"
             f"fma.rn.{kind} p, p, one, shift;\nfma.rn.{kind} q, q, one, shift;\n"
-            + ("mov.b32 {$0, $1}, p;\nmov.b32 {$2, $3}, q;\n}" if quads else "mov.b32 $0, p;\nmov.b32 $1, q;\n}"))
+            "mov.b32 {$0, $1}, p;\nmov.b32 {$2, $3}, q;\n}")
 
 
 def integer_levels(codebook: torch.Tensor) -> tuple[int, float] | None:
@@ -92,30 +89,29 @@ class LevelLookup(NamedTuple):
     integer: bool
 
 
-_lookups: dict[tuple, tuple] = {}  # (id(codebook), dtype, quads) -> (weak reference, version, LevelLookup)
+_lookups: dict[tuple, tuple] = {}  # (id(codebook), dtype) -> (weak reference, version, LevelLookup)
 
 
-def level_lookup(codebook: torch.Tensor, dtype: torch.dtype = torch.float16, quads: bool = False) -> LevelLookup:
+def level_lookup(codebook: torch.Tensor, dtype: torch.dtype = torch.float16) -> LevelLookup:
     """The level lookup for this codebook with levels in `dtype` (float16 or bfloat16) on the GPU; a kernel that
     feeds them straight to tl.dot asks for its operand type and saves two conversions per weight. A register table
-    (PTX, the levels as immediates) taking four codes in one register to two registers of level pairs, or with
-    `quads` to four 16-bit registers (quad_levels). An integer codebook (integer_levels) takes no table: its levels
-    come out as code + offset and the step is the kernel's output scale. Cached per codebook
-    tensor, dtype and form, so that only the first call reads the levels back from the GPU (later calls can be
-    captured in a CUDA graph)."""
-    key = (id(codebook), dtype, quads)
+    (PTX, the levels as immediates) takes four codes in one register to four 16-bit registers (quad_levels); an
+    integer codebook (integer_levels) takes no table: its levels come out as code + offset and the step is the
+    kernel's output scale. Cached per codebook tensor and dtype, so that only the first call reads the levels back
+    from the GPU (later calls can be captured in a CUDA graph)."""
+    key = (id(codebook), dtype)
     cached = _lookups.get(key)
     # a dead reference means another tensor took over the id; a new version means the levels were written to
     if cached is None or cached[0]() is not codebook or cached[1] != codebook._version:
         integer = integer_levels(codebook)
         if integer is not None:
             offset, step = integer
-            lookup = LevelLookup(None if INTERPRET else _integer_levels_ptx(dtype, offset, quads),
+            lookup = LevelLookup(None if INTERPRET else _integer_levels_ptx(dtype, offset),
                                  (codebook.detach().float() / step).round().contiguous(), step, dtype, True)
         else:
-            lookup = LevelLookup(None if INTERPRET else _level_table_ptx(_table_words(codebook, dtype), quads,
-                                                                     codebook.numel()),
-                                 codebook.detach().float().contiguous(), 1.0, dtype, False)
+            table = _level_table_ptx(_table_words(codebook, dtype), codebook.numel())
+            lookup = LevelLookup(None if INTERPRET else table, codebook.detach().float().contiguous(), 1.0, dtype,
+                                 False)
         cached = _lookups[key] = (weakref.ref(codebook), codebook._version, lookup)
     return cached[2]
 
@@ -154,63 +150,37 @@ def layout_meta(bits: int, lookup: LevelLookup) -> dict:
 
 
 @triton.jit
-def code_bytes(codes_ptr, offs_n, offs_j, N, SEGMENT, ROW_BYTES):
-    """Pointers to the (BLOCK_N, BLOCK_J) tile of byte columns offs_j in rows offs_n (first plane), and which exist."""
-    rows = codes_ptr + offs_n[:, None].to(tl.int64) * ROW_BYTES + offs_j[None, :]
-    return rows, (offs_n[:, None] < N) & (offs_j[None, :] < SEGMENT)
-
-
-@triton.jit
-def load_words(codes_ptr, offs_n, offs_j, N, SEGMENT, ROW_BYTES, BITS: tl.constexpr):
-    """The (BLOCK_N, BLOCK_J) int32 words of byte columns offs_j: one byte, or three byte planes at 3 bits."""
-    rows, mask = code_bytes(codes_ptr, offs_n, offs_j, N, SEGMENT, ROW_BYTES)
-    word = tl.load(rows, mask=mask, other=0).to(tl.int32)
-    if BITS == 3:
-        word |= tl.load(rows + SEGMENT, mask=mask, other=0).to(tl.int32) << 8
-        word |= tl.load(rows + 2 * SEGMENT, mask=mask, other=0).to(tl.int32) << 16
-    return word
-
-
-@triton.jit
-def segment_levels(word, codebook_ptr, segment, BITS: tl.constexpr, TABLE: tl.constexpr,
-                   BF16_LEVELS: tl.constexpr):
-    """C[codes] for segment `segment` (compile-time or run-time) of a tile of words: through the register table when
-    TABLE (level_lookup's PTX) is given, in bfloat16 or float16 as BF16_LEVELS says the table was built, else in
-    float32, gathered from the codebook."""
-    if BITS == 3:
-        code = ((word >> (2 * segment)) & 3) | (((word >> (16 + segment)) & 1) << 2)
-    else:
-        code = (word >> (BITS * segment)) & ((1 << BITS) - 1)
-    # (one branch per result type: Triton 3.6 takes no constexpr dtype here)
-    if TABLE is None:
-        level = tl.load(codebook_ptr + code)
-    elif BF16_LEVELS:
-        level = tl.inline_asm_elementwise(TABLE, "=r,=r,r", [code.to(tl.uint8)], dtype=tl.bfloat16, is_pure=True,
-                                          pack=4)
-    else:
-        level = tl.inline_asm_elementwise(TABLE, "=r,=r,r", [code.to(tl.uint8)], dtype=tl.float16, is_pure=True,
-                                          pack=4)
-    return level
-
-
-@triton.jit
 def load_quads(codes_ptr, offs_n, offs_j, N, SEGMENT, ROW_BYTES, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr):
     """The (BLOCK_N, BLOCK_J // 4) int32 words of byte columns offs_j taken four at a time (little-endian): a word's
     bytes hold the codes (or, at 3 bits, the code bits of this byte plane) of four consecutive columns in each
     segment."""
-    rows, mask = code_bytes(codes_ptr, offs_n, offs_j, N, SEGMENT, ROW_BYTES)
-    byte = tl.load(rows, mask=mask, other=0)
+    rows = codes_ptr + offs_n[:, None].to(tl.int64) * ROW_BYTES + offs_j[None, :]
+    byte = tl.load(rows, mask=(offs_n[:, None] < N) & (offs_j[None, :] < SEGMENT), other=0)
     even, odd = tl.split(byte.reshape(BLOCK_N, BLOCK_J // 4, 2, 2))
     low, high = tl.split(even.to(tl.int32) | (odd.to(tl.int32) << 8))
     return low | (high << 16)
 
 
 @triton.jit
-def segment_quad(quad, quad_mid, quad_high, segment: tl.constexpr, BITS: tl.constexpr):
-    """The codes of segment `segment`, one per byte, from the int32s of load_quads: one byte plane at 2 and 4 bits
-    (quad), three at 3 bits (quad, quad_mid, quad_high: bits 0-1 of segments 0-3, of segments 4-7, bit 2 of all)."""
+def load_planes(codes_ptr, offs_n, offs_j, N, SEGMENT, ROW_BYTES, BITS: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_J: tl.constexpr):
+    """load_quads of every byte plane of the tile: one at 2 and 4 bits (returned three times), three at 3 bits (bits
+    0-1 of segments 0-3, of segments 4-7, bit 2 of all eight: packing.py)."""
+    quad = load_quads(codes_ptr, offs_n, offs_j, N, SEGMENT, ROW_BYTES, BLOCK_N, BLOCK_J)
     if BITS == 3:
-        low = (quad if segment < 4 else quad_mid) >> (2 * (segment % 4))
+        quad_mid = load_quads(codes_ptr + SEGMENT, offs_n, offs_j, N, SEGMENT, ROW_BYTES, BLOCK_N, BLOCK_J)
+        quad_high = load_quads(codes_ptr + 2 * SEGMENT, offs_n, offs_j, N, SEGMENT, ROW_BYTES, BLOCK_N, BLOCK_J)
+    else:
+        quad_mid = quad
+        quad_high = quad
+    return quad, quad_mid, quad_high
+
+
+@triton.jit
+def segment_quad(quad, quad_mid, quad_high, segment, BITS: tl.constexpr):
+    """The codes of segment `segment` (compile-time or run-time), one per byte, from the int32s of load_planes."""
+    if BITS == 3:
+        low = tl.where(segment < 4, quad, quad_mid) >> (2 * (segment % 4))
         return (low & 0x03030303) | (((quad_high >> segment) & 0x01010101) << 2)
     return (quad >> (BITS * segment)) & (0x01010101 * ((1 << BITS) - 1))
 
@@ -219,8 +189,8 @@ def segment_quad(quad, quad_mid, quad_high, segment: tl.constexpr, BITS: tl.cons
 def quad_levels(quad, codebook_ptr, TABLE: tl.constexpr, BF16_LEVELS: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_J: tl.constexpr):
     """C[codes] for the four codes in each int32 of `quad` (one per byte, (BLOCK_N, BLOCK_J // 4)) as the
-    (BLOCK_N, BLOCK_J) tile of their columns: through level_lookup(..., quads=True)'s PTX or gathered, as
-    segment_levels."""
+    (BLOCK_N, BLOCK_J) tile of their columns: through level_lookup's PTX (TABLE), in bfloat16 or float16 as
+    BF16_LEVELS says it was built, else in float32, gathered from the codebook."""
     if TABLE is None:
         l0 = tl.load(codebook_ptr + (quad & 0xFF))
         l1 = tl.load(codebook_ptr + ((quad >> 8) & 0xFF))

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .autotune import autotune, cdiv, next_power_of_2, processors
-from .codes import (check_input, layout_args, layout_meta, level_lookup, load_quads, load_scale_a, load_scale_b,
+from .codes import (check_input, layout_args, layout_meta, level_lookup, load_planes, load_scale_a, load_scale_b,
                     quad_levels, rank_pad, segment_columns, segment_quad)
 from .stream_k import store_tile, tile_slot, tile_steps, work_share, workspace, workspace_per_sm
 
@@ -76,14 +76,8 @@ def _decode_kernel(
         acc = tl.zeros((BLOCK_N, M_PAD * RANK_PAD), dtype=tl.float32)
         for step in range(first, last):
             offs_j = step * BLOCK_J + tl.arange(0, BLOCK_J)
-            quad = load_quads(codes_ptr, offs_n, offs_j, N, SEGMENT, ROW_BYTES, BLOCK_N, BLOCK_J)
-            if BITS == 3:  # two more byte planes (packing.py): bits 0-1 of segments 4-7, bit 2 of all eight
-                quad_mid = load_quads(codes_ptr + SEGMENT, offs_n, offs_j, N, SEGMENT, ROW_BYTES, BLOCK_N, BLOCK_J)
-                quad_high = load_quads(codes_ptr + 2 * SEGMENT, offs_n, offs_j, N, SEGMENT, ROW_BYTES, BLOCK_N,
-                                       BLOCK_J)
-            else:
-                quad_mid = quad
-                quad_high = quad
+            quad, quad_mid, quad_high = load_planes(codes_ptr, offs_n, offs_j, N, SEGMENT, ROW_BYTES, BITS, BLOCK_N,
+                                                    BLOCK_J)
             for segment in tl.static_range(SEGMENTS):
                 offs_k, mask_k = segment_columns(offs_j, segment, SEGMENT, K)
                 x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
@@ -136,8 +130,7 @@ def decode_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None) -> torc
 
     layout = layout_args(in_features, bits)
     # the levels go straight into tl.dot: the lookup gives them in its operand type
-    lookup = level_lookup(codebook, x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float16,
-                          quads=True)
+    lookup = level_lookup(codebook, x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float16)
 
     _decode[grid](
         x2, codes, lookup.levels, scale_b.contiguous(), scale_a.contiguous(), bias if bias is not None else y, y, sums,
