@@ -49,9 +49,9 @@ OPS = {
 
 
 def execute(ptx: str, packed_codes: int) -> tuple[int, int]:
-    """Runs the lookup on four codes, one per byte of $4; returns its 16-bit outputs $0-$3 as two words of level
-    pairs (codes 0, 1 and 2, 3)."""
-    registers = {"$4": packed_codes}
+    """Runs the lookup on four codes, one per byte; returns the two words of level pairs (codes 0, 1 and 2, 3)."""
+    pairs = "$4" not in ptx  # the pairs form: codes in $2, level pairs in $0, $1; else codes in $4, 16-bit $0-$3
+    registers = {"$2" if pairs else "$4": packed_codes}
     for line in ptx.splitlines():
         line = line.strip().rstrip(";")
         if not line or line in "{}" or line.startswith(".reg"):
@@ -65,6 +65,8 @@ def execute(ptx: str, packed_codes: int) -> tuple[int, int]:
         target, *sources = [operand.strip() for operand in operands.split(",")]
         values = [int(source, 0) if source[0].isdigit() else registers[source] for source in sources]
         registers[target] = OPS[op](*values) & MASK
+    if pairs:
+        return registers["$0"], registers["$1"]
     return registers["$0"] | registers["$1"] << 16, registers["$2"] | registers["$3"] << 16
 
 
@@ -74,13 +76,14 @@ def lookup_levels(ptx: str, codes: list[int], dtype: torch.dtype) -> torch.Tenso
     return halves.to(torch.int16).view(dtype)
 
 
+@pytest.mark.parametrize("pairs", [False, True], ids=["quads", "pairs"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["nf", "int"])
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_register_lookup_returns_the_levels(monkeypatch, kind, bits, dtype):
+def test_register_lookup_returns_the_levels(monkeypatch, kind, bits, dtype, pairs):
     monkeypatch.setattr(kernel_codes, "INTERPRET", False)
     codebook = get_codebook(kind, bits)
-    lookup = kernel_codes.level_lookup(codebook, dtype)
+    lookup = kernel_codes.level_lookup(codebook, dtype, pairs)
     assert lookup.dtype == dtype
     # the kernel's levels times its output scale are the codebook; the integer form (int codebooks) has levels
     # code - 2^(bits-1), exact in both dtypes, and scale 1 / (2^(bits-1) - 1)

@@ -22,13 +22,13 @@ import triton.language as tl
 from ..packing import SEGMENTS, row_bytes, segment_width
 from .autotune import INTERPRET, next_power_of_2
 
-# Four codes (one per byte of $4, at most 16 levels) to four 16-bit levels (fp16 or bf16) in $0-$3, through
-# registers: prmt picks byte k of an 8-byte table with the low three bits of code k, once from levels 0-7 and once
-# from 8-15, bit 3 chooses between the two (lop3 0xE4 is "mask ? a : b"), and the high and low bytes are interleaved
-# into two pairs. A codebook of at most 8 levels (2 and 3 bits) needs neither the second pick nor the choice. A
-# gather from the codebook in memory costs one load per weight, which measured 2.5x slower than the whole kernel
-# without it (results/kernels.md).
-def _level_table_ptx(words: dict[str, str], levels: int) -> str:
+# Four codes (one per byte of $4, at most 16 levels) to four 16-bit levels (fp16 or bf16) in $0-$3 (`pairs`: codes in
+# $2, two level pairs in $0, $1, the form of four packed 8-bit elements), through registers: prmt picks byte k of an
+# 8-byte table with the low three bits of code k, once from levels 0-7 and once from 8-15, bit 3 chooses between the
+# two (lop3 0xE4 is "mask ? a : b"), and the high and low bytes are interleaved into two pairs. A codebook of at
+# most 8 levels (2 and 3 bits) needs neither the second pick nor the choice. A gather from the codebook in memory
+# costs one load per weight, which measured 2.5x slower than the whole kernel without it (results/kernels.md).
+def _level_table_ptx(words: dict[str, str], levels: int, pairs: bool) -> str:
     def pick_bytes(out: str, half: str) -> str:  # byte k of `out`: byte (code k & 7) of levels 0-7 or 8-15 of `half`
         low = f"mov.b32 a, {words[half + '0']};\nmov.b32 b, {words[half + '1']};\nprmt.b32 {out}, a, b, s;\n"
         if levels <= 8:
@@ -36,18 +36,21 @@ def _level_table_ptx(words: dict[str, str], levels: int) -> str:
         return (low + f"mov.b32 a, {words[half + '2']};\nmov.b32 b, {words[half + '3']};\nprmt.b32 a, a, b, s;\n"
                 f"lop3.b32 {out}, a, {out}, m, 0xE4;\n")
 
+    codes = "$2" if pairs else "$4"
     return ("{\n.reg .b32 s, m, a, b, hi, lo;\n"
             # prmt's selector, the low three bits of code k in nibble k: bytes 0 and 2 of s | s >> 4 (the kernels
             # hand over codes of at most 3 bits where the codebook has at most 8 levels)
-            + ("and.b32 s, $4, 0x07070707;\n" if levels > 8 else "mov.b32 s, $4;\n")
+            + (f"and.b32 s, {codes}, 0x07070707;\n" if levels > 8 else f"mov.b32 s, {codes};\n")
             + "shr.u32 m, s, 4;\nor.b32 s, s, m;\nprmt.b32 s, s, 0, 0x20;\n"
             # bit 3 of each code as a byte mask: shifted into the byte's sign bit, which prmt's mode 8-11 replicates
-            + ("shl.b32 m, $4, 4;\nprmt.b32 m, m, 0, 0xBA98;\n" if levels > 8 else "")
+            + (f"shl.b32 m, {codes}, 4;\nprmt.b32 m, m, 0, 0xBA98;\n" if levels > 8 else "")
             + pick_bytes("hi", "hi") + pick_bytes("lo", "lo")
-            + "prmt.b32 a, lo, hi, 0x5140;\nprmt.b32 b, lo, hi, 0x7362;\nmov.b32 {$0, $1}, a;\nmov.b32 {$2, $3}, b;\n}")
+            + ("prmt.b32 $0, lo, hi, 0x5140;\nprmt.b32 $1, lo, hi, 0x7362;\n}" if pairs else
+               "prmt.b32 a, lo, hi, 0x5140;\nprmt.b32 b, lo, hi, 0x7362;\n"
+               "mov.b32 {$0, $1}, a;\nmov.b32 {$2, $3}, b;\n}"))
 
 
-def _integer_levels_ptx(dtype: torch.dtype, offset: int) -> str:
+def _integer_levels_ptx(dtype: torch.dtype, offset: int, pairs: bool) -> str:
     """The table's interface (four codes, one per byte, to four 16-bit levels) for an integer codebook: a code
     placed in the low mantissa bits of 128.0 (bf16) or 1024.0 (fp16) makes 128 + code or 1024 + code exactly, and
     one packed add of offset - 128 (or - 1024) leaves code + offset, an exact small integer. Two levels take three
@@ -55,13 +58,14 @@ def _integer_levels_ptx(dtype: torch.dtype, offset: int) -> str:
     base, one, kind = (128, 0x3F80, "bf16x2") if dtype == torch.bfloat16 else (1024, 0x3C00, "f16x2")
     halves = torch.tensor([base, offset - base], dtype=dtype).view(torch.int16).to(torch.int32) & 0xFFFF
     magic, shift = halves.tolist()
+    codes = "$2" if pairs else "$4"
     return ("{\n.reg .b32 p, q, one, shift;\n"
             f"mov.b32 one, {one * 0x10001:#x};\nmov.b32 shift, {shift * 0x10001:#x};\n"
             # bytes 0, 1 (and 2, 3) of the codes to the low bytes of the two halves
-            "prmt.b32 p, $4, 0, 0x4140;\nprmt.b32 q, $4, 0, 0x4342;\n"
+            f"prmt.b32 p, {codes}, 0, 0x4140;\nprmt.b32 q, {codes}, 0, 0x4342;\n"
             f"or.b32 p, p, {magic * 0x10001:#x};\nor.b32 q, q, {magic * 0x10001:#x};\n"
             f"fma.rn.{kind} p, p, one, shift;\nfma.rn.{kind} q, q, one, shift;\n"
-            "mov.b32 {$0, $1}, p;\nmov.b32 {$2, $3}, q;\n}")
+            + ("mov.b32 $0, p;\nmov.b32 $1, q;\n}" if pairs else "mov.b32 {$0, $1}, p;\nmov.b32 {$2, $3}, q;\n}"))
 
 
 def integer_levels(codebook: torch.Tensor) -> tuple[int, float] | None:
@@ -89,27 +93,28 @@ class LevelLookup(NamedTuple):
     integer: bool
 
 
-_lookups: dict[tuple, tuple] = {}  # (id(codebook), dtype) -> (weak reference, version, LevelLookup)
+_lookups: dict[tuple, tuple] = {}  # (id(codebook), dtype, pairs) -> (weak reference, version, LevelLookup)
 
 
-def level_lookup(codebook: torch.Tensor, dtype: torch.dtype = torch.float16) -> LevelLookup:
+def level_lookup(codebook: torch.Tensor, dtype: torch.dtype = torch.float16, pairs: bool = False) -> LevelLookup:
     """The level lookup for this codebook with levels in `dtype` (float16 or bfloat16) on the GPU; a kernel that
     feeds them straight to tl.dot asks for its operand type and saves two conversions per weight. A register table
-    (PTX, the levels as immediates) takes four codes in one register to four 16-bit registers (quad_levels); an
-    integer codebook (integer_levels) takes no table: its levels come out as code + offset and the step is the
-    kernel's output scale. Cached per codebook tensor and dtype, so that only the first call reads the levels back
-    from the GPU (later calls can be captured in a CUDA graph)."""
-    key = (id(codebook), dtype)
+    (PTX, the levels as immediates) takes four codes in one register to four 16-bit registers (quad_levels), or with
+    `pairs` to two registers of level pairs (byte_levels); an integer codebook (integer_levels) takes no table: its
+    levels come out as code + offset and the step is the kernel's output scale. Cached per codebook tensor, dtype and
+    form, so that only the first call reads the levels back from the GPU (later calls can be captured in a CUDA
+    graph)."""
+    key = (id(codebook), dtype, pairs)
     cached = _lookups.get(key)
     # a dead reference means another tensor took over the id; a new version means the levels were written to
     if cached is None or cached[0]() is not codebook or cached[1] != codebook._version:
         integer = integer_levels(codebook)
         if integer is not None:
             offset, step = integer
-            lookup = LevelLookup(None if INTERPRET else _integer_levels_ptx(dtype, offset),
+            lookup = LevelLookup(None if INTERPRET else _integer_levels_ptx(dtype, offset, pairs),
                                  (codebook.detach().float() / step).round().contiguous(), step, dtype, True)
         else:
-            table = _level_table_ptx(_table_words(codebook, dtype), codebook.numel())
+            table = _level_table_ptx(_table_words(codebook, dtype), codebook.numel(), pairs)
             lookup = LevelLookup(None if INTERPRET else table, codebook.detach().float().contiguous(), 1.0, dtype,
                                  False)
         cached = _lookups[key] = (weakref.ref(codebook), codebook._version, lookup)
@@ -204,6 +209,31 @@ def quad_levels(quad, codebook_ptr, TABLE: tl.constexpr, BF16_LEVELS: tl.constex
                                                    is_pure=True, pack=1)
     # (w, q, p) -> column 4 w + 2 q + p holds code 2 q + p
     return tl.join(tl.join(l0, l2), tl.join(l1, l3)).reshape(BLOCK_N, BLOCK_J)
+
+
+@triton.jit
+def load_bytes(codes_ptr, offs_n, offs_j, N, SEGMENT, ROW_BYTES):
+    """The (BLOCK_N, BLOCK_J) tile of byte columns offs_j (at 2 and 4 bits, the codes of every segment) as int32."""
+    rows = codes_ptr + offs_n[:, None].to(tl.int64) * ROW_BYTES + offs_j[None, :]
+    return tl.load(rows, mask=(offs_n[:, None] < N) & (offs_j[None, :] < SEGMENT), other=0).to(tl.int32)
+
+
+@triton.jit
+def byte_levels(byte, codebook_ptr, segment, BITS: tl.constexpr, TABLE: tl.constexpr, BF16_LEVELS: tl.constexpr):
+    """C[codes] of segment `segment` for a load_bytes tile (2 and 4 bits), element by element: through
+    level_lookup(..., pairs=True)'s PTX or gathered, as quad_levels. The tiled kernel's dots want this tile's layout:
+    quad_levels' joins cost it two more layout conversions a step (H100: 1.05-1.11x the time at M = 16)."""
+    code = (byte >> (BITS * segment)) & ((1 << BITS) - 1)
+    # (one branch per result type: Triton 3.6 takes no constexpr dtype here)
+    if TABLE is None:
+        level = tl.load(codebook_ptr + code)
+    elif BF16_LEVELS:
+        level = tl.inline_asm_elementwise(TABLE, "=r,=r,r", [code.to(tl.uint8)], dtype=tl.bfloat16, is_pure=True,
+                                          pack=4)
+    else:
+        level = tl.inline_asm_elementwise(TABLE, "=r,=r,r", [code.to(tl.uint8)], dtype=tl.float16, is_pure=True,
+                                          pack=4)
+    return level
 
 
 @triton.jit
