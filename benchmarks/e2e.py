@@ -3,7 +3,8 @@
     python -m benchmarks.e2e --out results/kernels.md --append    # needs CUDA; bitsandbytes for the NF4 row
 
 Every decoder linear is replaced in turn by bitsandbytes NF4 (Linear4bit, block 64) and by LoRDSLinear at 4 and 3
-bits (parity rank for b = 64, random codes and scales: speed does not depend on the values). The embedding, norms,
+bits with the NF codebook and at 4 bits with the INT one (parity rank for b = 64, random codes and scales: speed
+does not depend on the values). The embedding, norms,
 attention and the bf16 lm_head are shared by all rows. Decode: one token per sequence against a static KV cache
 holding the prompt, the whole step captured in a CUDA graph (eager where capture fails, marked so), median of
 replays. Prefill: one eager forward over the prompt into a fresh static cache, logits for the last token only.
@@ -66,10 +67,10 @@ def to_nf4(linear: nn.Linear) -> nn.Module:
     return layer
 
 
-def to_lords(bits: int):
+def to_lords(bits: int, codebook: str):
     def make(linear: nn.Linear) -> nn.Module:
         n, k = linear.out_features, linear.in_features
-        return random_layer(n, k, bits, parity_rank(n, k, 64), linear.weight.device)
+        return random_layer(n, k, bits, parity_rank(n, k, 64), linear.weight.device, codebook)
 
     return make
 
@@ -138,8 +139,8 @@ def median_ms(run, calls: int) -> float:
     return sorted(times)[calls // 2]
 
 
-LORDS_BITS = {"lords-4bit": 4, "lords-3bit": 3}
-VARIANTS = {"bf16": None, "bnb-nf4": to_nf4, **{name: to_lords(bits) for name, bits in LORDS_BITS.items()}}
+LORDS = {"lords-4bit": (4, "nf"), "lords-3bit": (3, "nf"), "lords-4bit-int": (4, "int")}
+VARIANTS = {"bf16": None, "bnb-nf4": to_nf4, **{name: to_lords(*layer) for name, layer in LORDS.items()}}
 
 
 def main() -> None:
@@ -163,7 +164,7 @@ def main() -> None:
         try:
             if make is not None:
                 replace_linears(model, make)
-            if name in LORDS_BITS and args.compile_workers:  # the API a user would call before the first forward
+            if name in LORDS and args.compile_workers:  # the API a user would call before the first forward
                 rows_per_call = [1, 16, args.prompt, 16 * args.prompt]
                 seconds = precompile_kernels(model, rows_per_call, torch.bfloat16, args.compile_workers)
                 print(f"{name}: kernels compiled in {seconds:.0f} s", flush=True)
