@@ -147,6 +147,15 @@ def test_decode_refuses_many_rows():
                       torch.ones(4, 1), torch.ones(1, 16), 4)
 
 
+def test_autotune_keys_hold_the_level_lookup():
+    """An integer codebook (no table) and a table have different fastest configs: a layer must not reuse the config
+    tuned for another codebook of its shape."""
+    from lords.kernels import backward, decode, forward
+
+    for kernel in (decode._decode, forward._tiled, forward._dequantize, backward._scale_grad):
+        assert "TABLE" in kernel.keys and "BITS" in kernel.keys
+
+
 def test_decode_config_pruning_keeps_register_budget():
     import triton
 
