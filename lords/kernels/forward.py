@@ -20,7 +20,7 @@ from .codes import (byte_levels, check_input, layout_args, layout_meta, level_lo
                     load_scale_a, load_scale_b, quad_levels, rank_pad, segment_columns, segment_quad)
 from .stream_k import store_tile, tile_slot, tile_steps, work_share, workspace, workspace_per_sm
 
-# Autotune picks one per (M bucket, N, K, rank, bits). PER_SM, programs per multiprocessor, as in decode.py: the
+# Autotune picks one per (M bucket, N, K, rank, bits, lookup). PER_SM, programs per multiprocessor, as in decode.py: the
 # grid is one wave that shares the (M tile, N tile, K step) work out evenly. Most of these tiles take over 100 KB of
 # shared memory, so one program fits on a multiprocessor (results/kernels_sass.md); the small ones also run 2 or 4.
 # PER_SM = 0 is one program per tile, a choice for the large tiles: that grid (with plain stores) was up to 1.3x
