@@ -141,6 +141,16 @@ def test_lords_matmul_leaves_out_a_kernel_whose_timing_fails(monkeypatch):
     assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-5
 
 
+def test_kernels_take_parameters_that_require_grad():
+    """LoRDSLinear's scales are Parameters: the kernels compute no gradient but must accept them as they are."""
+    x, codes, codebook, scale_b, scale_a, bias = random_problem(4, "nf", 2, 24, 40, 3, seed=0)
+    scale_b, scale_a = torch.nn.Parameter(scale_b), torch.nn.Parameter(scale_a)
+    expected = reference(x, codes, codebook, scale_b.detach(), scale_a.detach(), bias)
+    for kernel in (decode_matmul, tiled_matmul, dequant_matmul):
+        out = kernel(x.requires_grad_(), pack_codes(codes, 4), codebook, scale_b, scale_a, 4, bias)
+        assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-5
+
+
 def test_decode_refuses_many_rows():
     with pytest.raises(ValueError, match="decode kernel takes at most 4 rows"):
         decode_matmul(torch.randn(5, 16), torch.zeros(4, 8, dtype=torch.uint8), get_codebook("nf", 4),
