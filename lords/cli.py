@@ -239,7 +239,8 @@ def cmd_compare(args) -> None:
     start = time.perf_counter()
     score = partial(perplexity, token_ids=heldout, seq_len=args.seq_len, progress=False)
     rows = run_comparison(
-        model, score, calibration, tuple(args.bits), args.block_size, args.steps, args.lr, tuple(args.methods), device
+        model, score, calibration, tuple(args.bits), args.block_size, args.steps, args.lr, tuple(args.methods), device,
+        codebooks=tuple(args.codebooks),
     )
     table = format_rows(rows)
     print(table)
@@ -506,6 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--steps", type=int, default=500)
     c.add_argument("--lr", type=float, default=0.1)
     c.add_argument("--methods", nargs="+", default=["nf-rtn", "hqq", "lords-init", "lords", "lords-aware", "nf-refined-aware"])
+    c.add_argument("--codebooks", nargs="+", choices=("nf", "int"), default=["nf"],
+                   help="codebooks the LoRDS methods run with (the block-wise baselines use NF)")
     c.add_argument("--calib-samples", type=int, default=64)
     c.add_argument("--calib-len", type=int, default=512)
     c.add_argument("--out", default=None, help="write a markdown table here and a PNG plot beside it")

@@ -88,20 +88,25 @@ def run_comparison(
     methods=("nf-rtn", "hqq", "lords-init", "lords", "lords-aware", "nf-refined-aware"),
     device=None,
     log=print,
+    codebooks=("nf",),
 ) -> list[Row]:
     """Quantize a fresh copy of `model` with each method at each bit width and score it (perplexity for an LM).
 
     Methods: nf-rtn, hqq, lords-init, lords, nf-refined; an "-aware" suffix uses `calibration` for the
-    activation-aware objective."""
+    activation-aware objective. The LoRDS methods run once per codebook in `codebooks` (rows named e.g.
+    "lords-aware-int" for any but nf); the block-wise baselines use NF."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = next(model.parameters()).dtype
     name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))
     rows = [Row(name, None, float(torch.finfo(dtype).bits), score(model), 0.0, 0.0)]
     log(f"{rows[0].method}: {rows[0].score:.4f}")
+    runs = [(method, codebook) for method in methods
+            for codebook in (codebooks if method.startswith("lords") else ("nf",))]
     for bits in bits_list:
-        for method in methods:
+        for method, codebook in runs:
             candidate = copy.deepcopy(model)
-            config = LoRDSConfig(bits=bits, block_size=block_size, steps=0 if method == "lords-init" else steps, lr=lr)
+            config = LoRDSConfig(bits=bits, block_size=block_size, codebook=codebook,
+                                 steps=0 if method == "lords-init" else steps, lr=lr)
             calib = calibration if method.endswith("-aware") else None
             if method.endswith("-aware") and calibration is None:
                 raise ValueError(f"method {method} needs calibration data")
@@ -111,10 +116,11 @@ def run_comparison(
                 kind = {"nf-rtn": "rtn", "hqq": "hqq"}.get(method, "refined")
                 group = partial(_blockwise_group, method=kind, device=device)
                 reports = walk_blocks(candidate, config, group, calibration=calib, progress=False)
-            row = _summary(method, bits, reports, score(candidate))
+            name = method if codebook == "nf" else f"{method}-{codebook}"
+            row = _summary(name, bits, reports, score(candidate))
             rows.append(row)
             log(
-                f"{method} {bits}-bit: {row.bits_per_weight:.3f} bpw, score {row.score:.4f}, "
+                f"{name} {bits}-bit: {row.bits_per_weight:.3f} bpw, score {row.score:.4f}, "
                 f"weight error {row.weight_error:.4f}, {row.seconds:.1f} s"
             )
             del candidate
