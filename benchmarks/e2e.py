@@ -4,9 +4,10 @@
 
 Every decoder linear is replaced in turn by bitsandbytes NF4 (Linear4bit, block 64) and by LoRDSLinear at 4 and 3
 bits with the NF codebook and at 4 bits with the INT one (parity rank for b = 64, random codes and scales: speed
-does not depend on the values). The embedding, norms, attention and the bf16 lm_head are shared by all rows. Decode: one token per sequence against a static KV cache
-holding the prompt, the whole step captured in a CUDA graph (eager where capture fails, marked so), median of
-replays. Prefill: one eager forward over the prompt into a fresh static cache, logits for the last token only.
+does not depend on the values). The embedding, norms, attention and the bf16 lm_head are shared by all rows.
+Decode: one token per sequence against a static KV cache holding the prompt, the whole step captured in a CUDA
+graph (eager where capture fails, marked so), median of replays. Prefill: one eager forward over the prompt into a
+fresh static cache, logits for the last token only.
 """
 
 import argparse
