@@ -2,7 +2,6 @@
 their name says."""
 
 import pytest
-import torch
 
 from lords.eval import compare
 
@@ -23,4 +22,5 @@ def test_lords_methods_run_once_per_codebook(tiny_llama, monkeypatch):
     # the two codebooks quantize differently: nonzero, unequal weight errors
     assert rows[2].weight_error > 0 and rows[3].weight_error > 0 and rows[2].weight_error != pytest.approx(
         rows[3].weight_error, rel=1e-6)
-    assert all(torch.isfinite(torch.tensor(row.bits_per_weight)) for row in rows)
+    # the codebook changes the levels, not the storage: same codes and scales per weight
+    assert rows[2].bits_per_weight == rows[3].bits_per_weight > 4

@@ -116,11 +116,11 @@ def run_comparison(
                 kind = {"nf-rtn": "rtn", "hqq": "hqq"}.get(method, "refined")
                 group = partial(_blockwise_group, method=kind, device=device)
                 reports = walk_blocks(candidate, config, group, calibration=calib, progress=False)
-            name = method if codebook == "nf" else f"{method}-{codebook}"
-            row = _summary(name, bits, reports, score(candidate))
+            label = method if codebook == "nf" else f"{method}-{codebook}"
+            row = _summary(label, bits, reports, score(candidate))
             rows.append(row)
             log(
-                f"{name} {bits}-bit: {row.bits_per_weight:.3f} bpw, score {row.score:.4f}, "
+                f"{label} {bits}-bit: {row.bits_per_weight:.3f} bpw, score {row.score:.4f}, "
                 f"weight error {row.weight_error:.4f}, {row.seconds:.1f} s"
             )
             del candidate
