@@ -6,8 +6,10 @@ Every decoder linear is replaced in turn by bitsandbytes NF4 (Linear4bit, block 
 bits with the NF codebook and at 4 bits with the INT one (parity rank for b = 64, random codes and scales: speed
 does not depend on the values). The embedding, norms, attention and the bf16 lm_head are shared by all rows.
 Decode: one token per sequence against a static KV cache holding the prompt, the whole step captured in a CUDA
-graph (eager where capture fails, marked so), median of replays. Prefill: one eager forward over the prompt into a
-fresh static cache, logits for the last token only.
+graph (eager where capture fails, marked so), median of replays; also, at batch 1, the same with the model's forward
+under torch.compile (whole graph, inductor: it fuses the norms, RoPE and attention's small kernels; LoRDS layers stay
+on their kernels as torch.ops.lords operators). Prefill: one eager forward over the prompt into a fresh static cache,
+logits for the last token only.
 """
 
 import argparse
@@ -93,9 +95,11 @@ def prefill_ms(model, batch: int, prompt: int, passes: int = 10) -> float:
 
 
 @torch.no_grad()
-def decode_ms(model, batch: int, prompt: int, replays: int = 50) -> tuple[float, str, float]:
+def decode_ms(model, batch: int, prompt: int, forward=None, replays: int = 50) -> tuple[float, str, float]:
     """Median milliseconds of a decode step from a CUDA graph where it can be captured, how it ran, and the median
-    of eager steps (what a plain generate loop gets: the host's launch queue included)."""
+    of steps launched from Python (what a plain generate loop gets: the host's launch queue included). `forward`
+    runs the step in place of the model's own (a compiled one)."""
+    forward = forward or model
     cache = prefill(model, batch, prompt)
     ids = torch.randint(0, model.config.vocab_size, (batch, 1), device="cuda")
     position = torch.tensor([prompt], device="cuda")
@@ -105,13 +109,13 @@ def decode_ms(model, batch: int, prompt: int, replays: int = 50) -> tuple[float,
         for layer in cache.layers:
             if hasattr(layer, "cumulative_length") and torch.is_tensor(layer.cumulative_length):
                 layer.cumulative_length.fill_(prompt)
-        return model(input_ids=ids, past_key_values=cache, cache_position=position,
-                     position_ids=position.view(1, 1).expand(batch, 1), use_cache=True).logits
+        return forward(input_ids=ids, past_key_values=cache, cache_position=position,
+                       position_ids=position.view(1, 1).expand(batch, 1), use_cache=True).logits
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for _ in range(3):  # autotuning and lazy allocations happen here, outside the capture
+        for _ in range(3):  # compiling, autotuning and lazy allocations happen here, outside the capture
             step()
     torch.cuda.current_stream().wait_stream(stream)
     run, mode = step, "eager"
@@ -125,6 +129,20 @@ def decode_ms(model, batch: int, prompt: int, replays: int = 50) -> tuple[float,
         mode = f"eager ({type(error).__name__})"
         torch.cuda.synchronize()
     return median_ms(run, replays), mode, median_ms(step, replays)
+
+
+def compiled_decode(model, prompt: int) -> dict:
+    """Batch-1 decode with the forward under torch.compile (fullgraph, inductor's default mode), the step captured
+    in a CUDA graph as decode_ms does; the seconds the first steps took (compiling). A model that does not compile is
+    reported in the mode column."""
+    started = time.perf_counter()
+    try:
+        step, mode, _ = decode_ms(model, 1, prompt, torch.compile(model.forward, fullgraph=True, dynamic=False))
+    except Exception as error:  # reported in the table, not fatal
+        traceback.print_exc()
+        return {"compiled decode b1 (tok/s)": None, "compiled mode": f"failed ({type(error).__name__})"}
+    return {"compiled decode b1 (tok/s)": 1e3 / step, "compiled mode": mode,
+            "compile (s)": time.perf_counter() - started}
 
 
 def median_ms(run, calls: int) -> float:
@@ -176,12 +194,14 @@ def main() -> None:
                 row[f"decode b{batch} mode"] = mode
                 row[f"eager decode b{batch} (tok/s)"] = batch * 1e3 / eager
                 row[f"prefill b{batch} (ms)"] = prefill_ms(model, batch, args.prompt)
+            row.update(compiled_decode(model, args.prompt))
             rows[name] = row
             print(name, row, flush=True)
         except Exception as error:  # a variant that cannot run here is reported, not fatal
             rows[name] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0]}"}
             traceback.print_exc()
         del model
+        torch._dynamo.reset()  # drops the compiled graphs, which hold the model
         torch.cuda.empty_cache()
         write_report(args, rows, previous, time.perf_counter() - started, done=name == args.variants[-1])
 
@@ -197,26 +217,33 @@ def write_report(args, rows: dict, previous: str, seconds: float, done: bool) ->
         "decode kernel, the tiled kernel and Triton dequantize + cuBLAS, timed at first use",
         "- decode: median of 50 single-token steps at KV position = prompt, replayed from a CUDA graph (decode mode); "
         "eager decode: the same steps launched from Python, as a plain generate loop runs them (host time included); "
-        "prefill: median of 10 eager passes", "",
+        "prefill: median of 10 eager passes",
+        "- compiled decode b1: the model's forward under torch.compile (fullgraph, inductor default mode, dynamic=False), "
+        "the step then captured in a CUDA graph as above; compile (s): wall time of its first (compiling) steps and "
+        "the 50 replays", "",
         "| model | weights (GB) | decode b1 (tok/s) | vs bf16 | decode b16 (tok/s) | vs bf16 | eager decode b1 (tok/s) "
-        "| vs bf16 | prefill b1 (ms) | vs bf16 | prefill b16 (ms) | vs bf16 | decode mode |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| vs bf16 | compiled decode b1 (tok/s) | vs bf16 | compile (s) | prefill b1 (ms) | vs bf16 | prefill b16 (ms) "
+        "| vs bf16 | decode mode (b1 / b16 / compiled b1) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     base = rows.get("bf16", {})
     for name, row in rows.items():
         if "error" in row:
-            report.append(f"| {name} | {row['error']} |||||||||||")
+            report.append(f"| {name} | {row['error']} ||||||||||||||")
             continue
 
         def ratio(key, row=row):
-            return f"{row[key] / base[key]:.2f}" if key in base else "-"
+            return f"{row[key] / base[key]:.2f}" if row[key] and base.get(key) else "-"
+
+        compiled = row["compiled decode b1 (tok/s)"]
 
         report.append(
             f"| {name} | {row['weights (GB)']:.2f} | {row['decode b1 (tok/s)']:.1f} | {ratio('decode b1 (tok/s)')} "
             f"| {row['decode b16 (tok/s)']:.1f} | {ratio('decode b16 (tok/s)')} | {row['eager decode b1 (tok/s)']:.1f} "
-            f"| {ratio('eager decode b1 (tok/s)')} | {row['prefill b1 (ms)']:.1f} "
+            f"| {ratio('eager decode b1 (tok/s)')} | {f'{compiled:.1f}' if compiled else '-'} "
+            f"| {ratio('compiled decode b1 (tok/s)')} | {format(row['compile (s)'], '.0f') if compiled else '-'} | {row['prefill b1 (ms)']:.1f} "
             f"| {ratio('prefill b1 (ms)')} | {row['prefill b16 (ms)']:.1f} | {ratio('prefill b16 (ms)')} "
-            f"| {row['decode b1 mode']} / {row['decode b16 mode']} |"
+            f"| {row['decode b1 mode']} / {row['decode b16 mode']} / {row['compiled mode']} |"
         )
     report += ["", elapsed(seconds, done) + "."]
     text = "\n".join(report) + "\n"

@@ -1,6 +1,5 @@
 """LoRDSLinear: a linear layer stored as packed codes, a codebook and low-rank scales B (n x r), A (r x m)."""
 
-import functools
 import importlib.util
 
 import torch
@@ -14,51 +13,74 @@ from .packing import pack_codes, row_bytes, unpack_codes
 # "auto": "triton" for CUDA inputs when Triton is installed, "torch" otherwise.
 # "torch": the reference, dequantize in torch + matmul. "triton": lords.kernels.lords_matmul, which picks the decode,
 # tiled or dequantize + cuBLAS kernel by the number of rows (results/kernels.md). "fused": Triton kernels that never
-# hold the dense weight, at any number of rows.
+# hold the dense weight, at any number of rows. Both Triton paths go through torch.ops.lords (kernels/ops.py), so a
+# model with LoRDS layers compiles with torch.compile.
 BACKENDS = ("auto", "torch", "triton", "fused")
 
-
-@functools.cache
-def _triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+# a constant, not a call: torch.compile traces forward() and would stop at a cached function
+_TRITON = importlib.util.find_spec("triton") is not None
 
 
-def _scale_grads_torch(grad_out, x, levels, scale_b, scale_a):
+def reference_weight(codes, codebook, scale_b, scale_a, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """The dense weight (B A) * C[codes] in torch, the reference for the kernels; scales multiply in float32 before
+    the cast."""
+    levels = codebook.float()[unpack_codes(codes, bits, (scale_b.shape[0], scale_a.shape[1])).long()]
+    return ((scale_b.float() @ scale_a.float()) * levels).to(dtype)
+
+
+def _scale_grads_torch(grad_out, x, codes, codebook, scale_b, scale_a, bits):
     """Reference for lords.kernels.scale_grads: the dense n x m weight gradient G, then (G * C) A^T and B^T (G * C)."""
+    levels = codebook.float()[unpack_codes(codes, bits, (scale_b.shape[0], scale_a.shape[1])).long()]
     grad_scale = (grad_out.reshape(-1, grad_out.shape[-1]).T.float() @ x.reshape(-1, x.shape[-1]).float()) * levels
     return grad_scale @ scale_a.float().T, scale_b.float().T @ grad_scale
 
 
+def _dense_weight(path: str, codes, codebook, scale_b, scale_a, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    if path == "torch":
+        return reference_weight(codes, codebook, scale_b, scale_a, bits, dtype)
+    from .kernels import ops
+
+    return ops.dequantize(codes, codebook, scale_b, scale_a, bits, dtype)
+
+
+def lords_linear(x, codes, codebook, scale_b, scale_a, bits: int, bias, path: str) -> torch.Tensor:
+    """x @ W^T + bias with W = (B A) * C[codes], on one of PATHS, without autograd."""
+    if path == "torch":
+        return F.linear(x, reference_weight(codes, codebook, scale_b, scale_a, bits, x.dtype), bias)
+    from .kernels import ops
+
+    return ops.matmul(x, codes, codebook, scale_b, scale_a, bits, bias, path == "fused")
+
+
 class _LoRDSFunction(torch.autograd.Function):
-    """Y = X W^T + bias with W = (B A) * C[codes], and a backward that never forms the n x m weight gradient on
-    the Triton path: dX = dY W (the dequantize + matmul path again), dB and dA from lords.kernels.scale_grads."""
+    """lords_linear with a backward that never forms the n x m weight gradient on the Triton paths: dX = dY W (the
+    dequantize + matmul path again), dB and dA from lords.kernels.scale_grads."""
 
     @staticmethod
-    def forward(ctx, x, scale_b, scale_a, bias, layer, use_triton):
+    def forward(ctx, x, scale_b, scale_a, bias, codes, codebook, bits, path):
         # scale_b, scale_a are the layer's own parameters, passed so that autograd routes their gradients here.
-        ctx.save_for_backward(x, scale_b, scale_a)
-        ctx.layer, ctx.use_triton, ctx.has_bias = layer, use_triton, bias is not None
-        return layer.matmul(x, bias, use_triton)
+        ctx.save_for_backward(x, scale_b, scale_a, codes, codebook)
+        ctx.bits, ctx.path, ctx.has_bias = bits, path, bias is not None
+        return lords_linear(x, codes, codebook, scale_b, scale_a, bits, bias, path)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, scale_b, scale_a = ctx.saved_tensors
-        layer = ctx.layer
+        x, scale_b, scale_a, codes, codebook = ctx.saved_tensors
+        bits, path = ctx.bits, ctx.path
         grad_x = grad_b = grad_a = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = layer.matmul(grad_out, None, ctx.use_triton, transposed=True)
+            grad_x = grad_out @ _dense_weight(path, codes, codebook, scale_b, scale_a, bits, grad_out.dtype)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            if ctx.use_triton:
-                from .kernels import scale_grads
-
-                grad_b, grad_a = scale_grads(grad_out, x, layer.codes, layer.codebook, scale_b, scale_a, layer.bits)
+            if path == "torch":
+                grad_b, grad_a = _scale_grads_torch(grad_out, x, codes, codebook, scale_b, scale_a, bits)
             else:
-                levels = layer.codebook.float()[layer.unpacked_codes().long()]
-                grad_b, grad_a = _scale_grads_torch(grad_out, x, levels, scale_b, scale_a)
+                from .kernels import ops
+
+                grad_b, grad_a = ops.scale_grads(grad_out, x, codes, codebook, scale_b, scale_a, bits)
             grad_b, grad_a = grad_b.to(scale_b.dtype), grad_a.to(scale_a.dtype)
         if ctx.has_bias and ctx.needs_input_grad[3]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-        return grad_x, grad_b, grad_a, grad_bias, None, None
+        return grad_x, grad_b, grad_a, grad_bias, None, None, None, None
 
 
 class LoRDSLinear(nn.Module):
@@ -113,43 +135,26 @@ class LoRDSLinear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense weight (B A) * C[codes]; scales multiply in float32 before the cast."""
-        scale = self.scale_b.float() @ self.scale_a.float()
-        return (scale * self.codebook.float()[self.unpacked_codes().long()]).to(dtype)
+        return reference_weight(self.codes, self.codebook, self.scale_b, self.scale_a, self.bits, dtype)
 
     @property
     def bits_per_weight(self) -> float:
         scale_bits = torch.finfo(self.scale_b.dtype).bits
         return bits_per_weight(self.out_features, self.in_features, self.bits, self.rank, scale_bits)
 
-    def matmul(self, x, bias, use_triton: bool, transposed: bool = False) -> torch.Tensor:
-        """x @ W^T + bias, or x @ W when transposed (the input gradient), on the chosen path."""
-        if use_triton and not transposed:
-            from .kernels import fused_matmul, lords_matmul
-
-            kernel = fused_matmul if self.backend == "fused" else lords_matmul
-            return kernel(x, self.codes, self.codebook, self.scale_b, self.scale_a, self.bits, bias)
-        if use_triton:
-            from .kernels import dequantize
-
-            weight = dequantize(self.codes, self.codebook, self.scale_b, self.scale_a, self.bits, x.dtype)
-        else:
-            weight = self.dequantize(x.dtype)
-        return x @ weight if transposed else F.linear(x, weight, bias)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The single dispatch point between the torch reference and the Triton kernels, forward and backward.
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; choose one of {BACKENDS}")
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        use_triton = self.backend in ("triton", "fused") or (
-            self.backend == "auto" and x.is_cuda and _triton_available()
-        )
+        path = self.backend if self.backend != "auto" else "triton" if x.is_cuda and _TRITON else "torch"
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or self.scale_b.requires_grad or self.scale_a.requires_grad
             or (bias is not None and bias.requires_grad))
+        args = (self.codes, self.codebook, self.scale_b, self.scale_a, self.bits, bias, path)
         if not needs_grad:  # inference: no autograd node, whose bookkeeping costs host time on every call
-            return self.matmul(x, bias, use_triton)
-        return _LoRDSFunction.apply(x, self.scale_b, self.scale_a, bias, self, use_triton)
+            return lords_linear(x, *args)
+        return _LoRDSFunction.apply(x, self.scale_b, self.scale_a, bias, self.codes, self.codebook, self.bits, path)
 
     def extra_repr(self) -> str:
         return (

@@ -1,0 +1,93 @@
+"""torch.compile with LoRDS layers: the kernels are torch operators (lords/kernels/ops.py) whose fake versions give
+the real output's shape and dtype, and a compiled layer (whole graph, forward and backward) gives what the eager
+layer gives, on every path. The kernels run under the Triton interpreter."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+pytest.importorskip("triton")
+
+from lords.linear import LoRDSLinear  # noqa: E402
+from lords.kernels import ops  # noqa: E402
+from lords.packing import pack_codes  # noqa: E402
+
+if os.environ["TRITON_INTERPRET"] != "1":
+    pytest.skip("kernel tests run under TRITON_INTERPRET=1", allow_module_level=True)
+
+
+def random_layer(n, k, bits, rank, seed, codebook="nf"):
+    generator = torch.Generator().manual_seed(seed)
+    layer = LoRDSLinear(k, n, bits, rank, codebook, bias=True, scale_dtype=torch.float32)
+    with torch.no_grad():
+        layer.codes.copy_(pack_codes(torch.randint(0, 2**bits, (n, k), generator=generator, dtype=torch.uint8), bits))
+        layer.scale_b.copy_(torch.rand(n, rank, generator=generator))
+        layer.scale_a.copy_(torch.rand(rank, k, generator=generator))
+        layer.bias.copy_(torch.randn(n, generator=generator))
+    return layer
+
+
+def test_ops_pass_opcheck():
+    """Schema, fake tensors (shape, dtype, strides) and AOT dispatch: torch.library.opcheck raises on a failure."""
+    layer = random_layer(24, 40, 3, 5, seed=0, codebook="int")
+    x, grad_out = torch.randn(2, 3, 40), torch.randn(2, 3, 24)
+    weights = (layer.codes, layer.codebook, layer.scale_b.detach(), layer.scale_a.detach(), 3)
+    for fused in (False, True):
+        torch.library.opcheck(ops.matmul.operator, (x, *weights, layer.bias.detach(), fused))
+    torch.library.opcheck(ops.matmul.operator, (x[0, :1], *weights, None, False))
+    torch.library.opcheck(ops.dequantize.operator, (*weights, torch.bfloat16))
+    torch.library.opcheck(ops.scale_grads.operator, (grad_out, x, *weights))
+
+
+def test_fake_outputs_match_the_kernels():
+    layer = random_layer(20, 36, 4, 3, seed=1)
+    x = torch.randn(5, 36, dtype=torch.bfloat16)
+    weights = (layer.codes, layer.codebook, layer.scale_b.detach(), layer.scale_a.detach(), 4)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def outputs():
+        return [ops.matmul.operator(x, *weights, None, False), ops.dequantize.operator(*weights, torch.float16),
+                *ops.scale_grads.operator(torch.randn(5, 20), x.float(), *weights)]
+
+    real = outputs()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        fake = outputs()
+    assert [(t.shape, t.dtype) for t in fake] == [(t.shape, t.dtype) for t in real]
+    assert [t.shape for t in real] == [(5, 20), (20, 36), (20, 3), (3, 36)]
+
+
+@pytest.mark.parametrize("path", ["torch", "triton", "fused"])
+def test_compiled_layer_matches_eager_forward_and_backward(path):
+    layer = random_layer(20, 48, 3, 5, seed=2)
+    layer.backend = path
+    x = torch.randn(2, 3, 48)
+    results = []
+    for run in (layer, torch.compile(layer, backend="aot_eager", fullgraph=True)):  # fullgraph: no graph break
+        layer.zero_grad()
+        xg = x.clone().requires_grad_()
+        out = run(xg)
+        out.square().sum().backward()
+        results.append([out.detach(), xg.grad, layer.scale_b.grad, layer.scale_a.grad, layer.bias.grad])
+    torch._dynamo.reset()
+    for eager, compiled in zip(*results):
+        assert compiled.shape == eager.shape
+        assert torch.allclose(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_inductor_compiles_a_model_with_lords_layers():
+    """Inductor generates code for what surrounds the layers (here a GELU between two of them) and calls the
+    kernels as operators."""
+    model = nn.Sequential(random_layer(32, 48, 4, 5, seed=3), nn.GELU(), random_layer(16, 32, 2, 3, seed=4))
+    for layer in (model[0], model[2]):
+        layer.backend = "triton"
+    x = torch.randn(3, 48)
+    with torch.no_grad():
+        expected = model(x)
+        out = torch.compile(model, fullgraph=True)(x)
+    torch._dynamo.reset()
+    assert out.shape == (3, 16)
+    assert torch.allclose(out, expected, rtol=1e-4, atol=1e-4)
