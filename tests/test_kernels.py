@@ -163,7 +163,7 @@ def test_autotune_keys_hold_the_level_lookup():
     from lords.kernels import backward, decode, forward
 
     for kernel in (decode._decode, forward._tiled, forward._dequantize, backward._scale_grad):
-        assert "TABLE" in kernel.keys and "BITS" in kernel.keys
+        assert "TABLE" in kernel.autotuner.keys and "BITS" in kernel.autotuner.keys
 
 
 def test_decode_config_pruning_keeps_register_budget():
@@ -196,8 +196,8 @@ def test_compile_only_runs_nothing_and_restores_launches(monkeypatch):
     from lords.kernels.autotune import compile_only
 
     runs = []
-    run = decode._decode.fn.run
-    monkeypatch.setattr(decode._decode.fn, "run",  # a warmup only compiles
+    run = decode._decode.autotuner.fn.run
+    monkeypatch.setattr(decode._decode.autotuner.fn, "run",  # a warmup only compiles
                         lambda *args, **kwargs: runs.append(kwargs.get("warmup", False)) or run(*args, **kwargs))
     x, codes, codebook, scale_b, scale_a, _ = random_problem(4, "nf", 2, 24, 40, 3, seed=0)
     packed = pack_codes(codes, 4)
@@ -210,6 +210,56 @@ def test_compile_only_runs_nothing_and_restores_launches(monkeypatch):
     assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-5
 
 
+def test_launcher_reuses_a_compiled_launch_only_for_the_same_kind():
+    """After a kind's first launch (through Triton: autotuning, compiling), the next of that kind goes to the kept
+    compiled kernel with every argument in signature order, the config's included; a different dtype, alignment or
+    argument value goes through Triton again. Triton's parts are stand-ins: the interpreter compiles nothing."""
+    from types import SimpleNamespace
+
+    import triton
+    from triton.compiler import CompiledKernel
+
+    from lords.kernels.autotune import Launcher
+
+    class Compiled(CompiledKernel):
+        def __init__(self):  # nothing to load, nothing to unload
+            self.launches = []
+
+        def __del__(self):
+            pass
+
+        def __getitem__(self, grid):
+            return lambda *args: self.launches.append((grid, args))
+
+    class Autotuner:
+        fn = SimpleNamespace(arg_names=["x_ptr", "N", "SCALE", "BLOCK"])
+        best_config = triton.Config({"BLOCK": 32})
+        compiled, runs = Compiled(), 0
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                self.runs += 1
+                return self.compiled
+
+            return run
+
+    autotuner = Autotuner()
+    launcher = Launcher(autotuner)
+
+    def grid(meta):
+        return (meta["N"] // meta["BLOCK"],)
+
+    x = torch.zeros(65)
+    assert launcher[grid](x, 64, SCALE=0.5) is autotuner.compiled and autotuner.runs == 1
+    launcher[grid](x, 64, SCALE=0.5)
+    assert autotuner.runs == 1 and autotuner.compiled.launches == [((2, 1, 1), (x, 64, 0.5, 32))]
+    for other in ((x[1:], 64), (x.double(), 64), (x, 128)):
+        launcher[grid](*other, SCALE=0.5)
+    assert autotuner.runs == 4 and len(autotuner.compiled.launches) == 1
+    launcher[grid](x.clone(), 128, SCALE=0.5)
+    assert autotuner.runs == 4 and autotuner.compiled.launches[-1][0] == (4, 1, 1)
+
+
 def test_tiled_one_program_per_tile_matches_float64(monkeypatch):
     import triton
 
@@ -217,7 +267,7 @@ def test_tiled_one_program_per_tile_matches_float64(monkeypatch):
 
     # PER_SM = 0: a grid of whole tiles instead of one wave sharing the K steps
     config = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_J": 32, "PER_SM": 0}, num_warps=4, num_stages=1)
-    monkeypatch.setattr(forward._tiled, "configs", [config])
+    monkeypatch.setattr(forward._tiled.autotuner, "configs", [config])
     x, codes, codebook, scale_b, scale_a, bias = random_problem(4, "nf", 21, 18, 300, 5, seed=1)
     out = tiled_matmul(x, pack_codes(codes, 4), codebook, scale_b, scale_a, 4, bias)
     expected = reference(x, codes, codebook, scale_b, scale_a, bias)
