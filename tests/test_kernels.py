@@ -10,8 +10,8 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 from lords.codebooks import get_codebook  # noqa: E402
-from lords.kernels import (MAX_ROWS, decode_matmul, dequant_matmul, dequantize, fused_matmul, lords_matmul,  # noqa: E402
-                           tiled_matmul)
+from lords.kernels import (MAX_ROWS, decode_matmul, decode_xa_matmul, dequant_matmul, dequantize,  # noqa: E402
+                           fused_matmul, lords_matmul, tiled_matmul)
 from lords.linear import LoRDSLinear  # noqa: E402
 from lords.packing import pack_codes  # noqa: E402
 
@@ -43,12 +43,13 @@ SHAPES = [(1, 24, 40, 1), (4, 33, 72, 17), (19, 16, 64, 3), (3, 10, 37, 2), (5, 
           (20, 18, 300, 5)]
 
 
-@pytest.mark.parametrize("kernel", [tiled_matmul, decode_matmul, fused_matmul, lords_matmul, dequant_matmul],
-                         ids=["tiled", "decode", "fused", "lords", "dequantize+matmul"])
+@pytest.mark.parametrize("kernel", [tiled_matmul, decode_matmul, decode_xa_matmul, fused_matmul, lords_matmul,
+                                    dequant_matmul],
+                         ids=["tiled", "decode", "decode-xa", "fused", "lords", "dequantize+matmul"])
 @pytest.mark.parametrize("bits,kind", BITS_AND_CODEBOOKS)
 @pytest.mark.parametrize("m,n,k,rank", SHAPES)
 def test_forward_matches_float64(kernel, bits, kind, m, n, k, rank):
-    if kernel is decode_matmul and m > MAX_ROWS:
+    if kernel in (decode_matmul, decode_xa_matmul) and m > MAX_ROWS:
         pytest.skip("the decode kernel takes a few rows only")
     x, codes, codebook, scale_b, scale_a, bias = random_problem(bits, kind, m, n, k, rank, seed=bits * 100 + m)
     out = kernel(x, pack_codes(codes, bits), codebook, scale_b, scale_a, bits, bias)
@@ -103,21 +104,21 @@ def test_lords_matmul_times_the_candidates_once_per_shape(monkeypatch):
     import lords.kernels as kernels
 
     timed = []
-    fake_times = [3.0, 1.0, 2.0]  # decode, tiled, dequant: the tiled kernel "wins"
+    fake_times = [3.0, 4.0, 1.0, 2.0]  # decode, decode-xa, tiled, dequant: the tiled kernel "wins"
     monkeypatch.setattr(kernels, "_can_time", lambda x: True)
     monkeypatch.setattr(kernels, "gpu_time",
-                        lambda fn: fake_times[(len(timed) - 1) % 3] if not timed.append(fn) else None)
+                        lambda fn: fake_times[(len(timed) - 1) % 4] if not timed.append(fn) else None)
     monkeypatch.setattr(kernels, "_choices", {})
     x, codes, codebook, scale_b, scale_a, bias = random_problem(4, "nf", 3, 24, 40, 2, seed=0)
     for _ in range(2):
         out = lords_matmul(x, pack_codes(codes, 4), codebook, scale_b, scale_a, 4, bias)
-        assert len(timed) == 3  # the second call reuses the choice
+        assert len(timed) == 4  # the second call reuses the choice
         assert list(kernels._choices.values()) == ["tiled"]
         expected = reference(x, codes, codebook, scale_b, scale_a, bias)
         assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-5
     # an integer codebook decodes without a table: the same shape is timed again for it
     lords_matmul(x, pack_codes(codes, 4), get_codebook("int", 4), scale_b, scale_a, 4, bias)
-    assert len(timed) == 6 and len(kernels._choices) == 2
+    assert len(timed) == 8 and len(kernels._choices) == 2
 
 
 def test_lords_matmul_leaves_out_a_kernel_whose_timing_fails(monkeypatch):
@@ -125,9 +126,9 @@ def test_lords_matmul_leaves_out_a_kernel_whose_timing_fails(monkeypatch):
 
     def fake_time(fn):
         calls.append(fn)
-        if len(calls) == 2:  # the tiled kernel, the fastest by the times below, cannot be captured
+        if len(calls) == 3:  # the tiled kernel, the fastest by the times below, cannot be captured
             raise RuntimeError("operation not permitted when stream is capturing")
-        return {1: 3.0, 3: 2.0}[len(calls)]
+        return {1: 3.0, 2: 4.0, 4: 2.0}[len(calls)]
 
     calls = []
     monkeypatch.setattr(kernels, "_can_time", lambda x: True)
@@ -146,7 +147,7 @@ def test_kernels_take_parameters_that_require_grad():
     x, codes, codebook, scale_b, scale_a, bias = random_problem(4, "nf", 2, 24, 40, 3, seed=0)
     scale_b, scale_a = torch.nn.Parameter(scale_b), torch.nn.Parameter(scale_a)
     expected = reference(x, codes, codebook, scale_b.detach(), scale_a.detach(), bias)
-    for kernel in (decode_matmul, tiled_matmul, dequant_matmul):
+    for kernel in (decode_matmul, decode_xa_matmul, tiled_matmul, dequant_matmul):
         out = kernel(x.requires_grad_(), pack_codes(codes, 4), codebook, scale_b, scale_a, 4, bias)
         assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-5
 
@@ -164,6 +165,7 @@ def test_autotune_keys_hold_the_level_lookup():
 
     for kernel in (decode._decode, forward._tiled, forward._dequantize, backward._scale_grad):
         assert "TABLE" in kernel.autotuner.keys and "BITS" in kernel.autotuner.keys
+    assert "XA_ONCE" in decode._decode.autotuner.keys  # the two decode variants are tuned apart too
 
 
 def test_decode_config_pruning_keeps_register_budget():
@@ -283,7 +285,8 @@ def test_precompile_launches_are_what_lords_matmul_runs():
     # decode up to MAX_ROWS rows, tiled up to 256, dequantize + cuBLAS always; per layer
     assert [(name, n, m) for name, n, _, m, *_ in launches] == [
         (name, n, m) for n in (24, 33)
-        for name, m in [("decode", 1), ("tiled", 1), ("dequant", 1), ("tiled", 16), ("dequant", 16), ("dequant", 300)]]
+        for name, m in [("decode", 1), ("decode-xa", 1), ("tiled", 1), ("dequant", 1), ("tiled", 16), ("dequant", 16),
+                        ("dequant", 300)]]
     name, n, k, m, bits, rank, levels, dtype, scale_dtype, bias = launches[-1]
     assert (k, bits, rank, dtype, scale_dtype, bias) == (24, 3, 5, torch.float32, torch.bfloat16, True)
     assert levels == tuple(get_codebook("nf", 3).tolist())

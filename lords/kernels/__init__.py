@@ -1,7 +1,8 @@
 """Triton kernels for LoRDS. They know shapes and dtypes only: no models, no configs.
 
 X @ ((B @ A) * C[codes])^T on the GPU, three ways:
-- decode.py, the algebraic form with split-K, for at most MAX_ROWS rows (its cost grows as rows x rank);
+- decode.py, the algebraic form with split-K, for at most MAX_ROWS rows (its cost grows as rows x rank), with X*A
+  formed per tile or once per call;
 - forward.py's tiled kernel, the scale tile computed per K-step and shared by the rows of a tile;
 - forward.py's one-pass dequantization and cuBLAS, where the GEMM dominates and cuBLAS is the faster GEMM.
 Which one is fastest depends on the shape as well as on M (results/kernels.md: at M = 64 the tiled kernel wins by
@@ -37,13 +38,18 @@ def dequant_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None):
     return F.linear(x, dequantize(codes, codebook, scale_b, scale_a, bits, x.dtype), bias)
 
 
-KERNELS = {"decode": decode_matmul, "tiled": tiled_matmul, "dequant": dequant_matmul}
+def decode_xa_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None):
+    """The decode kernel with X*A computed once per call."""
+    return decode_matmul(x, codes, codebook, scale_b, scale_a, bits, bias, xa_once=True)
+
+
+KERNELS = {"decode": decode_matmul, "decode-xa": decode_xa_matmul, "tiled": tiled_matmul, "dequant": dequant_matmul}
 _choices: dict[tuple, str] = {}
 
 
 def candidates(rows: int) -> list[str]:
-    return [name for name, fits in (("decode", rows <= MAX_ROWS), ("tiled", rows <= TILED_MAX_ROWS), ("dequant", True))
-            if fits]
+    return [name for name, fits in (("decode", rows <= MAX_ROWS), ("decode-xa", rows <= MAX_ROWS),
+                                    ("tiled", rows <= TILED_MAX_ROWS), ("dequant", True)) if fits]
 
 
 def default_choice(rows: int) -> str:

@@ -57,10 +57,11 @@ def fits_registers(configs, named_args, **kwargs):
 
 @triton.jit(do_not_specialize=["PER_SM"])  # one binary for every PER_SM
 def _decode_kernel(
-    x_ptr, codes_ptr, codebook_ptr, scale_b_ptr, scale_a_ptr, bias_ptr, y_ptr, sums_ptr, counts_ptr,
+    x_ptr, xa_ptr, codes_ptr, codebook_ptr, scale_b_ptr, scale_a_ptr, bias_ptr, y_ptr, sums_ptr, counts_ptr,
     M, N, K, RANK, SEGMENT, ROW_BYTES, stride_xm, PER_SM, LEVEL_SCALE,
     BITS: tl.constexpr, SEGMENTS: tl.constexpr, TABLE: tl.constexpr, BF16_LEVELS: tl.constexpr, RANK_PAD: tl.constexpr,
-    M_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
+    M_PAD: tl.constexpr, XA_ONCE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_J: tl.constexpr,
 ):
     # the work is n_tiles x steps units, N tile major; this program takes an equal, contiguous share of them, which
     # may end in one tile and go on in the next (PER_SM only sizes the grid)
@@ -69,6 +70,9 @@ def _decode_kernel(
     start, end = work_share(units)
     offs_m = tl.arange(0, M_PAD)
     offs_r = tl.arange(0, RANK_PAD)
+    # XA_ONCE: the rows (m, t) of the call's X*A, an (M * RANK, K) matrix, in the accumulator's column order
+    xa_rows = (offs_m[:, None] * RANK + offs_r[None, :]).reshape(M_PAD * RANK_PAD)
+    xa_mask = ((offs_m[:, None] < M) & (offs_r[None, :] < RANK)).reshape(M_PAD * RANK_PAD)
     for tile in range(start // steps, (end - 1) // steps + 1):
         offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
@@ -80,14 +84,18 @@ def _decode_kernel(
                                                     BLOCK_J)
             for segment in tl.static_range(SEGMENTS):
                 offs_k, mask_k = segment_columns(offs_j, segment, SEGMENT, K)
-                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                            mask=(offs_m[:, None] < M) & mask_k[None, :], other=0.0).to(tl.float32)
-                scale_a = load_scale_a(scale_a_ptr, offs_r, offs_k, mask_k, K, RANK).to(tl.float32)
-                if M_PAD == 1:
-                    xa = scale_a * x
+                if XA_ONCE:
+                    xa = tl.load(xa_ptr + xa_rows[:, None] * K + offs_k[None, :],
+                                 mask=xa_mask[:, None] & mask_k[None, :], other=0.0)
                 else:
-                    # rows ordered (m, t), matching the accumulator's columns
-                    xa = (x[:, None, :] * scale_a[None, :, :]).reshape(M_PAD * RANK_PAD, BLOCK_J)
+                    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                                mask=(offs_m[:, None] < M) & mask_k[None, :], other=0.0).to(tl.float32)
+                    scale_a = load_scale_a(scale_a_ptr, offs_r, offs_k, mask_k, K, RANK).to(tl.float32)
+                    if M_PAD == 1:
+                        xa = scale_a * x
+                    else:
+                        # rows ordered (m, t), matching the accumulator's columns
+                        xa = (x[:, None, :] * scale_a[None, :, :]).reshape(M_PAD * RANK_PAD, BLOCK_J)
                 level = quad_levels(segment_quad(quad, quad_mid, quad_high, segment, BITS), codebook_ptr, TABLE,
                                     BF16_LEVELS, BLOCK_N, BLOCK_J)
                 acc += tl.dot(level.to(x_ptr.dtype.element_ty), tl.trans(xa.to(x_ptr.dtype.element_ty)))
@@ -106,13 +114,18 @@ def _decode_kernel(
 _decode = autotune(
     # the level lookup in the key: an integer codebook's (no table) fastest config is not a table's (H100: 41 against 32
     # us at M = 1 on 14336 x 4096 with the config tuned for NF)
-    CONFIGS, INTERPRET_CONFIGS, key=["M", "N", "K", "RANK", "BITS", "TABLE"],
+    CONFIGS, INTERPRET_CONFIGS, key=["M", "N", "K", "RANK", "BITS", "TABLE", "XA_ONCE"],
     prune_configs_by={"early_config_prune": fits_registers},
 )(_decode_kernel)
 
 
-def decode_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None) -> torch.Tensor:
-    """x (..., K) -> (..., N) for a handful of rows; packed codes of an (N, K) weight, scales B (N, r), A (r, K)."""
+def decode_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None, xa_once: bool = False) -> torch.Tensor:
+    """x (..., K) -> (..., N) for a handful of rows; packed codes of an (N, K) weight, scales B (N, r), A (r, K).
+
+    xa_once: X*A is computed once for the call, by torch, and the programs load its tiles, instead of each program
+    multiplying the X and A tiles of its steps. The kernel then issues fewer instructions per weight (8.5 -> 6.9 in
+    the SASS) for one more small kernel a call: faster on the 8B MLP shapes, slower on 4096 x 4096 (README), so
+    lords_matmul times both."""
     check_input(x, scale_a)
     (out_features, rank), in_features = scale_b.shape, scale_a.shape[1]
     x2 = x.reshape(-1, in_features)
@@ -123,6 +136,8 @@ def decode_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None) -> torc
         raise ValueError(f"the decode kernel takes at most {MAX_ROWS} rows (its cost grows as rows x rank), got {M}")
     y = torch.empty(M, out_features, device=x.device, dtype=x.dtype)
     sums, counts = workspace(x.device, *WORKSPACE)
+    # rounded to x's dtype from the float32 product, as the kernel rounds its own X*A tiles for tl.dot
+    xa = (x2[:, None, :] * scale_a.detach()).to(x.dtype) if xa_once else y
 
     def grid(meta):
         units = cdiv(out_features, meta["BLOCK_N"]) * cdiv(layout["SEGMENT"], meta["BLOCK_J"])
@@ -133,8 +148,9 @@ def decode_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None) -> torc
     lookup = level_lookup(codebook, x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float16)
 
     _decode[grid](
-        x2, codes, lookup.levels, scale_b.contiguous(), scale_a.contiguous(), bias if bias is not None else y, y, sums,
+        x2, xa, codes, lookup.levels, scale_b.contiguous(), scale_a.contiguous(), bias if bias is not None else y, y, sums,
         counts, M, out_features, in_features, rank, **layout, stride_xm=x2.stride(0), LEVEL_SCALE=lookup.scale,
-        RANK_PAD=rank_pad(rank), M_PAD=next_power_of_2(M), HAS_BIAS=bias is not None, **layout_meta(bits, lookup),
+        RANK_PAD=rank_pad(rank), M_PAD=next_power_of_2(M), XA_ONCE=xa_once, HAS_BIAS=bias is not None,
+        **layout_meta(bits, lookup),
     )
     return y.reshape(*x.shape[:-1], out_features)
