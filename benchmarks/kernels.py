@@ -21,7 +21,8 @@ import triton
 
 from lords.codebooks import get_codebook
 from lords.factorize import parity_rank
-from lords.kernels import MAX_ROWS, TILED_MAX_ROWS, decode_matmul, dequant_matmul, lords_matmul, tiled_matmul
+from lords.kernels import (MAX_ROWS, TILED_MAX_ROWS, decode_matmul, decode_xa_matmul, dequant_matmul, lords_matmul,
+                           tiled_matmul)
 from lords.kernels.precompile import WORKERS, layer_launches, precompile
 from lords.kernels.stream_k import workspace_tensors
 from lords.linear import LoRDSLinear
@@ -57,6 +58,7 @@ def kernel_fns(layer: LoRDSLinear, bias=None) -> dict:
     args = (layer.codes, layer.codebook, layer.scale_b, layer.scale_a, layer.bits)
     return {
         "decode": lambda x: decode_matmul(x, *args, bias),
+        "decode-xa": lambda x: decode_xa_matmul(x, *args, bias),
         "tiled": lambda x: tiled_matmul(x, *args, bias),
         "dequant": lambda x: dequant_matmul(x, *args, bias),
         "lords": lambda x: lords_matmul(x, *args, bias),
@@ -97,7 +99,7 @@ def check_correctness(device) -> list[str]:
             x = torch.randn(m, k, device=device, dtype=dtype)
             reference = x.double() @ reference_weight.T + (0 if bias is None else bias.double())
             for name, fn in kernel_fns(layer, None if bias is None else bias.to(dtype)).items():
-                if name == "decode" and m > MAX_ROWS:
+                if name.startswith("decode") and m > MAX_ROWS:
                     continue
                 poison_allocator(device)
                 out = fn(x)
@@ -194,8 +196,8 @@ def main() -> None:
         f"- date: {time.strftime('%Y-%m-%d')}; device: {torch.cuda.get_device_name()}; torch {torch.__version__}, "
         f"triton {triton.__version__}; {compiled}",
         "- lords-b64/b128 and the 3-/2-bit and int rows: `lords_matmul`, what LoRDSLinear runs on CUDA: whichever of "
-        "the decode kernel, the tiled kernel and Triton dequantize + cuBLAS timed fastest for the shape at first use; "
-        "decode-b64, tiled-b64 and dequant-b64: each kernel on its own",
+        "the decode kernel (X*A per tile or once per call), the tiled kernel and Triton dequantize + cuBLAS timed fastest "
+        "for the shape at first use; decode-b64 (X*A per tile), tiled-b64 and dequant-b64: each kernel on its own",
     ]
     bandwidth = copy_bandwidth(device)
     report += [f"- measured copy bandwidth (read + write): {bandwidth:.0f} GB/s", "", "## Correctness on the GPU", ""]
