@@ -159,6 +159,8 @@ def weights_per_step(meta: dict, bits: int) -> int:
 CASES = [  # (what, N, K, rows, bits, activation dtype, codebook)
     ("decode", 14336, 4096, 1, 4, torch.bfloat16, "nf"), ("decode", 14336, 4096, 1, 4, torch.bfloat16, "int"),
     ("decode", 14336, 4096, 4, 4, torch.bfloat16, "nf"),
+    ("decode-xa", 14336, 4096, 1, 4, torch.bfloat16, "nf"), ("decode-xa", 14336, 4096, 1, 4, torch.bfloat16, "int"),
+    ("decode-xa", 14336, 4096, 4, 4, torch.bfloat16, "nf"),
     ("decode", 14336, 4096, 1, 3, torch.bfloat16, "nf"), ("decode", 14336, 4096, 1, 2, torch.bfloat16, "nf"),
     ("decode", 4096, 4096, 1, 4, torch.float16, "nf"),
     ("tiled", 14336, 4096, 16, 4, torch.bfloat16, "nf"), ("dequantize", 14336, 4096, 2048, 4, torch.bfloat16, "nf"),
@@ -172,8 +174,8 @@ def launches_of(what: str, n: int, k: int, rows: int, bits: int, dtype, kind: st
     scale_b, scale_a = torch.ones(n, rank), torch.ones(rank, k)
     x = torch.zeros(rows, k, dtype=dtype)
     with recorded_launches() as launches:
-        if what == "decode":
-            decode.decode_matmul(x, codes, codebook, scale_b, scale_a, bits)
+        if what in ("decode", "decode-xa"):
+            decode.decode_matmul(x, codes, codebook, scale_b, scale_a, bits, xa_once=what == "decode-xa")
         elif what == "tiled":
             forward.tiled_matmul(x, codes, codebook, scale_b, scale_a, bits)
         else:
@@ -206,12 +208,12 @@ def main() -> None:
         for kernel, launch_args, launch_kwargs in launches_of(what, n, k, rows, bits, dtype, kind):
             if not isinstance(kernel, Autotuner):  # a helper pass without configs, not a loop over the weights
                 continue
-            name = kernel.fn.__name__
+            name = kernel.fn.__name__.strip("_") + (" (X*A once)" if launch_kwargs.get("XA_ONCE") else "")
             for config, compiled in compile_launch(kernel, launch_args, launch_kwargs):
                 result = analyse(compiled, weights_per_step(config.kwargs, bits), 32 * config.num_warps)
                 shown = " ".join(f"{key.removeprefix('BLOCK_')}={value}" for key, value in config.kwargs.items())
                 report.append(
-                    f"| {name.strip('_')} | {n} x {k} | {rows} | {bits} | {kind} | {str(dtype)[6:]} | {shown} "
+                    f"| {name} | {n} x {k} | {rows} | {bits} | {kind} | {str(dtype)[6:]} | {shown} "
                     f"w{config.num_warps} s{config.num_stages} | {result['registers']} | {result['stack']} | "
                     f"{result['shared'] / 1024:.0f} | {'yes' if result['shared'] <= SHARED_LIMIT else 'no'} | "
                     f"{result['loop']} | {result['weights']:.0f} | "
