@@ -13,25 +13,29 @@ from .packing import pack_codes, row_bytes, unpack_codes
 # "auto": "triton" for CUDA inputs when Triton is installed, "torch" otherwise.
 # "torch": the reference, dequantize in torch + matmul. "triton": lords.kernels.lords_matmul, which picks the decode,
 # tiled or dequantize + cuBLAS kernel by the number of rows (results/kernels.md). "fused": Triton kernels that never
-# hold the dense weight, at any number of rows. Both Triton paths go through torch.ops.lords (kernels/ops.py), so a
-# model with LoRDS layers compiles with torch.compile.
+# hold the dense weight, at any number of rows. Both Triton paths call lords.kernels.ops, torch operators while
+# torch.compile traces, so a model with LoRDS layers compiles.
 BACKENDS = ("auto", "torch", "triton", "fused")
 
 # a constant, not a call: torch.compile traces forward() and would stop at a cached function
 _TRITON = importlib.util.find_spec("triton") is not None
 
 
+def _levels(codes, codebook, bits: int, scale_b, scale_a) -> torch.Tensor:
+    """C[codes], the (n, m) float32 levels of the packed codes."""
+    return codebook.float()[unpack_codes(codes, bits, (scale_b.shape[0], scale_a.shape[1])).long()]
+
+
 def reference_weight(codes, codebook, scale_b, scale_a, bits: int, dtype: torch.dtype) -> torch.Tensor:
     """The dense weight (B A) * C[codes] in torch, the reference for the kernels; scales multiply in float32 before
     the cast."""
-    levels = codebook.float()[unpack_codes(codes, bits, (scale_b.shape[0], scale_a.shape[1])).long()]
-    return ((scale_b.float() @ scale_a.float()) * levels).to(dtype)
+    return ((scale_b.float() @ scale_a.float()) * _levels(codes, codebook, bits, scale_b, scale_a)).to(dtype)
 
 
 def _scale_grads_torch(grad_out, x, codes, codebook, scale_b, scale_a, bits):
     """Reference for lords.kernels.scale_grads: the dense n x m weight gradient G, then (G * C) A^T and B^T (G * C)."""
-    levels = codebook.float()[unpack_codes(codes, bits, (scale_b.shape[0], scale_a.shape[1])).long()]
-    grad_scale = (grad_out.reshape(-1, grad_out.shape[-1]).T.float() @ x.reshape(-1, x.shape[-1]).float()) * levels
+    grad_scale = (grad_out.reshape(-1, grad_out.shape[-1]).T.float() @ x.reshape(-1, x.shape[-1]).float()
+                  * _levels(codes, codebook, bits, scale_b, scale_a))
     return grad_scale @ scale_a.float().T, scale_b.float().T @ grad_scale
 
 
@@ -44,7 +48,8 @@ def _dense_weight(path: str, codes, codebook, scale_b, scale_a, bits: int, dtype
 
 
 def lords_linear(x, codes, codebook, scale_b, scale_a, bits: int, bias, path: str) -> torch.Tensor:
-    """x @ W^T + bias with W = (B A) * C[codes], on one of PATHS, without autograd."""
+    """x @ W^T + bias with W = (B A) * C[codes], without autograd; path "torch" (the reference), "triton" or
+    "fused" (BACKENDS)."""
     if path == "torch":
         return F.linear(x, reference_weight(codes, codebook, scale_b, scale_a, bits, x.dtype), bias)
     from .kernels import ops
@@ -151,9 +156,8 @@ class LoRDSLinear(nn.Module):
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or self.scale_b.requires_grad or self.scale_a.requires_grad
             or (bias is not None and bias.requires_grad))
-        args = (self.codes, self.codebook, self.scale_b, self.scale_a, self.bits, bias, path)
         if not needs_grad:  # inference: no autograd node, whose bookkeeping costs host time on every call
-            return lords_linear(x, *args)
+            return lords_linear(x, self.codes, self.codebook, self.scale_b, self.scale_a, self.bits, bias, path)
         return _LoRDSFunction.apply(x, self.scale_b, self.scale_a, bias, self.codes, self.codebook, self.bits, path)
 
     def extra_repr(self) -> str:
