@@ -91,3 +91,21 @@ def test_inductor_compiles_a_model_with_lords_layers():
     torch._dynamo.reset()
     assert out.shape == (3, 16)
     assert torch.allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_quantized_hf_model_compiles_whole(tiny_llama):
+    """A transformers model quantized by lords.quantize compiles with fullgraph=True (README), its LoRDS layers on the
+    Triton path, and gives the eager logits."""
+    import lords
+
+    lords.quantize(tiny_llama, lords.LoRDSConfig(bits=3, block_size=32, steps=2), progress=False)
+    layers = [module for module in tiny_llama.modules() if isinstance(module, LoRDSLinear)]
+    assert len(layers) == 14
+    for layer in layers:
+        layer.backend = "triton"
+    ids = torch.randint(0, 96, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = tiny_llama(ids).logits
+        compiled = torch.compile(tiny_llama.forward, backend="aot_eager", fullgraph=True)(ids).logits
+    torch._dynamo.reset()
+    assert torch.allclose(compiled, expected, rtol=1e-5, atol=1e-5)
