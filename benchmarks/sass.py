@@ -160,7 +160,7 @@ CASES = [  # (what, N, K, rows, bits, activation dtype, codebook)
     ("decode", 14336, 4096, 1, 4, torch.bfloat16, "nf"), ("decode", 14336, 4096, 1, 4, torch.bfloat16, "int"),
     ("decode", 14336, 4096, 4, 4, torch.bfloat16, "nf"),
     ("decode-xa", 14336, 4096, 1, 4, torch.bfloat16, "nf"), ("decode-xa", 14336, 4096, 1, 4, torch.bfloat16, "int"),
-    ("decode-xa", 14336, 4096, 4, 4, torch.bfloat16, "nf"),
+    ("decode-xa", 14336, 4096, 2, 4, torch.bfloat16, "nf"),
     ("decode", 14336, 4096, 1, 3, torch.bfloat16, "nf"), ("decode", 14336, 4096, 1, 2, torch.bfloat16, "nf"),
     ("decode", 4096, 4096, 1, 4, torch.float16, "nf"),
     ("tiled", 14336, 4096, 16, 4, torch.bfloat16, "nf"), ("dequantize", 14336, 4096, 2048, 4, torch.bfloat16, "nf"),

@@ -109,7 +109,7 @@ def test_lords_matmul_times_the_candidates_once_per_shape(monkeypatch):
     monkeypatch.setattr(kernels, "gpu_time",
                         lambda fn: fake_times[(len(timed) - 1) % 4] if not timed.append(fn) else None)
     monkeypatch.setattr(kernels, "_choices", {})
-    x, codes, codebook, scale_b, scale_a, bias = random_problem(4, "nf", 3, 24, 40, 2, seed=0)
+    x, codes, codebook, scale_b, scale_a, bias = random_problem(4, "nf", 2, 24, 40, 2, seed=0)
     for _ in range(2):
         out = lords_matmul(x, pack_codes(codes, 4), codebook, scale_b, scale_a, 4, bias)
         assert len(timed) == 4  # the second call reuses the choice
@@ -119,6 +119,8 @@ def test_lords_matmul_times_the_candidates_once_per_shape(monkeypatch):
     # an integer codebook decodes without a table: the same shape is timed again for it
     lords_matmul(x, pack_codes(codes, 4), get_codebook("int", 4), scale_b, scale_a, 4, bias)
     assert len(timed) == 8 and len(kernels._choices) == 2
+    # X*A once per call is a candidate for one or two rows only
+    assert kernels.candidates(3) == ["decode", "tiled", "dequant"] and "decode-xa" in kernels.candidates(2)
 
 
 def test_lords_matmul_leaves_out_a_kernel_whose_timing_fails(monkeypatch):
@@ -134,7 +136,7 @@ def test_lords_matmul_leaves_out_a_kernel_whose_timing_fails(monkeypatch):
     monkeypatch.setattr(kernels, "_can_time", lambda x: True)
     monkeypatch.setattr(kernels, "gpu_time", fake_time)
     monkeypatch.setattr(kernels, "_choices", {})
-    x, codes, codebook, scale_b, scale_a, bias = random_problem(4, "nf", 3, 24, 40, 2, seed=0)
+    x, codes, codebook, scale_b, scale_a, bias = random_problem(4, "nf", 2, 24, 40, 2, seed=0)
     with pytest.warns(UserWarning, match="tiled kernel left out"):
         out = lords_matmul(x, pack_codes(codes, 4), codebook, scale_b, scale_a, 4, bias)
     assert list(kernels._choices.values()) == ["dequant"]

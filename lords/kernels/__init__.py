@@ -29,6 +29,9 @@ DECODE_ROWS = 2
 TILED_ROWS = 16
 # Beyond this the tiled kernel took milliseconds on every measured shape; it is not even timed.
 TILED_MAX_ROWS = 256
+# At 4 rows the decode kernel with X*A once per call was slower than the tiled kernel on all five benchmark shapes
+# (H100, README), and with Triton 3.9 every one of its configs spills there.
+XA_ONCE_MAX_ROWS = 2
 
 
 def dequant_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None):
@@ -48,7 +51,7 @@ _choices: dict[tuple, str] = {}
 
 
 def candidates(rows: int) -> list[str]:
-    return [name for name, fits in (("decode", rows <= MAX_ROWS), ("decode-xa", rows <= MAX_ROWS),
+    return [name for name, fits in (("decode", rows <= MAX_ROWS), ("decode-xa", rows <= XA_ONCE_MAX_ROWS),
                                     ("tiled", rows <= TILED_MAX_ROWS), ("dequant", True)) if fits]
 
 
