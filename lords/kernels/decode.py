@@ -148,8 +148,8 @@ def decode_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None, xa_once
     lookup = level_lookup(codebook, x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float16)
 
     _decode[grid](
-        x2, xa, codes, lookup.levels, scale_b.contiguous(), scale_a.contiguous(), bias if bias is not None else y, y, sums,
-        counts, M, out_features, in_features, rank, **layout, stride_xm=x2.stride(0), LEVEL_SCALE=lookup.scale,
+        x2, xa, codes, lookup.levels, scale_b.contiguous(), scale_a.contiguous(), bias if bias is not None else y, y,
+        sums, counts, M, out_features, in_features, rank, **layout, stride_xm=x2.stride(0), LEVEL_SCALE=lookup.scale,
         RANK_PAD=rank_pad(rank), M_PAD=next_power_of_2(M), XA_ONCE=xa_once, HAS_BIAS=bias is not None,
         **layout_meta(bits, lookup),
     )

@@ -58,7 +58,8 @@ def precompile(launches, workers: int | None = None) -> float:
     groups = {}
     for launch in dict.fromkeys(launches):
         name, n, k, m, bits, rank, levels, dtype, scale_dtype, bias = launch
-        rows = m if name in ("decode", "decode-xa") else (m == 1, m % 16 == 0, m_bucket(m) % 16 == 0) if name == "tiled" else None
+        rows = (m if name in ("decode", "decode-xa") else (m == 1, m % 16 == 0, m_bucket(m) % 16 == 0)
+                if name == "tiled" else None)
         specialisation = (name, rows, bits, rank_pad(rank), rank % 16 == 0, rank == 1, n % 16 == 0, k % 256 == 0,
                           levels, dtype, scale_dtype, bias)
         groups.setdefault(specialisation, []).append(launch)
