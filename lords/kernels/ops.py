@@ -31,6 +31,8 @@ def _operator(name: str, function, fake):
     return call
 
 
+# torch.library reads an operator's schema from its function's type annotations, which the kernel wrappers do not
+# carry: these thin functions give them.
 def _matmul(x: Tensor, codes: Tensor, codebook: Tensor, scale_b: Tensor, scale_a: Tensor, bits: int,
             bias: Optional[Tensor], fused: bool) -> Tensor:
     """x (..., K) @ ((B @ A) * C[codes])^T + bias: lords_matmul, or fused_matmul (never the dense weight)."""
