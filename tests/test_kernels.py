@@ -264,18 +264,24 @@ def test_launcher_reuses_a_compiled_launch_only_for_the_same_kind():
     assert autotuner.runs == 4 and autotuner.compiled.launches[-1][0] == (4, 1, 1)
 
 
-def test_tiled_one_program_per_tile_matches_float64(monkeypatch):
+@pytest.mark.parametrize("bits,kind", BITS_AND_CODEBOOKS)
+@pytest.mark.parametrize("per_sm,w_left", [(0, False), (3, True), (0, True)])
+def test_tiled_grid_and_orientation_match_float64(monkeypatch, bits, kind, per_sm, w_left):
+    """PER_SM = 0: a grid of whole tiles instead of one wave sharing the K steps. W_LEFT: Y^T = W X^T, the weight
+    tile on the left of the dot (the interpreter's own config has it on the right)."""
     import triton
 
     from lords.kernels import forward
 
-    # PER_SM = 0: a grid of whole tiles instead of one wave sharing the K steps
-    config = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_J": 32, "PER_SM": 0}, num_warps=4, num_stages=1)
+    config = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_J": 32, "PER_SM": per_sm, "W_LEFT": w_left},
+                           num_warps=4, num_stages=1)
     monkeypatch.setattr(forward._tiled.autotuner, "configs", [config])
-    x, codes, codebook, scale_b, scale_a, bias = random_problem(4, "nf", 21, 18, 300, 5, seed=1)
-    out = tiled_matmul(x, pack_codes(codes, 4), codebook, scale_b, scale_a, 4, bias)
-    expected = reference(x, codes, codebook, scale_b, scale_a, bias)
-    assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-5
+    for m, n, k, rank in [(21, 18, 300, 5), (1, 33, 72, 17), (3, 10, 37, 2)]:
+        x, codes, codebook, scale_b, scale_a, bias = random_problem(bits, kind, m, n, k, rank, seed=bits + m)
+        out = tiled_matmul(x, pack_codes(codes, bits), codebook, scale_b, scale_a, bits, bias)
+        expected = reference(x, codes, codebook, scale_b, scale_a, bias)
+        assert out.shape == (m, n)
+        assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-5
 
 
 def test_precompile_launches_are_what_lords_matmul_runs():

@@ -21,26 +21,38 @@ from .codes import (byte_levels, check_input, layout_args, layout_meta, level_lo
 from .stream_k import store_tile, tile_slot, tile_steps, work_share, workspace, workspace_per_sm
 
 # Autotune picks one per (M bucket, N, K, rank, bits, lookup). PER_SM, programs per multiprocessor, as in decode.py: the
-# grid is one wave that shares the (M tile, N tile, K step) work out evenly. Most of these tiles take over 100 KB of
-# shared memory, so one program fits on a multiprocessor (results/kernels_sass.md); the small ones also run 2 or 4.
-# PER_SM = 0 is one program per tile, a choice for the large tiles: that grid (with plain stores) was up to 1.3x
-# faster on 14336 x 4096 at M = 64 and 256, though with the atomics it did not win the time back (README).
+# grid is one wave that shares the (M tile, N tile, K step) work out evenly. PER_SM = 0 is one program per tile, no
+# sharing. No config runs several sharing programs per multiprocessor: those (PER_SM = 2 and 4) gave wrong outputs
+# now and then on the H100, 1-87 of 440 calls per config and shape off by up to 0.16 relative error, always at a row
+# count not a multiple of 16, never with PER_SM = 0 or 1 (README); the cause was not found.
 TILED_TILES = [
     # Small M: narrow N tiles
     ({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_J": 128}, 4, 4, (1,)),
     ({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_J": 128}, 4, 4, (1,)),
     ({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_J": 256}, 4, 3, (1,)),
     ({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_J": 128}, 4, 3, (1,)),
-    ({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_J": 32}, 4, 2, (2,)),
-    ({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_J": 64}, 4, 3, (1, 2)),
+    ({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_J": 32}, 4, 2, (0, 1)),
+    ({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_J": 64}, 4, 3, (1,)),
     ({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_J": 64}, 4, 3, (0, 1)),
     ({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_J": 64}, 8, 3, (0, 1)),
     # 3 bits unroll 8 segments a step: these fit its shared memory
-    ({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_J": 32}, 4, 1, (2, 4)),
-    ({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_J": 32}, 4, 1, (2, 4)),
+    ({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_J": 32}, 4, 1, (0, 1)),
+    ({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_J": 32}, 4, 1, (0, 1)),
 ]
-TILED_CONFIGS = [triton.Config({**tile, "PER_SM": per_sm}, num_warps=warps, num_stages=stages)
-                 for tile, warps, stages, per_sms in TILED_TILES for per_sm in per_sms]
+# W_LEFT: the weight tile is the dot's left operand, Y^T = W X^T. The scale tile leaves its tl.dot in the tensor-core
+# accumulator layout, which the next wgmma takes as its register operand as it is, so the weight tile never goes
+# through shared memory, and at small M the N tile (>= 64) fills the wgmma's rows where BLOCK_M = 16 rows cannot.
+W_LEFT_TILES = [
+    ({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_J": 32}, 4, 2, (0, 1)),
+    ({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_J": 64}, 4, 3, (0, 1)),
+    ({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_J": 64}, 4, 3, (0,)),
+    ({"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_J": 64}, 4, 3, (0, 1)),
+    ({"BLOCK_M": 16, "BLOCK_N": 256, "BLOCK_J": 32}, 8, 2, (0, 1)),
+    ({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_J": 32}, 4, 1, (0, 1)),
+]
+TILED_CONFIGS = [triton.Config({**tile, "PER_SM": per_sm, "W_LEFT": w_left}, num_warps=warps, num_stages=stages)
+                 for w_left, tiles in ((False, TILED_TILES), (True, W_LEFT_TILES))
+                 for tile, warps, stages, per_sms in tiles for per_sm in per_sms]
 # Five of 12 (BLOCK_N, BLOCK_J, warps) swept on the H100 (8B and 70B shapes, 2-4 bits): those most often among the
 # four fastest.
 DEQUANT_CONFIGS = [
@@ -50,7 +62,8 @@ DEQUANT_CONFIGS = [
     triton.Config({"BLOCK_N": 32, "BLOCK_J": 128}, num_warps=4, num_stages=1),
     triton.Config({"BLOCK_N": 128, "BLOCK_J": 64}, num_warps=8, num_stages=1),
 ]
-INTERPRET_TILED = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_J": 32, "PER_SM": 3}, num_warps=4, num_stages=1)]
+INTERPRET_TILED = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_J": 32, "PER_SM": 3, "W_LEFT": False}, num_warps=4,
+                                 num_stages=1)]
 TILED_WORKSPACE = workspace_per_sm(TILED_CONFIGS + INTERPRET_TILED, lambda tile: tile["BLOCK_M"] * tile["BLOCK_N"])
 INTERPRET_DEQUANT = [triton.Config({"BLOCK_N": 16, "BLOCK_J": 32}, num_warps=4, num_stages=1)]
 
@@ -67,6 +80,7 @@ def _tiled_kernel(
     M_BUCKET, PER_SM, LEVEL_SCALE,
     BITS: tl.constexpr, SEGMENTS: tl.constexpr, TABLE: tl.constexpr, BF16_LEVELS: tl.constexpr, RANK_PAD: tl.constexpr,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
+    W_LEFT: tl.constexpr,
 ):
     # units: (N tile, M tile, K step), in that order, so that the programs of one N tile read its codes from L2
     steps = tl.cdiv(SEGMENT, BLOCK_J)
@@ -78,11 +92,13 @@ def _tiled_kernel(
         offs_m = (tile % m_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = (tile // m_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_m = offs_m < M
-        mask_n = offs_n < N
         first, last = tile_steps(tile, start, end, steps)
         # B rows for this tile stay in registers for the whole loop.
         scale_b = load_scale_b(scale_b_ptr, offs_n, offs_r, N, RANK)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if W_LEFT:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for step in range(first, last):
             offs_j = step * BLOCK_J + tl.arange(0, BLOCK_J)
             # 3-bit codes four bytes at a time (load_planes: 0.82-0.92x the time at M = 16 on the H100); 2- and
@@ -102,16 +118,27 @@ def _tiled_kernel(
                                         BF16_LEVELS, BLOCK_N, BLOCK_J)
                 else:
                     level = byte_levels(byte, codebook_ptr, segment, BITS, TABLE, BF16_LEVELS)
-                acc += tl.dot(x, tl.trans((scale * level).to(x.dtype)))
+                weight = (scale * level).to(x.dtype)
+                if W_LEFT:
+                    acc += tl.dot(weight, tl.trans(x))
+                else:
+                    acc += tl.dot(x, tl.trans(weight))
+        # the tile of Y as the accumulator holds it: (m, n) indices broadcast along its rows and columns, so that W_LEFT's
+        # Y^T tile is stored as it is (no layout conversion)
+        if W_LEFT:
+            rows, cols, tile_m, tile_n = offs_m[None, :], offs_n[:, None], tl.arange(0, BLOCK_M)[None, :], \
+                tl.arange(0, BLOCK_N)[:, None]
+        else:
+            rows, cols, tile_m, tile_n = offs_m[:, None], offs_n[None, :], tl.arange(0, BLOCK_M)[:, None], \
+                tl.arange(0, BLOCK_N)[None, :]
         if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            bias = tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
         else:
             bias = 0.0
         slot = tile_slot(tile, steps, units)
-        store_tile(acc * LEVEL_SCALE, bias, y_ptr + offs_m[:, None] * N + offs_n[None, :],
-                   mask_m[:, None] & mask_n[None, :],
-                   sums_ptr + slot * (BLOCK_M * BLOCK_N) + tl.arange(0, BLOCK_M)[:, None] * BLOCK_N
-                   + tl.arange(0, BLOCK_N)[None, :], counts_ptr + slot, last - first, steps)
+        store_tile(acc * LEVEL_SCALE, bias, y_ptr + rows * N + cols, (rows < M) & (cols < N),
+                   sums_ptr + slot * (BLOCK_M * BLOCK_N) + tile_m * BLOCK_N + tile_n, counts_ptr + slot, last - first,
+                   steps)
 
 
 @triton.jit
