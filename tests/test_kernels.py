@@ -300,3 +300,12 @@ def test_precompile_launches_are_what_lords_matmul_runs():
     assert levels == tuple(get_codebook("nf", 3).tolist())
     # every launch's tensors pass the wrappers' checks (widths, row limits)
     compile_launches(launches, device="cpu")
+
+
+def test_w_left_configs_serve_small_row_counts_only():
+    from lords.kernels import forward
+
+    kept = {m: forward.w_left_small_m(forward.TILED_CONFIGS, {}, M_BUCKET=m) for m in (1, 32, 64, 2048)}
+    assert any(c.kwargs["W_LEFT"] for c in kept[1]) and any(c.kwargs["W_LEFT"] for c in kept[32])
+    assert kept[64] and not any(c.kwargs["W_LEFT"] for c in kept[64] + kept[2048])
+    assert len(kept[1]) == len(forward.TILED_CONFIGS)
