@@ -2,10 +2,11 @@
 
 - tiled: BLOCK_M x BLOCK_N tiles of Y, each walking the packed byte columns; per step a program loads one tile of
   words and, for every segment, decodes its level tile, computes the scale tile B[n_tile] @ A[:, k_tile] with one
-  tl.dot (rank padded to a power of two >= 16) and reuses it across the BLOCK_M rows. As in decode.py, one wave of
-  programs shares the (tile, step) work out evenly and partial tiles meet in a float32 workspace (stream_k.py): at
-  small M a grid of one program per tile can leave the GPU half idle (4096 x 14336 at M = 16 has 128 tiles of 16 x 32
-  for 132 multiprocessors; one wave took 0.70x the time);
+  tl.dot (rank padded to a power of two >= 16) and reuses it across the BLOCK_M rows (for a few rows, W_LEFT configs
+  compute the tile transposed, Y^T = W X^T, below). As in decode.py, one wave of programs shares the (tile, step)
+  work out evenly and partial tiles meet in a float32 workspace (stream_k.py): at small M a grid of one program per
+  tile can leave the GPU half idle (4096 x 14336 at M = 16 has 128 tiles of 16 x 32 for 132 multiprocessors; one
+  wave took 0.70x the time);
 - dequantize: writes the dense weight in one pass over the codes (scale tile by tl.dot, as above), so that a long
   prefill can hand the GEMM to cuBLAS. Each program decodes one tile of words and writes its columns in every
   segment.
@@ -23,7 +24,7 @@ from .stream_k import store_tile, tile_slot, tile_steps, work_share, workspace, 
 # Autotune picks one per (M bucket, N, K, rank, bits, lookup). PER_SM, programs per multiprocessor, as in decode.py: the
 # grid is one wave that shares the (M tile, N tile, K step) work out evenly. PER_SM = 0 is one program per tile, no
 # sharing. No config runs several sharing programs per multiprocessor: those (PER_SM = 2 and 4) gave wrong outputs
-# now and then on the H100, 1-87 of 440 calls per config and shape off by up to 0.16 relative error, always at a row
+# now and then on the H100, 1-87 of 330-440 calls per config and shape off by up to 0.16 relative error, at a row
 # count not a multiple of 16, never with PER_SM = 0 or 1 (README); the cause was not found.
 TILED_TILES = [
     # Small M: narrow N tiles
@@ -63,8 +64,8 @@ DEQUANT_CONFIGS = [
     triton.Config({"BLOCK_N": 32, "BLOCK_J": 128}, num_warps=4, num_stages=1),
     triton.Config({"BLOCK_N": 128, "BLOCK_J": 64}, num_warps=8, num_stages=1),
 ]
-INTERPRET_TILED = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_J": 32, "PER_SM": 3, "W_LEFT": False}, num_warps=4,
-                                 num_stages=1)]
+INTERPRET_TILED = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_J": 32, "PER_SM": 3, "W_LEFT": False},
+                                 num_warps=4, num_stages=1)]
 TILED_WORKSPACE = workspace_per_sm(TILED_CONFIGS + INTERPRET_TILED, lambda tile: tile["BLOCK_M"] * tile["BLOCK_N"])
 INTERPRET_DEQUANT = [triton.Config({"BLOCK_N": 16, "BLOCK_J": 32}, num_warps=4, num_stages=1)]
 
@@ -124,8 +125,8 @@ def _tiled_kernel(
                     acc += tl.dot(weight, tl.trans(x))
                 else:
                     acc += tl.dot(x, tl.trans(weight))
-        # the tile of Y as the accumulator holds it: (m, n) indices broadcast along its rows and columns, so that W_LEFT's
-        # Y^T tile is stored as it is (no layout conversion)
+        # the tile of Y as the accumulator holds it: (m, n) indices broadcast along its rows and columns, so that
+        # W_LEFT's Y^T tile is stored as it is (no layout conversion)
         if W_LEFT:
             rows, cols, tile_m, tile_n = offs_m[None, :], offs_n[:, None], tl.arange(0, BLOCK_M)[None, :], \
                 tl.arange(0, BLOCK_N)[:, None]
