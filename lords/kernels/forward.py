@@ -128,19 +128,17 @@ def _tiled_kernel(
         # the tile of Y as the accumulator holds it: (m, n) indices broadcast along its rows and columns, so that
         # W_LEFT's Y^T tile is stored as it is (no layout conversion)
         if W_LEFT:
-            rows, cols, tile_m, tile_n = offs_m[None, :], offs_n[:, None], tl.arange(0, BLOCK_M)[None, :], \
-                tl.arange(0, BLOCK_N)[:, None]
+            rows, cols = offs_m[None, :], offs_n[:, None]
         else:
-            rows, cols, tile_m, tile_n = offs_m[:, None], offs_n[None, :], tl.arange(0, BLOCK_M)[:, None], \
-                tl.arange(0, BLOCK_N)[None, :]
+            rows, cols = offs_m[:, None], offs_n[None, :]
         if HAS_BIAS:
             bias = tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
         else:
             bias = 0.0
         slot = tile_slot(tile, steps, units)
         store_tile(acc * LEVEL_SCALE, bias, y_ptr + rows * N + cols, (rows < M) & (cols < N),
-                   sums_ptr + slot * (BLOCK_M * BLOCK_N) + tile_m * BLOCK_N + tile_n, counts_ptr + slot, last - first,
-                   steps)
+                   sums_ptr + slot * (BLOCK_M * BLOCK_N) + rows % BLOCK_M * BLOCK_N + cols % BLOCK_N, counts_ptr + slot,
+                   last - first, steps)
 
 
 @triton.jit
