@@ -132,6 +132,23 @@ def main_loop(instructions: list[tuple[int, str]]) -> list[str]:
     return [text for _, text in instructions[start: end + 1]]
 
 
+def sums_read_before_cleared(ttgir: str) -> str:
+    """"yes" if a barrier separates a stream-K kernel's load of a shared tile's float32 sums from the store of zeros
+    over them, "no" if not, "" for a kernel with no shared tiles. The compiler lays that load and that store out over
+    the threads independently, and the zeros wait on no loaded value: with no barrier one thread can clear sums
+    another has yet to read (the H100 gave a few wrong rows now and then)."""
+    lines = ttgir.splitlines()
+    # cacheModifier = cg (Triton 3.6) or cache_modifier = cg (3.9); gpu.barrier or ttg.barrier all
+    load = next((i for i, line in enumerate(lines)
+                 if "tt.load" in line and re.search(r"cache_?modifier = cg", line, re.IGNORECASE)), None)
+    if load is None:
+        return ""
+    zeros = {line.split()[0] for line in lines if "arith.constant dense<0.000000e+00>" in line}
+    clear = next(i for i in range(load, len(lines))
+                 if "tt.store" in lines[i] and lines[i].split()[2].rstrip(",") in zeros)
+    return "yes" if any(re.search(r"\b(gpu|ttg)\.barrier\b", line) for line in lines[load:clear]) else "no"
+
+
 def opcode(text: str) -> str:
     return re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
 
@@ -146,7 +163,8 @@ def analyse(compiled, weights_per_step: int, threads: int) -> dict:
     return {"registers": int(registers), "stack": int(stack), "shared": compiled.metadata.shared,
             "loop": len(loop), "weights": per_thread, "per_weight": len(loop) / per_thread,
             "hgmma": counts["HGMMA"], "loads": counts["LDG"] + counts["LDGSTS"],
-            "top": ", ".join(f"{name} {count}" for name, count in counts.most_common(5))}
+            "top": ", ".join(f"{name} {count}" for name, count in counts.most_common(5)),
+            "sums": sums_read_before_cleared(compiled.asm["ttgir"])}
 
 
 def weights_per_step(meta: dict, bits: int) -> int:
@@ -199,10 +217,12 @@ def main() -> None:
         "instructions per thread in the main loop; weights: weights one thread handles per iteration; issue bound: "
         "the instructions of all N x K weights at one warp instruction per cycle per scheduler of an H100 SXM "
         "(132 SMs x 4, 1.98 GHz), a floor under the kernel's time that leaves out memory, tensor-core time and the "
-        "work outside the loop; stack > 0 means register spills", "",
+        "work outside the loop; stack > 0 means register spills; sums read before cleared: a barrier between a "
+        "shared tile's last read of its float32 sums and the zeros stored over them (stream-K kernels)", "",
         "| kernel | shape (N x K) | rows | bits | codebook | dtype | config | registers | stack (B) | shared (KB) | fits | "
-        "loop instr. | weights / thread | instr. / weight | issue bound (us) | HGMMA | global loads | most frequent |",
-        "|---" * 18 + "|",
+        "loop instr. | weights / thread | instr. / weight | issue bound (us) | HGMMA | global loads | most frequent | "
+        "sums read before cleared |",
+        "|---" * 19 + "|",
     ]
     for what, n, k, rows, bits, dtype, kind in CASES:
         for kernel, launch_args, launch_kwargs in launches_of(what, n, k, rows, bits, dtype, kind):
@@ -218,7 +238,7 @@ def main() -> None:
                     f"{result['shared'] / 1024:.0f} | {'yes' if result['shared'] <= SHARED_LIMIT else 'no'} | "
                     f"{result['loop']} | {result['weights']:.0f} | "
                     f"{result['per_weight']:.1f} | {result['per_weight'] * n * k / ISSUE_PER_SECOND * 1e6:.1f} | "
-                    f"{result['hgmma']} | {result['loads']} | {result['top']} |")
+                    f"{result['hgmma']} | {result['loads']} | {result['top']} | {result['sums']} |")
                 print(report[-1], flush=True)
                 if args.quick and result["stack"] == 0 and result["shared"] <= SHARED_LIMIT:
                     break

@@ -95,5 +95,9 @@ def store_tile(out, bias, y_ptrs, mask, sums_ptrs, count_ptr, done, steps):
             tl.debug_barrier()
             total = tl.load(sums_ptrs, mask=mask, other=0.0, cache_modifier=".cg")  # from L2: L1 is not coherent
             tl.store(y_ptrs, (total + bias).to(y_ptrs.dtype.element_ty), mask=mask)
+            # The compiler may lay the zeroing store out over the threads differently from the load, and the zeros
+            # do not wait on the loaded values: without a barrier a thread can clear sums that another thread has
+            # yet to read (seen on the H100 as a few wrong rows now and then, with several programs per SM).
+            tl.debug_barrier()
             tl.store(sums_ptrs, tl.zeros_like(total), mask=mask)
             tl.store(count_ptr, 0)
