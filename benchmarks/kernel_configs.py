@@ -24,11 +24,14 @@ from lords.kernels import XA_ONCE_MAX_ROWS, decode, forward
 from lords.kernels.autotune import compile_only
 from lords.kernels.decode import MAX_ROWS
 from lords.kernels.stream_k import workspace_tensors
+from lords.linear import LoRDSLinear
 
 from .kernels import random_layer
 from .tables import finish_report, produced_by
 
-CASES = [(14336, 4096, 4), (4096, 14336, 4), (14336, 4096, 3)]  # (N, K, bits), NF codebook, parity rank at b = 64
+# (N, K, bits, codebook), parity rank at b = 64. The INT codebook decodes without a table: other code, other layouts.
+CASES = [(14336, 4096, 4, "nf"), (4096, 14336, 4, "nf"), (14336, 4096, 3, "nf"), (14336, 4096, 2, "nf"),
+         (14336, 4096, 4, "int"), (4096, 4096, 4, "nf"), (1024, 4096, 4, "nf"), (28672, 8192, 4, "nf")]
 TILED_ROWS = (1, 2, 3, 4, 5, 7, 8, 12, 16, 24, 32)
 DECODE_ROWS = tuple(range(1, MAX_ROWS + 1))
 OFF = 1e-2
@@ -85,25 +88,26 @@ def surviving(launcher, call, x, layer) -> list:
     return kept
 
 
-@functools.cache
-def case_layer(case):
-    n, k, bits = case
-    return random_layer(n, k, bits, parity_rank(n, k, 64), "cuda")
+@functools.lru_cache(maxsize=1)
+def empty_layer(case) -> LoRDSLinear:
+    """A layer of the case's shapes and dtypes, values left at their initial zeros: what compiling needs (random
+    codes take GBs of temporaries at 28672 x 8192, times 16 workers)."""
+    n, k, bits, codebook = case
+    return LoRDSLinear(k, n, bits, parity_rank(n, k, 64), codebook=codebook, device="cuda")
 
 
 def runs(case) -> list[tuple]:
     """(kernel form index, row count, config) for every config of every form at every row count of one case."""
-    layer = case_layer(case)
     return [(index, m, config) for index, (_, launcher, call, rows) in enumerate(kernels()) for m in rows
             for config in surviving(launcher, call, torch.zeros(m, case[1], device="cuda", dtype=torch.bfloat16),
-                                    layer)]
+                                    empty_layer(case))]
 
 
 def compile_run(task) -> None:
     case, index, m, config = task
     _, launcher, call, _ = kernels()[index]
     with only(launcher, config), compile_only():
-        call(torch.zeros(m, case[1], device="cuda", dtype=torch.bfloat16), case_layer(case))
+        call(torch.zeros(m, case[1], device="cuda", dtype=torch.bfloat16), empty_layer(case))
 
 
 def check(call, layer, xs, references, calls) -> tuple[float, int, list[int]]:
@@ -141,41 +145,43 @@ def main() -> None:
                 compiles.setdefault((case, index, m, str(tile), config.num_warps, config.num_stages),
                                     (case, index, m, config))
     with multiprocessing.get_context("spawn").Pool(args.compile_workers) as pool:
-        pool.map(compile_run, list(compiles.values()), chunksize=1)
+        pool.map(compile_run, sorted(compiles.values(), key=lambda task: cases.index(task[0])), chunksize=1)
     report = [
         *produced_by("# Each decode and tiled kernel config on its own, many calls (GPU)", "benchmarks.kernel_configs"),
         f"- date: {time.strftime('%Y-%m-%d')}; device: {torch.cuda.get_device_name()}; torch {torch.__version__}, "
         f"triton {triton.__version__}; compiled in {time.perf_counter() - started:.0f} s",
-        f"- NF codebook, parity rank at b = 64, bf16 activations; per config {args.calls} calls at each row count "
-        f"(decode: {', '.join(map(str, DECODE_ROWS))}, with X*A once up to {XA_ONCE_MAX_ROWS}; tiled: {', '.join(map(str, TILED_ROWS))}), fresh inputs per "
-        f"row count; off: relative error against float64 above {OFF:g}; PER_SM: programs per multiprocessor of the "
-        "one-wave grid that shares tiles (0: one program per tile, nothing shared)",
-        "", "| N x K | bits | kernel | config | worst rel. error | calls off | of | rows off | workspace left zero |",
-        "|---" * 9 + "|",
+        f"- parity rank at b = 64, bf16 activations; per config {args.calls} calls at each row count (decode: "
+        f"{', '.join(map(str, DECODE_ROWS))}, with X*A once up to {XA_ONCE_MAX_ROWS}; tiled: "
+        f"{', '.join(map(str, TILED_ROWS))}), fresh inputs per row count; off: relative error against float64 above "
+        f"{OFF:g}; PER_SM: programs per multiprocessor of the one-wave grid that shares tiles (0: one program per "
+        "tile, nothing shared)",
+        "", "| N x K | bits | codebook | kernel | config | worst rel. error | calls off | of | rows off | "
+        "workspace left zero |",
+        "|---" * 10 + "|",
     ]
     torch.manual_seed(0)
-    for n, k, bits in cases:
-        layer = case_layer((n, k, bits))
+    for case in cases:
+        n, k, bits, codebook = case
+        layer = random_layer(n, k, bits, parity_rank(n, k, 64), "cuda", codebook)
         weight = layer.dequantize(torch.float64)
         for index, (name, launcher, call, rows) in enumerate(kernels()):
             xs = {m: torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for m in rows}
             references = {m: x.double() @ weight.T for m, x in xs.items()}
-            for config in dict.fromkeys(config for i, _, config in todo[n, k, bits] if i == index):
-                checked = {m: xs[m] for i, m, c in todo[n, k, bits] if i == index and c == config}
+            for config in dict.fromkeys(config for i, _, config in todo[case] if i == index):
+                checked = {m: xs[m] for i, m, c in todo[case] if i == index and c == config}
                 with only(launcher, config):
                     try:
                         worst, off, off_rows = check(call, layer, checked, references, args.calls)
                     except Exception as error:  # more shared memory than a block has: autotuning skips it too
-                        report.append(f"| {n} x {k} | {bits} | {name} | {name_of(config)} | "
+                        report.append(f"| {n} x {k} | {bits} | {codebook} | {name} | {name_of(config)} | "
                                       f"{type(error).__name__}: {str(error)[:80]} | | | | |")
                         print(report[-1], flush=True)
                         continue
                 clean = all(bool((tensor == 0).all()) for tensor in workspace_tensors())
-                report.append(f"| {n} x {k} | {bits} | {name} | {name_of(config)} | {worst:.1e} | {off} | "
+                report.append(f"| {n} x {k} | {bits} | {codebook} | {name} | {name_of(config)} | {worst:.1e} | {off} | "
                               f"{args.calls * len(checked)} | {', '.join(map(str, off_rows))} | {clean} |")
                 print(report[-1], flush=True)
-        del weight
-        case_layer.cache_clear()
+        del weight, layer
         torch.cuda.empty_cache()
     report += ["", f"Total {time.perf_counter() - started:.0f} s."]
     finish_report(report, args.out)
