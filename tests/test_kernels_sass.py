@@ -47,4 +47,3 @@ def test_main_loop_is_the_largest_innermost_loop():
             0xa0: "IADD R1, R1, 1", 0xb0: "@P2 BRA 0xa0", 0xc0: "EXIT"}
     assert main_loop(sorted(text.items())) == [text[address] for address in range(0x20, 0x70, 0x10)]
     assert main_loop([(0x0, "MOV R1, R2"), (0x10, "EXIT")]) == ["MOV R1, R2", "EXIT"]  # no loop: everything
-
