@@ -66,8 +66,8 @@ class Launcher:
     H100 machine, against ~30 us for a bf16 F.linear, and bound eager decoding.
 
     A kind is all that Triton specialises a launch on: each tensor's dtype, device and 16-byte alignment, and every
-    other argument's value. Its first launch goes through Triton, which autotunes and compiles; the compiled kernel,
-    the config and the grid it ran with are kept for the next."""
+    other argument's value; and which arguments came by keyword. Its first launch goes through Triton, which autotunes
+    and compiles; the compiled kernel, the config and the grid it ran with are kept for the next."""
 
     def __init__(self, autotuner: Autotuner):
         self.autotuner = autotuner
@@ -78,20 +78,21 @@ class Launcher:
         return lambda *args, **kwargs: self.run(grid, args, kwargs)
 
     def run(self, grid, args, kwargs):
-        values = dict(zip(self.names, args))
-        values.update(kwargs)
-        kind = tuple((value.dtype, value.get_device(), value.data_ptr() % 16 == 0)
-                     if isinstance(value, torch.Tensor) else value for value in values.values())
+        # list comprehensions, not generators, and no dict of the arguments: this runs on every call of every layer
+        kind = (tuple(kwargs), *[(value.dtype, value.get_device(), value.data_ptr() % 16 == 0)
+                                 if isinstance(value, torch.Tensor) else value
+                                 for value in (*args, *kwargs.values())])
         launch = self.launches.get(kind)
         if launch is not None:
-            runner, config = launch
-            values.update(config)
-            return runner(*[values[name] for name in self.names])
+            runner, rest = launch
+            return runner(*args, *[kwargs[name] if keyword else name for keyword, name in rest])
         compiled = self.autotuner[grid](*args, **kwargs)
         if isinstance(compiled, CompiledKernel):  # not under the interpreter, compile_only or a launch recorder
             config = self.autotuner.best_config.kwargs
-            shape = tuple(grid({**values, **config}) if callable(grid) else grid)
-            self.launches[kind] = (compiled[shape + (1,) * (3 - len(shape))], config)
+            shape = tuple(grid({**dict(zip(self.names, args)), **kwargs, **config}) if callable(grid) else grid)
+            # the parameters after the positional ones: from the keywords by name, or the config's constant value
+            rest = [(name in kwargs, name if name in kwargs else config[name]) for name in self.names[len(args):]]
+            self.launches[kind] = (compiled[shape + (1,) * (3 - len(shape))], rest)
         return compiled
 
 
