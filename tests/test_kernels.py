@@ -120,7 +120,27 @@ def test_lords_matmul_times_the_candidates_once_per_shape(monkeypatch):
     lords_matmul(x, pack_codes(codes, 4), get_codebook("int", 4), scale_b, scale_a, 4, bias)
     assert len(timed) == 8 and len(kernels._choices) == 2
     # X*A once per call is a candidate for one or two rows only
-    assert kernels.candidates(3) == ["decode", "tiled", "dequant"] and "decode-xa" in kernels.candidates(2)
+    assert kernels.candidates(3, 49) == ["decode", "tiled", "dequant"] and "decode-xa" in kernels.candidates(2, 49)
+
+
+def test_decode_is_no_candidate_where_every_config_spills():
+    """Rank 99 (28672 x 8192 at b = 64) pads to 128: at 3-4 rows every decode config holds more than MAX_VALUES a
+    thread, which fits_registers would otherwise answer with its smallest, spilling config."""
+    from lords.kernels import candidates, decode, default_choice
+    from lords.kernels.codes import rank_pad
+
+    def spills_by_pruning(rows, rank):  # what the autotuner's pruning keeps all holds too much a thread
+        m_pad = 1 << (rows - 1).bit_length()
+        kept = decode.fits_registers(decode.CONFIGS, {}, M_PAD=m_pad, RANK_PAD=rank_pad(rank))
+        return all(decode.values_per_thread(config, m_pad, rank_pad(rank)) > decode.MAX_VALUES for config in kept)
+
+    for rows in range(1, decode.MAX_ROWS + 1):
+        for rank in (1, 13, 49, 64, 99, 128, 200, 300):
+            assert decode.spills(rows, rank) == spills_by_pruning(rows, rank), (rows, rank)
+            assert ("decode" in candidates(rows, rank)) == (not decode.spills(rows, rank))
+    assert candidates(4, 99) == ["tiled", "dequant"] and candidates(4, 49)[0] == "decode"
+    assert candidates(2, 99)[:2] == ["decode", "decode-xa"] and candidates(1, 300) == ["tiled", "dequant"]
+    assert default_choice(1, 300) == "tiled" and default_choice(1, 49) == "decode"
 
 
 def test_lords_matmul_leaves_out_a_kernel_whose_timing_fails(monkeypatch):

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from .autotune import INTERPRET, gpu_time
 from .backward import scale_grads  # noqa: F401
 from .codes import check_input, level_lookup
-from .decode import MAX_ROWS, decode_matmul
+from .decode import MAX_ROWS, decode_matmul, spills
 from .forward import dequantize, m_bucket, tiled_matmul
 
 # Used where timing cannot run (the CPU interpreter, inside a CUDA-graph capture): the H100 measurements' majority.
@@ -50,13 +50,18 @@ KERNELS = {"decode": decode_matmul, "decode-xa": decode_xa_matmul, "tiled": tile
 _choices: dict[tuple, str] = {}
 
 
-def candidates(rows: int) -> list[str]:
-    return [name for name, fits in (("decode", rows <= MAX_ROWS), ("decode-xa", rows <= XA_ONCE_MAX_ROWS),
+def candidates(rows: int, rank: int) -> list[str]:
+    """The kernels lords_matmul times for this many rows of a layer of this rank. The decode kernel is left out where
+    every config of it would spill its registers (decode.spills): 12x the tiled kernel's time there on the H100."""
+    decode_fits = rows <= MAX_ROWS and not spills(rows, rank)
+    return [name for name, fits in (("decode", decode_fits), ("decode-xa", decode_fits and rows <= XA_ONCE_MAX_ROWS),
                                     ("tiled", rows <= TILED_MAX_ROWS), ("dequant", True)) if fits]
 
 
-def default_choice(rows: int) -> str:
-    return "decode" if rows <= DECODE_ROWS else "tiled" if rows <= TILED_ROWS else "dequant"
+def default_choice(rows: int, rank: int) -> str:
+    if rows <= DECODE_ROWS and "decode" in candidates(rows, rank):
+        return "decode"
+    return "tiled" if rows <= TILED_ROWS else "dequant"
 
 
 def _can_time(x: torch.Tensor) -> bool:
@@ -73,14 +78,14 @@ def lords_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None):
     choice = _choices.get(key)
     if choice is None:
         if not _can_time(x):
-            return KERNELS[default_choice(rows)](*args)
+            return KERNELS[default_choice(rows, scale_b.shape[1])](*args)
         times = {}
-        for name in candidates(rows):
+        for name in candidates(rows, scale_b.shape[1]):
             try:  # gpu_time's first call runs outside its capture: each kernel autotunes its own configs there
                 times[name] = gpu_time(lambda name=name: KERNELS[name](*args))
             except RuntimeError as error:  # a kernel that cannot be captured is not chosen; the others can be
                 warnings.warn(f"lords_matmul: {name} kernel left out for {key}: {error}")
-        choice = _choices[key] = min(times, key=times.get) if times else default_choice(rows)
+        choice = _choices[key] = min(times, key=times.get) if times else default_choice(rows, scale_b.shape[1])
     return KERNELS[choice](*args)
 
 

@@ -25,7 +25,7 @@ def layer_launches(out_features, in_features, rank, bits, codebook, rows, dtype,
     levels, B and A in scale_dtype, bias or not) at each row count, with activations in dtype."""
     levels = tuple(codebook.tolist())
     return [(name, out_features, in_features, m, bits, rank, levels, dtype, scale_dtype, bias)
-            for m in rows for name in candidates(m)]
+            for m in rows for name in candidates(m, rank)]
 
 
 def compile_launches(launches, device="cuda") -> None:
