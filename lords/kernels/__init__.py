@@ -59,7 +59,7 @@ def candidates(rows: int, rank: int) -> list[str]:
 
 
 def default_choice(rows: int, rank: int) -> str:
-    if rows <= DECODE_ROWS and "decode" in candidates(rows, rank):
+    if rows <= DECODE_ROWS and not spills(rows, rank):
         return "decode"
     return "tiled" if rows <= TILED_ROWS else "dequant"
 

@@ -52,9 +52,9 @@ def values_per_thread(config, m_pad: int, rank_pad: int) -> float:
 def fits_registers(configs, named_args, **kwargs):
     """Drop configs that would hold more than MAX_VALUES values a thread: they spill, and compile for minutes. The
     smallest tile always stays, so that a direct call still runs."""
-    per_thread = {config: values_per_thread(config, kwargs["M_PAD"], kwargs["RANK_PAD"]) for config in configs}
-    kept = [config for config in configs if per_thread[config] <= MAX_VALUES]
-    return kept or [config for config in configs if per_thread[config] == min(per_thread.values())]
+    per_thread = [values_per_thread(config, kwargs["M_PAD"], kwargs["RANK_PAD"]) for config in configs]
+    limit = MAX_VALUES if any(values <= MAX_VALUES for values in per_thread) else min(per_thread)
+    return [config for config, values in zip(configs, per_thread) if values <= limit]
 
 
 def spills(rows: int, rank: int) -> bool:
