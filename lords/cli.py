@@ -227,6 +227,12 @@ def cmd_generate(args) -> None:
     print(tokenizer.decode(output[0], skip_special_tokens=True))
 
 
+def _device_name(device) -> str:
+    """The GPU's name for a results header, or the CPU threads."""
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+
+
 def cmd_compare(args) -> None:
     from .assets import calibration_tokens, describe_data, heldout_tokens
     from .eval.compare import format_rows, plot_rows, run_comparison
@@ -256,7 +262,7 @@ def cmd_compare(args) -> None:
             "",
             f"    {' '.join(['lords', *sys.argv[1:]])}",
             "",
-            f"- date: {time.strftime('%Y-%m-%d')}; device: {device} ({torch.get_num_threads()} threads); "
+            f"- date: {time.strftime('%Y-%m-%d')}; device: {_device_name(device)}; "
             f"torch {torch.__version__}, transformers {transformers.__version__}; total {time.perf_counter() - start:.0f} s",
             f"- model: {path.name}; {describe_data(heldout, calibration)}",
             f"- block size {args.block_size} for every block-wise method and for the LoRDS parity rank; "
