@@ -7,6 +7,15 @@ import pytest
 import torch
 
 
+@pytest.fixture(autouse=True)
+def no_tuning_cache(monkeypatch):
+    """No test reads or writes tuning results on disk: a choice stored by one test, or by an earlier run, would answer
+    the next. The test of that cache turns it back on, in a folder of its own."""
+    from lords.kernels import autotune
+
+    monkeypatch.setattr(autotune, "TUNING_CACHE", False)
+
+
 @pytest.fixture
 def tiny_llama():
     """A 2-block Llama built from a config (random weights, no download), in eval mode."""

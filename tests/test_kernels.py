@@ -1,5 +1,6 @@
 """The fused Triton forward against a float64 reference, run by Triton's interpreter on the CPU."""
 
+import json
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -121,6 +122,46 @@ def test_lords_matmul_times_the_candidates_once_per_shape(monkeypatch):
     assert len(timed) == 8 and len(kernels._choices) == 2
     # X*A once per call is a candidate for one or two rows only
     assert kernels.candidates(3, 49) == ["decode", "tiled", "dequant"] and "decode-xa" in kernels.candidates(2, 49)
+
+
+def test_lords_matmul_choice_is_kept_on_disk_for_the_next_process(monkeypatch, tmp_path):
+    import lords.kernels as kernels
+    from lords.kernels import autotune
+
+    monkeypatch.setattr(autotune, "TUNING_CACHE", True)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    timed = []
+    fake_times = [3.0, 4.0, 1.0, 2.0]  # decode, decode-xa, tiled, dequant: the tiled kernel "wins"
+    monkeypatch.setattr(kernels, "_can_time", lambda x: True)
+    monkeypatch.setattr(kernels, "gpu_time", lambda fn: timed.append(fn) or fake_times[(len(timed) - 1) % 4])
+    x, codes, codebook, scale_b, scale_a, bias = random_problem(4, "nf", 2, 24, 40, 2, seed=0)
+    packed = pack_codes(codes, 4)
+    expected = reference(x, codes, codebook, scale_b, scale_a, bias)
+
+    def first_call() -> torch.Tensor:  # as in a new process: no choice in memory
+        monkeypatch.setattr(kernels, "_choices", {})
+        out = lords_matmul(x, packed, codebook, scale_b, scale_a, 4, bias)
+        assert list(kernels._choices.values()) == ["tiled"]
+        assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-5
+        return out
+
+    first_call()
+    (entry,) = tmp_path.rglob("lords_matmul.json")
+    stored = json.loads(entry.read_text())
+    assert len(timed) == 4 and stored["choice"] == "tiled" and stored["times_ms"]["dequant"] == 2.0
+    first_call()
+    assert len(timed) == 4  # read from disk, not timed
+    key = (2, 24, 40, 4, x.dtype, False)
+    assert autotune.load_choice(key, "cpu") == "tiled" and autotune.load_choice(key, "another GPU") is None
+    entry.write_text('{"choice": ')  # damaged: timed again and written whole
+    first_call()
+    assert len(timed) == 8 and json.loads(entry.read_text())["choice"] == "tiled"
+    entry.write_text('{"choice": "no such kernel"}')  # not a candidate: timed again
+    first_call()
+    assert len(timed) == 12
+    monkeypatch.setattr(autotune, "TUNING_CACHE", False)  # LORDS_TUNING_CACHE=0: nothing read
+    first_call()
+    assert len(timed) == 16
 
 
 def test_decode_is_no_candidate_where_every_config_spills():

@@ -18,7 +18,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .autotune import INTERPRET, gpu_time
+from .autotune import INTERPRET, gpu_time, load_choice, save_choice
 from .backward import scale_grads  # noqa: F401
 from .codes import check_input, level_lookup
 from .decode import MAX_ROWS, decode_matmul, spills
@@ -71,7 +71,8 @@ def _can_time(x: torch.Tensor) -> bool:
 def lords_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None):
     """x (..., K) -> (..., N) for packed codes of an (N, K) weight; scales B (N, r), A (r, K). What LoRDSLinear runs
     on CUDA: the fastest kernel for this shape, timed once per (row bucket, N, K, bits, dtype, integer codebook or
-    not). Each kernel checks the input's width."""
+    not) and GPU model, and kept on disk for later processes (autotune.TUNING_CACHE). Each kernel checks the input's
+    width."""
     rows = x.numel() // x.shape[-1]
     args = (x, codes, codebook, scale_b, scale_a, bits, bias)
     key = (m_bucket(rows), scale_b.shape[0], scale_a.shape[1], bits, x.dtype, level_lookup(codebook).integer)
@@ -79,13 +80,20 @@ def lords_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None):
     if choice is None:
         if not _can_time(x):
             return KERNELS[default_choice(rows, scale_b.shape[1])](*args)
-        times = {}
-        for name in candidates(rows, scale_b.shape[1]):
-            try:  # gpu_time's first call runs outside its capture: each kernel autotunes its own configs there
-                times[name] = gpu_time(lambda name=name: KERNELS[name](*args))
-            except RuntimeError as error:  # a kernel that cannot be captured is not chosen; the others can be
-                warnings.warn(f"lords_matmul: {name} kernel left out for {key}: {error}")
-        choice = _choices[key] = min(times, key=times.get) if times else default_choice(rows, scale_b.shape[1])
+        names = candidates(rows, scale_b.shape[1])
+        device_name = torch.cuda.get_device_name(x.device) if x.is_cuda else x.device.type
+        choice = load_choice(key, device_name)
+        if choice not in names:
+            times = {}
+            for name in names:
+                try:  # gpu_time's first call runs outside its capture: each kernel autotunes its own configs there
+                    times[name] = gpu_time(lambda name=name: KERNELS[name](*args))
+                except RuntimeError as error:  # a kernel that cannot be captured is not chosen; the others can be
+                    warnings.warn(f"lords_matmul: {name} kernel left out for {key}: {error}")
+            choice = min(times, key=times.get) if times else default_choice(rows, scale_b.shape[1])
+            if times:
+                save_choice(key, device_name, choice, times)
+        _choices[key] = choice
     return KERNELS[choice](*args)
 
 

@@ -3,15 +3,25 @@ tests) only the small interpreter config runs."""
 
 import contextlib
 import functools
+import hashlib
+import json
 import os
 import statistics
+from pathlib import Path
 
 import torch
 import triton
 from triton.compiler import CompiledKernel
 from triton.runtime.autotuner import Autotuner
+from triton.runtime.cache import get_cache_manager
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Tuning results are kept on disk, in Triton's cache (TRITON_CACHE_DIR, by default ~/.triton/cache), so that a new
+# process skips the timing an earlier one did: each kernel's best config (Triton's cache_results) and lords_matmul's
+# choice of kernel (load_choice, save_choice). Without it, a model's first forward times every config and kernel
+# for each of its layer shapes again (16 s for one 28672 x 8192 layer at M = 1 on the H100, its kernels compiled).
+# LORDS_TUNING_CACHE=0 turns both off.
+TUNING_CACHE = os.environ.get("LORDS_TUNING_CACHE", "1") != "0"
 
 
 def gpu_time(fn, quantiles=None, rep_ms: float = 20.0):
@@ -55,8 +65,45 @@ def gpu_time(fn, quantiles=None, rep_ms: float = 20.0):
 def autotune(configs, interpret_configs, key, **kwargs):
     """triton.autotune over `configs` (`interpret_configs` under the interpreter), timed by gpu_time, and launched
     through a Launcher."""
-    tune = triton.autotune(configs=interpret_configs if INTERPRET else configs, key=key, do_bench=gpu_time, **kwargs)
+    tune = triton.autotune(configs=interpret_configs if INTERPRET else configs, key=key, do_bench=gpu_time,
+                           cache_results=TUNING_CACHE, **kwargs)
     return lambda kernel: Launcher(tune(kernel))
+
+
+@functools.cache
+def _kernel_sources() -> str:
+    """A stored choice holds for the code that timed it: a hash of this package's sources."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _choice_entry(key: tuple, device_name: str):
+    parts = [triton.__version__, torch.__version__, device_name, _kernel_sources(), repr(key)]
+    return get_cache_manager(hashlib.sha256("\n".join(parts).encode()).hexdigest()), "lords_matmul.json"
+
+
+def load_choice(key: tuple, device_name: str) -> str | None:
+    """The kernel an earlier process chose for this key on a GPU of this name, if it stored one."""
+    if not TUNING_CACHE:
+        return None
+    cache, name = _choice_entry(key, device_name)
+    path = cache.get_file(name)
+    if path is None:
+        return None
+    try:
+        with open(path) as file:
+            return json.load(file)["choice"]
+    except (OSError, ValueError, KeyError, TypeError):  # a damaged entry: time again, and overwrite it
+        return None
+
+
+def save_choice(key: tuple, device_name: str, choice: str, times: dict) -> None:
+    """Store lords_matmul's choice and the times (ms) it came from; written whole or not at all."""
+    if TUNING_CACHE:
+        cache, name = _choice_entry(key, device_name)
+        cache.put(json.dumps({"key": repr(key), "choice": choice, "times_ms": times}), name, binary=False)
 
 
 class Launcher:
