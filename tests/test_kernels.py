@@ -256,6 +256,14 @@ def test_wrong_input_width_is_named(matmul, rows):
                torch.ones(4, 1), torch.ones(1, 16), 4)
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+@pytest.mark.parametrize("matmul", [decode_matmul, decode_xa_matmul, tiled_matmul, dequant_matmul, lords_matmul])
+def test_integer_input_is_named(matmul, dtype):
+    with pytest.raises(TypeError, match=f"floating-point inputs, got {dtype}"):
+        matmul(torch.zeros(2, 16, dtype=dtype), torch.zeros(4, 8, dtype=torch.uint8), get_codebook("nf", 4),
+               torch.ones(4, 1), torch.ones(1, 16), 4)
+
+
 def test_compile_only_runs_nothing_and_restores_launches(monkeypatch):
     from lords.kernels import decode
     from lords.kernels.autotune import compile_only

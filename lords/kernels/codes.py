@@ -134,6 +134,8 @@ def _table_words(codebook: torch.Tensor, dtype: torch.dtype) -> dict[str, str]:
 
 
 def check_input(x: torch.Tensor, scale_a: torch.Tensor) -> None:
+    if not x.dtype.is_floating_point:  # else Triton fails to compile the dot, with no word of the input
+        raise TypeError(f"the LoRDS kernels take floating-point inputs, got {x.dtype}")
     if x.shape[-1] != scale_a.shape[1]:
         raise ValueError(f"input has {x.shape[-1]} features, the layer expects {scale_a.shape[1]}")
 
