@@ -365,7 +365,10 @@ def test_precompile_launches_are_what_lords_matmul_runs():
                         ("dequant", 300)]]
     name, n, k, m, bits, rank, levels, dtype, scale_dtype, bias = launches[-1]
     assert (k, bits, rank, dtype, scale_dtype, bias) == (24, 3, 5, torch.float32, torch.bfloat16, True)
-    assert levels == tuple(get_codebook("nf", 3).tolist())
+    assert levels == (tuple(get_codebook("nf", 3).tolist()), torch.float32)
+    # a codebook cast with its model keeps its dtype in the launch: on the GPU the kernels take it as it is
+    model.to(torch.bfloat16)
+    assert kernel_launches(model, rows=(1,))[-1][6][1] == torch.bfloat16
     # every launch's tensors pass the wrappers' checks (widths, row limits)
     compile_launches(launches, device="cpu")
 

@@ -63,3 +63,18 @@ def test_shared_tiles_leave_the_workspace_zero(kernel, m):
     for out in outs:
         assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-5
     assert all((tensor == 0).all() for tensor in workspace_tensors())
+
+
+def test_one_workspace_per_device_sized_for_every_config():
+    """Allocated once per device and never again (a later allocation could fall inside a CUDA graph), so it holds a
+    slot per program for every config of both stream-K kernels."""
+    from lords.kernels import decode, forward
+    from lords.kernels.stream_k import workspace
+
+    sums, counts = workspace(torch.device("cpu"))  # the interpreter's grid: one multiprocessor
+    assert workspace(torch.device("cpu"))[0] is sums and workspace(torch.device("cpu"))[1] is counts
+    decode_configs = decode.CONFIGS + decode.INTERPRET_CONFIGS
+    tiled_configs = forward.TILED_CONFIGS + forward.INTERPRET_TILED
+    assert sums.numel() == max(max(c.kwargs["PER_SM"] * c.kwargs["BLOCK_N"] * decode.MAX_ROWS for c in decode_configs),
+                               max(c.kwargs["PER_SM"] * c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] for c in tiled_configs))
+    assert counts.numel() == max(c.kwargs["PER_SM"] for c in decode_configs + tiled_configs)

@@ -84,8 +84,9 @@ def integer_levels(codebook: torch.Tensor) -> tuple[int, float] | None:
 
 class LevelLookup(NamedTuple):
     """How a kernel turns codes into levels: `table`, the register lookup's PTX giving them in `dtype` (None under
-    the interpreter, which gathers from `levels` in memory), as levels / `scale`: the kernel scales its output.
-    `integer`: the codebook's levels are integers times the scale, decoded without a table."""
+    the interpreter, which gathers from `levels` in memory; on the GPU `levels` is the codebook itself, unread), as
+    levels / `scale`: the kernel scales its output. `integer`: the codebook's levels are integers times the scale,
+    decoded without a table."""
     table: str | None
     levels: torch.Tensor
     scale: float
@@ -109,14 +110,17 @@ def level_lookup(codebook: torch.Tensor, dtype: torch.dtype = torch.float16, pai
     # a dead reference means another tensor took over the id; a new version means the levels were written to
     if cached is None or cached[0]() is not codebook or cached[1] != codebook._version:
         integer = integer_levels(codebook)
-        if integer is not None:
-            offset, step = integer
-            lookup = LevelLookup(None if INTERPRET else _integer_levels_ptx(dtype, offset, pairs),
-                                 (codebook.detach().float() / step).round().contiguous(), step, dtype, True)
+        offset, step = integer if integer is not None else (0, 1.0)
+        levels = codebook.detach()
+        if INTERPRET:
+            table, levels = None, (levels.float() / step).round() if integer is not None else levels.float()
+        elif integer is not None:
+            table = _integer_levels_ptx(dtype, offset, pairs)
         else:
             table = _level_table_ptx(_table_words(codebook, dtype), codebook.numel(), pairs)
-            lookup = LevelLookup(None if INTERPRET else table, codebook.detach().float().contiguous(), 1.0, dtype,
-                                 False)
+        # no GPU tensor is made here: one made at the first call inside torch.compile's CUDA-graph trees, and kept
+        # in this cache, would outlive the call, which they refuse
+        lookup = LevelLookup(table, levels.contiguous(), step, dtype, integer is not None)
         cached = _lookups[key] = (weakref.ref(codebook), codebook._version, lookup)
     return cached[2]
 

@@ -18,7 +18,7 @@ import triton.language as tl
 from .autotune import autotune, cdiv, next_power_of_2, processors
 from .codes import (check_input, layout_args, layout_meta, level_lookup, load_planes, load_scale_a, load_scale_b,
                     quad_levels, rank_pad, segment_columns, segment_quad)
-from .stream_k import store_tile, tile_slot, tile_steps, work_share, workspace, workspace_per_sm
+from .stream_k import reserve_workspace, store_tile, tile_slot, tile_steps, work_share, workspace
 
 MAX_ROWS = 4
 # PER_SM: programs per multiprocessor. The grid is one wave of programs (at most as many as fit on the GPU at once)
@@ -38,7 +38,7 @@ TILES = [
 CONFIGS = [triton.Config({**tile, "PER_SM": per_sm}, num_warps=warps, num_stages=stages)
            for tile, warps, stages, per_sms in TILES for per_sm in per_sms]
 INTERPRET_CONFIGS = [triton.Config({"BLOCK_N": 16, "BLOCK_J": 16, "PER_SM": 3}, num_warps=4, num_stages=1)]
-WORKSPACE = workspace_per_sm(CONFIGS + INTERPRET_CONFIGS, lambda tile: tile["BLOCK_N"] * MAX_ROWS)
+reserve_workspace(CONFIGS + INTERPRET_CONFIGS, lambda tile: tile["BLOCK_N"] * MAX_ROWS)
 
 
 MAX_VALUES = 128  # accumulator or X*A values a thread holds before a config spills
@@ -143,7 +143,7 @@ def decode_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None, xa_once
     if M > MAX_ROWS:
         raise ValueError(f"the decode kernel takes at most {MAX_ROWS} rows (its cost grows as rows x rank), got {M}")
     y = torch.empty(M, out_features, device=x.device, dtype=x.dtype)
-    sums, counts = workspace(x.device, *WORKSPACE)
+    sums, counts = workspace(x.device)
     # rounded to x's dtype from the float32 product, as the kernel rounds its own X*A tiles for tl.dot
     xa = (x2[:, None, :] * scale_a.detach()).to(x.dtype) if xa_once else y
 

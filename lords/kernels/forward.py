@@ -19,7 +19,7 @@ import triton.language as tl
 from .autotune import autotune, cdiv, next_power_of_2, processors
 from .codes import (byte_levels, check_input, layout_args, layout_meta, level_lookup, load_bytes, load_planes,
                     load_scale_a, load_scale_b, quad_levels, rank_pad, segment_columns, segment_quad)
-from .stream_k import store_tile, tile_slot, tile_steps, work_share, workspace, workspace_per_sm
+from .stream_k import reserve_workspace, store_tile, tile_slot, tile_steps, work_share, workspace
 
 # Autotune picks one per (M bucket, N, K, rank, bits, lookup). PER_SM, programs per multiprocessor, as in decode.py: the
 # grid is one wave that shares the (M tile, N tile, K step) work out evenly. PER_SM = 0 is one program per tile, no
@@ -64,7 +64,7 @@ DEQUANT_CONFIGS = [
 ]
 INTERPRET_TILED = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_J": 32, "PER_SM": 3, "W_LEFT": False},
                                  num_warps=4, num_stages=1)]
-TILED_WORKSPACE = workspace_per_sm(TILED_CONFIGS + INTERPRET_TILED, lambda tile: tile["BLOCK_M"] * tile["BLOCK_N"])
+reserve_workspace(TILED_CONFIGS + INTERPRET_TILED, lambda tile: tile["BLOCK_M"] * tile["BLOCK_N"])
 INTERPRET_DEQUANT = [triton.Config({"BLOCK_N": 16, "BLOCK_J": 32}, num_warps=4, num_stages=1)]
 
 
@@ -186,7 +186,7 @@ def tiled_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None) -> torch
     M = x2.shape[0]
     y = torch.empty(M, out_features, device=x.device, dtype=x.dtype)
     layout = layout_args(in_features, bits)
-    sums, counts = workspace(x.device, *TILED_WORKSPACE)
+    sums, counts = workspace(x.device)
 
     def grid(meta):
         tiles = cdiv(M, meta["BLOCK_M"]) * cdiv(out_features, meta["BLOCK_N"])

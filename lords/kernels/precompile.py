@@ -22,8 +22,9 @@ WORKERS = min(16, os.cpu_count() or 1)
 
 def layer_launches(out_features, in_features, rank, bits, codebook, rows, dtype, scale_dtype, bias) -> list[tuple]:
     """The kernel launches lords_matmul may make for one layer (codes of an (N, K) weight, rank, bits, codebook
-    levels, B and A in scale_dtype, bias or not) at each row count, with activations in dtype."""
-    levels = tuple(codebook.tolist())
+    levels, B and A in scale_dtype, bias or not) at each row count, with activations in dtype. The codebook's dtype
+    is part of it: on the GPU the kernels take the codebook tensor as it is (level_lookup)."""
+    levels = (tuple(codebook.tolist()), codebook.dtype)
     return [(name, out_features, in_features, m, bits, rank, levels, dtype, scale_dtype, bias)
             for m in rows for name in candidates(m, rank)]
 
@@ -32,7 +33,7 @@ def compile_launches(launches, device="cuda") -> None:
     """Run each launch under compile_only, on zero tensors of its shapes and dtypes."""
     for name, n, k, m, bits, rank, levels, dtype, scale_dtype, bias in launches:
         codes = torch.zeros(n, row_bytes(k, bits), dtype=torch.uint8, device=device)
-        codebook = torch.tensor(levels, device=device)
+        codebook = torch.tensor(levels[0], dtype=levels[1], device=device)
         scale_b = torch.zeros(n, rank, dtype=scale_dtype, device=device)
         scale_a = torch.zeros(rank, k, dtype=scale_dtype, device=device)
         x = torch.zeros(m, k, dtype=dtype, device=device)

@@ -20,40 +20,46 @@ import triton.language as tl
 
 from .autotune import processors
 
-# (device index, stream) -> (float32 sums, int32 counts). Kernels on one stream run one after another and leave both at
-# zero; kernels that may run at the same time are on different streams, so they get different workspaces.
+# Per multiprocessor, the float32 values and the counters that the largest config of any stream-K kernel needs (each
+# kernel declares its configs with reserve_workspace at import), and device -> (float32 sums, int32 counts).
+_per_sm = [1, 1]
 _workspaces: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def workspace_per_sm(configs, tile_size) -> tuple[int, int]:
-    """Float32 values and counters a workspace needs per multiprocessor for a launch of any of these autotune
-    configs: a slot of tile_size(config.kwargs) values per program of a one-wave grid (PER_SM programs per
-    multiprocessor; PER_SM = 0, one program per tile, shares no tile)."""
-    return (max(c.kwargs["PER_SM"] * tile_size(c.kwargs) for c in configs), max(c.kwargs["PER_SM"] for c in configs))
+def reserve_workspace(configs, tile_size) -> None:
+    """Declare a kernel's autotune configs: a launch of any of them needs a slot of tile_size(config.kwargs) values
+    per program of a one-wave grid (PER_SM programs per multiprocessor; PER_SM = 0, one program per tile, shares no
+    tile)."""
+    _per_sm[0] = max(_per_sm[0], *(c.kwargs["PER_SM"] * tile_size(c.kwargs) for c in configs))
+    _per_sm[1] = max(_per_sm[1], *(c.kwargs["PER_SM"] for c in configs))
 
 
-def workspace(device: torch.device, values_per_sm: int, slots_per_sm: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zeroed float32 sums and int32 counters for the current stream of `device` (sizes from workspace_per_sm). The
-    workspace grows to the largest request and is kept (8.7 MB on an H100 for the tiled kernel's configs). A CUDA
-    graph keeps the workspace of the stream it was captured on."""
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        key = (index, triton.runtime.driver.active.get_current_stream(index))
-    else:
-        key = (device.type, 0)
-    sms = processors(device)
-    values, slots = max(1, sms * values_per_sm), max(1, sms * slots_per_sm)
-    found = _workspaces.get(key)
-    if found is None or found[0].numel() < values or found[1].numel() < slots:
-        if found is not None:
-            values, slots = max(found[0].numel(), values), max(found[1].numel(), slots)
-        found = _workspaces[key] = (torch.zeros(values, device=device, dtype=torch.float32),
-                                    torch.zeros(slots, device=device, dtype=torch.int32))
+def workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zeroed float32 sums and int32 counters for the stream-K kernels on `device`. One per device, allocated at the
+    first launch there, sized for every declared config and kept (8.7 MB on an H100), so that it is never allocated
+    again, least of all inside a CUDA graph: torch.compile's CUDA-graph trees refuse memory of their pool that
+    outlives a call (transformers' generate(cache_implementation="static") failed so with one workspace per stream).
+    The kernels leave it zero, and kernels on one stream run one after another; LoRDS kernels running at the same
+    time on two streams of one device would share it and must not."""
+    index = torch.cuda.current_device() if device.type == "cuda" and device.index is None else device.index
+    found = _workspaces.get((device.type, index))
+    if found is None:
+        sms = processors(device)
+        # on the default stream, whose memory no CUDA-graph pool claims (CUDA-graph trees give a warmup run's
+        # allocations on the current stream to their pool); the current stream waits for the zeros
+        default = (torch.cuda.default_stream(device) if device.type == "cuda"
+                   and not torch.cuda.is_current_stream_capturing() else None)
+        with torch.cuda.stream(default):  # a no-op for None
+            found = _workspaces[(device.type, index)] = (
+                torch.zeros(sms * _per_sm[0], device=device, dtype=torch.float32),
+                torch.zeros(sms * _per_sm[1], device=device, dtype=torch.int32))
+        if default is not None:
+            torch.cuda.current_stream(device).wait_stream(default)
     return found
 
 
 def workspace_tensors() -> list[torch.Tensor]:
-    """Every workspace's sums and counts, on every device and stream: all zero between launches."""
+    """Every workspace's sums and counts, on every device: all zero between launches."""
     return [tensor for pair in _workspaces.values() for tensor in pair]
 
 
