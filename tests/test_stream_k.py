@@ -75,6 +75,7 @@ def test_one_workspace_per_device_sized_for_every_config():
     assert workspace(torch.device("cpu"))[0] is sums and workspace(torch.device("cpu"))[1] is counts
     decode_configs = decode.CONFIGS + decode.INTERPRET_CONFIGS
     tiled_configs = forward.TILED_CONFIGS + forward.INTERPRET_TILED
-    assert sums.numel() == max(max(c.kwargs["PER_SM"] * c.kwargs["BLOCK_N"] * decode.MAX_ROWS for c in decode_configs),
-                               max(c.kwargs["PER_SM"] * c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] for c in tiled_configs))
+    decode_values = max(c.kwargs["PER_SM"] * c.kwargs["BLOCK_N"] * decode.MAX_ROWS for c in decode_configs)
+    tiled_values = max(c.kwargs["PER_SM"] * c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] for c in tiled_configs)
+    assert sums.numel() == max(decode_values, tiled_values)
     assert counts.numel() == max(c.kwargs["PER_SM"] for c in decode_configs + tiled_configs)
