@@ -111,15 +111,16 @@ def level_lookup(codebook: torch.Tensor, dtype: torch.dtype = torch.float16, pai
     if cached is None or cached[0]() is not codebook or cached[1] != codebook._version:
         integer = integer_levels(codebook)
         offset, step = integer if integer is not None else (0, 1.0)
-        levels = codebook.detach()
+        # No GPU tensor is made here: one made at the first call inside torch.compile's CUDA-graph trees, and kept
+        # in this cache, would outlive the call, which they refuse. Only the interpreter gathers levels.
         if INTERPRET:
-            table, levels = None, (levels.float() / step).round() if integer is not None else levels.float()
+            table, levels = None, codebook.detach().float() / step
+            if integer is not None:
+                levels = levels.round()
         elif integer is not None:
-            table = _integer_levels_ptx(dtype, offset, pairs)
+            table, levels = _integer_levels_ptx(dtype, offset, pairs), codebook.detach()
         else:
-            table = _level_table_ptx(_table_words(codebook, dtype), codebook.numel(), pairs)
-        # no GPU tensor is made here: one made at the first call inside torch.compile's CUDA-graph trees, and kept
-        # in this cache, would outlive the call, which they refuse
+            table, levels = _level_table_ptx(_table_words(codebook, dtype), codebook.numel(), pairs), codebook.detach()
         lookup = LevelLookup(table, levels.contiguous(), step, dtype, integer is not None)
         cached = _lookups[key] = (weakref.ref(codebook), codebook._version, lookup)
     return cached[2]
