@@ -1,17 +1,21 @@
 """LoRDS kernels vs the anchors, on the GPU: correctness first, then median latency per (shape, M).
 
-    python -m benchmarks.kernels --out results/kernels.md        # needs CUDA; bitsandbytes optional
+    python -m benchmarks.kernels --out results/kernels.md        # needs CUDA; bitsandbytes and gemlite optional
 
 Anchors in the same run, same inputs: bf16 cuBLAS (F.linear), bitsandbytes NF4 (matmul_4bit, block 64), torch's
-tinygemm int4 (_weight_int4pack_mm, group 128), and the naive LoRDS path (torch dequantize, then cuBLAS). Ours, at the
+tinygemm int4 (_weight_int4pack_mm, group 128), gemlite A16W4 (group 64, bf16), and the naive LoRDS path (torch
+dequantize, then cuBLAS). Ours, at the
 parity rank for b = 64: each kernel on its own (decode for M <= 4, tiled up to M = 256, Triton dequantize + cuBLAS),
 and `lords_matmul`, which picks the fastest of them per shape and is what LoRDSLinear runs on CUDA, also at b = 128;
 3- and 2-bit (NF) and 4-bit with the INT codebook through lords_matmul at b = 64. Times are medians of replays of
 CUDA graphs (triton.testing.do_bench_cudagraph), so that launch overhead counts for no method; ratios are
-lords_matmul at b = 64 over the anchor.
+lords_matmul at b = 64 over the anchor. The same run writes the 4-bit times beside the table as JSON
+(results/kernels.json: device, versions, date, and rows of n, k, m, method, us). `--anchors-only` times the anchors
+and lords_matmul alone (NF and INT at b = 64, NF at b = 128), the table the kernel issue asks for.
 """
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -28,7 +32,7 @@ from lords.kernels.stream_k import workspace_tensors
 from lords.linear import LoRDSLinear
 from lords.packing import pack_codes
 
-SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (28672, 8192)]  # (out N, in K)
+SHAPES = [(14336, 4096), (4096, 14336), (4096, 4096), (1024, 4096), (28672, 8192)]  # (out N, in K)
 MS = [1, 4, 16, 64, 256, 2048, 8192]
 DECODE_MS = [1, 2, 4]
 REPEATS = 20  # calls per correctness case
@@ -147,6 +151,29 @@ def bnb_nf4(weight: torch.Tensor):
     return lambda x: bnb.matmul_4bit(x, qweight.t(), quant_state=state)
 
 
+def gemlite_a16w4(weight: torch.Tensor):
+    """gemlite's A16W4 (HQQ-style asymmetric int4, group 64, bf16 activations and output), as gemlite's own examples
+    pack it."""
+    from gemlite import DType, GemLiteLinear
+
+    n, k = weight.shape
+    group = 64
+    groups = weight.float().reshape(n, k // group, group)
+    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    scale = (high - low).clamp(min=1e-6) / 15
+    zero = -low / scale
+    codes = (groups / scale + zero).round().clamp(0, 15).to(torch.uint8).reshape(n, k)
+    layer = GemLiteLinear(4, group_size=group, in_features=k, out_features=n, input_dtype=DType.BF16,
+                          output_dtype=DType.BF16)
+    layer.pack(codes, scale.reshape(n, -1).to(torch.bfloat16), zero.reshape(n, -1).to(torch.bfloat16), None)
+    return layer
+
+
+# The JSON's method names (the kernel issue's) for the table's columns.
+JSON_METHODS = {"bf16": "bf16", "bnb-nf4": "bnb_nf4", "int4-tinygemm": "tinygemm", "gemlite": "gemlite",
+                "lords-b64": "lords_nf4", "lords-4bit-int-b64": "lords_int4", "lords-b128": "lords_nf4_b128"}
+
+
 def copy_bandwidth(device) -> float:
     src = torch.empty(2**30, dtype=torch.uint8, device=device).random_()
     dst = torch.empty_like(src)
@@ -175,6 +202,10 @@ def main() -> None:
     parser.add_argument("--replot", action="store_true", help="only redraw the PNG from the tables in --out")
     parser.add_argument("--compile-workers", type=int, default=WORKERS,
                         help="processes compiling the kernels before timing (0: compile while autotuning)")
+    parser.add_argument("--ms", type=int, nargs="+", default=None, help="row counts to time (default: all)")
+    parser.add_argument("--anchors-only", action="store_true",
+                        help="time the anchors and lords_matmul only (no per-kernel columns, 3-/2-bit or naive)")
+    parser.add_argument("--no-checks", action="store_true", help="skip the correctness section")
     args = parser.parse_args()
     if args.replot:
         plot(tables_from_markdown(Path(args.out).read_text()), Path(args.out).with_suffix(".png"))
@@ -183,15 +214,19 @@ def main() -> None:
     torch.manual_seed(0)
     started = time.perf_counter()
     shapes = SHAPES[args.skip : args.shapes]
+    ms = args.ms or sorted({*MS, *DECODE_MS})
+    other_width_ms = [m for m in OTHER_WIDTH_MS if m in ms] if not args.anchors_only else ms
+    checks = not args.skip and not args.no_checks
     compiled = "kernels compiled while autotuning"
     if args.compile_workers:
-        launches = timing_launches(shapes, DECODE_MS + MS, [(4, 64, "nf"), (4, 128, "nf")])
-        launches += timing_launches(shapes, OTHER_WIDTH_MS, [(3, 64, "nf"), (2, 64, "nf"), (4, 64, "int")])
-        seconds = precompile(launches + (correctness_launches() if not args.skip else []), args.compile_workers)
+        launches = timing_launches(shapes, ms, [(4, 64, "nf"), (4, 128, "nf")])
+        widths = [(4, 64, "int")] if args.anchors_only else [(3, 64, "nf"), (2, 64, "nf"), (4, 64, "int")]
+        launches += timing_launches(shapes, other_width_ms, widths)
+        seconds = precompile(launches + (correctness_launches() if checks else []), args.compile_workers)
         compiled = f"kernels compiled beforehand by {args.compile_workers} processes in {seconds:.0f} s"
         print(compiled, flush=True)
     report = [
-        "# LoRDS kernels vs bf16 cuBLAS, bitsandbytes NF4 and torch int4 (tinygemm)", "",
+        "# LoRDS kernels vs bf16 cuBLAS, bitsandbytes NF4, torch int4 (tinygemm) and gemlite", "",
         "Produced by:", "", "    python -m benchmarks.kernels --out results/kernels.md", "",
         f"- date: {time.strftime('%Y-%m-%d')}; device: {torch.cuda.get_device_name()}; torch {torch.__version__}, "
         f"triton {triton.__version__}; {compiled}",
@@ -202,12 +237,12 @@ def main() -> None:
     ]
     bandwidth = copy_bandwidth(device)
     report += [f"- measured copy bandwidth (read + write): {bandwidth:.0f} GB/s", "", "## Correctness on the GPU", ""]
-    report += check_correctness(device) if not args.skip else ["(checked in the run that timed the first shapes)"]
-    plots = {}
+    report += check_correctness(device) if checks else ["(not in this run: the GPU suite, results/gpu_tests.md)"]
+    plots, json_rows = {}, []
     for n, k in shapes:
         weight = torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02
         anchors = {"bf16": lambda x, w=weight: F.linear(x, w)}
-        for name, make in (("bnb-nf4", bnb_nf4), ("int4-tinygemm", int4_tinygemm)):
+        for name, make in (("bnb-nf4", bnb_nf4), ("int4-tinygemm", int4_tinygemm), ("gemlite", gemlite_a16w4)):
             try:
                 anchors[name] = make(weight)
             except Exception as error:  # an anchor that cannot run here is reported, not fatal
@@ -215,13 +250,15 @@ def main() -> None:
         layers = {(bits, block, kind): random_layer(n, k, bits, parity_rank(n, k, block), device, kind)
                   for bits, block, kind in ((4, 64, "nf"), (4, 128, "nf"), (3, 64, "nf"), (2, 64, "nf"),
                                             (4, 64, "int"))}
-        naive = layers[4, 64, "nf"]
-        anchors["lords-naive"] = lambda x, layer=naive: F.linear(x, layer.dequantize(x.dtype))
         kernels = kernel_fns(layers[4, 64, "nf"])
-        ours = {"decode-b64": kernels["decode"], "tiled-b64": kernels["tiled"], "dequant-b64": kernels["dequant"],
-                "lords-b64": kernels["lords"], "lords-b128": kernel_fns(layers[4, 128, "nf"])["lords"]}
+        ours = {"lords-b64": kernels["lords"], "lords-b128": kernel_fns(layers[4, 128, "nf"])["lords"]}
+        if not args.anchors_only:
+            naive = layers[4, 64, "nf"]
+            anchors["lords-naive"] = lambda x, layer=naive: F.linear(x, layer.dequantize(x.dtype))
+            ours = {"decode-b64": kernels["decode"], "tiled-b64": kernels["tiled"], "dequant-b64": kernels["dequant"],
+                    **ours}
         other_widths = {f"lords-{bits}bit-{kind}-b64": kernel_fns(layers[bits, 64, kind])["lords"]
-                        for bits, kind in ((3, "nf"), (2, "nf"), (4, "int"))}
+                        for bits, kind in ((4, "int"),) + (() if args.anchors_only else ((3, "nf"), (2, "nf")))}
         names = [*anchors, *ours]
         report += ["", f"## {n} x {k} (out x in), 4-bit, ranks {layers[4, 64, 'nf'].rank} (b64), "
                    f"{layers[4, 128, 'nf'].rank} (b128)",
@@ -230,10 +267,10 @@ def main() -> None:
                    "|---" * (len(names) + 5) + "|"]
         widths = ["| M | bf16 (us) | " + " | ".join(f"{name} (us) | / bf16" for name in other_widths) + " |",
                   "|---" * (2 + 2 * len(other_widths)) + "|"]
-        for m in sorted({*MS, *DECODE_MS}):
+        for m in ms:
             x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
             times = {}
-            timed = {**anchors, **ours, **(other_widths if m in OTHER_WIDTH_MS else {})}
+            timed = {**anchors, **ours, **(other_widths if m in other_width_ms else {})}
             for name, fn in timed.items():
                 if (name == "decode-b64" and m not in DECODE_MS) or (name == "tiled-b64" and m > TILED_MAX_ROWS):
                     continue
@@ -253,16 +290,19 @@ def main() -> None:
                 + f" | {ratio['bf16']:.2f} | {ratio['bnb-nf4']:.2f} | {ratio['int4-tinygemm']:.2f} | "
                 f"{moved / (ours_time * 1e-6) / 1e9:.0f} ({100 * moved / (ours_time * 1e-6) / 1e9 / bandwidth:.0f}%) |"
             )
-            if m in OTHER_WIDTH_MS:
+            json_rows += [{"n": n, "k": k, "m": m, "method": JSON_METHODS[name], "us": round(time_us, 2)}
+                          for name, time_us in times.items() if name in JSON_METHODS]
+            if m in other_width_ms:
                 widths.append(f"| {m} | {times['bf16']:.1f} | " + " | ".join(
                     f"{times[name]:.1f} | {times[name] / times['bf16']:.2f}" if name in times else " | "
                     for name in other_widths) + " |")
             for name in names:
                 plots.setdefault((n, k), {}).setdefault(name, {})[m] = times.get(name)
-        report += ["", f"3- and 2-bit (NF) and 4-bit INT, {n} x {k}, lords_matmul at b = 64:", "", *widths]
-        print("\n".join(report[-len(MS) - 12 :]), flush=True)
+        report += ["", f"Other widths, {n} x {k}, lords_matmul at b = 64:", "", *widths]
+        print("\n".join(report[-len(ms) - 12 :]), flush=True)
         if args.out:  # after every shape, so that a run cut short still leaves its tables
             Path(args.out).write_text("\n".join(report) + "\n")
+            write_json(Path(args.out).with_suffix(".json"), device, json_rows)
     report += ["", f"Total {time.perf_counter() - started:.0f} s."]
     text = "\n".join(report) + "\n"
     print(text)
@@ -271,6 +311,12 @@ def main() -> None:
         out.write_text(text)
         if plots:  # none with --shapes 0, the correctness checks alone
             plot(plots, out.with_suffix(".png"))
+
+
+def write_json(path: Path, device, rows: list[dict]) -> None:
+    path.write_text(json.dumps({"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
+                                "triton": triton.__version__, "date": time.strftime("%Y-%m-%d"), "rows": rows},
+                               indent=1) + "\n")
 
 
 def tables_from_markdown(text: str) -> dict:

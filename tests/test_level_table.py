@@ -23,21 +23,27 @@ def prmt(a: int, b: int, selector: int) -> int:
     return out
 
 
+def halves(word: int, dtype: torch.dtype) -> torch.Tensor:
+    """The two 16-bit floats of a 32-bit word, low half first, in float64."""
+    return torch.tensor([word & 0xFFFF, word >> 16], dtype=torch.int32).to(torch.int16).view(dtype).double()
+
+
+def word(values: torch.Tensor, dtype: torch.dtype) -> int:
+    """Two values rounded to a 16-bit float type, packed low half first."""
+    low, high = values.to(dtype).view(torch.int16).to(torch.int32).tolist()
+    return (low & 0xFFFF) | ((high & 0xFFFF) << 16)
+
+
 def packed_fma(dtype: torch.dtype):
     """PTX fma.rn.{bf16x2, f16x2}: a * b + c on both 16-bit halves, rounded once."""
-    def halves(word: int) -> torch.Tensor:
-        return torch.tensor([word & 0xFFFF, word >> 16], dtype=torch.int32).to(torch.int16).view(dtype).double()
-
-    def fma(a: int, b: int, c: int) -> int:
-        low, high = (halves(a) * halves(b) + halves(c)).to(dtype).view(torch.int16).to(torch.int32).tolist()
-        return (low & 0xFFFF) | ((high & 0xFFFF) << 16)
-    return fma
+    return lambda a, b, c: word(halves(a, dtype) * halves(b, dtype) + halves(c, dtype), dtype)
 
 
 OPS = {
     "and.b32": lambda a, b: a & b,
     "or.b32": lambda a, b: a | b,
     "shr.u32": lambda a, b: a >> b,
+    "shr.b32": lambda a, b: a >> b,
     "shl.b32": lambda a, b: a << b,
     "mov.b32": lambda a: a,
     "mul.lo.u32": lambda a, b: (a * b) & MASK,
@@ -48,30 +54,37 @@ OPS = {
 }
 
 
-def execute(ptx: str, packed_codes: int) -> tuple[int, int]:
-    """Runs the lookup on four codes, one per byte; returns the two words of level pairs (codes 0, 1 and 2, 3)."""
-    pairs = "$4" not in ptx  # the pairs form: codes in $2, level pairs in $0, $1; else codes in $4, 16-bit $0-$3
-    registers = {"$2" if pairs else "$4": packed_codes}
+def execute(ptx: str, registers: dict[str, int]) -> dict[str, int]:
+    """Runs the PTX on the given input registers; returns every register it wrote or read."""
+    registers = dict(registers)
     for line in ptx.splitlines():
         line = line.strip().rstrip(";")
         if not line or line in "{}" or line.startswith(".reg"):
             continue
         if line.startswith("mov.b32 {"):  # mov.b32 {$0, $1}, a: the low and high halves of a
-            halves, source = line[len("mov.b32 {"):].split("},")
-            low, high = (name.strip() for name in halves.split(","))
+            pair, source = line[len("mov.b32 {"):].split("},")
+            low, high = (name.strip() for name in pair.split(","))
             registers[low], registers[high] = registers[source.strip()] & 0xFFFF, registers[source.strip()] >> 16
             continue
         op, operands = line.split(None, 1)
         target, *sources = [operand.strip() for operand in operands.split(",")]
         values = [int(source, 0) if source[0].isdigit() else registers[source] for source in sources]
         registers[target] = OPS[op](*values) & MASK
-    if pairs:
+    return registers
+
+
+def lookup_words(ptx: str, form: str, packed_codes: int) -> tuple[int, int]:
+    """Runs the quads or pairs form on four codes, one per byte; returns the two words of level pairs (codes 0, 1
+    and 2, 3)."""
+    if form == "pairs":  # codes in $2, level pairs in $0, $1
+        registers = execute(ptx, {"$2": packed_codes})
         return registers["$0"], registers["$1"]
+    registers = execute(ptx, {"$4": packed_codes})  # codes in $4, 16-bit $0-$3
     return registers["$0"] | registers["$1"] << 16, registers["$2"] | registers["$3"] << 16
 
 
-def lookup_levels(ptx: str, codes: list[int], dtype: torch.dtype) -> torch.Tensor:
-    low, high = execute(ptx, sum(code << (8 * k) for k, code in enumerate(codes)))
+def lookup_levels(ptx: str, codes: list[int], dtype: torch.dtype, form: str = "quads") -> torch.Tensor:
+    low, high = lookup_words(ptx, form, sum(code << (8 * k) for k, code in enumerate(codes)))
     halves = torch.tensor([low & 0xFFFF, low >> 16, high & 0xFFFF, high >> 16], dtype=torch.int32)
     return halves.to(torch.int16).view(dtype)
 
@@ -83,14 +96,14 @@ def table_levels(codebook: torch.Tensor, lookup) -> torch.Tensor:
     return levels.round() if lookup.integer else levels
 
 
-@pytest.mark.parametrize("pairs", [False, True], ids=["quads", "pairs"])
+@pytest.mark.parametrize("form", ["quads", "pairs"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["nf", "int"])
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_register_lookup_returns_the_levels(monkeypatch, kind, bits, dtype, pairs):
+def test_register_lookup_returns_the_levels(monkeypatch, kind, bits, dtype, form):
     monkeypatch.setattr(kernel_codes, "INTERPRET", False)
     codebook = get_codebook(kind, bits)
-    lookup = kernel_codes.level_lookup(codebook, dtype, pairs)
+    lookup = kernel_codes.level_lookup(codebook, dtype, form)
     assert lookup.dtype == dtype
     # the kernel's levels times its output scale are the codebook; the integer form (int codebooks) has levels
     # code - 2^(bits-1), exact in both dtypes, and scale 1 / (2^(bits-1) - 1)
@@ -105,7 +118,27 @@ def test_register_lookup_returns_the_levels(monkeypatch, kind, bits, dtype, pair
     generator = torch.Generator().manual_seed(bits)
     for _ in range(200):
         codes = torch.randint(0, 2**bits, (4,), generator=generator).tolist()
-        assert torch.equal(lookup_levels(lookup.table, codes, dtype), levels.to(dtype)[codes])
+        assert torch.equal(lookup_levels(lookup.table, codes, dtype, form), levels.to(dtype)[codes])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["nf", "int"])
+def test_nibble_lookup_gives_the_levels_of_eight_codes(monkeypatch, kind, dtype):
+    """The Gluon kernel's form: the bytes of $8 hold eight 4-bit codes; $0-$3 are the levels of the low nibbles of
+    bytes 0-3, $4-$7 those of the high nibbles."""
+    monkeypatch.setattr(kernel_codes, "INTERPRET", False)
+    codebook = get_codebook(kind, 4)
+    lookup = kernel_codes.level_lookup(codebook, dtype, "nibbles")
+    assert len(lookup.words) == (0 if kind == "int" else 8)  # a table's words are operands, not immediates
+    levels = table_levels(codebook, lookup).to(dtype)
+    generator = torch.Generator().manual_seed(7)
+    for _ in range(200):
+        codes = torch.randint(0, 16, (2, 4), generator=generator)  # (low, high nibble) x byte
+        packed = sum(int(codes[0, k] | codes[1, k] << 4) << (8 * k) for k in range(4))
+        words = {f"${9 + index}": word & 0xFFFFFFFF for index, word in enumerate(lookup.words)}
+        registers = execute(lookup.table, {"$8": packed, **words})
+        out = torch.tensor([registers[f"${index}"] for index in range(8)], dtype=torch.int32).to(torch.int16)
+        assert torch.equal(out.view(dtype).reshape(2, 4), levels[codes])
 
 
 @pytest.mark.parametrize("levels,kind", [(16, "table"), (8, "table"), (16, "int")])

@@ -23,6 +23,7 @@ from .backward import scale_grads  # noqa: F401
 from .codes import check_input, level_lookup
 from .decode import MAX_ROWS, decode_matmul, spills
 from .forward import dequantize, m_bucket, tiled_matmul
+from .gluon import gemv_matmul, gemv_ready
 
 # Used where timing cannot run (the CPU interpreter, inside a CUDA-graph capture): the H100 measurements' majority.
 DECODE_ROWS = 2
@@ -46,7 +47,8 @@ def decode_xa_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None):
     return decode_matmul(x, codes, codebook, scale_b, scale_a, bits, bias, xa_once=True)
 
 
-KERNELS = {"decode": decode_matmul, "decode-xa": decode_xa_matmul, "tiled": tiled_matmul, "dequant": dequant_matmul}
+KERNELS = {"decode": decode_matmul, "decode-xa": decode_xa_matmul, "tiled": tiled_matmul, "dequant": dequant_matmul,
+           "gluon-gemv": gemv_matmul}
 _choices: dict[tuple, str] = {}
 
 
@@ -78,9 +80,10 @@ def lords_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None):
     key = (m_bucket(rows), scale_b.shape[0], scale_a.shape[1], bits, x.dtype, level_lookup(codebook).integer)
     choice = _choices.get(key)
     if choice is None:
+        gluon = ["gluon-gemv"] if gemv_ready(x, bits, scale_b, scale_a) else []  # Hopper only: lords.kernels.gluon
         if not _can_time(x):
-            return KERNELS[default_choice(rows, scale_b.shape[1])](*args)
-        names = candidates(rows, scale_b.shape[1])
+            return KERNELS[gluon[0] if gluon else default_choice(rows, scale_b.shape[1])](*args)
+        names = gluon + candidates(rows, scale_b.shape[1])
         device_name = torch.cuda.get_device_name(x.device) if x.is_cuda else x.device.type
         choice = load_choice(key, device_name)
         if choice not in names:
@@ -98,6 +101,9 @@ def lords_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None):
 
 
 def fused_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None):
-    """x @ W^T without materialising the dense weight at any M: decode for a few rows, else tiled."""
+    """x @ W^T without materialising the dense weight at any M: the Gluon gemv kernel for one row where it runs,
+    decode for a few rows, else tiled."""
+    if gemv_ready(x, bits, scale_b, scale_a):
+        return gemv_matmul(x, codes, codebook, scale_b, scale_a, bits, bias)
     kernel = decode_matmul if x.numel() // x.shape[-1] <= DECODE_ROWS else tiled_matmul
     return kernel(x, codes, codebook, scale_b, scale_a, bits, bias)

@@ -22,13 +22,14 @@ import triton.language as tl
 from ..packing import SEGMENTS, row_bytes, segment_width
 from .autotune import INTERPRET, next_power_of_2
 
-# Four codes (one per byte of $4, at most 16 levels) to four 16-bit levels (fp16 or bf16) in $0-$3 (`pairs`: codes in
-# $2, two level pairs in $0, $1, the form of four packed 8-bit elements), through registers: prmt picks byte k of an
-# 8-byte table with the low three bits of code k, once from levels 0-7 and once from 8-15, bit 3 chooses between the
-# two (lop3 0xE4 is "mask ? a : b"), and the high and low bytes are interleaved into two pairs. A codebook of at
-# most 8 levels (2 and 3 bits) needs neither the second pick nor the choice. A gather from the codebook in memory
-# costs one load per weight, which measured 2.5x slower than the whole kernel without it (results/kernels.md).
-def _level_table_ptx(words: dict[str, str], levels: int, pairs: bool) -> str:
+# Four codes (one per byte of register `codes`, at most 16 levels) to two registers of 16-bit level pairs (fp16 or
+# bf16), `first` holding the levels of codes 0 and 1 and `second` those of codes 2 and 3, through registers: prmt
+# picks byte k of an 8-byte table with the low three bits of code k, once from levels 0-7 and once from 8-15, bit 3
+# chooses between the two (lop3 0xE4 is "mask ? a : b"), and the high and low bytes are interleaved into the two
+# pairs. A codebook of at most 8 levels (2 and 3 bits) needs neither the second pick nor the choice. A gather from
+# the codebook in memory costs one load per weight, which measured 2.5x slower than the whole kernel without it
+# (results/kernels.md).
+def _table_pairs_ptx(words: dict[str, str], levels: int, codes: str, first: str, second: str) -> str:
     def pick_bytes(out: str, half: str) -> str:  # byte k of `out`: byte (code k & 7) of levels 0-7 or 8-15 of `half`
         low = f"mov.b32 a, {words[half + '0']};\nmov.b32 b, {words[half + '1']};\nprmt.b32 {out}, a, b, s;\n"
         if levels <= 8:
@@ -36,7 +37,6 @@ def _level_table_ptx(words: dict[str, str], levels: int, pairs: bool) -> str:
         return (low + f"mov.b32 a, {words[half + '2']};\nmov.b32 b, {words[half + '3']};\nprmt.b32 a, a, b, s;\n"
                 f"lop3.b32 {out}, a, {out}, m, 0xE4;\n")
 
-    codes = "$2" if pairs else "$4"
     return ("{\n.reg .b32 s, m, a, b, hi, lo;\n"
             # prmt's selector, the low three bits of code k in nibble k: bytes 0 and 2 of s | s >> 4 (the kernels
             # hand over codes of at most 3 bits where the codebook has at most 8 levels)
@@ -45,27 +45,41 @@ def _level_table_ptx(words: dict[str, str], levels: int, pairs: bool) -> str:
             # bit 3 of each code as a byte mask: shifted into the byte's sign bit, which prmt's mode 8-11 replicates
             + (f"shl.b32 m, {codes}, 4;\nprmt.b32 m, m, 0, 0xBA98;\n" if levels > 8 else "")
             + pick_bytes("hi", "hi") + pick_bytes("lo", "lo")
-            + ("prmt.b32 $0, lo, hi, 0x5140;\nprmt.b32 $1, lo, hi, 0x7362;\n}" if pairs else
-               "prmt.b32 a, lo, hi, 0x5140;\nprmt.b32 b, lo, hi, 0x7362;\n"
-               "mov.b32 {$0, $1}, a;\nmov.b32 {$2, $3}, b;\n}"))
+            + f"prmt.b32 {first}, lo, hi, 0x5140;\nprmt.b32 {second}, lo, hi, 0x7362;\n}}\n")
 
 
-def _integer_levels_ptx(dtype: torch.dtype, offset: int, pairs: bool) -> str:
-    """The table's interface (four codes, one per byte, to four 16-bit levels) for an integer codebook: a code
-    placed in the low mantissa bits of 128.0 (bf16) or 1024.0 (fp16) makes 128 + code or 1024 + code exactly, and
-    one packed add of offset - 128 (or - 1024) leaves code + offset, an exact small integer. Two levels take three
-    instructions (prmt, or, fma) where the table takes about nine."""
+def _integer_pairs_ptx(dtype: torch.dtype, offset: int, codes: str, first: str, second: str) -> str:
+    """The table's interface for an integer codebook: a code placed in the low mantissa bits of 128.0 (bf16) or
+    1024.0 (fp16) makes 128 + code or 1024 + code exactly, and one packed add of offset - 128 (or - 1024) leaves
+    code + offset, an exact small integer. Two levels take three instructions (prmt, or, fma) where the table takes
+    about nine."""
     base, one, kind = (128, 0x3F80, "bf16x2") if dtype == torch.bfloat16 else (1024, 0x3C00, "f16x2")
     halves = torch.tensor([base, offset - base], dtype=dtype).view(torch.int16).to(torch.int32) & 0xFFFF
     magic, shift = halves.tolist()
-    codes = "$2" if pairs else "$4"
-    return ("{\n.reg .b32 p, q, one, shift;\n"
+    return ("{\n.reg .b32 one, shift;\n"
             f"mov.b32 one, {one * 0x10001:#x};\nmov.b32 shift, {shift * 0x10001:#x};\n"
             # bytes 0, 1 (and 2, 3) of the codes to the low bytes of the two halves
-            f"prmt.b32 p, {codes}, 0, 0x4140;\nprmt.b32 q, {codes}, 0, 0x4342;\n"
-            f"or.b32 p, p, {magic * 0x10001:#x};\nor.b32 q, q, {magic * 0x10001:#x};\n"
-            f"fma.rn.{kind} p, p, one, shift;\nfma.rn.{kind} q, q, one, shift;\n"
-            + ("mov.b32 $0, p;\nmov.b32 $1, q;\n}" if pairs else "mov.b32 {$0, $1}, p;\nmov.b32 {$2, $3}, q;\n}"))
+            f"prmt.b32 {first}, {codes}, 0, 0x4140;\nprmt.b32 {second}, {codes}, 0, 0x4342;\n"
+            f"or.b32 {first}, {first}, {magic * 0x10001:#x};\nor.b32 {second}, {second}, {magic * 0x10001:#x};\n"
+            f"fma.rn.{kind} {first}, {first}, one, shift;\nfma.rn.{kind} {second}, {second}, one, shift;\n}}\n")
+
+
+def _lookup_ptx(pairs_ptx, form: str) -> str:
+    """The inline assembly of a lookup form (level_lookup) around pairs_ptx(codes, first, second)."""
+    if form == "pairs":  # codes in $2, level pairs in $0, $1
+        return pairs_ptx("$2", "$0", "$1")
+    if form == "quads":  # codes in $4, four 16-bit levels in $0-$3
+        return ("{\n.reg .b32 lords_p, lords_q;\n" + pairs_ptx("$4", "lords_p", "lords_q")
+                + "mov.b32 {$0, $1}, lords_p;\nmov.b32 {$2, $3}, lords_q;\n}")
+    # "nibbles": the eight 4-bit codes in the bytes of $8; $0-$3 are the levels of the low nibbles of bytes 0-3,
+    # $4-$7 those of the high nibbles (a table's words come in $9-$16: LevelLookup.words)
+    nibbles = []
+    for shift, out in enumerate((0, 4)):
+        nibbles.append(("shr.b32 lords_c, $8, 4;\nand.b32 lords_c, lords_c, 0x0F0F0F0F;\n" if shift else
+                        "and.b32 lords_c, $8, 0x0F0F0F0F;\n")
+                       + pairs_ptx("lords_c", "lords_p", "lords_q")
+                       + f"mov.b32 {{${out}, ${out + 1}}}, lords_p;\nmov.b32 {{${out + 2}, ${out + 3}}}, lords_q;\n")
+    return "{\n.reg .b32 lords_c, lords_p, lords_q;\n" + "".join(nibbles) + "}"
 
 
 def integer_levels(codebook: torch.Tensor) -> tuple[int, float] | None:
@@ -86,55 +100,71 @@ class LevelLookup(NamedTuple):
     """How a kernel turns codes into levels: `table`, the register lookup's PTX giving them in `dtype` (None under
     the interpreter, which gathers from `levels` in memory; on the GPU `levels` is the codebook itself, unread), as
     levels / `scale`: the kernel scales its output. `integer`: the codebook's levels are integers times the scale,
-    decoded without a table."""
+    decoded without a table. `words`: the table's eight 32-bit words, which the "nibbles" form takes as operands
+    $9-$16 (as int32 kernel arguments, so that they stay in registers over a loop; empty without a table)."""
     table: str | None
     levels: torch.Tensor
     scale: float
     dtype: torch.dtype
     integer: bool
+    words: tuple[int, ...] = ()
 
 
-_lookups: dict[tuple, tuple] = {}  # (id(codebook), dtype, pairs) -> (weak reference, version, LevelLookup)
+_lookups: dict[tuple, tuple] = {}  # (id(codebook), dtype, form) -> (weak reference, version, LevelLookup)
+FORMS = ("quads", "pairs", "nibbles")
 
 
-def level_lookup(codebook: torch.Tensor, dtype: torch.dtype = torch.float16, pairs: bool = False) -> LevelLookup:
+def level_lookup(codebook: torch.Tensor, dtype: torch.dtype = torch.float16, form: str = "quads") -> LevelLookup:
     """The level lookup for this codebook with levels in `dtype` (float16 or bfloat16) on the GPU; a kernel that
-    feeds them straight to tl.dot asks for its operand type and saves two conversions per weight. A register table
-    (PTX, the levels as immediates) takes four codes in one register to four 16-bit registers (quad_levels), or with
-    `pairs` to two registers of level pairs (byte_levels); an integer codebook (integer_levels) takes no table: its
-    levels come out as code + offset and the step is the kernel's output scale. Cached per codebook tensor, dtype and
-    form, so that only the first call reads the levels back from the GPU (later calls can be captured in a CUDA
-    graph)."""
-    key = (id(codebook), dtype, pairs)
+    feeds them straight to a tensor-core product asks for its operand type and saves two conversions per weight. A
+    register table (PTX, the levels as immediates) takes, by `form` (_lookup_ptx), four codes in one register to four
+    16-bit registers ("quads": quad_levels), to two registers of level pairs ("pairs": byte_levels), or eight 4-bit
+    codes in one register to eight 16-bit levels ("nibbles": the Gluon kernel); an integer codebook (integer_levels)
+    takes no table: its levels come out as code + offset and the step is the kernel's output scale. Cached per
+    codebook tensor, dtype and form, so that only the first call reads the levels back from the GPU (later calls can
+    be captured in a CUDA graph)."""
+    key = (id(codebook), dtype, form)
     cached = _lookups.get(key)
     # a dead reference means another tensor took over the id; a new version means the levels were written to
     if cached is None or cached[0]() is not codebook or cached[1] != codebook._version:
+        if form not in FORMS:
+            raise ValueError(f"unknown level lookup form {form!r}; choose one of {FORMS}")
         integer = integer_levels(codebook)
         offset, step = integer if integer is not None else (0, 1.0)
         # No GPU tensor is made here: one made at the first call inside torch.compile's CUDA-graph trees, and kept
         # in this cache, would outlive the call, which they refuse. Only the interpreter gathers levels.
+        words = ()
         if INTERPRET:
             table, levels = None, codebook.detach().float() / step
             if integer is not None:
                 levels = levels.round()
-        elif integer is not None:
-            table, levels = _integer_levels_ptx(dtype, offset, pairs), codebook.detach()
         else:
-            table, levels = _level_table_ptx(_table_words(codebook, dtype), codebook.numel(), pairs), codebook.detach()
-        lookup = LevelLookup(table, levels.contiguous(), step, dtype, integer is not None)
+            if integer is not None:
+                def pairs_ptx(codes, first, second):
+                    return _integer_pairs_ptx(dtype, offset, codes, first, second)
+            else:
+                words = _table_words(codebook, dtype)
+                operands = {name: f"${9 + index}" for index, name in enumerate(words)} if form == "nibbles" else {
+                    name: hex(word) for name, word in words.items()}
+
+                def pairs_ptx(codes, first, second):
+                    return _table_pairs_ptx(operands, codebook.numel(), codes, first, second)
+                words = tuple(word - (1 << 32) * (word >> 31) for word in words.values())  # as int32
+            table, levels = _lookup_ptx(pairs_ptx, form), codebook.detach()
+        lookup = LevelLookup(table, levels.contiguous(), step, dtype, integer is not None, words)
         cached = _lookups[key] = (weakref.ref(codebook), codebook._version, lookup)
     return cached[2]
 
 
-def _table_words(codebook: torch.Tensor, dtype: torch.dtype) -> dict[str, str]:
-    """The levels in `dtype` as eight 32-bit immediates: low bytes (lo0-lo3) and high bytes (hi0-hi3) of 16 levels."""
+def _table_words(codebook: torch.Tensor, dtype: torch.dtype) -> dict[str, int]:
+    """The levels in `dtype` as eight 32-bit words: low bytes (lo0-lo3) and high bytes (hi0-hi3) of 16 levels."""
     levels = torch.zeros(16, dtype=dtype)
     levels[: codebook.numel()] = codebook.detach().to("cpu", dtype)
     bits = levels.view(torch.int16).to(torch.int32) & 0xFFFF
     words = {}
     for name, byte in (("lo", bits & 0xFF), ("hi", bits >> 8)):
         for reg in range(4):
-            words[f"{name}{reg}"] = hex(sum(int(byte[4 * reg + i]) << (8 * i) for i in range(4)))
+            words[f"{name}{reg}"] = sum(int(byte[4 * reg + i]) << (8 * i) for i in range(4))
     return words
 
 
@@ -228,7 +258,7 @@ def load_bytes(codes_ptr, offs_n, offs_j, N, SEGMENT, ROW_BYTES):
 @triton.jit
 def byte_levels(byte, codebook_ptr, segment, BITS: tl.constexpr, TABLE: tl.constexpr, BF16_LEVELS: tl.constexpr):
     """C[codes] of segment `segment` for a load_bytes tile (2 and 4 bits), element by element: through
-    level_lookup(..., pairs=True)'s PTX or gathered, as quad_levels. The tiled kernel's dots want this tile's layout:
+    level_lookup(..., form="pairs")'s PTX or gathered, as quad_levels. The tiled kernel's dots want this tile's layout:
     quad_levels' joins cost it two more layout conversions a step (H100: 1.05-1.11x the time at M = 16)."""
     code = (byte >> (BITS * segment)) & ((1 << BITS) - 1)
     # (one branch per result type: Triton 3.6 takes no constexpr dtype here)

@@ -194,7 +194,7 @@ def tiled_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None) -> torch
             return (tiles,)
         return (min(tiles * cdiv(layout["SEGMENT"], meta["BLOCK_J"]), processors(x.device) * meta["PER_SM"]),)
 
-    lookup = level_lookup(codebook, pairs=bits != 3)
+    lookup = level_lookup(codebook, form="pairs" if bits != 3 else "quads")
     _tiled[grid](
         x2, codes, lookup.levels, scale_b.to(x.dtype).contiguous(), scale_a.to(x.dtype).contiguous(),
         bias if bias is not None else y, y, sums, counts,

@@ -1,0 +1,63 @@
+"""Run the GPU-only kernels' suite (tests/gpu) and write its summary: every case, its outcome and the worst relative
+error against float64 it measured.
+
+    python -m benchmarks.gpu_tests --out results/gpu_tests.md     # on a Hopper GPU; elsewhere every case skips
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ElementTree
+
+import torch
+import triton
+
+from .tables import finish_report, produced_by
+
+
+def run_suite(junit: str) -> int:
+    """pytest on tests/gpu in a child process without Triton's interpreter (tests/conftest.py sets it otherwise)."""
+    environment = {**os.environ, "TRITON_INTERPRET": "0"}
+    command = [sys.executable, "-m", "pytest", "tests/gpu", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}"]
+    return subprocess.run(command, env=environment).returncode
+
+
+def cases(junit: str) -> list[tuple[str, str, str]]:
+    """(test id, outcome, worst relative error or '') per case of the JUnit report."""
+    rows = []
+    for case in ElementTree.parse(junit).getroot().iter("testcase"):
+        outcome = "passed"
+        for kind in ("failure", "error", "skipped"):
+            if case.find(kind) is not None:
+                outcome = {"failure": "FAILED", "error": "ERROR", "skipped": "skipped"}[kind]
+        error = next((item.get("value") for item in case.iter("property") if item.get("name") == "rel_error"), "")
+        rows.append((case.get("name"), outcome, f"{float(error):.2e}" if error else ""))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as folder:
+        junit = os.path.join(folder, "gpu.xml")
+        code = run_suite(junit)
+        rows = cases(junit)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
+    counts = {outcome: sum(row[1] == outcome for row in rows) for outcome in ("passed", "FAILED", "ERROR", "skipped")}
+    lines = produced_by("# GPU-only kernels: the tests/gpu suite", "benchmarks.gpu_tests")
+    lines += [f"- date: {time.strftime('%Y-%m-%d')}; device: {device}; torch {torch.__version__}, "
+              f"triton {triton.__version__}; pytest exit code {code}; {time.perf_counter() - started:.0f} s",
+              "- " + ", ".join(f"{count} {outcome}" for outcome, count in counts.items()),
+              "- worst relative error: over the case's 20 calls (5 graph replays), against a float64 reference", "",
+              "| case | outcome | worst relative error |", "|---|---|---|"]
+    lines += [f"| {name} | {outcome} | {error} |" for name, outcome, error in rows]
+    finish_report(lines, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""The Gluon gemv kernel (lords/kernels/gluon/gemv.py) against float64, on a Hopper GPU; skipped elsewhere.
+
+    TRITON_INTERPRET=0 python -m pytest tests/gpu -q      # python -m benchmarks.gpu_tests writes the summary
+
+Fresh random inputs per case, the output poisoned before each call, 20 calls per case (the programs that share a row
+tile meet in the stream-K workspace: a missed partial sum shows in some call), the workspace checked zero after, and
+CUDA-graph replays.
+"""
+
+import os
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+    or torch.cuda.get_device_capability() != (9, 0),
+    reason="the Gluon kernels need a Hopper GPU (sm_90) and no Triton interpreter")
+
+CALLS = 20
+# bf16 operands round the levels times x and A to 8 significant bits; the float32 accumulation adds little. The
+# Triton kernels measured up to 2.4e-3 on the same kind of inputs (results/kernel_configs.md).
+TOLERANCE = {torch.bfloat16: 6e-3, torch.float16: 3e-3}
+# (N, K, rank): Llama-3-8B and 70B layer shapes at the b = 64 parity rank, then edges: N not a multiple of the
+# 128-row tile, fewer rows than one tile, the smallest K (two K steps), rank 1 and the largest rank, ranks at and
+# just over a power of two
+SHAPES = [(14336, 4096, 49), (4096, 14336, 49), (4096, 4096, 32), (1024, 4096, 12), (8192, 8192, 64),
+          (4100, 2048, 33), (64, 1024, 17), (384, 128, 5), (1000, 512, 1), (2048, 1024, 128), (640, 3072, 65)]
+
+
+def random_layer(n, k, rank, kind, dtype, generator):
+    from lords.codebooks import get_codebook
+    from lords.packing import pack_codes
+
+    codes = torch.randint(0, 16, (n, k), device="cuda", dtype=torch.uint8, generator=generator)
+    scale_b = (torch.rand(n, rank, device="cuda", generator=generator) + 0.1).to(dtype)
+    scale_a = (torch.rand(rank, k, device="cuda", generator=generator) + 0.1).to(dtype)
+    return codes, pack_codes(codes, 4), get_codebook(kind, 4).cuda(), scale_b, scale_a
+
+
+def reference(x, codes, codebook, scale_b, scale_a, bias):
+    weight = (scale_b.double() @ scale_a.double()) * codebook.double()[codes.long()]
+    out = x.double() @ weight.T
+    return out if bias is None else out + bias.double()
+
+
+def relative_error(out, expected) -> float:
+    return ((out.double() - expected).norm() / expected.norm()).item()
+
+
+def poison() -> None:
+    """Fill free cached blocks with NaN, so that an output element the kernel never writes shows up."""
+    poisoned = torch.full((2**26,), float("nan"), device="cuda")
+    del poisoned
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("kind", ["nf", "int"])
+@pytest.mark.parametrize("n,k,rank", SHAPES, ids=[f"{n}x{k}-r{rank}" for n, k, rank in SHAPES])
+def test_gemv_matches_float64(n, k, rank, kind, dtype, record_property):
+    from lords.kernels import gemv_matmul, gemv_ready
+    from lords.kernels.stream_k import workspace_tensors
+
+    generator = torch.Generator("cuda").manual_seed(n + k + rank)
+    codes, packed, codebook, scale_b, scale_a = random_layer(n, k, rank, kind, dtype, generator)
+    bias = torch.randn(n, device="cuda", generator=generator).to(dtype) if rank % 2 else None
+    worst = 0.0
+    for call in range(CALLS):
+        x = torch.randn(1, k, device="cuda", generator=generator).to(dtype)
+        assert gemv_ready(x, 4, scale_b, scale_a)
+        poison()
+        out = gemv_matmul(x, packed, codebook, scale_b, scale_a, 4, bias)
+        assert out.shape == (1, n) and out.dtype == dtype and bool(torch.isfinite(out).all())
+        worst = max(worst, relative_error(out, reference(x, codes, codebook, scale_b, scale_a, bias)))
+        assert all(bool((tensor == 0).all()) for tensor in workspace_tensors())
+    record_property("rel_error", worst)
+    assert worst < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("n,k,rank", [(14336, 4096, 49), (4100, 2048, 33)])
+def test_gemv_replays_in_a_cuda_graph(n, k, rank, record_property):
+    from lords.kernels import gemv_matmul
+
+    generator = torch.Generator("cuda").manual_seed(1)
+    codes, packed, codebook, scale_b, scale_a = random_layer(n, k, rank, "nf", torch.bfloat16, generator)
+    x = torch.randn(1, k, device="cuda", generator=generator).bfloat16()
+    gemv_matmul(x, packed, codebook, scale_b, scale_a, 4)  # compiles outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = gemv_matmul(x, packed, codebook, scale_b, scale_a, 4)
+    worst = 0.0
+    for _ in range(5):
+        x.copy_(torch.randn(1, k, device="cuda", generator=generator))
+        out.fill_(float("nan"))
+        graph.replay()
+        worst = max(worst, relative_error(out, reference(x, codes, codebook, scale_b, scale_a, None)))
+    record_property("rel_error", worst)
+    assert worst < TOLERANCE[torch.bfloat16]
+
+
+def test_gemv_is_what_lords_matmul_offers_for_one_row():
+    from lords.kernels import candidates, gemv_ready
+
+    generator = torch.Generator("cuda").manual_seed(2)
+    _, _, _, scale_b, scale_a = random_layer(4096, 4096, 32, "nf", torch.bfloat16, generator)
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    assert gemv_ready(x, 4, scale_b, scale_a)
+    assert not gemv_ready(x, 3, scale_b, scale_a)  # 4 bits only
+    assert not gemv_ready(torch.randn(2, 4096, device="cuda", dtype=torch.bfloat16), 4, scale_b, scale_a)
+    assert not gemv_ready(x.float(), 4, scale_b, scale_a)  # 16-bit activations only
+    assert not gemv_ready(torch.randn(1, 4097, device="cuda", dtype=torch.bfloat16)[:, 1:], 4, scale_b, scale_a)
+    assert "gluon-gemv" not in candidates(1, 32)  # offered by lords_matmul itself, where gemv_ready says so
+    # 28672 x 8192 at rank 99: no split of the work keeps a program within MAX_PIECES row tiles
+    _, _, _, scale_b, scale_a = random_layer(28672, 8192, 99, "nf", torch.bfloat16, generator)
+    assert not gemv_ready(torch.randn(1, 8192, device="cuda", dtype=torch.bfloat16), 4, scale_b, scale_a)
