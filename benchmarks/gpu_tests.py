@@ -21,7 +21,8 @@ from .tables import finish_report, produced_by
 def run_suite(junit: str) -> int:
     """pytest on tests/gpu in a child process without Triton's interpreter (tests/conftest.py sets it otherwise)."""
     environment = {**os.environ, "TRITON_INTERPRET": "0"}
-    command = [sys.executable, "-m", "pytest", "tests/gpu", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}"]
+    command = [sys.executable, "-m", "pytest", "tests/gpu", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
+               "-o", "junit_family=xunit1"]  # the family that keeps record_property's values
     return subprocess.run(command, env=environment).returncode
 
 

@@ -16,6 +16,8 @@ and lords_matmul alone (NF and INT at b = 64, NF at b = 128), the table the kern
 
 import argparse
 import json
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -229,7 +231,7 @@ def main() -> None:
         print(compiled, flush=True)
     report = [
         "# LoRDS kernels vs bf16 cuBLAS, bitsandbytes NF4, torch int4 (tinygemm) and gemlite", "",
-        "Produced by:", "", "    python -m benchmarks.kernels --out results/kernels.md", "",
+        "Produced by:", "", f"    python -m benchmarks.kernels {shlex.join(sys.argv[1:])}", "",
         f"- date: {time.strftime('%Y-%m-%d')}; device: {torch.cuda.get_device_name()}; torch {torch.__version__}, "
         f"triton {triton.__version__}; {compiled}",
         "- lords-b64/b128 and the 3-/2-bit and int rows: `lords_matmul`, what LoRDSLinear runs on CUDA: whichever of "

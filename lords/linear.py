@@ -12,7 +12,7 @@ from .packing import pack_codes, row_bytes, unpack_codes
 
 # "auto": "triton" for CUDA inputs when Triton is installed, "torch" otherwise.
 # "torch": the reference, dequantize in torch + matmul. "triton": lords.kernels.lords_matmul, which picks the decode,
-# tiled or dequantize + cuBLAS kernel by the number of rows (results/kernels.md). "fused": Triton kernels that never
+# tiled or dequantize + cuBLAS kernel by the number of rows (results/kernels_h100.md). "fused": Triton kernels that never
 # hold the dense weight, at any number of rows. Both Triton paths call lords.kernels.ops, torch operators while
 # torch.compile traces, so a model with LoRDS layers compiles.
 BACKENDS = ("auto", "torch", "triton", "fused")

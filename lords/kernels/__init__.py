@@ -5,7 +5,7 @@ X @ ((B @ A) * C[codes])^T on the GPU, three ways:
   formed per tile or once per call;
 - forward.py's tiled kernel, the scale tile computed per K-step and shared by the rows of a tile;
 - forward.py's one-pass dequantization and cuBLAS, where the GEMM dominates and cuBLAS is the faster GEMM.
-Which one is fastest depends on the shape as well as on M (results/kernels.md: at M = 64 the tiled kernel wins by
+Which one is fastest depends on the shape as well as on M (results/kernels_h100.md: at M = 64 the tiled kernel wins by
 1.8x on 14336 x 4096 and loses by 1.8x on 4096 x 14336), so `lords_matmul` times the candidates the first time it
 meets a (row bucket, N, K, bits, dtype, integer codebook or not) and keeps the winner, as Triton's autotuner does for
 configs.
@@ -80,10 +80,12 @@ def lords_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None):
     key = (m_bucket(rows), scale_b.shape[0], scale_a.shape[1], bits, x.dtype, level_lookup(codebook).integer)
     choice = _choices.get(key)
     if choice is None:
-        gluon = ["gluon-gemv"] if gemv_ready(x, bits, scale_b, scale_a) else []  # Hopper only: lords.kernels.gluon
         if not _can_time(x):
-            return KERNELS[gluon[0] if gluon else default_choice(rows, scale_b.shape[1])](*args)
-        names = gluon + candidates(rows, scale_b.shape[1])
+            return KERNELS[default_choice(rows, scale_b.shape[1])](*args)
+        # the Gluon kernel (Hopper only, lords.kernels.gluon) is timed with the others where it runs
+        names = candidates(rows, scale_b.shape[1])
+        if gemv_ready(x, bits, scale_b, scale_a):
+            names = ["gluon-gemv", *names]
         device_name = torch.cuda.get_device_name(x.device) if x.is_cuda else x.device.type
         choice = load_choice(key, device_name)
         if choice not in names:
@@ -101,9 +103,6 @@ def lords_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None):
 
 
 def fused_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None):
-    """x @ W^T without materialising the dense weight at any M: the Gluon gemv kernel for one row where it runs,
-    decode for a few rows, else tiled."""
-    if gemv_ready(x, bits, scale_b, scale_a):
-        return gemv_matmul(x, codes, codebook, scale_b, scale_a, bits, bias)
+    """x @ W^T without materialising the dense weight at any M: decode for a few rows, else tiled."""
     kernel = decode_matmul if x.numel() // x.shape[-1] <= DECODE_ROWS else tiled_matmul
     return kernel(x, codes, codebook, scale_b, scale_a, bits, bias)

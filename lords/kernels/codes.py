@@ -28,7 +28,7 @@ from .autotune import INTERPRET, next_power_of_2
 # chooses between the two (lop3 0xE4 is "mask ? a : b"), and the high and low bytes are interleaved into the two
 # pairs. A codebook of at most 8 levels (2 and 3 bits) needs neither the second pick nor the choice. A gather from
 # the codebook in memory costs one load per weight, which measured 2.5x slower than the whole kernel without it
-# (results/kernels.md).
+# (results/kernels_h100.md).
 def _table_pairs_ptx(words: dict[str, str], levels: int, codes: str, first: str, second: str) -> str:
     def pick_bytes(out: str, half: str) -> str:  # byte k of `out`: byte (code k & 7) of levels 0-7 or 8-15 of `half`
         low = f"mov.b32 a, {words[half + '0']};\nmov.b32 b, {words[half + '1']};\nprmt.b32 {out}, a, b, s;\n"

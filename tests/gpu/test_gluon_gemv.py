@@ -18,9 +18,10 @@ pytestmark = pytest.mark.skipif(
     reason="the Gluon kernels need a Hopper GPU (sm_90) and no Triton interpreter")
 
 CALLS = 20
-# bf16 operands round the levels times x and A to 8 significant bits; the float32 accumulation adds little. The
-# Triton kernels measured up to 2.4e-3 on the same kind of inputs (results/kernel_configs.md).
-TOLERANCE = {torch.bfloat16: 6e-3, torch.float16: 3e-3}
+# bf16 operands round the levels times x and A to 8 significant bits; the float32 accumulation adds little: the
+# H200 run measured 1.7e-3 to 2.4e-3 (results/gpu_tests.md), the Triton kernels up to 2.4e-3
+# (results/kernel_configs.md).
+TOLERANCE = {torch.bfloat16: 6e-3}
 # (N, K, rank): Llama-3-8B and 70B layer shapes at the b = 64 parity rank, then edges: N not a multiple of the
 # 128-row tile, fewer rows than one tile, the smallest K (two K steps), rank 1 and the largest rank, ranks at and
 # just over a power of two
@@ -54,7 +55,7 @@ def poison() -> None:
     del poisoned
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16], ids=["bf16"])
 @pytest.mark.parametrize("kind", ["nf", "int"])
 @pytest.mark.parametrize("n,k,rank", SHAPES, ids=[f"{n}x{k}-r{rank}" for n, k, rank in SHAPES])
 def test_gemv_matches_float64(n, k, rank, kind, dtype, record_property):
@@ -107,8 +108,10 @@ def test_gemv_is_what_lords_matmul_offers_for_one_row():
     assert gemv_ready(x, 4, scale_b, scale_a)
     assert not gemv_ready(x, 3, scale_b, scale_a)  # 4 bits only
     assert not gemv_ready(torch.randn(2, 4096, device="cuda", dtype=torch.bfloat16), 4, scale_b, scale_a)
-    assert not gemv_ready(x.float(), 4, scale_b, scale_a)  # 16-bit activations only
-    assert not gemv_ready(torch.randn(1, 4097, device="cuda", dtype=torch.bfloat16)[:, 1:], 4, scale_b, scale_a)
+    assert not gemv_ready(x.float(), 4, scale_b, scale_a)  # bf16 activations and scales only: float16 gave wrong
+    assert not gemv_ready(x.half(), 4, scale_b.half(), scale_a.half())  # outputs in 2 of 22 cases on the H200
+    offset = torch.empty(32 * 4096 + 1, device="cuda", dtype=torch.bfloat16)[1:].view(32, 4096)
+    assert not gemv_ready(x, 4, scale_b, offset)  # A is read by TMA, which needs 16-byte alignment
     assert "gluon-gemv" not in candidates(1, 32)  # offered by lords_matmul itself, where gemv_ready says so
     # 28672 x 8192 at rank 99: no split of the work keeps a program within MAX_PIECES row tiles
     _, _, _, scale_b, scale_a = random_layer(28672, 8192, 99, "nf", torch.bfloat16, generator)
