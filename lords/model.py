@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from .codebooks import get_codebook
 from .config import LoRDSConfig
 from .factorize import LoRDSFactors, check_weight, lords_quantize, parity_rank, reconstruct, relative_error
+from .hf import mark_quantized
 from .linear import LoRDSLinear
 
 
@@ -231,12 +232,18 @@ def quantize(
 
     calibration: token ids (N, L); when given, the refinement weighs input channels by E[x^2] (activation-aware).
     device: where the refinement runs (default: CUDA when present); same-shaped layers run batched.
+    A transformers model is then marked quantized (lords.hf.mark_quantized), so that save_pretrained writes a
+    folder from_pretrained loads.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return walk_blocks(
-        model, config or LoRDSConfig(), partial(lords_linear_group, device=device), calibration,
-        batch_size=batch_size, progress=progress,
+    config = config or LoRDSConfig()
+    reports = walk_blocks(
+        model, config, partial(lords_linear_group, device=device), calibration, batch_size=batch_size,
+        progress=progress,
     )
+    if getattr(model, "config", None) is not None and hasattr(model, "save_pretrained"):
+        mark_quantized(model, config)
+    return reports
 
 
 def kernel_launches(model: nn.Module, rows=(1, 16, 2048), dtype: torch.dtype | None = None) -> list[tuple]:
