@@ -5,6 +5,8 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 from transformers import AutoModelForCausalLM
 
 import lords
@@ -90,3 +92,34 @@ def test_a_dense_model_is_not_quantized_on_load(model_folder):
                                                                      "scale_dtype": "bfloat16"}})
     with pytest.raises(ValueError, match="does require the model to be pre-quantized"):
         AutoModelForCausalLM.from_pretrained(model_folder, quantization_config=config)
+
+
+class FloatAllocations(TorchDispatchMode):
+    """Records every floating tensor an operator produces off the meta device whose shape is one of `shapes`."""
+
+    def __init__(self, shapes):
+        super().__init__()
+        self.shapes, self.seen = set(shapes), []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if (isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and tensor.device.type != "meta"
+                    and tuple(tensor.shape) in self.shapes):
+                self.seen.append((str(func), tuple(tensor.shape)))
+        return out
+
+
+def test_loading_never_allocates_a_dense_weight_of_a_quantized_linear(quantized, folder, monkeypatch):
+    """from_pretrained builds the model on the meta device and swaps in meta LoRDSLinear layers before reading any
+    tensor: no (out, in) float tensor of a quantized linear is ever made (codes are uint8, scales (out, r) and
+    (r, in)). The watcher itself is checked on what lords.load did before: build the dense model, then replace."""
+    monkeypatch.setenv("HF_DEACTIVATE_ASYNC_LOAD", "1")  # every tensor read in this thread, which the watcher sees
+    shapes = {(m.out_features, m.in_features) for m in quantized.modules() if isinstance(m, LoRDSLinear)}
+    with FloatAllocations(shapes) as watcher:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    assert watcher.seen == []
+    assert torch.equal(model(IDS).logits, quantized(IDS).logits)
+    with FloatAllocations(shapes) as watcher:
+        AutoModelForCausalLM.from_config(quantized.config)
+    assert len(watcher.seen) >= 14  # the old path allocated (and initialised) every dense weight
