@@ -133,6 +133,28 @@ class ShardedSafetensors:
             (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2))
 
 
+def read_header(path: Path) -> tuple[int, dict]:
+    """(offset of the data, {name: entry}) of a safetensors file."""
+    with open(path, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(length))
+    header.pop("__metadata__", None)
+    return 8 + length, header
+
+
+def read_tensor(path: Path, data_start: int, entry: dict) -> torch.Tensor:
+    """One tensor of a safetensors file, read with plain file reads: unlike a memory map, nothing of the file stays
+    resident once the tensor is freed, so streaming a model through host memory keeps one tensor in it at a time."""
+    begin, end = entry["data_offsets"]
+    data = bytearray(end - begin)
+    with open(path, "rb", buffering=0) as handle:
+        handle.seek(data_start + begin)
+        if handle.readinto(data) != len(data):
+            raise CheckpointError(f"{path} is truncated: {entry} runs past its end")
+    dtype = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}[entry["dtype"]]
+    return torch.frombuffer(data, dtype=torch.uint8).view(dtype).reshape(entry["shape"])
+
+
 def quantized_tensor_names(model: nn.Module) -> set[str]:
     """The tensors stored as LoRDSLinear holds them (codes, codebook, scales); a LoRDS bias is dense like the rest."""
     return {f"{name}.{key}" for name, module in model.named_modules() if isinstance(module, LoRDSLinear)
@@ -149,15 +171,20 @@ def dense_dtype(model: nn.Module) -> torch.dtype:
 
 
 def storage_dtype(model: nn.Module, dtype: torch.dtype | str | None = None) -> torch.dtype:
-    """The dtype a checkpoint stores the non-quantized tensors in: the one named; else the source model's 16-bit
-    dtype (model.source_dtype, which lords.assets.load_pretrained records before computing in float32 on a CPU) or
-    the model's own if 16-bit; else bfloat16. So float32 is stored only when asked for."""
+    """The dtype a checkpoint stores the model's non-quantized tensors in (choose_storage_dtype): the source model's
+    dtype is model.source_dtype, which lords.assets.load_pretrained records before computing in float32 on a CPU."""
+    return choose_storage_dtype(dtype, (getattr(model, "source_dtype", None), dense_dtype(model)))
+
+
+def choose_storage_dtype(dtype: torch.dtype | str | None, candidates) -> torch.dtype:
+    """The dtype named; else the first 16-bit one of the candidates (the source's, the model's); else bfloat16. So
+    float32 is stored only when asked for."""
     if dtype is not None:
-        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        dtype = getattr(torch, dtype, dtype) if isinstance(dtype, str) else dtype
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating dtype such as bfloat16, float16 or float32, got {dtype!r}")
         return dtype
-    for candidate in (getattr(model, "source_dtype", None), dense_dtype(model)):
+    for candidate in candidates:
         if candidate in (torch.bfloat16, torch.float16):
             return candidate
     return torch.bfloat16
@@ -187,26 +214,38 @@ def save(model: nn.Module, folder: str | Path, config: LoRDSConfig | None = None
         raise ValueError("the model has no LoRDSLinear layers; quantize it before saving")
     stored = storage_dtype(model, dtype)
     mark_quantized(model, config)
-    quantized = quantized_tensor_names(model)
-    tensors, seen = {}, set()
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if id(tensor) not in seen:  # a tied weight (lm_head = embed_tokens) is stored once, under its first name
-            seen.add(id(tensor))
-            tensors[name] = tensor
-    targets = {name: tensor.dtype if name in quantized or not tensor.is_floating_point() else stored
-               for name, tensor in tensors.items()}
+    tensors = unique_tensors(model)
+    specs = checkpoint_specs(model, stored)
 
     def write(staging: Path) -> None:
-        writer = ShardedSafetensors(
-            staging, {name: (tuple(t.shape), targets[name]) for name, t in tensors.items()}, max_shard_size)
+        writer = ShardedSafetensors(staging, specs, max_shard_size)
         for name, tensor in tensors.items():
-            writer.write(name, tensor.detach().to(targets[name]))
+            writer.write(name, tensor.detach().to(specs[name][1]))
         writer.close()
         write_model_config(model, staging, stored)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
 
     return write_folder(folder, overwrite, write)
+
+
+def unique_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with a tied weight (lm_head = embed_tokens) once, under its first name, as transformers saves."""
+    tensors, seen = {}, set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            tensors[name] = tensor
+    return tensors
+
+
+def checkpoint_specs(model: nn.Module, stored: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name -> (shape, dtype) of every tensor a checkpoint of the model holds (the model may be on the meta device):
+    LoRDS tensors as the layers hold them, other floating tensors in the stored dtype."""
+    quantized = quantized_tensor_names(model)
+    return {name: (tuple(tensor.shape),
+                   tensor.dtype if name in quantized or not tensor.is_floating_point() else stored)
+            for name, tensor in unique_tensors(model).items()}
 
 
 def write_model_config(model: nn.Module, folder: Path, stored: torch.dtype) -> None:

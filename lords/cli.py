@@ -32,6 +32,7 @@ def _output_folder(args) -> Path:
 def cmd_quantize(args) -> None:
     from . import LoRDSConfig, quantize, save
     from .assets import calibration_tokens
+    from .checkpoint import storage_dtype
     from .model import format_report
 
     device = _device(args.device)
@@ -50,8 +51,11 @@ def cmd_quantize(args) -> None:
     reports = quantize(model, config, calibration=calibration, device=device)
     print(format_report(reports))
     print(f"quantized in {time.perf_counter() - start:.1f} s")
-    save(model, out, config=config, tokenizer=tokenizer, overwrite=args.overwrite)
-    print(f"saved to {out}")
+    save(model, out, config=config, tokenizer=tokenizer, overwrite=args.overwrite, dtype=args.dtype,
+         max_shard_size=args.max_shard_size)
+    size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    print(f"saved to {out} ({size / 1e6:.1f} MB; tensors that are not quantized in "
+          f"{str(storage_dtype(model, args.dtype)).removeprefix('torch.')})")
     if args.eval:
         _print_perplexity(model, tokenizer, args.seq_len, args.max_tokens)
 
@@ -419,6 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-samples", type=int, default=64)
     q.add_argument("--calib-len", type=int, default=512)
     q.add_argument("--out", required=True, help="output folder")
+    q.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
+                   help="dtype of the tensors that are not quantized (default: the source's 16-bit dtype, else bf16)")
+    q.add_argument("--max-shard-size", default="5GB", help="split larger checkpoints into shards of this size")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     q.add_argument("--eval", action="store_true", help="print held-out perplexity after saving")
     q.set_defaults(func=cmd_quantize)

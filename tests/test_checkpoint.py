@@ -110,3 +110,65 @@ def test_not_a_checkpoint(tmp_path, model_folder):
 def test_saving_an_unquantized_model_is_refused(tiny_llama, tmp_path):
     with pytest.raises(ValueError, match="no LoRDSLinear layers"):
         lords.save(tiny_llama, tmp_path / "ckpt")
+
+
+def stored_dtypes(folder) -> dict[str, torch.dtype]:
+    from safetensors import safe_open
+
+    dtypes = {}
+    for file in folder.glob("*.safetensors"):
+        with safe_open(file, "pt") as handle:
+            dtypes.update({name: handle.get_slice(name).get_dtype() for name in handle.keys()})
+    return dtypes
+
+
+@pytest.mark.parametrize("source,named,expected", [
+    (torch.float16, None, "F16"),  # a 16-bit source keeps its dtype
+    (torch.bfloat16, None, "BF16"),
+    (torch.float32, None, "BF16"),  # float32 only when asked for
+    (torch.float16, "float32", "F32"),
+])
+def test_unquantized_tensors_keep_the_source_dtype_or_the_named_one(quantized, tmp_path, source, named, expected):
+    quantized.source_dtype = source
+    folder = lords.save(quantized, tmp_path / "ckpt", dtype=named)
+    dtypes = stored_dtypes(folder)
+    assert "lm_head.weight" not in dtypes  # tied to the embedding: stored once
+    for name, dtype in dtypes.items():
+        if name.endswith((".scale_b", ".scale_a")):
+            assert dtype == "BF16", name  # the scales' own dtype (LoRDSConfig.scale_dtype)
+        elif name.endswith(".codes"):
+            assert dtype == "U8", name
+        elif name.endswith(".codebook"):
+            assert dtype == "F32", name  # the levels exactly
+        else:
+            assert dtype == expected, name  # embeddings, norms
+    assert json.loads((folder / "config.json").read_text())["dtype"] == {
+        "F16": "float16", "BF16": "bfloat16", "F32": "float32"}[expected]
+    assert quantized.model.embed_tokens.weight.dtype == torch.float32  # the model in memory is left as it was
+
+
+def test_large_checkpoints_are_sharded_as_transformers_does(quantized, tmp_path):
+    ids = torch.randint(0, 96, (2, 11))
+    folder = lords.save(quantized, tmp_path / "ckpt", dtype=torch.float32, max_shard_size="40KB")
+    shards = sorted(p.name for p in folder.glob("*.safetensors"))
+    assert len(shards) > 1 and shards == [f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                                          for i in range(1, len(shards) + 1)]
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == shards
+    assert index["metadata"]["total_size"] == sum(
+        t.numel() * t.element_size() for n, t in quantized.state_dict().items() if n != "lm_head.weight")
+    assert all((folder / shard).stat().st_size <= 40_000 + 4_000 for shard in shards)  # + the header
+    assert torch.equal(lords.load(folder)(ids).logits, quantized(ids).logits)
+
+
+@pytest.mark.parametrize("size,message", [("5 parsecs", "shard size must be bytes or a size like '5GB'"),
+                                          (0, "shard size must be positive")])
+def test_bad_shard_size_is_named(quantized, tmp_path, size, message):
+    with pytest.raises(ValueError, match=message):
+        lords.save(quantized, tmp_path / "ckpt", max_shard_size=size)
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_bad_dtype_is_named(quantized, tmp_path):
+    with pytest.raises(ValueError, match="dtype must be a floating dtype .* got torch.int8"):
+        lords.save(quantized, tmp_path / "ckpt", dtype=torch.int8)
