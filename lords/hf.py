@@ -86,6 +86,23 @@ class LoRDSQuantizationConfig(QuantizationConfigMixin):
         return cls(layers, config.to_dict() if config is not None else None)
 
 
+def replace_linears(model: nn.Module, layers: dict[str, dict]) -> None:
+    """Swap each named nn.Linear of a meta-device model for an empty (meta) LoRDSLinear of the entry's layout."""
+    for name, entry in layers.items():
+        try:
+            original = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"quantization_config names layer {name}, which the model does not have") from None
+        if not isinstance(original, nn.Linear):
+            raise ValueError(f"quantization_config names layer {name}, a {type(original).__name__} in the model, "
+                             "not an nn.Linear")
+        with torch.device("cpu"):  # the codebook table is computed, on the CPU; every tensor is then meta
+            module = LoRDSLinear(original.in_features, original.out_features, entry["bits"], entry["rank"],
+                                 entry["codebook"], False, getattr(torch, entry["scale_dtype"]), device="meta")
+        module.bias = original.bias  # a meta parameter in the model's dtype
+        model.set_submodule(name, module)
+
+
 class LoRDSHfQuantizer(HfQuantizer):
     """Loads pre-quantized lords checkpoints (quantizing happens in lords.quantize, with calibration data)."""
 
@@ -95,19 +112,7 @@ class LoRDSHfQuantizer(HfQuantizer):
         return False  # every tensor is stored as the module holds it
 
     def _process_model_before_weight_loading(self, model, **kwargs):
-        for name, entry in self.quantization_config.layers.items():
-            try:
-                original = model.get_submodule(name)
-            except AttributeError:
-                raise ValueError(f"quantization_config names layer {name}, which the model does not have") from None
-            if not isinstance(original, nn.Linear):
-                raise ValueError(f"quantization_config names layer {name}, a {type(original).__name__} in the "
-                                 "model, not an nn.Linear")
-            with torch.device("cpu"):  # the codebook table is computed, on the CPU; every tensor is then meta
-                module = LoRDSLinear(original.in_features, original.out_features, entry["bits"], entry["rank"],
-                                     entry["codebook"], False, getattr(torch, entry["scale_dtype"]), device="meta")
-            module.bias = original.bias  # a meta parameter in the model's dtype
-            model.set_submodule(name, module)
+        replace_linears(model, self.quantization_config.layers)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
