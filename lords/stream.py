@@ -268,18 +268,34 @@ def quantize_to_folder(
                 writer.write(name, source.tensor(name, "cpu").to(stored_dtype))
         group = partial(lords_linear_group, device=device)
         bar = tqdm(total=len(layers), desc="quantizing layers", disable=not progress)
-        for block in walk_blocks(model, source, calibration, device, compute, batch_size):
-            targets = block_targets(block.module, block.name, config)
-            stats = None
-            if calibration is not None:
-                names = {layer: name for name, layer in targets}
-                moments = channel_second_moments(block.module, list(names), block.inputs)
-                stats = {names[layer]: value for layer, value in moments.items()}
-            reports.extend(quantize_targets(model, targets, config, group, stats, max_batch_numel, bar))
-            for name, _ in targets:
+        pending, stats = [], {}
+
+        def flush() -> None:
+            reports.extend(quantize_targets(model, pending, config, group, stats or None, max_batch_numel, bar))
+            for name, _ in pending:
                 layer = model.get_submodule(name)
                 for key in ("codes", "codebook", "scale_b", "scale_a"):
                     writer.write(f"{name}.{key}", getattr(layer, key))
+                layer.to("meta")
+            pending.clear()
+
+        for block in walk_blocks(model, source, calibration, device, compute, batch_size):
+            targets = block_targets(block.module, block.name, config)
+            if calibration is not None:
+                names = {layer: name for name, layer in targets}
+                moments = channel_second_moments(block.module, list(names), block.inputs)
+                stats.update({names[layer]: value for layer, value in moments.items()})
+            # The targets leave the block, which the walk frees, and wait until they fill a stack: the blocks of a
+            # small model are then refined together, as in memory (small stacks cost their per-step overhead each);
+            # a block of an 8B model fills its stacks alone.
+            for name, layer in targets:
+                model.set_submodule(name, nn.Linear(layer.in_features, layer.out_features, layer.bias is not None,
+                                                    device="meta"))
+            pending.extend(targets)
+            if sum(layer.weight.numel() for _, layer in pending) >= max_batch_numel:
+                flush()
+        if pending:
+            flush()
         bar.close()
         writer.close()
         write_model_config(output, staging, stored)
