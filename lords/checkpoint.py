@@ -328,5 +328,6 @@ def load(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dt
 
 
 def _stored_dtype(folder: Path) -> torch.dtype | None:
-    stored = _config_file(folder).get("dtype") or _config_file(folder).get("torch_dtype")
+    values = _config_file(folder)
+    stored = values.get("dtype") or values.get("torch_dtype")
     return getattr(torch, stored, None) if isinstance(stored, str) else None
