@@ -279,7 +279,8 @@ def quantize_to_folder(
                 layer.to("meta")
             pending.clear()
 
-        for block in walk_blocks(model, source, calibration, device, compute, batch_size):
+        blocks = walk_blocks(model, source, calibration, device, compute, batch_size)
+        for block in tqdm(blocks, desc="reading blocks", total=len(find_blocks(model)[1]), disable=not progress):
             targets = block_targets(block.module, block.name, config)
             if calibration is not None:
                 names = {layer: name for name, layer in targets}
