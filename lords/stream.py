@@ -1,12 +1,12 @@
-"""The streaming quantizer: a model is quantized one decoder block at a time, read from a source (a folder of
-safetensors files, a synthetic generator of random weights, or a model already in memory) and written to a lords
-checkpoint as soon as each block is done, so neither host nor GPU memory ever holds the dense model.
+"""The streaming quantizer: a model is read one decoder block at a time from a source (a folder of safetensors
+files, a synthetic generator of random weights, or a model already in memory), and its layers are written to a lords
+checkpoint as soon as they are quantized, so neither host nor GPU memory ever holds the dense model.
 
 Two parts, kept apart so that later quantizers can reuse the first:
 - walk_blocks walks a meta-device model: it materialises one block from the source on the device, hands it over
   with the calibration activations that reach it, then runs it to get the next block's inputs and frees it.
-- quantize_to_folder quantizes each block handed over (its statistics, then lords.model.quantize_targets) and
-  writes it.
+- quantize_to_folder takes each block's statistics and layers, quantizes the layers once they fill a refinement
+  stack (lords.model.quantize_targets: one block of an 8B model, every block of a small one) and writes them.
 The next block's inputs come from the dense block, so the statistics are those of lords.quantize (as in AWQ) and
 the result is the in-memory path's. walk_blocks(feedback=True) takes them from the block as the consumer left it
 instead: what an error-feedback quantizer (GPTQ-style, each block calibrated on the quantized blocks before it)
