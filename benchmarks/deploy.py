@@ -6,13 +6,14 @@
 - load: AutoModelForCausalLM.from_pretrained of the lords checkpoint (time, peak host memory against its size);
 - generate: a fresh process's first 64-token greedy generate against the same call once warm;
 - synthetic: a SyntheticSource of the config's shapes (70B, 405B: no disk or host memory could hold them) streamed
-  for a few blocks (--blocks), extrapolated to the whole model.
+  for a few blocks (--blocks), extrapolated to the whole model by the median time a block took (meaningful where
+  each block fills its own refinement stacks, as from 8B up; a tiny model's blocks share one stack).
 
     python -m benchmarks.deploy --device cpu --config tiny                      # every step, on the CPU
     python -m benchmarks.deploy --device cpu --config small --run make stream load   # a checkpoint of ~450 MB
     python -m benchmarks.deploy --device cuda --config 8b --run make stream in-memory    # H200, one call each,
     python -m benchmarks.deploy --device cuda --config 8b --run load generate            # each within minutes
-    python -m benchmarks.deploy --device cuda --config 70b --run synthetic --blocks 1 4
+    python -m benchmarks.deploy --device cuda --config 70b --run synthetic --blocks 4
 
 Each step adds its record to --results/deploy.json (replacing an earlier one of the same config, step and device)
 and rewrites deploy.md from all records: a table per step, under the commands that produced its rows. On the GPU
@@ -204,32 +205,45 @@ def step_generate(args, work: Path, device: torch.device) -> dict:
             "first_tokens_per_s": 64 / seconds[0], "steady_tokens_per_s": 64 / steady}
 
 
+class BlockClock:
+    """A source that notes when each decoder block is first read: the walk reads block i + 1 once block i is done
+    (read, run, quantized and written, as each block of a 70B model fills its own refinement stacks)."""
+
+    def __init__(self, source):
+        self.source, self.starts = source, {}
+
+    def __getattr__(self, name):
+        return getattr(self.source, name)
+
+    def tensor(self, name: str, device) -> torch.Tensor:
+        now, tensor = time.perf_counter(), self.source.tensor(name, device)
+        parts = name.split(".")
+        if "layers" in parts and tensor.dim() > 1:  # a block's norms are copied ahead; its matrices come with it
+            self.starts.setdefault(int(parts[parts.index("layers") + 1]), now)
+        return tensor
+
+
 def step_synthetic(args, work: Path, device: torch.device) -> dict:
-    """--blocks K1 K2 ...: the config's shapes truncated to K blocks, generated and streamed to disk (then deleted);
-    two or more K give the time of a block apart from the fixed part (embeddings, lm_head, calibration capture)."""
+    """The config's shapes truncated to --blocks blocks, generated on the device, streamed to disk (then deleted);
+    the median time between the starts of consecutive blocks extrapolates to the whole model."""
     from lords.stream import SyntheticSource, quantize_to_folder
 
-    runs = []
-    for blocks in args.blocks:
-        config = llama_config(args.config, blocks)
-        source = SyntheticSource(config, seed=0, dtype=torch.bfloat16, device=device)
-        calib = calibration(config, args)
-        peaks = Peaks(device)
-        peaks.start()
-        out = work / f"synthetic-{blocks}"
-        quantize_to_folder(source, out, lords_config(args), calib, device=device, overwrite=True,
-                           max_shard_size=args.max_shard_size, progress=False)
-        runs.append({"blocks": blocks, **peaks.stop(), "size_GiB": folder_size(out)})
-        shutil.rmtree(out)
+    config = llama_config(args.config, args.blocks)
+    source = BlockClock(SyntheticSource(config, seed=0, dtype=torch.bfloat16, device=device))
+    calib = calibration(config, args)
+    peaks = Peaks(device)
+    peaks.start()
+    out = work / "synthetic"
+    quantize_to_folder(source, out, lords_config(args), calib, device=device, overwrite=True,
+                       max_shard_size=args.max_shard_size, progress=False)
+    figures = {**peaks.stop(), "size_GiB": folder_size(out), "blocks": args.blocks}
+    shutil.rmtree(out)
+    starts = [source.starts[index] for index in range(args.blocks)]
+    intervals = sorted(later - earlier for earlier, later in zip(starts, starts[1:]))
+    per_block = intervals[len(intervals) // 2]
     total = CONFIGS[args.config]["num_hidden_layers"]
-    if len(runs) > 1:
-        first, last = runs[0], runs[-1]
-        per_block = (last["seconds"] - first["seconds"]) / (last["blocks"] - first["blocks"])
-        fixed = first["seconds"] - per_block * first["blocks"]
-    else:
-        per_block, fixed = runs[0]["seconds"] / runs[0]["blocks"], 0.0
-    return {"runs": runs, "seconds_per_block": per_block, "fixed_seconds": fixed, "blocks_in_model": total,
-            "extrapolated_seconds": fixed + per_block * total}
+    return {**figures, "block_seconds": intervals, "seconds_per_block": per_block, "blocks_in_model": total,
+            "extrapolated_seconds": figures["seconds"] + (total - args.blocks) * per_block}
 
 
 def run_worker(args) -> None:
@@ -295,12 +309,11 @@ def render(records: list[dict]) -> str:
                                 f"{r['first_over_steady']:.2f}",
                                 f"{r['first_tokens_per_s']:.1f}, {r['steady_tokens_per_s']:.1f}"]),
         "synthetic": ("Synthetic source (generated on the device block by block) streamed, extrapolated to all blocks",
-                      ["config", "device", "steps", "blocks: seconds, GPU peak, host peak (GiB)", "s / block",
-                       "fixed (s)", "extrapolated to all blocks (s)"],
-                      lambda r: [str(r["steps"]), "; ".join(
-                                     f"{run['blocks']}: {run['seconds']:.1f} s, {gib(run.get('gpu_peak_GiB'))}, "
-                                     f"{gib(run['host_peak_GiB'])}" for run in r["runs"]),
-                                 seconds(r["seconds_per_block"]), seconds(r["fixed_seconds"]),
+                      ["config", "device", "steps", "blocks streamed: seconds", "GPU peak (GiB)",
+                       "host peak (rise) (GiB)", "s / block (median)", "extrapolated to all blocks (s)"],
+                      lambda r: [str(r["steps"]), f"{r['blocks']}: {r['seconds']:.1f}", gib(r.get("gpu_peak_GiB")),
+                                 f"{gib(r['host_peak_GiB'])} ({gib(r['host_rise_GiB'])})",
+                                 seconds(r["seconds_per_block"]),
                                  f"{r['extrapolated_seconds']:.0f} ({r['blocks_in_model']} blocks)"]),
     }
     for step, (title, header, row) in tables.items():
@@ -326,7 +339,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100, help="refinement steps (the issue's figures used 100)")
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--calib-len", type=int, default=512)
-    parser.add_argument("--blocks", type=int, nargs="+", default=[1, 2], help="synthetic: blocks streamed per run")
+    parser.add_argument("--blocks", type=int, default=4, help="synthetic: blocks streamed (at least 2)")
     parser.add_argument("--max-shard-size", default="5GB")
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "lords-deploy"),
                         help="where the source and checkpoints are written (kept between calls)")
