@@ -40,25 +40,30 @@ def gguf_file(folder: Path) -> str | None:
 
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """(model, tokenizer) from a lords checkpoint, a transformers folder or a folder holding one .gguf file."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(model, tokenizer) from a lords checkpoint, a transformers folder or a folder holding one .gguf file.
 
-    from .checkpoint import CONFIG_NAME, load
+    A dense model computes in dtype (default: bf16 on a GPU, float32 on the CPU); its source's dtype is kept in
+    model.source_dtype, which lords.save stores the unquantized tensors in."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .checkpoint import is_checkpoint, load
 
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"model folder {path} does not exist (nothing is downloaded; give a local folder)")
     device = torch.device(device)
-    if (path / CONFIG_NAME).is_file():
-        return load(path, device), AutoTokenizer.from_pretrained(path)
+    if is_checkpoint(path):
+        return load(path, device, dtype), AutoTokenizer.from_pretrained(path)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     gguf = gguf_file(path)
     tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf)
+    source_dtype = None if gguf else AutoConfig.from_pretrained(path).dtype
     model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf, dtype=dtype)
     if gguf:  # transformers marks a GGUF load as quantized, though it dequantized every tensor: the model is dense
         model.hf_quantizer, model.is_quantized = None, False
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
+    model.source_dtype = source_dtype
     return model.to(device).eval(), tokenizer
 
 

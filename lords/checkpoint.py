@@ -1,10 +1,15 @@
-"""Checkpoint folders: model.safetensors + lords_config.json + the model's own config and tokenizer files.
+"""Checkpoint folders: a transformers folder (config.json with a "lords" quantization_config, safetensors shards as
+transformers writes them, generation config, tokenizer), so that AutoModelForCausalLM.from_pretrained loads it once
+lords is imported (lords.hf). save and load are the thin lords entry points.
 
 Written to a temporary sibling folder and renamed into place, so an interrupted save never leaves a half-written
 checkpoint under the requested name, and an existing folder is only replaced when the caller asks for it.
 """
 
+import copy
 import json
+import math
+import re
 import shutil
 import uuid
 from collections.abc import Callable
@@ -12,45 +17,25 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
 from torch import nn
 
-from . import __version__
 from .config import LoRDSConfig
+from .hf import QUANT_METHOD, LoRDSQuantizationConfig, mark_quantized
 from .linear import LoRDSLinear
-from .model import set_submodule
 
-# 2: codes in lords.packing's segment layout, one row of bytes per output feature (1 was a flat stream).
-FORMAT_VERSION = 2
 WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "lords_config.json"
+INDEX_NAME = "model.safetensors.index.json"
+LEGACY_CONFIG_NAME = "lords_config.json"  # format 2: beside model.safetensors, before the transformers integration
+DEFAULT_SHARD_SIZE = "5GB"
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
 class CheckpointError(ValueError):
     pass
-
-
-def _layer_entries(model: nn.Module) -> dict[str, dict]:
-    return {
-        name: {
-            "in_features": module.in_features,
-            "out_features": module.out_features,
-            "bits": module.bits,
-            "rank": module.rank,
-            "codebook": module.codebook_kind,
-            "bias": module.bias is not None,
-            "scale_dtype": str(module.scale_b.dtype).removeprefix("torch."),
-        }
-        for name, module in model.named_modules()
-        if isinstance(module, LoRDSLinear)
-    }
-
-
-def _dense_dtype(model: nn.Module) -> str:
-    for name, param in model.named_parameters():
-        if not name.endswith(("scale_a", "scale_b")):
-            return str(param.dtype).removeprefix("torch.")
-    return "float32"
 
 
 def write_folder(folder: str | Path, overwrite: bool, write: Callable[[Path], None]) -> Path:
@@ -77,80 +62,272 @@ def write_folder(folder: str | Path, overwrite: bool, write: Callable[[Path], No
     return folder
 
 
-def save(model: nn.Module, folder: str | Path, config: LoRDSConfig | None = None, tokenizer=None, overwrite: bool = False):
-    """Save a LoRDS-quantized model. Refuses a non-empty existing folder unless overwrite=True."""
-    layers = _layer_entries(model)
-    if not layers:
+def parse_size(size: int | str) -> int:
+    """Bytes from 1000000, "500MB", "5GB" or "2GiB" (transformers' max_shard_size)."""
+    if isinstance(size, int):
+        value = size
+    else:
+        match = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]I?B|B)?\s*", str(size).upper())
+        if match is None:
+            raise ValueError(f"shard size must be bytes or a size like '5GB', got {size!r}")
+        value = int(float(match.group(1)) * SIZE_UNITS[match.group(2) or "B"])
+    if value < 1:
+        raise ValueError(f"shard size must be positive, got {size!r}")
+    return value
+
+
+class ShardedSafetensors:
+    """Writes tensors whose names, shapes and dtypes are known in advance into transformers' safetensors layout
+    (model.safetensors, or model-0000i-of-0000N.safetensors shards of at most max_shard_size + the index), one tensor
+    at a time: every file's header is written first and each tensor goes straight to its offset, so nothing is held
+    in memory beyond the tensor being written (the streaming quantizer writes a block as soon as it is done)."""
+
+    def __init__(self, folder: Path, specs: dict[str, tuple[tuple[int, ...], torch.dtype]], max_shard_size):
+        limit = parse_size(max_shard_size)
+        shards: list[list[str]] = [[]]
+        size = 0
+        for name, (shape, dtype) in specs.items():
+            nbytes = math.prod(shape) * dtype.itemsize
+            if shards[-1] and size + nbytes > limit:
+                shards.append([])
+                size = 0
+            shards[-1].append(name)
+            size += nbytes
+        files = [WEIGHTS_NAME] if len(shards) == 1 else [
+            f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        self.folder, self.specs, self.places, self.pending = folder, specs, {}, set(specs)
+        self.weight_map = {name: file for file, members in zip(files, shards) for name in members}
+        for file, members in zip(files, shards):
+            header, offset = {"__metadata__": {"format": "pt"}}, 0
+            for name in members:
+                shape, dtype = specs[name]
+                end = offset + math.prod(shape) * dtype.itemsize
+                header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                                "data_offsets": [offset, end]}
+                self.places[name] = offset
+                offset = end
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * (-len(raw) % 8)  # safetensors aligns the data to 8 bytes
+            with open(folder / file, "wb") as handle:
+                handle.write(len(raw).to_bytes(8, "little") + raw)
+                handle.truncate(8 + len(raw) + offset)
+            for name in members:
+                self.places[name] += 8 + len(raw)
+        self.total_size = sum(math.prod(shape) * dtype.itemsize for shape, dtype in specs.values())
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        shape, dtype = self.specs[name]
+        if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+            raise ValueError(f"{name}: expected {dtype} {tuple(shape)}, got {tensor.dtype} {tuple(tensor.shape)}")
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        with open(self.folder / self.weight_map[name], "r+b") as handle:
+            handle.seek(self.places[name])
+            handle.write(data)
+        self.pending.discard(name)
+
+    def close(self) -> None:
+        if self.pending:
+            raise RuntimeError(f"{len(self.pending)} tensors were never written, e.g. {sorted(self.pending)[:3]}")
+        if len(set(self.weight_map.values())) > 1:
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
+            (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2))
+
+
+def read_header(path: Path) -> tuple[int, dict]:
+    """(offset of the data, {name: entry}) of a safetensors file."""
+    with open(path, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(length))
+    header.pop("__metadata__", None)
+    return 8 + length, header
+
+
+def read_tensor(path: Path, data_start: int, entry: dict) -> torch.Tensor:
+    """One tensor of a safetensors file, read with plain file reads: unlike a memory map, nothing of the file stays
+    resident once the tensor is freed, so streaming a model through host memory keeps one tensor in it at a time."""
+    begin, end = entry["data_offsets"]
+    data = bytearray(end - begin)
+    with open(path, "rb", buffering=0) as handle:
+        handle.seek(data_start + begin)
+        if handle.readinto(data) != len(data):
+            raise CheckpointError(f"{path} is truncated: {entry} runs past its end")
+    dtype = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}[entry["dtype"]]
+    return torch.frombuffer(data, dtype=torch.uint8).view(dtype).reshape(entry["shape"])
+
+
+def quantized_tensor_names(model: nn.Module) -> set[str]:
+    """The tensors stored as LoRDSLinear holds them (codes, codebook, scales); a LoRDS bias is dense like the rest."""
+    return {f"{name}.{key}" for name, module in model.named_modules() if isinstance(module, LoRDSLinear)
+            for key in ("codes", "codebook", "scale_b", "scale_a")}
+
+
+def dense_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's floating tensors outside the LoRDS layers (embeddings, norms, lm_head, biases)."""
+    quantized = quantized_tensor_names(model)
+    for name, tensor in model.state_dict().items():
+        if name not in quantized and tensor.is_floating_point():
+            return tensor.dtype
+    return torch.bfloat16
+
+
+def storage_dtype(model: nn.Module, dtype: torch.dtype | str | None = None) -> torch.dtype:
+    """The dtype a checkpoint stores the model's non-quantized tensors in (choose_storage_dtype): the source model's
+    dtype is model.source_dtype, which lords.assets.load_pretrained records before computing in float32 on a CPU."""
+    return choose_storage_dtype(dtype, (getattr(model, "source_dtype", None), dense_dtype(model)))
+
+
+def choose_storage_dtype(dtype: torch.dtype | str | None, candidates) -> torch.dtype:
+    """The dtype named; else the first 16-bit one of the candidates (the source's, the model's); else bfloat16. So
+    float32 is stored only when asked for."""
+    if dtype is not None:
+        dtype = getattr(torch, dtype, dtype) if isinstance(dtype, str) else dtype
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating dtype such as bfloat16, float16 or float32, got {dtype!r}")
+        return dtype
+    for candidate in candidates:
+        if candidate in (torch.bfloat16, torch.float16):
+            return candidate
+    return torch.bfloat16
+
+
+def save(model: nn.Module, folder: str | Path, config: LoRDSConfig | None = None, tokenizer=None,
+         overwrite: bool = False, dtype: torch.dtype | str | None = None,
+         max_shard_size: int | str = DEFAULT_SHARD_SIZE) -> Path:
+    """Save a LoRDS-quantized model as a transformers folder that from_pretrained (after `import lords`) loads.
+
+    Args:
+        config: the LoRDSConfig it was quantized with, recorded in config.json (not needed to load).
+        tokenizer: saved beside the model when given.
+        overwrite: replace a non-empty existing folder (refused otherwise).
+        dtype: storage dtype of the tensors that are not quantized (storage_dtype: by default the source's bf16 or
+            fp16, never a silent float32). The model in memory is not changed.
+        max_shard_size: larger checkpoints are split into model-0000i-of-0000N.safetensors + index, as transformers
+            does.
+
+    Example::
+
+        lords.quantize(model, lords.LoRDSConfig(bits=4), calibration=tokens)
+        lords.save(model, "model-lords-4bit", tokenizer=tokenizer, max_shard_size="2GB")
+        model = AutoModelForCausalLM.from_pretrained("model-lords-4bit", device_map="auto")
+    """
+    if not any(isinstance(module, LoRDSLinear) for module in model.modules()):
         raise ValueError("the model has no LoRDSLinear layers; quantize it before saving")
+    stored = storage_dtype(model, dtype)
+    mark_quantized(model, config)
+    tensors = unique_tensors(model)
+    specs = checkpoint_specs(model, stored)
 
     def write(staging: Path) -> None:
-        save_model(model, str(staging / WEIGHTS_NAME), metadata={"format": "pt", "producer": "lords"})
-        meta = {
-            "format": "lords",
-            "format_version": FORMAT_VERSION,
-            "lords_version": __version__,
-            "dense_dtype": _dense_dtype(model),
-            "quantization": config.to_dict() if config is not None else None,
-            "layers": layers,
-        }
-        (staging / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
-        if getattr(model, "config", None) is not None:
-            model.config.save_pretrained(staging)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(staging)
+        writer = ShardedSafetensors(staging, specs, max_shard_size)
+        for name, tensor in tensors.items():
+            writer.write(name, tensor.detach().to(specs[name][1]))
+        writer.close()
+        write_model_config(model, staging, stored)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
 
     return write_folder(folder, overwrite, write)
 
 
-def read_lords_config(folder: str | Path) -> dict:
-    path = Path(folder) / CONFIG_NAME
+def unique_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with a tied weight (lm_head = embed_tokens) once, under its first name, as transformers saves."""
+    tensors, seen = {}, set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            tensors[name] = tensor
+    return tensors
+
+
+def checkpoint_specs(model: nn.Module, stored: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name -> (shape, dtype) of every tensor a checkpoint of the model holds (the model may be on the meta device):
+    LoRDS tensors as the layers hold them, other floating tensors in the stored dtype."""
+    quantized = quantized_tensor_names(model)
+    return {name: (tuple(tensor.shape),
+                   tensor.dtype if name in quantized or not tensor.is_floating_point() else stored)
+            for name, tensor in unique_tensors(model).items()}
+
+
+def write_model_config(model: nn.Module, folder: Path, stored: torch.dtype) -> None:
+    """config.json (with the model's quantization_config and the dtype of its stored tensors) and
+    generation_config.json, as save_pretrained writes them."""
+    model_config = copy.deepcopy(model.config)
+    model_config.dtype = stored
+    model_config.architectures = [type(model).__name__]
+    model_config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+
+
+def _config_file(folder: Path) -> dict:
+    path = folder / "config.json"
     if not path.is_file():
-        raise CheckpointError(f"{folder} is not a lords checkpoint: {CONFIG_NAME} is missing")
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path} is corrupt: {error}") from None
+
+
+def is_checkpoint(folder: str | Path) -> bool:
+    """A lords checkpoint: config.json with a "lords" quantization_config, or a format-2 lords_config.json."""
+    folder = Path(folder)
+    quantization = _config_file(folder).get("quantization_config") or {}
+    return quantization.get("quant_method") == QUANT_METHOD or (folder / LEGACY_CONFIG_NAME).is_file()
+
+
+def legacy_quantization_config(folder: Path) -> LoRDSQuantizationConfig:
+    """The quantization_config of a format-2 checkpoint (lords_config.json), whose tensors have today's names."""
+    path = folder / LEGACY_CONFIG_NAME
     try:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{path} is corrupt: {error}") from None
-    if meta.get("format") != "lords":
-        raise CheckpointError(f"{path} is not a lords config (format={meta.get('format')!r})")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path} has format_version {meta.get('format_version')!r}; this lords reads version {FORMAT_VERSION}"
-            + (" (version 1 packed codes in a layout this lords no longer reads: quantize the model again)"
-               if meta.get("format_version") == 1 else "")
-        )
-    return meta
+    version = meta.get("format_version")
+    if version == 1:
+        raise CheckpointError(f"{path} has format_version 1: its codes are packed in a layout this lords no longer "
+                              "reads; quantize the model again")
+    if meta.get("format") != "lords" or version != 2:
+        raise CheckpointError(f"{path} is not a lords config this lords reads (format={meta.get('format')!r}, "
+                              f"format_version={version!r})")
+    layers = {name: {key: entry[key] for key in ("bits", "rank", "codebook", "scale_dtype")}
+              for name, entry in meta["layers"].items()}
+    return LoRDSQuantizationConfig(layers, meta.get("quantization"))
 
 
-def load(folder: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a saved LoRDS model (same outputs as when saved)."""
+def load(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None, **kwargs):
+    """Load a lords checkpoint: AutoModelForCausalLM.from_pretrained(folder, device_map=device, dtype=dtype).
+
+    device: a device for the whole model, or "auto" (or a device_map dict) to spread it over the GPUs and the CPU.
+    dtype: the non-quantized tensors' dtype; by default float32 on the CPU (lords' CPU convention, as
+    lords.assets.load_pretrained does for dense models) and the stored dtype elsewhere ("auto").
+    Further keyword arguments go to from_pretrained (max_memory, ...). Format-2 checkpoints (lords_config.json)
+    load as well; a folder that is not a lords checkpoint is refused.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = Path(folder)
-    meta = read_lords_config(folder)
-    weights = folder / WEIGHTS_NAME
-    if not weights.is_file():
-        raise CheckpointError(f"{folder} has no {WEIGHTS_NAME}")
-    model_config = AutoConfig.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_config(model_config, dtype=getattr(torch, meta["dense_dtype"]))
-    for name, entry in meta["layers"].items():
-        try:
-            original = model.get_submodule(name)
-        except AttributeError:
-            raise CheckpointError(f"{CONFIG_NAME} names layer {name}, which the model config does not have") from None
-        if (original.out_features, original.in_features) != (entry["out_features"], entry["in_features"]):
-            raise CheckpointError(
-                f"layer {name} is {entry['out_features']}x{entry['in_features']} in {CONFIG_NAME} but "
-                f"{original.out_features}x{original.in_features} in the model config"
-            )
-        module = LoRDSLinear(
-            entry["in_features"], entry["out_features"], entry["bits"], entry["rank"], entry["codebook"],
-            entry["bias"], getattr(torch, entry["scale_dtype"]),
-        )
-        set_submodule(model, name, module)
+    if not is_checkpoint(folder):
+        raise CheckpointError(f"{folder} is not a lords checkpoint: its config.json has no quantization_config with "
+                              f"quant_method {QUANT_METHOD!r}")
+    config = None
+    if (folder / LEGACY_CONFIG_NAME).is_file():
+        config = AutoConfig.from_pretrained(folder)
+        config.quantization_config = legacy_quantization_config(folder).to_dict()
+    on_cpu = isinstance(device, (str, torch.device)) and str(device) != "auto" and torch.device(device).type == "cpu"
+    dtype = dtype or (torch.float32 if on_cpu else "auto")
     try:
-        load_model(model, str(weights), strict=True)
-    except (SafetensorError, RuntimeError, OSError) as error:
-        raise CheckpointError(f"cannot load {weights}: it is corrupt, truncated or does not match {CONFIG_NAME}: {error}") from None
-    return model.to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(folder, config=config, device_map=device, dtype=dtype, **kwargs)
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(
+            f"cannot load {folder}: a weights file is corrupt, truncated or missing: {error}") from None
+    except (RuntimeError, ValueError) as error:  # e.g. tensors of other shapes than quantization_config's layers
+        raise CheckpointError(f"cannot load {folder}: {error}") from None
+    model.source_dtype = _stored_dtype(folder)
+    return model.eval()
+
+
+def _stored_dtype(folder: Path) -> torch.dtype | None:
+    values = _config_file(folder)
+    stored = values.get("dtype") or values.get("torch_dtype")
+    return getattr(torch, stored, None) if isinstance(stored, str) else None

@@ -30,9 +30,11 @@ def _output_folder(args) -> Path:
 
 
 def cmd_quantize(args) -> None:
-    from . import LoRDSConfig, quantize, save
-    from .assets import calibration_tokens
+    from . import LoRDSConfig, load
+    from .assets import calibration_tokens, default_model_path
+    from .checkpoint import choose_storage_dtype
     from .model import format_report
+    from .stream import open_source, quantize_to_folder
 
     device = _device(args.device)
     out = _output_folder(args)
@@ -40,20 +42,22 @@ def cmd_quantize(args) -> None:
         bits=args.bits, block_size=args.block_size, rank=args.rank, codebook=args.codebook, steps=args.steps,
         lr=args.lr, exact_init=args.exact_init, skip=args.skip or [],
     )
-    model, tokenizer, path = _load(args.model, device)
+    source, tokenizer = open_source(args.model or default_model_path())
     calibration = None
     if args.calibration != "none":
         calibration = calibration_tokens(tokenizer, args.calib_samples, args.calib_len, source=args.calibration)
-    print(f"quantizing {path} to {args.bits} bits (block {args.block_size}, {args.steps} steps, "
+    print(f"quantizing {source.description} to {args.bits} bits (block {args.block_size}, {args.steps} steps, "
           f"{'activation-aware' if calibration is not None else 'data-free'}) on {device}")
     start = time.perf_counter()
-    reports = quantize(model, config, calibration=calibration, device=device)
+    reports = quantize_to_folder(source, out, config, calibration, tokenizer, device, args.dtype, args.max_shard_size,
+                                 args.overwrite)
     print(format_report(reports))
-    print(f"quantized in {time.perf_counter() - start:.1f} s")
-    save(model, out, config=config, tokenizer=tokenizer, overwrite=args.overwrite)
-    print(f"saved to {out}")
+    size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    dtype = str(choose_storage_dtype(args.dtype, (source.dtype,))).removeprefix("torch.")
+    print(f"quantized and saved to {out} in {time.perf_counter() - start:.1f} s ({size / 1e6:.1f} MB; tensors that "
+          f"are not quantized in {dtype})")
     if args.eval:
-        _print_perplexity(model, tokenizer, args.seq_len, args.max_tokens)
+        _print_perplexity(load(out, device), tokenizer, args.seq_len, args.max_tokens)
 
 
 def _print_perplexity(model, tokenizer, seq_len: int, max_tokens: int) -> None:
@@ -419,6 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-samples", type=int, default=64)
     q.add_argument("--calib-len", type=int, default=512)
     q.add_argument("--out", required=True, help="output folder")
+    q.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
+                   help="dtype of the tensors that are not quantized (default: the source's 16-bit dtype, else bf16)")
+    q.add_argument("--max-shard-size", default="5GB", help="split larger checkpoints into shards of this size")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     q.add_argument("--eval", action="store_true", help="print held-out perplexity after saving")
     q.set_defaults(func=cmd_quantize)

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from .codebooks import get_codebook
 from .config import LoRDSConfig
 from .factorize import LoRDSFactors, check_weight, lords_quantize, parity_rank, reconstruct, relative_error
+from .hf import mark_quantized
 from .linear import LoRDSLinear
 
 
@@ -127,7 +128,7 @@ def lords_linear_group(names, linears, config, channel_weights, device) -> list[
     if channel_weights is not None:
         channels = torch.stack(channel_weights).to(device)
     out_features, in_features = weight.shape[-2:]
-    rank = config.rank or parity_rank(out_features, in_features, config.block_size)
+    rank = layer_rank(config, out_features, in_features)
     codebook = get_codebook(config.codebook, config.bits).to(device)
     factors = lords_quantize(
         weight, codebook, config.block_size, rank, config.steps, config.lr, channels, config.exact_init,
@@ -161,10 +162,7 @@ def collect_channel_weights(
     The statistics come from the unquantized model, as in AWQ: they weigh the error of each input channel by how
     much signal flows through it.
     """
-    if calibration.dim() != 2 or calibration.dtype not in (torch.int64, torch.int32):
-        raise ValueError(
-            f"calibration must be integer token ids of shape (N, L), got {calibration.dtype} {tuple(calibration.shape)}"
-        )
+    check_calibration(calibration)
     _, blocks = find_blocks(model)
     inputs = capture_block_inputs(model, blocks[0], calibration, batch_size)
     names = {layer: name for name, layer in targets}
@@ -173,8 +171,78 @@ def collect_channel_weights(
         linears = [layer for layer in block.modules() if layer in names]
         for layer, moments in channel_second_moments(block, linears, inputs).items():
             weights[names[layer]] = moments
-        inputs = [((block_output(block, args, kwargs),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
+        inputs = next_inputs(block, inputs)
     return weights
+
+
+def check_calibration(calibration: torch.Tensor) -> None:
+    if calibration.dim() != 2 or calibration.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"calibration must be integer token ids of shape (N, L), got {calibration.dtype} "
+                         f"{tuple(calibration.shape)}")
+
+
+def next_inputs(block: nn.Module, inputs: list) -> list:
+    """The next block's [(args, kwargs)]: this block's outputs in place of its hidden states, the rest unchanged."""
+    return [((block_output(block, args, kwargs),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
+
+
+def model_targets(model: nn.Module, config: LoRDSConfig) -> list[tuple[str, nn.Linear]]:
+    """The targeted nn.Linear modules of every decoder block, in order."""
+    prefix, blocks = find_blocks(model)
+    return [t for index, block in enumerate(blocks) for t in block_targets(block, f"{prefix}.{index}", config)]
+
+
+def layer_rank(config: LoRDSConfig, out_features: int, in_features: int) -> int:
+    return config.rank or parity_rank(out_features, in_features, config.block_size)
+
+
+def plan_layers(model: nn.Module, config: LoRDSConfig) -> dict[str, dict]:
+    """What quantize will make of each target (lords.hf's layer entries), without quantizing anything: the streaming
+    quantizer lays out its output from it before the first block is read."""
+    plan = {}
+    for name, layer in model_targets(model, config):
+        own = config.for_module(name)
+        plan[name] = {"bits": own.bits, "rank": layer_rank(own, layer.out_features, layer.in_features),
+                      "codebook": own.codebook, "scale_dtype": own.scale_dtype}
+    return plan
+
+
+def quantize_targets(
+    model: nn.Module,
+    targets: list[tuple[str, nn.Linear]],
+    config: LoRDSConfig,
+    quantize_group: Callable,
+    stats: dict[str, torch.Tensor] | None = None,
+    max_batch_numel: int = 2**27,
+    bar=None,
+) -> list[LayerReport]:
+    """Replace the targets (names relative to model) by quantize_group's modules, in place.
+
+    quantize_group(names, linears, config, channel_weights) -> [(module, LayerReport)] handles same-shaped linears
+    sharing one config. Layers are independent, so same-shaped ones are refined together in stacks of up to
+    max_batch_numel weights: on a GPU one step over a stack costs little more than over one small layer.
+    stats: E[x^2] of each target's input by name (activation-aware), or None (data-free).
+    """
+    groups: dict[tuple, list[tuple[str, nn.Linear]]] = {}
+    for name, layer in targets:
+        key = (tuple(layer.weight.shape), repr(config.for_module(name).to_dict()))
+        groups.setdefault(key, []).append((name, layer))
+    reports = []
+    for members in groups.values():
+        per_stack = max(1, max_batch_numel // members[0][1].weight.numel())
+        for first in range(0, len(members), per_stack):
+            names = [name for name, _ in members[first : first + per_stack]]
+            linears = [layer for _, layer in members[first : first + per_stack]]
+            channel_weights = None if stats is None else [stats[name] for name in names]
+            group_config = config.for_module(names[0])
+            for name, (module, report) in zip(names, quantize_group(names, linears, group_config, channel_weights)):
+                set_submodule(model, name, module)
+                reports.append(report)
+            if bar is not None:
+                bar.update(len(names))
+                bar.set_postfix(error=f"{sum(r.error for r in reports) / len(reports):.4f}")
+    order = {name: index for index, (name, _) in enumerate(targets)}
+    return sorted(reports, key=lambda report: order[report.name])
 
 
 def walk_blocks(
@@ -187,36 +255,15 @@ def walk_blocks(
     max_batch_numel: int = 2**27,
     progress: bool = True,
 ) -> list[LayerReport]:
-    """Replace the targeted linears of the decoder blocks, in place.
+    """Replace the targeted linears of the decoder blocks, in place (quantize_targets over all blocks at once, so
+    that same-shaped linears of every block share stacks).
 
-    quantize_group(names, linears, config, channel_weights) -> [(module, LayerReport)] handles same-shaped linears
-    sharing one config. Layers are independent, so same-shaped ones from all blocks are refined together in stacks
-    of up to max_batch_numel weights: on a GPU one step over a stack costs little more than over one small layer.
     With calibration token ids (N, L), channel_weights are E[x^2] of each linear's input (activation-aware).
     """
-    prefix, blocks = find_blocks(model)
-    targets = [t for index, block in enumerate(blocks) for t in block_targets(block, f"{prefix}.{index}", config)]
+    targets = model_targets(model, config)
     stats = None if calibration is None else collect_channel_weights(model, targets, calibration, batch_size, progress)
-    groups: dict[tuple, list[tuple[str, nn.Linear]]] = {}
-    for name, layer in targets:
-        key = (tuple(layer.weight.shape), repr(config.for_module(name).to_dict()))
-        groups.setdefault(key, []).append((name, layer))
-    reports = []
-    bar = tqdm(total=len(targets), desc="quantizing layers", disable=not progress)
-    for members in groups.values():
-        per_stack = max(1, max_batch_numel // members[0][1].weight.numel())
-        for first in range(0, len(members), per_stack):
-            names = [name for name, _ in members[first : first + per_stack]]
-            linears = [layer for _, layer in members[first : first + per_stack]]
-            channel_weights = None if stats is None else [stats[name] for name in names]
-            for name, (module, report) in zip(names, quantize_group(names, linears, config.for_module(names[0]), channel_weights)):
-                set_submodule(model, name, module)
-                reports.append(report)
-            bar.update(len(names))
-            bar.set_postfix(error=f"{sum(r.error for r in reports) / len(reports):.4f}")
-    bar.close()
-    order = {name: index for index, (name, _) in enumerate(targets)}
-    return sorted(reports, key=lambda report: order[report.name])
+    with tqdm(total=len(targets), desc="quantizing layers", disable=not progress) as bar:
+        return quantize_targets(model, targets, config, quantize_group, stats, max_batch_numel, bar)
 
 
 def quantize(
@@ -231,12 +278,18 @@ def quantize(
 
     calibration: token ids (N, L); when given, the refinement weighs input channels by E[x^2] (activation-aware).
     device: where the refinement runs (default: CUDA when present); same-shaped layers run batched.
+    A transformers model is then marked quantized (lords.hf.mark_quantized), so that save_pretrained writes a
+    folder from_pretrained loads.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return walk_blocks(
-        model, config or LoRDSConfig(), partial(lords_linear_group, device=device), calibration,
-        batch_size=batch_size, progress=progress,
+    config = config or LoRDSConfig()
+    reports = walk_blocks(
+        model, config, partial(lords_linear_group, device=device), calibration, batch_size=batch_size,
+        progress=progress,
     )
+    if getattr(model, "config", None) is not None and hasattr(model, "save_pretrained"):
+        mark_quantized(model, config)
+    return reports
 
 
 def kernel_launches(model: nn.Module, rows=(1, 16, 2048), dtype: torch.dtype | None = None) -> list[tuple]:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import lords
-from lords.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError
+from lords.checkpoint import LEGACY_CONFIG_NAME, WEIGHTS_NAME, CheckpointError, is_checkpoint
 
 
 @pytest.fixture
@@ -13,15 +13,24 @@ def quantized(tiny_llama):
     return tiny_llama
 
 
+def edit_json(path, change) -> None:
+    values = json.loads(path.read_text())
+    change(values)
+    path.write_text(json.dumps(values))
+
+
 def test_round_trip_gives_identical_logits(quantized, tmp_path):
     ids = torch.randint(0, 96, (2, 11))
     expected = quantized(ids).logits
-    folder = lords.save(quantized, tmp_path / "ckpt", config=lords.LoRDSConfig(bits=3, block_size=32))
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "generation_config.json", CONFIG_NAME, WEIGHTS_NAME]
+    folder = lords.save(quantized, tmp_path / "ckpt", config=lords.LoRDSConfig(bits=3, block_size=32),
+                        dtype=torch.float32)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "generation_config.json", WEIGHTS_NAME]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
+    assert is_checkpoint(folder)
     loaded = lords.load(folder)
     assert torch.equal(loaded(ids).logits, expected)
     assert loaded.model.layers[0].mlp.up_proj.bits == 3
+    assert loaded.config.quantization_config.quantization["block_size"] == 32
 
 
 def test_refuses_to_overwrite_non_empty_folder(quantized, tmp_path):
@@ -39,41 +48,127 @@ def test_truncated_weights_are_reported(quantized, tmp_path):
     folder = lords.save(quantized, tmp_path / "ckpt")
     data = (folder / WEIGHTS_NAME).read_bytes()
     (folder / WEIGHTS_NAME).write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="corrupt, truncated or does not match"):
+    with pytest.raises(CheckpointError, match="corrupt, truncated or missing"):
         lords.load(folder)
 
 
 def test_corrupt_config_is_reported(quantized, tmp_path):
     folder = lords.save(quantized, tmp_path / "ckpt")
-    (folder / CONFIG_NAME).write_text("{not json")
-    with pytest.raises(CheckpointError, match="is corrupt"):
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json is corrupt"):
         lords.load(folder)
 
 
 def test_mismatched_layer_shape_is_reported(quantized, tmp_path):
     folder = lords.save(quantized, tmp_path / "ckpt")
-    meta = json.loads((folder / CONFIG_NAME).read_text())
-    meta["layers"]["model.layers.0.mlp.up_proj"]["rank"] += 1
-    (folder / CONFIG_NAME).write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError, match="does not match"):
+    edit_json(folder / "config.json",
+              lambda c: c["quantization_config"]["layers"]["model.layers.0.mlp.up_proj"].update(rank=2))
+    with pytest.raises(CheckpointError, match="ignore_mismatched_sizes"):  # transformers' report names the tensors
         lords.load(folder)
 
 
-@pytest.mark.parametrize("version,message", [(99, "format_version 99"), (1, "quantize the model again")])
-def test_other_format_versions_are_refused(quantized, tmp_path, version, message):
+def test_other_format_versions_are_refused(quantized, tmp_path):
     folder = lords.save(quantized, tmp_path / "ckpt")
-    meta = json.loads((folder / CONFIG_NAME).read_text())
-    meta["format_version"] = version
-    (folder / CONFIG_NAME).write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError, match=message):
+    edit_json(folder / "config.json", lambda c: c["quantization_config"].update(format_version=99))
+    with pytest.raises(CheckpointError, match="format_version 99 .* reads version 3"):
         lords.load(folder)
 
 
-def test_not_a_checkpoint(tmp_path):
+def _as_format_2(folder, version=2) -> None:
+    """The layout lords wrote before the transformers integration: lords_config.json, float32 dense tensors."""
+    config = json.loads((folder / "config.json").read_text())
+    quantization = config.pop("quantization_config")
+    (folder / "config.json").write_text(json.dumps(config))
+    layers = {name: {**entry, "in_features": 0, "out_features": 0, "bias": False}
+              for name, entry in quantization["layers"].items()}
+    meta = {"format": "lords", "format_version": version, "lords_version": "0.1.0", "dense_dtype": config["dtype"],
+            "quantization": quantization["quantization"], "layers": layers}
+    (folder / LEGACY_CONFIG_NAME).write_text(json.dumps(meta))
+
+
+def test_format_2_checkpoints_still_load(quantized, tmp_path):
+    ids = torch.randint(0, 96, (2, 11))
+    folder = lords.save(quantized, tmp_path / "ckpt", dtype=torch.float32)
+    _as_format_2(folder)
+    assert torch.equal(lords.load(folder)(ids).logits, quantized(ids).logits)
+
+
+def test_format_1_checkpoints_say_what_to_do(quantized, tmp_path):
+    folder = lords.save(quantized, tmp_path / "ckpt")
+    _as_format_2(folder, version=1)
+    with pytest.raises(CheckpointError, match="format_version 1: .* quantize the model again"):
+        lords.load(folder)
+
+
+def test_not_a_checkpoint(tmp_path, model_folder):
     with pytest.raises(CheckpointError, match="not a lords checkpoint"):
         lords.load(tmp_path)
+    with pytest.raises(CheckpointError, match="not a lords checkpoint"):
+        lords.load(model_folder)  # a dense transformers folder
 
 
 def test_saving_an_unquantized_model_is_refused(tiny_llama, tmp_path):
     with pytest.raises(ValueError, match="no LoRDSLinear layers"):
         lords.save(tiny_llama, tmp_path / "ckpt")
+
+
+def stored_dtypes(folder) -> dict[str, torch.dtype]:
+    from safetensors import safe_open
+
+    dtypes = {}
+    for file in folder.glob("*.safetensors"):
+        with safe_open(file, "pt") as handle:
+            dtypes.update({name: handle.get_slice(name).get_dtype() for name in handle.keys()})
+    return dtypes
+
+
+@pytest.mark.parametrize("source,named,expected", [
+    (torch.float16, None, "F16"),  # a 16-bit source keeps its dtype
+    (torch.bfloat16, None, "BF16"),
+    (torch.float32, None, "BF16"),  # float32 only when asked for
+    (torch.float16, "float32", "F32"),
+])
+def test_unquantized_tensors_keep_the_source_dtype_or_the_named_one(quantized, tmp_path, source, named, expected):
+    quantized.source_dtype = source
+    folder = lords.save(quantized, tmp_path / "ckpt", dtype=named)
+    dtypes = stored_dtypes(folder)
+    assert "lm_head.weight" not in dtypes  # tied to the embedding: stored once
+    for name, dtype in dtypes.items():
+        if name.endswith((".scale_b", ".scale_a")):
+            assert dtype == "BF16", name  # the scales' own dtype (LoRDSConfig.scale_dtype)
+        elif name.endswith(".codes"):
+            assert dtype == "U8", name
+        elif name.endswith(".codebook"):
+            assert dtype == "F32", name  # the levels exactly
+        else:
+            assert dtype == expected, name  # embeddings, norms
+    assert json.loads((folder / "config.json").read_text())["dtype"] == {
+        "F16": "float16", "BF16": "bfloat16", "F32": "float32"}[expected]
+    assert quantized.model.embed_tokens.weight.dtype == torch.float32  # the model in memory is left as it was
+
+
+def test_large_checkpoints_are_sharded_as_transformers_does(quantized, tmp_path):
+    ids = torch.randint(0, 96, (2, 11))
+    folder = lords.save(quantized, tmp_path / "ckpt", dtype=torch.float32, max_shard_size="40KB")
+    shards = sorted(p.name for p in folder.glob("*.safetensors"))
+    assert len(shards) > 1 and shards == [f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                                          for i in range(1, len(shards) + 1)]
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == shards
+    assert index["metadata"]["total_size"] == sum(
+        t.numel() * t.element_size() for n, t in quantized.state_dict().items() if n != "lm_head.weight")
+    assert all((folder / shard).stat().st_size <= 40_000 + 4_000 for shard in shards)  # + the header
+    assert torch.equal(lords.load(folder)(ids).logits, quantized(ids).logits)
+
+
+@pytest.mark.parametrize("size,message", [("5 parsecs", "shard size must be bytes or a size like '5GB'"),
+                                          (0, "shard size must be positive")])
+def test_bad_shard_size_is_named(quantized, tmp_path, size, message):
+    with pytest.raises(ValueError, match=message):
+        lords.save(quantized, tmp_path / "ckpt", max_shard_size=size)
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_bad_dtype_is_named(quantized, tmp_path):
+    with pytest.raises(ValueError, match="dtype must be a floating dtype .* got torch.int8"):
+        lords.save(quantized, tmp_path / "ckpt", dtype=torch.int8)

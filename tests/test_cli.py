@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lords.checkpoint import CONFIG_NAME
+from lords.checkpoint import is_checkpoint
 from lords.cli import main
 
 
@@ -11,7 +11,7 @@ def test_quantize_then_eval_and_generate(model_folder, tmp_path, capsys):
           "--calib-samples", "2", "--calib-len", "16", "--out", str(out), "--device", "cpu"])
     printed = capsys.readouterr().out
     assert "activation-aware" in printed and "bits/weight" in printed and f"saved to {out}" in printed
-    assert (out / CONFIG_NAME).is_file() and (out / "tokenizer.json").is_file()
+    assert is_checkpoint(out) and (out / "tokenizer.json").is_file()
     main(["eval", str(out), "--seq-len", "16", "--max-tokens", "256", "--device", "cpu"])
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith("held-out perplexity (256 tokens")
@@ -156,7 +156,7 @@ def test_skill_apply_to_a_lords_target_reports_the_refit(model_folder, tmp_path,
     printed = capsys.readouterr().out
     before, after = map(float, re.search(r"error ([\d.]+) with the old scales, ([\d.]+) after 5 steps", printed).groups())
     assert after > 0.5 * before and "apply the skill to it and quantize afterwards" in printed
-    assert (tmp_path / "applied" / CONFIG_NAME).is_file()
+    assert is_checkpoint(tmp_path / "applied")
 
 
 def test_finetune_and_eval_on_a_task(model_folder, tmp_path, monkeypatch, capsys):

@@ -1,0 +1,308 @@
+"""The streaming quantizer: a model is read one decoder block at a time from a source (a folder of safetensors
+files, a synthetic generator of random weights, or a model already in memory), and its layers are written to a lords
+checkpoint as soon as they are quantized, so neither host nor GPU memory ever holds the dense model.
+
+Two parts, kept apart so that later quantizers can reuse the first:
+- walk_blocks walks a meta-device model: it materialises one block from the source on the device, hands it over
+  with the calibration activations that reach it, then runs it to get the next block's inputs and frees it.
+- quantize_to_folder takes each block's statistics and layers, quantizes the layers once they fill a refinement
+  stack (lords.model.quantize_targets: one block of an 8B model, every block of a small one) and writes them.
+The next block's inputs come from the dense block, so the statistics are those of lords.quantize (as in AWQ) and
+the result is the in-memory path's. walk_blocks(feedback=True) takes them from the block as the consumer left it
+instead: what an error-feedback quantizer (GPTQ-style, each block calibrated on the quantized blocks before it)
+needs. Spreading blocks over several GPUs would give each block its own device in the walk.
+"""
+
+import copy
+import json
+import shutil
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .checkpoint import (
+    DEFAULT_SHARD_SIZE, INDEX_NAME, SAFETENSORS_DTYPES, ShardedSafetensors, checkpoint_specs, choose_storage_dtype,
+    is_checkpoint, quantized_tensor_names, read_header, read_tensor, unique_tensors, write_folder, write_model_config,
+)
+from .config import LoRDSConfig
+from .hf import mark_quantized, replace_linears
+from .model import (
+    LayerReport, block_targets, capture_block_inputs, channel_second_moments, check_calibration, find_blocks,
+    lords_linear_group, next_inputs, plan_layers, quantize_targets,
+)
+
+
+class SafetensorsSource:
+    """A transformers folder of safetensors files (one file, or shards and their index), read one tensor at a time
+    with plain file reads."""
+
+    def __init__(self, folder: str | Path):
+        from transformers import AutoConfig
+
+        self.folder = Path(folder)
+        self.config = AutoConfig.from_pretrained(self.folder)
+        index = self.folder / INDEX_NAME
+        if index.is_file():
+            files = sorted({self.folder / file for file in json.loads(index.read_text())["weight_map"].values()})
+        else:
+            files = sorted(self.folder.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{self.folder} holds no .safetensors files")
+        self.entries = {}
+        for path in files:
+            start, header = read_header(path)
+            self.entries.update({name: (path, start, entry) for name, entry in header.items()})
+        dtypes = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
+        self.dtype = next((dtypes[entry["dtype"]] for _, _, entry in self.entries.values()
+                           if dtypes[entry["dtype"]].is_floating_point), None)
+        plural = "s" * (len(files) > 1)
+        self.description = f"{self.folder} ({len(files)} safetensors file{plural}, read block by block)"
+
+    def names(self) -> set[str]:
+        return set(self.entries)
+
+    def tensor(self, name: str, device) -> torch.Tensor:
+        path, start, entry = self.entries[name]
+        return read_tensor(path, start, entry).to(device)
+
+    def save_extras(self, folder: Path) -> None:
+        """The source's generation settings travel with the quantized model."""
+        if (self.folder / "generation_config.json").is_file():
+            shutil.copy(self.folder / "generation_config.json", folder)
+
+
+class SyntheticSource:
+    """Random weights of a model's shapes, generated tensor by tensor from a seed on `device`, so that a model larger
+    than the disk and the host memory (Llama-3-70B or 405B shapes) streams like a folder. Matrices ~ N(0, 0.02^2)
+    (transformers' initializer_range), norm weights 1, biases 0; a tensor depends only on the seed, its name and the
+    kind of device that generates it (CPU and CUDA generators differ)."""
+
+    def __init__(self, config, seed: int = 0, dtype: torch.dtype = torch.bfloat16, device="cpu"):
+        self.config, self.seed, self.dtype, self.device = config, seed, dtype, torch.device(device)
+        skeleton = empty_model(config, dtype)
+        self.shapes = {name: tuple(tensor.shape) for name, tensor in unique_tensors(skeleton).items()}
+        billions = sum(torch.Size(shape).numel() for shape in self.shapes.values()) / 1e9
+        self.description = f"synthetic {config.model_type} of {billions:.1f}B parameters (seed {seed})"
+
+    def names(self) -> set[str]:
+        return set(self.shapes)
+
+    def tensor(self, name: str, device) -> torch.Tensor:
+        shape = self.shapes[name]
+        if len(shape) == 1:
+            fill = 0.0 if name.endswith(".bias") else 1.0
+            return torch.full(shape, fill, dtype=self.dtype, device=device)
+        generator = torch.Generator(self.device).manual_seed(zlib.crc32(f"{self.seed}:{name}".encode()))
+        values = torch.randn(shape, generator=generator, dtype=self.dtype, device=self.device).mul_(0.02)
+        return values.to(device)
+
+    def save_extras(self, folder: Path) -> None:
+        pass
+
+
+class ModelSource:
+    """A dense model already in memory: how a source transformers reads only whole (a GGUF file) is streamed."""
+
+    def __init__(self, model: nn.Module, description: str):
+        self.config, self.description = model.config, description
+        self.tensors = model.state_dict()
+        self.dtype = getattr(model, "source_dtype", None)
+        self.generation_config = getattr(model, "generation_config", None)
+
+    def names(self) -> set[str]:
+        return set(self.tensors)
+
+    def tensor(self, name: str, device) -> torch.Tensor:
+        return self.tensors[name].detach().to(device)
+
+    def save_extras(self, folder: Path) -> None:
+        if self.generation_config is not None:
+            self.generation_config.save_pretrained(folder)
+
+
+def open_source(path: str | Path):
+    """(source, tokenizer) for a model folder: safetensors files stream block by block; another format (the default
+    model's GGUF file, .bin) is read whole by transformers first, the only way it reads them."""
+    from transformers import AutoTokenizer
+
+    from .assets import load_pretrained
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model folder {path} does not exist (nothing is downloaded; give a local folder)")
+    if is_checkpoint(path):
+        raise ValueError(f"{path} is a lords checkpoint already; quantize the dense model it came from")
+    if any(path.glob("*.safetensors")):
+        return SafetensorsSource(path), AutoTokenizer.from_pretrained(path)
+    model, tokenizer = load_pretrained(path)
+    reason = "not safetensors, so transformers reads it whole first; its blocks are then quantized one at a time"
+    return ModelSource(model, f"{path} ({reason})"), tokenizer
+
+
+def empty_model(config, dtype: torch.dtype, device="meta") -> nn.Module:
+    """The model with every parameter on the meta device (nothing allocated), tied weights tied, and the buffers that
+    no checkpoint holds (rotary frequencies) made on `device` by the model's own initialisation, as from_pretrained
+    makes them."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=dtype)  # from_config sets its dtype
+    for module in model.modules():
+        names = [name for name in module._non_persistent_buffers_set if module._buffers.get(name) is not None]
+        if names and torch.device(device).type != "meta":
+            for name in names:
+                module._buffers[name] = torch.empty_like(module._buffers[name], device=device)
+            model._init_weights(module)
+    model.tie_weights()
+    return model.eval()
+
+
+@torch.no_grad()
+def load_module(module: nn.Module, prefix: str, source, device, dtype: torch.dtype) -> None:
+    """Materialise a meta submodule (named prefix in the model) from the source: floating tensors in dtype."""
+    module.to_empty(device=device)
+    module.load_state_dict({key: source.tensor(f"{prefix}.{key}", device) for key in module.state_dict()})
+    module.to(dtype).requires_grad_(False)
+
+
+@dataclass
+class Block:
+    index: int
+    name: str  # e.g. "model.layers.3"
+    module: nn.Module  # the dense block, materialised on the walk's device; the consumer may replace its linears
+    inputs: list  # [(args, kwargs)] per calibration batch, as the block's forward takes them; [] when data-free
+
+
+def walk_blocks(model: nn.Module, source, calibration: torch.Tensor | None, device, dtype: torch.dtype,
+                batch_size: int = 8, feedback: bool = False) -> Iterator[Block]:
+    """Yield the decoder blocks of a meta-device model (empty_model) one at a time, each read from the source onto
+    device in dtype, with the calibration activations that reach it; freed once the consumer hands control back.
+    The next block's inputs are this block's outputs before the consumer runs (feedback=False: statistics of the
+    unquantized model) or after (feedback=True: of the block as the consumer left it)."""
+    prefix, blocks = find_blocks(model)
+    inputs = []
+    if calibration is not None:
+        check_calibration(calibration)
+        embeddings = model.get_input_embeddings()
+        load_module(embeddings, _module_name(model, embeddings), source, device, dtype)
+        with torch.no_grad():
+            inputs = capture_block_inputs(model, blocks[0], calibration, batch_size)
+        embeddings.to("meta")
+    for index, module in enumerate(blocks):
+        name = f"{prefix}.{index}"
+        load_module(module, name, source, device, dtype)
+        outputs = None if feedback else _run(module, inputs)
+        yield Block(index, name, module, inputs)
+        if feedback:
+            outputs = _run(module, inputs)
+        module.to("meta")
+        inputs = outputs
+
+
+@torch.no_grad()
+def _run(module: nn.Module, inputs: list) -> list:
+    return next_inputs(module, inputs)
+
+
+def _module_name(model: nn.Module, module: nn.Module) -> str:
+    return next(name for name, candidate in model.named_modules() if candidate is module)
+
+
+def quantize_to_folder(
+    source,
+    folder: str | Path,
+    config: LoRDSConfig | None = None,
+    calibration: torch.Tensor | None = None,
+    tokenizer=None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    max_shard_size: int | str = DEFAULT_SHARD_SIZE,
+    overwrite: bool = False,
+    batch_size: int = 8,
+    max_batch_numel: int = 2**27,
+    progress: bool = True,
+) -> list[LayerReport]:
+    """Quantize a source block by block into a lords checkpoint folder (what lords.quantize + lords.save make of
+    the model in memory, without holding it).
+
+    Args:
+        source: SafetensorsSource, SyntheticSource or ModelSource (open_source picks one for a folder).
+        config: what to quantize and how (default LoRDSConfig()).
+        calibration: token ids (N, L) for activation-aware statistics, or None (data-free).
+        device: where blocks run and are refined (default: CUDA when present); blocks compute in bf16 on a GPU and
+            float32 on the CPU, as lords.assets.load_pretrained loads dense models.
+        dtype, max_shard_size, overwrite: as lords.save.
+    Returns the layers' reports, as lords.quantize.
+
+    Example::
+
+        source = SafetensorsSource("Llama-3-8B")  # or SyntheticSource(LlamaConfig(...), seed=0, device="cuda")
+        lords.stream.quantize_to_folder(source, "llama-lords-4bit", lords.LoRDSConfig(bits=4), calibration=tokens)
+    """
+    config = config or LoRDSConfig()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    compute = torch.bfloat16 if device.type == "cuda" else torch.float32
+    stored = choose_storage_dtype(dtype, (source.dtype,))
+    model = empty_model(source.config, compute, device)
+    layers = plan_layers(model, config)
+    output = empty_model(source.config, compute)
+    replace_linears(output, layers)
+    mark_quantized(output, config)
+    specs = checkpoint_specs(output, stored)
+    quantized = quantized_tensor_names(output)
+    missing = sorted(set(unique_tensors(model)) - source.names())
+    if missing:
+        raise ValueError(f"the source lacks {len(missing)} tensors of the model, e.g. {missing[:3]}")
+    reports: list[LayerReport] = []
+
+    def write(staging: Path) -> None:
+        writer = ShardedSafetensors(staging, specs, max_shard_size)
+        for name, (_, stored_dtype) in specs.items():  # embeddings, norms, lm_head, biases: straight from the source
+            if name not in quantized:
+                writer.write(name, source.tensor(name, "cpu").to(stored_dtype))
+        group = partial(lords_linear_group, device=device)
+        bar = tqdm(total=len(layers), desc="quantizing layers", disable=not progress)
+        pending, stats = [], {}
+
+        def flush() -> None:
+            reports.extend(quantize_targets(model, pending, config, group, stats or None, max_batch_numel, bar))
+            for name, _ in pending:
+                layer = model.get_submodule(name)
+                for key in ("codes", "codebook", "scale_b", "scale_a"):
+                    writer.write(f"{name}.{key}", getattr(layer, key))
+                layer.to("meta")
+            pending.clear()
+
+        blocks = walk_blocks(model, source, calibration, device, compute, batch_size)
+        for block in tqdm(blocks, desc="reading blocks", total=len(find_blocks(model)[1]), disable=not progress):
+            targets = block_targets(block.module, block.name, config)
+            if calibration is not None:
+                names = {layer: name for name, layer in targets}
+                moments = channel_second_moments(block.module, list(names), block.inputs)
+                stats.update({names[layer]: value for layer, value in moments.items()})
+            # The targets leave the block, which the walk frees, and wait until they fill a stack: the blocks of a
+            # small model are then refined together, as in memory (small stacks cost their per-step overhead each);
+            # a block of an 8B model fills its stacks alone.
+            for name, layer in targets:
+                model.set_submodule(name, nn.Linear(layer.in_features, layer.out_features, layer.bias is not None,
+                                                    device="meta"))
+            pending.extend(targets)
+            if sum(layer.weight.numel() for _, layer in pending) >= max_batch_numel:
+                flush()
+        if pending:
+            flush()
+        bar.close()
+        writer.close()
+        write_model_config(output, staging, stored)
+        source.save_extras(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+
+    write_folder(folder, overwrite, write)
+    return reports
