@@ -9,10 +9,14 @@ Decode: one token per sequence against a static KV cache holding the prompt, the
 graph (eager where capture fails, marked so), median of replays; also, at batch 1, the same with the model's forward
 under torch.compile (whole graph, inductor: it fuses the norms, RoPE and attention's small kernels; LoRDS layers stay
 on their kernels as torch.ops.lords operators). Prefill: one eager forward over the prompt into a fresh static cache,
-logits for the last token only.
+logits for the last token only. generate: transformers' `generate(cache_implementation="static")` at batch 1, greedy, 64
+new tokens after the prompt (its prefill included), timed after one warm-up call, as a user of transformers runs it.
+Beside the table (--out results/e2e.md) the same run writes results/e2e.json: rows of variant, batch, compiled and
+tokens_per_s.
 """
 
 import argparse
+import json
 import time
 import traceback
 from pathlib import Path
@@ -145,6 +149,21 @@ def compiled_decode(model, prompt: int) -> dict:
             "compile (s)": time.perf_counter() - started}
 
 
+@torch.no_grad()
+def generate_tokens_per_s(model, prompt: int, new_tokens: int = 64) -> float:
+    """Tokens/s of transformers' generate with a static cache (whatever it compiles by default), batch 1, greedy,
+    `new_tokens` forced (random weights would stop early at an end-of-text token); the second of two calls."""
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt), device="cuda")
+    options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                   cache_implementation="static", pad_token_id=0)
+    model.generate(ids, **options)  # compiling, autotuning
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    out = model.generate(ids, **options)
+    torch.cuda.synchronize()
+    return (out.shape[1] - prompt) / (time.perf_counter() - started)
+
+
 def median_ms(run, calls: int) -> float:
     times = []
     for _ in range(calls):
@@ -195,6 +214,12 @@ def main() -> None:
                 row[f"eager decode b{batch} (tok/s)"] = batch * 1e3 / eager
                 row[f"prefill b{batch} (ms)"] = prefill_ms(model, batch, args.prompt)
             row.update(compiled_decode(model, args.prompt))
+            try:
+                row["generate static b1 (tok/s)"] = generate_tokens_per_s(model, args.prompt)
+            except Exception as error:  # reported in the table, not fatal
+                traceback.print_exc()
+                row["generate static b1 (tok/s)"] = None
+                row["compiled mode"] += f"; generate failed ({type(error).__name__})"
             rows[name] = row
             print(name, row, flush=True)
         except Exception as error:  # a variant that cannot run here is reported, not fatal
@@ -221,28 +246,32 @@ def write_report(args, rows: dict, previous: str, seconds: float, done: bool) ->
         "prefill: median of 10 eager passes",
         "- compiled decode b1: the model's forward under torch.compile (fullgraph, inductor default mode, "
         "dynamic=False), the step then captured in a CUDA graph as above; compile (s): wall time of that whole "
-        "measurement, nearly all of it compiling", "",
+        "measurement, nearly all of it compiling",
+        "- generate static b1: transformers' generate(cache_implementation=\"static\"), greedy, 64 new tokens after the "
+        "prompt (prefill included), the second of two calls; whatever generate compiles by itself", "",
         "| model | weights (GB) | decode b1 (tok/s) | vs bf16 | decode b16 (tok/s) | vs bf16 | eager decode b1 (tok/s) "
-        "| vs bf16 | compiled decode b1 (tok/s) | vs bf16 | compile (s) | prefill b1 (ms) | vs bf16 | prefill b16 (ms) "
-        "| vs bf16 | decode mode (b1 / b16 / compiled b1) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| vs bf16 | compiled decode b1 (tok/s) | vs bf16 | compile (s) | generate static b1 (tok/s) | vs bf16 "
+        "| prefill b1 (ms) | vs bf16 | prefill b16 (ms) | vs bf16 | decode mode (b1 / b16 / compiled b1) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     base = rows.get("bf16", {})
     for name, row in rows.items():
         if "error" in row:
-            report.append(f"| {name} | {row['error']} ||||||||||||||")
+            report.append(f"| {name} | {row['error']} ||||||||||||||||")
             continue
 
         def ratio(key, row=row):
             return f"{row[key] / base[key]:.2f}" if row[key] and base.get(key) else "-"
 
         compiled = row["compiled decode b1 (tok/s)"]
+        generated = row.get("generate static b1 (tok/s)")
 
         report.append(
             f"| {name} | {row['weights (GB)']:.2f} | {row['decode b1 (tok/s)']:.1f} | {ratio('decode b1 (tok/s)')} "
             f"| {row['decode b16 (tok/s)']:.1f} | {ratio('decode b16 (tok/s)')} | {row['eager decode b1 (tok/s)']:.1f} "
             f"| {ratio('eager decode b1 (tok/s)')} | {f'{compiled:.1f}' if compiled else '-'} "
             f"| {ratio('compiled decode b1 (tok/s)')} | {format(row['compile (s)'], '.0f') if compiled else '-'} "
+            f"| {f'{generated:.1f}' if generated else '-'} | {ratio('generate static b1 (tok/s)')} "
             f"| {row['prefill b1 (ms)']:.1f} "
             f"| {ratio('prefill b1 (ms)')} | {row['prefill b16 (ms)']:.1f} | {ratio('prefill b16 (ms)')} "
             f"| {row['decode b1 mode']} / {row['decode b16 mode']} / {row['compiled mode']} |"
@@ -253,6 +282,19 @@ def write_report(args, rows: dict, previous: str, seconds: float, done: bool) ->
         print(text)
     if args.out:
         write_table(args.out, previous + text)
+        write_json(Path(args.out).with_suffix(".json"), rows)
+
+
+def write_json(path: Path, rows: dict) -> None:
+    """The issue's machine-readable form: tokens/s per variant, batch and whether the forward was compiled."""
+    keys = [(1, False, "decode b1 (tok/s)"), (16, False, "decode b16 (tok/s)"),
+            (1, True, "compiled decode b1 (tok/s)"), (1, True, "generate static b1 (tok/s)")]
+    json_rows = [{"variant": name, "batch": batch, "compiled": compiled, "measure": key.split(" (")[0],
+                  "tokens_per_s": round(row[key], 2)}
+                 for name, row in rows.items() for batch, compiled, key in keys if row.get(key)]
+    path.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                "transformers": transformers.__version__, "date": time.strftime("%Y-%m-%d"),
+                                "rows": json_rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

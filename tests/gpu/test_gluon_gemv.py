@@ -18,6 +18,14 @@ pytestmark = pytest.mark.skipif(
     reason="the Gluon kernels need a Hopper GPU (sm_90) and no Triton interpreter")
 
 CALLS = 20
+
+
+@pytest.fixture(autouse=True)
+def gluon_on(monkeypatch):
+    """The Gluon kernels are opt-in (LORDS_GLUON=1); these tests turn them on."""
+    import lords.kernels.gluon
+
+    monkeypatch.setattr(lords.kernels.gluon, "ENABLED", True)
 # bf16 operands round the levels times x and A to 8 significant bits; the float32 accumulation adds little: the
 # H200 run measured 1.7e-3 to 2.4e-3 (results/gpu_tests.md), the Triton kernels up to 2.4e-3
 # (results/kernel_configs.md).
@@ -99,13 +107,17 @@ def test_gemv_replays_in_a_cuda_graph(n, k, rank, record_property):
     assert worst < TOLERANCE[torch.bfloat16]
 
 
-def test_gemv_is_what_lords_matmul_offers_for_one_row():
+def test_gemv_is_what_lords_matmul_offers_for_one_row(monkeypatch):
+    import lords.kernels.gluon
     from lords.kernels import candidates, gemv_ready
 
     generator = torch.Generator("cuda").manual_seed(2)
     _, _, _, scale_b, scale_a = random_layer(4096, 4096, 32, "nf", torch.bfloat16, generator)
     x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
     assert gemv_ready(x, 4, scale_b, scale_a)
+    with monkeypatch.context() as off:
+        off.setattr(lords.kernels.gluon, "ENABLED", False)
+        assert not gemv_ready(x, 4, scale_b, scale_a)  # off unless LORDS_GLUON=1
     assert not gemv_ready(x, 3, scale_b, scale_a)  # 4 bits only
     assert not gemv_ready(torch.randn(2, 4096, device="cuda", dtype=torch.bfloat16), 4, scale_b, scale_a)
     assert not gemv_ready(x.float(), 4, scale_b, scale_a)  # bf16 activations and scales only: float16 gave wrong
