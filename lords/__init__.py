@@ -7,10 +7,10 @@ AutoModelForCausalLM.from_pretrained loads lords checkpoints.
 __version__ = "0.1.0"
 
 from .config import LoRDSConfig  # noqa: E402
-from .linear import LoRDSLinear  # noqa: E402
+from .linear import LoRDSLinear, dense_weights  # noqa: E402
 from .hf import LoRDSQuantizationConfig  # noqa: E402
 from .model import precompile_kernels, quantize  # noqa: E402
 from .checkpoint import load, save  # noqa: E402
 
 __all__ = ["LoRDSConfig", "LoRDSLinear", "LoRDSQuantizationConfig", "quantize", "precompile_kernels", "save", "load",
-           "__version__"]
+           "dense_weights", "__version__"]

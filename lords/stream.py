@@ -18,7 +18,7 @@ import json
 import shutil
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -34,7 +34,7 @@ from .config import LoRDSConfig
 from .hf import mark_quantized, replace_linears
 from .model import (
     LayerReport, block_targets, capture_block_inputs, channel_second_moments, check_calibration, find_blocks,
-    lords_linear_group, next_inputs, plan_layers, quantize_targets,
+    lords_linear_group, next_inputs, plan_layers, quantize_targets, recording_channel_moments,
 )
 
 
@@ -177,14 +177,17 @@ class Block:
     name: str  # e.g. "model.layers.3"
     module: nn.Module  # the dense block, materialised on the walk's device; the consumer may replace its linears
     inputs: list  # [(args, kwargs)] per calibration batch, as the block's forward takes them; [] when data-free
+    moments: dict = field(default_factory=dict)  # E[x^2] of the inputs of walk_blocks' `watch` linears
 
 
 def walk_blocks(model: nn.Module, source, calibration: torch.Tensor | None, device, dtype: torch.dtype,
-                batch_size: int = 8, feedback: bool = False) -> Iterator[Block]:
+                batch_size: int = 8, feedback: bool = False, watch=None) -> Iterator[Block]:
     """Yield the decoder blocks of a meta-device model (empty_model) one at a time, each read from the source onto
     device in dtype, with the calibration activations that reach it; freed once the consumer hands control back.
     The next block's inputs are this block's outputs before the consumer runs (feedback=False: statistics of the
-    unquantized model) or after (feedback=True: of the block as the consumer left it)."""
+    unquantized model) or after (feedback=True: of the block as the consumer left it).
+    watch(module, name) -> linears: Block.moments holds E[x^2] of their inputs, recorded during the forward that
+    makes the next block's inputs when feedback=False (calibration then costs one forward a block)."""
     prefix, blocks = find_blocks(model)
     inputs = []
     if calibration is not None:
@@ -197,8 +200,14 @@ def walk_blocks(model: nn.Module, source, calibration: torch.Tensor | None, devi
     for index, module in enumerate(blocks):
         name = f"{prefix}.{index}"
         load_module(module, name, source, device, dtype)
-        outputs = None if feedback else _run(module, inputs)
-        yield Block(index, name, module, inputs)
+        watched = watch(module, name) if watch is not None and inputs else []
+        outputs = None
+        if feedback:
+            moments = channel_second_moments(module, watched, inputs)
+        else:
+            with recording_channel_moments(watched) as moments:
+                outputs = _run(module, inputs)
+        yield Block(index, name, module, inputs, moments)
         if feedback:
             outputs = _run(module, inputs)
         module.to("meta")
@@ -279,13 +288,14 @@ def quantize_to_folder(
                 layer.to("meta")
             pending.clear()
 
-        blocks = walk_blocks(model, source, calibration, device, compute, batch_size)
+        def watch(module, name):
+            return [layer for _, layer in block_targets(module, name, config)]
+
+        blocks = walk_blocks(model, source, calibration, device, compute, batch_size, watch=watch)
         for block in tqdm(blocks, desc="reading blocks", total=len(find_blocks(model)[1]), disable=not progress):
             targets = block_targets(block.module, block.name, config)
-            if calibration is not None:
-                names = {layer: name for name, layer in targets}
-                moments = channel_second_moments(block.module, list(names), block.inputs)
-                stats.update({names[layer]: value for layer, value in moments.items()})
+            names = {layer: name for name, layer in targets}
+            stats.update({names[layer]: value for layer, value in block.moments.items()})
             # The targets leave the block, which the walk frees, and wait until they fill a stack: the blocks of a
             # small model are then refined together, as in memory (small stacks cost their per-step overhead each);
             # a block of an 8B model fills its stacks alone.
