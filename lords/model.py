@@ -138,8 +138,11 @@ class LayerReport:
     seconds: float
 
 
-def lords_linear_group(names, linears, config, channel_weights, device) -> list[tuple[LoRDSLinear, LayerReport]]:
-    """Quantize same-shaped linears sharing one config together (one batched refinement) into LoRDSLinear."""
+def lords_linear_group(
+    names, linears, config, channel_weights, device, progress=None
+) -> list[tuple[LoRDSLinear, LayerReport]]:
+    """Quantize same-shaped linears sharing one config together (one batched refinement) into LoRDSLinear;
+    progress(layers) after every refinement step (lords.factorize.refine_scales)."""
     start = time.perf_counter()
     for name, layer in zip(names, linears):
         check_weight(layer.weight, name)
@@ -152,7 +155,7 @@ def lords_linear_group(names, linears, config, channel_weights, device) -> list[
     codebook = get_codebook(config.codebook, config.bits).to(device)
     factors = lords_quantize(
         weight, codebook, config.block_size, rank, config.steps, config.lr, channels, config.exact_init,
-        getattr(torch, config.scale_dtype), config.seed,
+        getattr(torch, config.scale_dtype), config.seed, progress,
     )
     approx = reconstruct(factors.scale_b.float() @ factors.scale_a.float(), factors.codes, codebook)
     weight_error = relative_error(weight, approx)

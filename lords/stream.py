@@ -16,9 +16,10 @@ needs. Spreading blocks over several GPUs would give each block its own device i
 import copy
 import json
 import shutil
+import time
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -269,30 +270,42 @@ def quantize_to_folder(
     if missing:
         raise ValueError(f"the source lacks {len(missing)} tensors of the model, e.g. {missing[:3]}")
     reports: list[LayerReport] = []
+    seconds = dict.fromkeys(("reading and calibration", "refinement", "writing"), 0.0)
 
     def write(staging: Path) -> None:
+        start = time.perf_counter()
         writer = ShardedSafetensors(staging, specs, max_shard_size)
         for name, (_, stored_dtype) in specs.items():  # embeddings, norms, lm_head, biases: straight from the source
             if name not in quantized:
                 writer.write(name, source.tensor(name, "cpu").to(stored_dtype))
-        group = partial(lords_linear_group, device=device)
-        bar = tqdm(total=len(layers), desc="quantizing layers", disable=not progress)
+        # One bar for all refinement in layer-steps: it moves at every step of every stack, so its rate and ETA hold
+        # (a bar in layers sat still for minutes while a stack of 60 layers refined).
+        steps = sum(config.for_module(name).steps for name in layers)
+        refine_bar = tqdm(total=steps, desc="refinement", unit="layer-step", disable=not progress or not steps)
+        group = partial(lords_linear_group, device=device, progress=refine_bar.update)
         pending, stats = [], {}
+        seconds["writing"] = time.perf_counter() - start
 
         def flush() -> None:
-            reports.extend(quantize_targets(model, pending, config, group, stats or None, max_batch_numel, bar))
+            start = time.perf_counter()
+            reports.extend(quantize_targets(model, pending, config, group, stats or None, max_batch_numel))
+            seconds["refinement"] += time.perf_counter() - start
+            start = time.perf_counter()
             for name, _ in pending:
                 layer = model.get_submodule(name)
                 for key in ("codes", "codebook", "scale_b", "scale_a"):
                     writer.write(f"{name}.{key}", getattr(layer, key))
                 layer.to("meta")
             pending.clear()
+            seconds["writing"] += time.perf_counter() - start
 
         def watch(module, name):
             return [layer for _, layer in block_targets(module, name, config)]
 
         blocks = walk_blocks(model, source, calibration, device, compute, batch_size, watch=watch)
-        for block in tqdm(blocks, desc="reading blocks", total=len(find_blocks(model)[1]), disable=not progress):
+        description = "calibrating blocks" if calibration is not None else "reading blocks"
+        walk_start, refining, writing = time.perf_counter(), seconds["refinement"], seconds["writing"]
+        for block in tqdm(blocks, desc=description, total=len(find_blocks(model)[1]), disable=not progress):
             targets = block_targets(block.module, block.name, config)
             names = {layer: name for name, layer in targets}
             stats.update({names[layer]: value for layer, value in block.moments.items()})
@@ -305,14 +318,87 @@ def quantize_to_folder(
             pending.extend(targets)
             if sum(layer.weight.numel() for _, layer in pending) >= max_batch_numel:
                 flush()
+        seconds["reading and calibration"] = (time.perf_counter() - walk_start - (seconds["refinement"] - refining)
+                                              - (seconds["writing"] - writing))
         if pending:
             flush()
-        bar.close()
+        refine_bar.close()
+        start = time.perf_counter()
         writer.close()
         write_model_config(output, staging, stored)
         source.save_extras(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
+        seconds["writing"] += time.perf_counter() - start
+        tokens = 0 if calibration is None else calibration.numel()
+        write_report(staging, quantize_summary(reports, seconds, source.description, config, tokens))
 
     write_folder(folder, overwrite, write)
     return reports
+
+
+REPORT_NAME = "quantize_report"  # .json and .md in the output folder
+REPORT_COLUMNS = {
+    "bits_per_weight": "storage per weight: the code bits plus the scales B, A spread over the layer's weights",
+    "error_init": "the objective's relative error after the SVD init: ||(W - W_hat) diag(h)^1/2|| / ||W diag(h)^1/2||, "
+                  "h = E[x^2] of the layer's input over the calibration tokens (h = 1 when data-free)",
+    "error": "the same after refinement, with the scales rounded to their stored dtype",
+    "weight_error": "the plain relative weight error ||W - W_hat|| / ||W||",
+    "seconds": "refinement time of the layer's stack divided by its layers",
+}
+
+
+def quantize_summary(reports: list[LayerReport], seconds: dict[str, float], source: str, config: LoRDSConfig,
+                     calibration_tokens: int) -> dict:
+    """What quantize_report.json holds: the run, totals, the worst layer and the per-layer table."""
+    if not reports:
+        raise ValueError("no layer was quantized: the config's targets match no linear layer of the model")
+    weights = sum(r.shape[0] * r.shape[1] for r in reports)
+    worst = max(reports, key=lambda r: r.error)
+    return {
+        "source": source,
+        "config": config.to_dict(),
+        "calibration_tokens": calibration_tokens,
+        "layers": len(reports),
+        "weights": weights,
+        "bits_per_weight": sum(r.bits_per_weight * r.shape[0] * r.shape[1] for r in reports) / weights,
+        "mean_error": sum(r.error for r in reports) / len(reports),
+        "worst_error": worst.error,
+        "worst_layer": worst.name,
+        "mean_weight_error": sum(r.weight_error for r in reports) / len(reports),
+        "seconds": seconds,
+        "columns": REPORT_COLUMNS,
+        "per_layer": [asdict(r) for r in reports],
+    }
+
+
+def write_report(folder: Path, summary: dict) -> None:
+    (folder / f"{REPORT_NAME}.json").write_text(json.dumps(summary, indent=1) + "\n")
+    lines = [f"# Quantization report: {summary['source']}", "", format_summary(summary), "", "Columns:", ""]
+    lines += [f"- {name}: {meaning}" for name, meaning in summary["columns"].items()]
+    lines += ["", "| layer | shape | bits | rank | bits_per_weight | error_init | error | weight_error | seconds |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in summary["per_layer"]:
+        lines.append(f"| {r['name']} | {r['shape'][0]}x{r['shape'][1]} | {r['bits']} | {r['rank']} | "
+                     f"{r['bits_per_weight']:.3f} | {r['error_init']:.4f} | {r['error']:.4f} | "
+                     f"{r['weight_error']:.4f} | {r['seconds']:.1f} |")
+    (folder / f"{REPORT_NAME}.md").write_text("\n".join(lines) + "\n")
+
+
+def read_report(folder: str | Path) -> dict:
+    return json.loads((Path(folder) / f"{REPORT_NAME}.json").read_text())
+
+
+def format_summary(summary: dict) -> str:
+    """The few labelled lines printed at the end of `lords quantize`."""
+    aware = "activation-weighted" if summary["calibration_tokens"] else "data-free, unweighted"
+    phases = ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in summary["seconds"].items())
+    return "\n".join([
+        f"layers quantized:   {summary['layers']} ({summary['weights'] / 1e6:.1f}M weights), "
+        f"{summary['config']['steps']} refinement steps",
+        f"bits per weight:    {summary['bits_per_weight']:.3f} (codes + scales)",
+        f"layer error:        mean {summary['mean_error']:.4f}, worst {summary['worst_error']:.4f} "
+        f"({summary['worst_layer']}): relative error of W, {aware}",
+        f"weight error:       mean {summary['mean_weight_error']:.4f}: plain ||W - W_hat|| / ||W||",
+        f"time:               {phases}; total {sum(summary['seconds'].values()):.1f} s",
+    ])

@@ -185,3 +185,10 @@ def test_refinement_follows_the_autograd_reference_in_float64():
     _, start, best = refine_scales(weight, codebook, [scale_b, scale_a], LOW_RANK, 20, 0.1, channels)
     torch.testing.assert_close(start.pow(2), reference[0], rtol=1e-9, atol=0)
     torch.testing.assert_close(best.pow(2), reference.min(dim=0).values, rtol=1e-9, atol=0)
+
+
+def test_refinement_reports_progress_in_layer_steps():
+    weight = torch.randn(5, 16, 64)
+    calls = []
+    lords_quantize(weight, nf_codebook(4), 32, 2, steps=7, progress=calls.append)
+    assert calls == [5] * 7
