@@ -248,7 +248,8 @@ def quantize_to_folder(
         device: where blocks run and are refined (default: CUDA when present); blocks compute in bf16 on a GPU and
             float32 on the CPU, as lords.assets.load_pretrained loads dense models.
         dtype, max_shard_size, overwrite: as lords.save.
-    Returns the layers' reports, as lords.quantize.
+    Returns the layers' reports, as lords.quantize; the folder also gets them as quantize_report.json and .md, with
+    totals and the time of each phase (quantize_summary).
 
     Example::
 
@@ -279,15 +280,19 @@ def quantize_to_folder(
             if name not in quantized:
                 writer.write(name, source.tensor(name, "cpu").to(stored_dtype))
         # One bar for all refinement in layer-steps: it moves at every step of every stack, so its rate and ETA hold
-        # (a bar in layers sat still for minutes while a stack of 60 layers refined).
+        # (a bar in layers sat still for minutes while a stack of 60 layers refined). Made at the first stack, so
+        # that it does not sit empty under the calibration bar.
         steps = sum(config.for_module(name).steps for name in layers)
-        refine_bar = tqdm(total=steps, desc="refinement", unit="layer-step", disable=not progress or not steps)
-        group = partial(lords_linear_group, device=device, progress=refine_bar.update)
+        refine_bar = None
         pending, stats = [], {}
         seconds["writing"] = time.perf_counter() - start
 
         def flush() -> None:
+            nonlocal refine_bar
             start = time.perf_counter()
+            if refine_bar is None:
+                refine_bar = tqdm(total=steps, desc="refinement", unit="layer-step", disable=not progress or not steps)
+            group = partial(lords_linear_group, device=device, progress=refine_bar.update)
             reports.extend(quantize_targets(model, pending, config, group, stats or None, max_batch_numel))
             seconds["refinement"] += time.perf_counter() - start
             start = time.perf_counter()
@@ -322,7 +327,8 @@ def quantize_to_folder(
                                               - (seconds["writing"] - writing))
         if pending:
             flush()
-        refine_bar.close()
+        if refine_bar is not None:
+            refine_bar.close()
         start = time.perf_counter()
         writer.close()
         write_model_config(output, staging, stored)
