@@ -10,9 +10,10 @@ import time
 from functools import partial
 from pathlib import Path
 
-# Rough CPU rates behind the first-run hint, from results/first_run.md (2 cores): a refinement step costs about
-# 6 ns per weight of the quantized layers, a calibration forward about 25 ps per token and parameter.
-REFINE_SECONDS_PER_WEIGHT_STEP = 6e-9
+# Rough rates behind the first-run hint on 2 CPU cores, from the README command's run (its CPU seconds, as the
+# cores were shared): a refinement step costs about 10 ns per quantized weight, a forward about 25 ps per token and
+# parameter.
+REFINE_SECONDS_PER_WEIGHT_STEP = 1e-8
 FORWARD_SECONDS_PER_TOKEN_PARAMETER = 2.5e-11
 
 
@@ -85,9 +86,15 @@ def _cpu_time_hint(source, config, calibration) -> str:
     refine = REFINE_SECONDS_PER_WEIGHT_STEP * weights * config.steps * 2 / threads
     tokens = 0 if calibration is None else calibration.numel()
     calibrate = FORWARD_SECONDS_PER_TOKEN_PARAMETER * tokens * sum(p.numel() for p in model.parameters()) * 2 / threads
-    return (f"expected on this CPU ({threads} threads, if the cores are not shared): about {refine / 60:.0f} min of "
+    return (f"expected on this CPU ({threads} threads, if no other job shares them): about {_duration(refine)} of "
             f"refinement ({config.steps} steps x {weights / 1e6:.0f}M weights; --steps sets it) and "
-            f"{calibrate / 60:.0f} min of calibration ({tokens} tokens; --calib-samples sets it)")
+            f"{_duration(calibrate)} of calibration ({tokens} tokens; --calib-samples sets it)")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 def _print_perplexity(model, tokenizer, seq_len: int, max_tokens: int) -> None:

@@ -239,3 +239,18 @@ def test_generate_applies_the_chat_template_unless_told_not_to(model_folder, cap
     assert capsys.readouterr().out.startswith("(the checkpoint's chat template wraps the prompt")
     main(["generate", str(model_folder), "the", "--max-new-tokens", "2", "--device", "cpu", "--no-chat-template"])
     assert capsys.readouterr().out.startswith("the")
+
+
+def test_cpu_hint_states_the_expected_time_from_the_model_size(model_folder):
+    """The tiny model's 14 layers hold 2 x 4 x 64 x 64 + 2 x 2 x 64 x 32 + 2 x 3 x 64 x 128 weights."""
+    from lords import LoRDSConfig
+    from lords.cli import REFINE_SECONDS_PER_WEIGHT_STEP, _cpu_time_hint
+    from lords.stream import open_source
+
+    source, _ = open_source(model_folder)
+    weights = 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 64 * 128)
+    hint = _cpu_time_hint(source, LoRDSConfig(steps=5 * 10**6), None)
+    minutes = REFINE_SECONDS_PER_WEIGHT_STEP * weights * 5 * 10**6 * 2 / torch.get_num_threads() / 60
+    assert hint.startswith(f"expected on this CPU ({torch.get_num_threads()} threads")
+    assert f"about {minutes:.0f} min of refinement (5000000 steps x 0M weights" in hint
+    assert "0 s of calibration (0 tokens" in hint
