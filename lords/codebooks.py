@@ -44,12 +44,66 @@ def get_codebook(kind: str, bits: int) -> torch.Tensor:
     raise ValueError(f"codebook must be one of {CODEBOOK_KINDS}, got {kind!r}")
 
 
-def nearest_codes(values: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest codebook level for every element, as uint8.
+class LevelGrid:
+    """Nearest-level lookup in O(1) a value: a uniform grid over the codebook's range maps each cell to the lowest
+    code a value in it can take, and one comparison with that code's upper midpoint decides between it and the next.
 
-    Uses the K-1 midpoints and bucketize, so memory stays O(numel) instead of O(numel * K).
-    Ties (a value exactly on a midpoint) go to the lower level.
+    The grid is chosen so that a cell holds at most one midpoint and no midpoint lies within a hundredth of a cell of
+    a cell edge: a value that rounding places in the neighbouring cell is then still on the same side of every
+    midpoint, and the codes equal torch.bucketize's on the midpoints (ties go to the lower level). bucketize's binary
+    search cost 20x more on the CPU: 1.1 s for the 53M weights of a stack of 60 MLP layers on 2 cores.
     """
-    codebook = codebook.to(device=values.device, dtype=values.dtype)
-    midpoints = (codebook[1:] + codebook[:-1]) / 2
-    return torch.bucketize(values.contiguous(), midpoints).to(torch.uint8)
+
+    def __init__(self, codebook: torch.Tensor):
+        levels = codebook.double().cpu()
+        midpoints = (levels[1:] + levels[:-1]) / 2
+        low, high = levels[0].item(), levels[-1].item()
+        for cells in range(4 * len(levels), 1 << 16):
+            width = (high - low) / cells
+            position = (midpoints - low) / width
+            if (position.floor().diff() > 0).all() and ((position - position.round()).abs() > 0.01).all():
+                break
+        else:
+            raise ValueError(f"no level grid separates the midpoints of codebook {codebook.tolist()}")
+        self.low, self.cells, self.inverse_width = low, cells, 1 / width
+        starts = low + width * torch.arange(cells, dtype=torch.float64)
+        self.first_code = torch.bucketize(starts, midpoints).to(device=codebook.device, dtype=torch.int32)
+        # the midpoints as nearest_codes compares them: computed in the values' dtype
+        self.upper_midpoint = torch.cat([(codebook[1:] + codebook[:-1]) / 2, codebook.new_full((1,), float("inf"))])
+
+    def scratch(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Buffers for codes(), allocated once per refinement instead of once per step."""
+        return (torch.empty_like(values, dtype=torch.int32), torch.empty_like(values),
+                torch.empty_like(values, dtype=torch.bool))
+
+    def codes(self, values: torch.Tensor, out: torch.Tensor, scratch) -> torch.Tensor:
+        """The nearest codes of finite contiguous `values`, written into `out` (int32, values' shape)."""
+        cell, work, above = scratch
+        torch.add(values, -self.low, out=work).mul_(self.inverse_width).clamp_(0, self.cells - 1)
+        cell.copy_(work)  # float to int truncates: a floor, as the coordinate is >= 0
+        torch.index_select(self.first_code, 0, cell.view(-1), out=out.view(-1))
+        torch.index_select(self.upper_midpoint, 0, out.view(-1), out=work.view(-1))
+        # bool to int32 and an int32 add: 3x faster than adding the bool tensor (a mixed-dtype add)
+        return out.add_(cell.copy_(torch.gt(values, work, out=above)))
+
+
+_GRIDS: dict[tuple, LevelGrid] = {}
+
+
+def level_grid(codebook: torch.Tensor) -> LevelGrid:
+    """The LevelGrid of a codebook, built once per (levels, dtype, device)."""
+    key = (tuple(codebook.tolist()), codebook.dtype, str(codebook.device))
+    if key not in _GRIDS:
+        _GRIDS[key] = LevelGrid(codebook)
+    return _GRIDS[key]
+
+
+def nearest_codes(values: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest codebook level for every (finite) element, as uint8; ties go to the lower level.
+
+    Memory stays O(numel) (no numel x K distances): LevelGrid's lookup.
+    """
+    grid = level_grid(codebook.to(device=values.device, dtype=values.dtype))
+    values = values.contiguous()
+    codes = torch.empty_like(values, dtype=torch.int32)
+    return grid.codes(values, codes, grid.scratch(values)).to(torch.uint8)

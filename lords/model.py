@@ -1,7 +1,8 @@
 """Walk a Hugging Face causal LM, gather calibration statistics block by block, and replace linears."""
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 
@@ -84,25 +85,44 @@ def block_output(block: nn.Module, args, kwargs) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-@torch.no_grad()
-def channel_second_moments(block: nn.Module, linears: list[nn.Linear], inputs) -> dict[nn.Module, torch.Tensor]:
-    """h_k = E[x_k^2] of each linear's input over the calibration tokens (the activation-aware column weights)."""
-    sums = {layer: torch.zeros(layer.in_features, dtype=torch.float64) for layer in linears}
+@contextmanager
+def recording_channel_moments(linears: list[nn.Module]) -> Iterator[dict[nn.Module, torch.Tensor]]:
+    """While open, record h_k = E[x_k^2] of each linear's input over the forwards run; the dict yielded holds them
+    (float32, on the CPU) once the block closes. Linears fed the same tensor (q, k, v; gate, up) share one
+    reduction, and the reduction allocates nothing of the activations' size, so the forward costs about what it
+    costs without hooks."""
+    sums = {layer: 0.0 for layer in linears}
     counts = dict.fromkeys(linears, 0)
+    last = [None, None, 0]  # the input tensor seen last, its column sums of squares (float64) and its rows
 
     def hook(layer, args):
-        x = args[0].reshape(-1, layer.in_features)
-        sums[layer] += x.double().pow(2).sum(dim=0).cpu()
-        counts[layer] += x.shape[0]
+        x = args[0]
+        if last[0] is not x:
+            flat = x.reshape(-1, x.shape[-1])
+            last[:] = x, torch.linalg.vector_norm(flat, dim=0, dtype=torch.float32).double().pow(2), flat.shape[0]
+        sums[layer] = sums[layer] + last[1]
+        counts[layer] += last[2]
 
     handles = [layer.register_forward_pre_hook(hook) for layer in set(linears)]
+    moments: dict[nn.Module, torch.Tensor] = {}
     try:
-        for args, kwargs in inputs:
-            block_output(block, args, kwargs)
+        yield moments
     finally:
         for handle in handles:
             handle.remove()
-    return {layer: (sums[layer] / max(counts[layer], 1)).float() for layer in linears}
+        last.clear()
+    for layer in linears:
+        total = sums[layer] if counts[layer] else torch.zeros(layer.in_features, dtype=torch.float64)
+        moments[layer] = (total / max(counts[layer], 1)).float().cpu()
+
+
+@torch.no_grad()
+def channel_second_moments(block: nn.Module, linears: list[nn.Linear], inputs) -> dict[nn.Module, torch.Tensor]:
+    """h_k = E[x_k^2] of each linear's input over the calibration tokens (the activation-aware column weights)."""
+    with recording_channel_moments(linears) as moments:
+        for args, kwargs in inputs:
+            block_output(block, args, kwargs)
+    return moments
 
 
 @dataclass
@@ -118,8 +138,11 @@ class LayerReport:
     seconds: float
 
 
-def lords_linear_group(names, linears, config, channel_weights, device) -> list[tuple[LoRDSLinear, LayerReport]]:
-    """Quantize same-shaped linears sharing one config together (one batched refinement) into LoRDSLinear."""
+def lords_linear_group(
+    names, linears, config, channel_weights, device, progress=None
+) -> list[tuple[LoRDSLinear, LayerReport]]:
+    """Quantize same-shaped linears sharing one config together (one batched refinement) into LoRDSLinear;
+    progress(layers) after every refinement step (lords.factorize.refine_scales)."""
     start = time.perf_counter()
     for name, layer in zip(names, linears):
         check_weight(layer.weight, name)
@@ -132,7 +155,7 @@ def lords_linear_group(names, linears, config, channel_weights, device) -> list[
     codebook = get_codebook(config.codebook, config.bits).to(device)
     factors = lords_quantize(
         weight, codebook, config.block_size, rank, config.steps, config.lr, channels, config.exact_init,
-        getattr(torch, config.scale_dtype), config.seed,
+        getattr(torch, config.scale_dtype), config.seed, progress,
     )
     approx = reconstruct(factors.scale_b.float() @ factors.scale_a.float(), factors.codes, codebook)
     weight_error = relative_error(weight, approx)
@@ -169,9 +192,9 @@ def collect_channel_weights(
     weights = {}
     for block in tqdm(blocks, desc="calibration statistics", disable=not progress):
         linears = [layer for layer in block.modules() if layer in names]
-        for layer, moments in channel_second_moments(block, linears, inputs).items():
-            weights[names[layer]] = moments
-        inputs = next_inputs(block, inputs)
+        with torch.no_grad(), recording_channel_moments(linears) as moments:  # one forward: statistics and outputs
+            inputs = next_inputs(block, inputs)
+        weights.update({names[layer]: value for layer, value in moments.items()})
     return weights
 
 

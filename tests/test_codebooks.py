@@ -47,3 +47,17 @@ def test_bits_out_of_range(bad):
 def test_unknown_codebook():
     with pytest.raises(ValueError, match="codebook must be one of"):
         get_codebook("fp4", 4)
+
+
+@pytest.mark.parametrize("kind,bits", [("nf", 2), ("nf", 3), ("nf", 4), ("int", 2), ("int", 3), ("int", 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nearest_codes_equal_bucketize_on_midpoints_and_their_neighbours(kind, bits, dtype):
+    """The grid lookup is exact, ties included: values on a midpoint, one ulp either side, far outside the range."""
+    codebook = get_codebook(kind, bits).to(dtype)
+    midpoints = (codebook[1:] + codebook[:-1]) / 2
+    values = torch.cat([
+        torch.randn(20_000, dtype=dtype), midpoints, codebook,
+        torch.nextafter(midpoints, midpoints + 1), torch.nextafter(midpoints, midpoints - 1),
+        torch.tensor([1e12, -1e12, float("inf"), -float("inf"), 0.0, -0.0], dtype=dtype),
+    ])
+    assert torch.equal(nearest_codes(values, codebook), torch.bucketize(values, midpoints).to(torch.uint8))

@@ -34,3 +34,26 @@ def test_unknown_backend_is_an_error():
     layer.backend = "cuda-magic"
     with pytest.raises(ValueError, match="unknown backend 'cuda-magic'"):
         layer(torch.randn(2, 64))
+
+
+def test_dense_weights_give_the_same_outputs_without_dequantizing_per_call(monkeypatch):
+    """Inside dense_weights a layer's forward uses the weight dequantized on entry (outputs bit-identical to the
+    per-call path, no dequantization per call), a training forward still goes through the scales, and the copy is
+    released on exit."""
+    import lords.linear
+
+    factors = lords_quantize(torch.randn(24, 96), get_codebook("nf", 4), 32, 2, steps=2)
+    model = torch.nn.Sequential(LoRDSLinear.from_factors(factors, 4, "nf", torch.randn(24)))
+    x = torch.randn(3, 96)
+    expected = model(x)
+    with lords.linear.dense_weights(model):
+        calls = []
+        original = lords.linear.reference_weight
+        monkeypatch.setattr(lords.linear, "reference_weight", lambda *a: calls.append(1) or original(*a))
+        with torch.no_grad():
+            assert torch.equal(model(x), expected)
+        assert calls == []
+        model[0].scale_b.requires_grad_(True)
+        model(x).sum().backward()
+        assert calls and model[0].scale_b.grad is not None
+    assert model[0].dense_weight is None
