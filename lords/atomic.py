@@ -113,9 +113,15 @@ def check_destination(path: str | Path, overwrite: bool, folder: bool = True, ne
         raise DestinationError(f"cannot write to {path.parent}: {error.strerror or error}") from None
     free = shutil.disk_usage(path.parent).free
     if free < needed_bytes:
-        raise DestinationError(f"{path.parent} has {free / 1e9:.2f} GB free; the output needs about "
-                               f"{needed_bytes / 1e9:.2f} GB")
+        raise DestinationError(f"{path.parent} has {_size(free)} free; the output needs about {_size(needed_bytes)}")
     return path
+
+
+def _size(count: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count} bytes"
 
 
 def write_folder(folder: str | Path, overwrite: bool, write: Callable[[Path], None], needed_bytes: int = 0) -> Path:

@@ -426,8 +426,8 @@ def cmd_skill_apply(args) -> None:
     from .skills import apply_skill, check_skill_fits, load_skill
 
     out = _output_folder(args)
-    model, tokenizer, path = _load(args.model, _device(args.device))
     deltas, provenance = load_skill(args.skill)
+    model, tokenizer, path = _load(args.model, _device(args.device))
     untouched = check_skill_fits(model, deltas, args.allow_subset)
     errors = apply_skill(model, deltas, args.scale, args.refit_steps, subset=args.allow_subset)
     print(f"applied {args.skill} (from {provenance.get('tuned')}) at scale {args.scale} to {path}")

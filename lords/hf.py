@@ -41,7 +41,10 @@ def check_layer_entry(name: str, entry: dict) -> None:
         raise ValueError(f"quantization_config layer {name}: expected the fields {list(LAYER_FIELDS)}, got {entry!r}")
     if not isinstance(entry["bits"], int) or isinstance(entry["bits"], bool):
         raise ValueError(f"quantization_config layer {name}: bits must be an integer, got {entry['bits']!r}")
-    check_bits(entry["bits"])
+    try:
+        check_bits(entry["bits"])
+    except ValueError as error:
+        raise ValueError(f"quantization_config layer {name}: {error}") from None
     if not isinstance(entry["rank"], int) or isinstance(entry["rank"], bool) or entry["rank"] < 1:
         raise ValueError(f"quantization_config layer {name}: rank must be a positive integer, got {entry['rank']!r}")
     if entry["codebook"] not in CODEBOOK_KINDS:
