@@ -410,8 +410,10 @@ def _save_model(model, tokenizer, out: Path, overwrite: bool) -> None:
 def cmd_skill_extract(args) -> None:
     import torch
 
-    from .skills import extract, save_skill
+    from .atomic import check_destination
+    from .skills import extract, is_skill_file, save_skill
 
+    check_destination(args.out, args.overwrite, folder=False, replaceable=is_skill_file)
     base, _, base_path = _load(args.base, torch.device("cpu"))
     tuned, _, tuned_path = _load(args.tuned, torch.device("cpu"))
     deltas = extract(base, tuned)

@@ -22,6 +22,7 @@ from lords import atomic, integrity
 from lords.assets import load_pretrained
 from lords.checkpoint import WEIGHTS_NAME, CheckpointError
 from lords.cli import main
+from lords.model import LayerReport, warn_outliers
 from lords.peft import ADAPTER_WEIGHTS, load_adapter, mark_trainable, save_adapter
 from lords.skills import apply_skill, extract, load_skill, save_skill
 from lords.stream import open_source
@@ -230,6 +231,38 @@ def test_malformed_quantization_config_is_named(ckpt, change, message):
     assert str(error.value).startswith(f"cannot load {ckpt}: {message}")
 
 
+def as_format_2(folder: Path) -> Path:
+    """The layout before the transformers integration: lords_config.json beside config.json."""
+    config = json.loads((folder / "config.json").read_text())
+    quantization = config.pop("quantization_config")
+    (folder / "config.json").write_text(json.dumps(config))
+    meta = {"format": "lords", "format_version": 2, "quantization": quantization["quantization"],
+            "layers": quantization["layers"]}
+    (folder / "lords_config.json").write_text(json.dumps(meta))
+    return folder / "lords_config.json"
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m.pop("layers"), "'layers' must map layer names to their fields, got None"),
+    (lambda m: m.update(layers={LAYER: 4}), "'layers' must map layer names to their fields, got {'" + LAYER + "': 4}"),
+    (lambda m: m["layers"][LAYER].pop("codebook"), f"quantization_config layer {LAYER}: codebook must be one of "
+     "('nf', 'int'), got None"),
+    (lambda m: m["layers"][LAYER].update(rank=-1), f"quantization_config layer {LAYER}: rank must be a positive "
+     "integer, got -1"),
+    (lambda m: m.update(quantization={"bits": 4, "block_size": 0}), "block_size must be a positive integer, got 0"),
+])
+def test_malformed_lords_config_json_is_named(ckpt, change, message):
+    path = as_format_2(ckpt)
+    edit_json(path, change)
+    with pytest.raises(CheckpointError) as error:
+        lords.load(ckpt)
+    assert str(error.value) == f"cannot load {ckpt}: {path}: {message}"
+    path.unlink()
+    with pytest.raises(CheckpointError) as error:  # and without it, the lords tensors are not loaded as dense
+        lords.load(ckpt)
+    assert str(error.value) == stripped_message(ckpt)
+
+
 # --- adapters and skills: validated before anything moves --------------------------------------------------------
 
 @pytest.fixture
@@ -360,6 +393,15 @@ def test_a_nan_in_a_late_layer_leaves_the_model_untouched():
     assert str(error.value) == "model.layers.1.mlp.down_proj contains NaN or Inf values; refusing to quantize it"
     assert not any(isinstance(m, lords.LoRDSLinear) for m in model.modules())
     assert all(torch.equal(before[n].nan_to_num(), p.nan_to_num()) for n, p in model.named_parameters())
+
+
+def test_a_layer_far_worse_than_its_peers_is_named():
+    reports = [LayerReport(f"layer{i}", (4, 4), 4, 1, 4.5, error, error, error, 0.0)
+               for i, error in enumerate([0.1, 0.11, 0.09, 0.1, 0.35])]
+    with pytest.warns(UserWarning) as caught:
+        warn_outliers(reports)
+    assert [str(w.message) for w in caught] == [
+        "layer4: relative weight error 0.3500 is 3.5x the median of the other layers (0.1000)"]
 
 
 def test_finite_weights_that_quantize_to_inf_raise_and_leave_the_model_untouched():
@@ -623,3 +665,14 @@ def test_debug_shows_the_traceback_and_the_real_command_exits_cleanly(tmp_path):
                             capture_output=True, text=True, cwd=Path(lords.__file__).parent.parent)
     assert (result.returncode, result.stderr) == (
         1, f"error: model folder {tmp_path / 'missing'} does not exist (nothing is downloaded; give a local folder)\n")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_all_finite_matches_isfinite_at_the_edges(dtype):
+    values = torch.tensor([0.0, -0.0, 1.0, torch.finfo(dtype).max, -torch.finfo(dtype).max, torch.finfo(dtype).tiny],
+                          dtype=dtype)
+    assert integrity.all_finite(values)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        damaged = values.clone()
+        damaged[3] = bad
+        assert integrity.all_finite(damaged) == bool(torch.isfinite(damaged).all()) is False
