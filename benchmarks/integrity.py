@@ -70,7 +70,8 @@ def main() -> None:
         data = [integrity.tensor_bytes(tensor) for tensor in tensors.values()]
         size = sum(len(chunk) for chunk in data)
         digest = seconds(lambda: [integrity.digest(chunk) for chunk in data])
-        rows.append((f"sha256 of {size / 1e9:.2f} GB of tensors (save)", f"{digest:.2f} s", f"{size / digest / 1e9:.2f}"))
+        rows.append((f"sha256 of {size / 1e9:.2f} GB of tensors (save)", f"{digest:.2f} s",
+                     f"{size / digest / 1e9:.2f}"))
         write = seconds(lambda: ([writer.write(name, tensor) for name, tensor in tensors.items()], writer.close()))
         rows.append((f"lords' writer, digests included, {size / 1e9:.2f} GB", f"{write:.2f} s",
                      f"{size / write / 1e9:.2f}"))

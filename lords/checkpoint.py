@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 from torch import nn
 
@@ -33,6 +34,11 @@ SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB"
 
 class CheckpointError(ValueError):
     pass
+
+
+# what transformers raises for a config of wrong field types or values (negative sizes, strings for integers, tensors
+# of other shapes than the config's layers): a folder that cannot load, not a bug of the caller
+LOAD_ERRORS = (RuntimeError, ValueError, TypeError, KeyError, StrictDataclassError)
 
 
 def parse_size(size: int | str) -> int:
@@ -349,7 +355,7 @@ def load(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dt
     except (SafetensorError, OSError) as error:
         raise CheckpointError(
             f"cannot load {folder}: a weights file is corrupt, truncated or missing: {error}") from None
-    except (RuntimeError, ValueError, TypeError, KeyError) as error:  # e.g. config fields of wrong types or values
+    except LOAD_ERRORS as error:
         raise CheckpointError(f"cannot load {folder}: {error}") from None
     model.source_dtype = _stored_dtype(folder)
     return model.eval()

@@ -588,7 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
     def training(p, steps, lr):
         p.add_argument("--steps", type=positive_int, default=steps, help="training steps")
         p.add_argument("--lr", type=positive_float, default=lr, help="AdamW learning rate")
-        p.add_argument("--batch-size", type=positive_int, default=4, help="global batch (split over torchrun processes)")
+        p.add_argument("--batch-size", type=positive_int, default=4,
+                       help="global batch (split over torchrun processes)")
         p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
         p.add_argument("--bf16", action="store_true", help="bf16 autocast (mixed precision)")
         p.add_argument("--fsdp", action="store_true",
@@ -619,9 +620,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--bits", type=int, choices=(2, 3, 4), default=4, help="bits per code")
     t.add_argument("--block-size", type=positive_int, default=64, help="block size that sets the parity rank")
     t.add_argument("--codebook", choices=("nf", "int"), default="nf", help="code levels: NormalFloat or integers")
-    t.add_argument("--ptq-steps", type=non_negative_int, default=100, help="LoRDS PTQ refinement steps for the starting scales")
+    t.add_argument("--ptq-steps", type=non_negative_int, default=100,
+                   help="LoRDS PTQ refinement steps for the starting scales")
     t.add_argument("--scale-steps", type=non_negative_int, default=0, help="scales-only steps before weights join")
-    t.add_argument("--scale-lr-multiplier", type=positive_float, default=4.0, help="the scales' learning rate over --lr")
+    t.add_argument("--scale-lr-multiplier", type=positive_float, default=4.0,
+                   help="the scales' learning rate over --lr")
     calibration_size(t)
     t.add_argument("--out", required=True, help="output checkpoint folder")
     t.set_defaults(func=cmd_qat)
@@ -646,7 +649,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(a, "target model or lords checkpoint folder")
     a.add_argument("skill", help="skill file")
     a.add_argument("--scale", type=finite_float, default=1.0, help="lambda")
-    a.add_argument("--refit-steps", type=non_negative_int, default=100, help="LoRDS targets: refinement steps of the re-fit")
+    a.add_argument("--refit-steps", type=non_negative_int, default=100,
+                   help="LoRDS targets: refinement steps of the re-fit")
     a.add_argument("--out", required=True, help="output model folder")
     a.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     a.add_argument("--allow-subset", action="store_true",
@@ -662,13 +666,15 @@ def build_parser() -> argparse.ArgumentParser:
     common(w, "target model or lords checkpoint folder")
     w.add_argument("skill", help="skill file")
     w.add_argument("--scales", type=finite_float, nargs="+", default=[0.0, 0.5, 1.0, 1.5], help="the lambdas to try")
-    w.add_argument("--refit-steps", type=non_negative_int, default=100, help="LoRDS targets: refinement steps of each re-fit")
+    w.add_argument("--refit-steps", type=non_negative_int, default=100,
+                   help="LoRDS targets: refinement steps of each re-fit")
     w.set_defaults(func=cmd_skill_sweep)
 
     c = command("compare", "PTQ comparison table (LoRDS vs NF-k, HQQ, refined block-wise)")
     common(c)
     c.add_argument("--bits", type=int, choices=(2, 3, 4), nargs="+", default=[4, 3, 2], help="bit widths to compare")
-    c.add_argument("--block-size", type=positive_int, default=64, help="block size of every method (and the parity rank)")
+    c.add_argument("--block-size", type=positive_int, default=64,
+                   help="block size of every method (and the parity rank)")
     c.add_argument("--steps", type=non_negative_int, default=500, help="refinement steps of the refined methods")
     c.add_argument("--lr", type=positive_float, default=0.1, help="refinement Adam step relative to the scales' RMS")
     c.add_argument("--methods", nargs="+", help="rows of the table",

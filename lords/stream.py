@@ -28,9 +28,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .checkpoint import (
-    DEFAULT_SHARD_SIZE, INDEX_NAME, SAFETENSORS_DTYPES, ShardedSafetensors, checkpoint_specs, choose_storage_dtype,
-    is_checkpoint, quantized_tensor_names, read_header, read_tensor, unique_tensors, write_folder, write_model_config,
-    written_by_lords,
+    DEFAULT_SHARD_SIZE, INDEX_NAME, LOAD_ERRORS, SAFETENSORS_DTYPES, ShardedSafetensors, checkpoint_specs,
+    choose_storage_dtype, is_checkpoint, quantized_tensor_names, read_header, read_tensor, unique_tensors, write_folder,
+    write_model_config, written_by_lords,
 )
 from .config import LoRDSConfig
 from .hf import mark_quantized, replace_linears
@@ -141,7 +141,12 @@ def open_source(path: str | Path):
     if is_checkpoint(path) or written_by_lords(path):
         raise ValueError(f"{path} is a lords checkpoint already; quantize the dense model it came from")
     if any(path.glob("*.safetensors")):
-        return SafetensorsSource(path), AutoTokenizer.from_pretrained(path)
+        try:
+            source = SafetensorsSource(path)
+            empty_model(source.config, torch.float32)  # a config of wrong field types or values fails here, not later
+            return source, AutoTokenizer.from_pretrained(path)
+        except LOAD_ERRORS as error:
+            raise ValueError(f"cannot read {path}: {error}") from None
     model, tokenizer = load_pretrained(path)
     reason = "not safetensors, so transformers reads it whole first; its blocks are then quantized one at a time"
     return ModelSource(model, f"{path} ({reason})"), tokenizer
