@@ -154,6 +154,8 @@ class LoRDSLinear(nn.Module):
         # The single dispatch point between the torch reference and the Triton kernels, forward and backward.
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; choose one of {BACKENDS}")
+        if not x.is_floating_point():  # the weight would be cast to the input's dtype: integers give zeros
+            raise TypeError(f"LoRDSLinear takes floating inputs, got {x.dtype}")
         bias = None if self.bias is None else self.bias.to(x.dtype)
         path = self.backend if self.backend != "auto" else "triton" if x.is_cuda and _TRITON else "torch"
         needs_grad = torch.is_grad_enabled() and (

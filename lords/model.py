@@ -1,6 +1,7 @@
 """Walk a Hugging Face causal LM, gather calibration statistics block by block, and replace linears."""
 
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -159,6 +160,11 @@ def lords_linear_group(
     )
     approx = reconstruct(factors.scale_b.float() @ factors.scale_a.float(), factors.codes, codebook)
     weight_error = relative_error(weight, approx)
+    for i, name in enumerate(names):
+        if not torch.isfinite(approx[i]).all():  # finite weights whose scales overflow scale_dtype
+            raise ValueError(f"quantizing {name} gave NaN or Inf values (its largest weight is "
+                             f"{weight[i].abs().max().item():.3g}; scale_dtype {config.scale_dtype} cannot hold its "
+                             "scales)")
     seconds = (time.perf_counter() - start) / len(linears)
     results = []
     for i, (name, layer) in enumerate(zip(names, linears)):
@@ -246,11 +252,12 @@ def quantize_targets(
     max_batch_numel weights: on a GPU one step over a stack costs little more than over one small layer.
     stats: E[x^2] of each target's input by name (activation-aware), or None (data-free).
     """
+    check_targets(targets)  # before any layer is replaced: the caller's model is never left half-quantized
     groups: dict[tuple, list[tuple[str, nn.Linear]]] = {}
     for name, layer in targets:
         key = (tuple(layer.weight.shape), repr(config.for_module(name).to_dict()))
         groups.setdefault(key, []).append((name, layer))
-    reports = []
+    reports, modules = [], {}
     for members in groups.values():
         per_stack = max(1, max_batch_numel // members[0][1].weight.numel())
         for first in range(0, len(members), per_stack):
@@ -259,13 +266,38 @@ def quantize_targets(
             channel_weights = None if stats is None else [stats[name] for name in names]
             group_config = config.for_module(names[0])
             for name, (module, report) in zip(names, quantize_group(names, linears, group_config, channel_weights)):
-                set_submodule(model, name, module)
+                modules[name] = module
                 reports.append(report)
             if bar is not None:
                 bar.update(len(names))
                 bar.set_postfix(error=f"{sum(r.error for r in reports) / len(reports):.4f}")
+    for name, module in modules.items():  # all layers quantized: only now is the model changed
+        set_submodule(model, name, module)
     order = {name: index for index, (name, _) in enumerate(targets)}
-    return sorted(reports, key=lambda report: order[report.name])
+    reports = sorted(reports, key=lambda report: order[report.name])
+    warn_outliers(reports)
+    return reports
+
+
+def check_targets(targets: list[tuple[str, nn.Linear]]) -> None:
+    for name, layer in targets:
+        check_weight(layer.weight, name)
+
+
+OUTLIER_RATIO = 3.0  # a layer's weight error this many times its peers' median is worth a look
+
+
+def warn_outliers(reports: list[LayerReport]) -> None:
+    """Warn about layers whose weight error is far above the median of the layers quantized with them."""
+    errors = sorted(report.weight_error for report in reports)
+    if len(errors) < 4:
+        return
+    median = errors[len(errors) // 2]
+    for report in reports:
+        if report.weight_error > OUTLIER_RATIO * median:
+            warnings.warn(f"{report.name}: relative weight error {report.weight_error:.4f} is "
+                          f"{report.weight_error / median:.1f}x the median of the other layers ({median:.4f})",
+                          stacklevel=3)
 
 
 def walk_blocks(
@@ -284,6 +316,7 @@ def walk_blocks(
     With calibration token ids (N, L), channel_weights are E[x^2] of each linear's input (activation-aware).
     """
     targets = model_targets(model, config)
+    check_targets(targets)  # before minutes of calibration
     stats = None if calibration is None else collect_channel_weights(model, targets, calibration, batch_size, progress)
     with tqdm(total=len(targets), desc="quantizing layers", disable=not progress) as bar:
         return quantize_targets(model, targets, config, quantize_group, stats, max_batch_numel, bar)

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from .checkpoint import (
     DEFAULT_SHARD_SIZE, INDEX_NAME, SAFETENSORS_DTYPES, ShardedSafetensors, checkpoint_specs, choose_storage_dtype,
     is_checkpoint, quantized_tensor_names, read_header, read_tensor, unique_tensors, write_folder, write_model_config,
+    written_by_lords,
 )
 from .config import LoRDSConfig
 from .hf import mark_quantized, replace_linears
@@ -137,7 +138,7 @@ def open_source(path: str | Path):
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"model folder {path} does not exist (nothing is downloaded; give a local folder)")
-    if is_checkpoint(path):
+    if is_checkpoint(path) or written_by_lords(path):
         raise ValueError(f"{path} is a lords checkpoint already; quantize the dense model it came from")
     if any(path.glob("*.safetensors")):
         return SafetensorsSource(path), AutoTokenizer.from_pretrained(path)

@@ -42,7 +42,7 @@ def test_refuses_non_empty_output(model_folder, tmp_path):
     out = tmp_path / "q"
     out.mkdir()
     (out / "precious.bin").write_bytes(b"x")
-    with pytest.raises(SystemExit, match="not empty; pass --overwrite"):
+    with pytest.raises(SystemExit, match="not empty; pass overwrite=True \\(--overwrite\\) to replace it"):
         main(["quantize", str(model_folder), "--out", str(out), "--calibration", "none"])
     assert (out / "precious.bin").read_bytes() == b"x"
 
