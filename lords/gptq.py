@@ -128,18 +128,19 @@ def refit_scales(
     optimizer = torch.optim.Adam(normalized, lr=lr)
     best, best_loss = [p.clone() for p in params], None
     for step in range(steps + 1):
-        current = [p * unit for p, unit in zip(normalized, units)]
-        loss = output_error(weight, (current[0] @ current[1]) * levels, hessian).pow(2)
+        with torch.enable_grad():  # the model walks run under no_grad
+            current = [p * unit for p, unit in zip(normalized, units)]
+            loss = output_error(weight, (current[0] @ current[1]) * levels, hessian).pow(2)
+            if step < steps:
+                optimizer.zero_grad()
+                loss.sum().backward()
         with torch.no_grad():
             improved = torch.ones_like(loss, dtype=torch.bool) if best_loss is None else loss < best_loss
             best_loss = loss.detach() if best_loss is None else torch.where(improved, loss, best_loss)
             for p, b in zip(current, best):
                 b.copy_(torch.where(improved[:, None, None], p, b))
-        if step == steps:
-            break
-        optimizer.zero_grad()
-        loss.sum().backward()
-        optimizer.step()
+        if step < steps:
+            optimizer.step()
     return best[0], best[1]
 
 
