@@ -317,7 +317,7 @@ def cmd_compare(args) -> None:
     score = partial(perplexity, token_ids=heldout, seq_len=args.seq_len, progress=False)
     rows = run_comparison(
         model, score, calibration, tuple(args.bits), args.block_size, args.steps, args.lr, tuple(args.methods), device,
-        codebooks=tuple(args.codebooks),
+        codebooks=tuple(args.codebooks), refit_rounds=args.refit_rounds,
     )
     table = format_rows(rows)
     print(table)
@@ -624,7 +624,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--block-size", type=int, default=64, help="block size of every method (and the parity rank)")
     c.add_argument("--steps", type=int, default=500, help="refinement steps of the refined methods")
     c.add_argument("--lr", type=float, default=0.1, help="refinement Adam step relative to the scales' RMS")
-    c.add_argument("--methods", nargs="+", help="rows of the table",
+    c.add_argument("--refit-rounds", type=int, default=0, help="lords-gptq: refit rounds (lords quantize's)")
+    c.add_argument("--methods", nargs="+", help="rows of the table (also: lords-gptq, gptq-g64, gptq-g128)",
                    default=["nf-rtn", "hqq", "lords-init", "lords", "lords-aware", "nf-refined-aware"])
     c.add_argument("--codebooks", nargs="+", choices=("nf", "int"), default=["nf"],
                    help="codebooks the LoRDS methods run with (the block-wise baselines use NF)")
