@@ -6,8 +6,8 @@ perplexity; the seed draws the calibration windows. Runs accumulate in a JSON fi
 widths, finished runs are skipped) and the table is rendered from it after every run, with every command that
 contributed written above it:
 
-    nice python -m benchmarks.quality_gptq --bits 4 3 2 --seeds 0 --out results/quality_gptq.md
-    nice python -m benchmarks.quality_gptq --bits 4 3 --seeds 1 2 --out results/quality_gptq.md
+    nice python -m benchmarks.quality_gptq --bits 4 3 2 --seeds 0 --max-tokens 8192 --calib-samples 16
+    nice python -m benchmarks.quality_gptq --bits 4 3 --seeds 1 2 --max-tokens 8192 --calib-samples 16
 """
 
 import argparse
