@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from .codebooks import get_codebook
 from .config import LoRDSConfig
 from .factorize import LoRDSFactors, check_weight, lords_quantize, parity_rank, reconstruct, relative_error
+from .gptq import lords_gptq_quantize
 from .hf import mark_quantized
 from .linear import LoRDSLinear
 
@@ -87,40 +88,59 @@ def block_output(block: nn.Module, args, kwargs) -> torch.Tensor:
 
 
 @contextmanager
-def recording_channel_moments(linears: list[nn.Module]) -> Iterator[dict[nn.Module, torch.Tensor]]:
-    """While open, record h_k = E[x_k^2] of each linear's input over the forwards run; the dict yielded holds them
-    (float32, on the CPU) once the block closes. Linears fed the same tensor (q, k, v; gate, up) share one
-    reduction, and the reduction allocates nothing of the activations' size, so the forward costs about what it
-    costs without hooks."""
+def _recording_inputs(linears: list[nn.Module], reduce: Callable, empty: Callable):
+    """While open, sum reduce(x) over the (tokens, in_features) inputs x of each linear over the forwards run; the
+    dict yielded holds each sum divided by the tokens seen (float32, on the CPU) once the block closes. Linears fed
+    the same tensor (q, k, v; gate, up) share one reduction. empty(in_features): the sum when nothing ran."""
     sums = {layer: 0.0 for layer in linears}
     counts = dict.fromkeys(linears, 0)
-    last = [None, None, 0]  # the input tensor seen last, its column sums of squares (float64) and its rows
+    last = [None, None, 0]  # the input tensor seen last, its reduction (float64) and its rows
 
     def hook(layer, args):
         x = args[0]
         if last[0] is not x:
             flat = x.reshape(-1, x.shape[-1])
-            last[:] = x, torch.linalg.vector_norm(flat, dim=0, dtype=torch.float32).double().pow(2), flat.shape[0]
+            last[:] = x, reduce(flat).double(), flat.shape[0]
         sums[layer] = sums[layer] + last[1]
         counts[layer] += last[2]
 
     handles = [layer.register_forward_pre_hook(hook) for layer in set(linears)]
-    moments: dict[nn.Module, torch.Tensor] = {}
+    means: dict[nn.Module, torch.Tensor] = {}
     try:
-        yield moments
+        yield means
     finally:
         for handle in handles:
             handle.remove()
         last.clear()
     for layer in linears:
-        total = sums[layer] if counts[layer] else torch.zeros(layer.in_features, dtype=torch.float64)
-        moments[layer] = (total / max(counts[layer], 1)).float().cpu()
+        total = sums[layer] if counts[layer] else empty(layer.in_features)
+        means[layer] = (total / max(counts[layer], 1)).float().cpu()
+
+
+def recording_channel_moments(linears: list[nn.Module]):
+    """While open, record h_k = E[x_k^2] of each linear's input over the forwards run (the activation-aware column
+    weights); the reduction allocates nothing of the activations' size, so the forward costs about what it costs
+    without hooks."""
+    return _recording_inputs(
+        linears, lambda flat: torch.linalg.vector_norm(flat, dim=0, dtype=torch.float32).double().pow(2),
+        lambda features: torch.zeros(features, dtype=torch.float64),
+    )
+
+
+def recording_input_hessians(linears: list[nn.Module]):
+    """While open, record H = E[x x^T] (in_features^2) of each linear's input: the output error's Hessian, which
+    error-feedback codes (lords.gptq) minimise. Its diagonal is recording_channel_moments' h."""
+    return _recording_inputs(
+        linears, lambda flat: flat.float().T @ flat.float(),
+        lambda features: torch.zeros(features, features, dtype=torch.float64),
+    )
 
 
 @torch.no_grad()
-def channel_second_moments(block: nn.Module, linears: list[nn.Linear], inputs) -> dict[nn.Module, torch.Tensor]:
-    """h_k = E[x_k^2] of each linear's input over the calibration tokens (the activation-aware column weights)."""
-    with recording_channel_moments(linears) as moments:
+def channel_second_moments(block: nn.Module, linears: list[nn.Linear], inputs,
+                           recorder=recording_channel_moments) -> dict[nn.Module, torch.Tensor]:
+    """The recorder's statistic of each linear's input over the calibration batches (default: E[x^2])."""
+    with recorder(linears) as moments:
         for args, kwargs in inputs:
             block_output(block, args, kwargs)
     return moments
@@ -143,7 +163,8 @@ def lords_linear_group(
     names, linears, config, channel_weights, device, progress=None
 ) -> list[tuple[LoRDSLinear, LayerReport]]:
     """Quantize same-shaped linears sharing one config together (one batched refinement) into LoRDSLinear;
-    progress(layers) after every refinement step (lords.factorize.refine_scales)."""
+    progress(layers) after every refinement step (lords.factorize.refine_scales). channel_weights: E[x^2] of each
+    layer's input (in,), or with codes="gptq" E[x x^T] (in, in), whose diagonal weighs the refinement."""
     start = time.perf_counter()
     for name, layer in zip(names, linears):
         check_weight(layer.weight, name)
@@ -154,10 +175,17 @@ def lords_linear_group(
     out_features, in_features = weight.shape[-2:]
     rank = layer_rank(config, out_features, in_features)
     codebook = get_codebook(config.codebook, config.bits).to(device)
-    factors = lords_quantize(
-        weight, codebook, config.block_size, rank, config.steps, config.lr, channels, config.exact_init,
-        getattr(torch, config.scale_dtype), config.seed, progress,
-    )
+    scale_dtype = getattr(torch, config.scale_dtype)
+    if config.codes == "gptq":
+        factors = lords_gptq_quantize(
+            weight, codebook, config.block_size, rank, channels, config.steps, config.lr, config.refit_rounds,
+            config.exact_init, scale_dtype, config.seed, progress,
+        )
+    else:
+        factors = lords_quantize(
+            weight, codebook, config.block_size, rank, config.steps, config.lr, channels, config.exact_init,
+            scale_dtype, config.seed, progress,
+        )
     approx = reconstruct(factors.scale_b.float() @ factors.scale_a.float(), factors.codes, codebook)
     weight_error = relative_error(weight, approx)
     for i, name in enumerate(names):
@@ -313,13 +341,54 @@ def walk_blocks(
     """Replace the targeted linears of the decoder blocks, in place (quantize_targets over all blocks at once, so
     that same-shaped linears of every block share stacks).
 
-    With calibration token ids (N, L), channel_weights are E[x^2] of each linear's input (activation-aware).
+    With calibration token ids (N, L), channel_weights are E[x^2] of each linear's input (activation-aware); with
+    config.codes == "gptq", E[x x^T] measured block by block on the quantized model (walk_blocks_with_feedback).
     """
+    if config.codes == "gptq":
+        return walk_blocks_with_feedback(model, config, quantize_group, calibration, batch_size=batch_size,
+                                         max_batch_numel=max_batch_numel, progress=progress)
     targets = model_targets(model, config)
     check_targets(targets)  # before minutes of calibration
     stats = None if calibration is None else collect_channel_weights(model, targets, calibration, batch_size, progress)
     with tqdm(total=len(targets), desc="quantizing layers", disable=not progress) as bar:
         return quantize_targets(model, targets, config, quantize_group, stats, max_batch_numel, bar)
+
+
+def check_feedback_calibration(config: LoRDSConfig, calibration: torch.Tensor | None) -> None:
+    if calibration is None:
+        raise ValueError(f"codes={config.codes!r} needs calibration data: it minimises the error of the layers' "
+                         "outputs on calibration inputs")
+    check_calibration(calibration)
+
+
+@torch.no_grad()
+def walk_blocks_with_feedback(
+    model: nn.Module,
+    config: LoRDSConfig,
+    quantize_group: Callable,
+    calibration: torch.Tensor | None,
+    *,
+    batch_size: int = 8,
+    max_batch_numel: int = 2**27,
+    progress: bool = True,
+) -> list[LayerReport]:
+    """GPTQ's walk: block by block, E[x x^T] of each target's input is measured on the outputs of the blocks already
+    quantized, the block's targets are quantized with it (channel_weights of quantize_group), and the quantized block
+    makes the next block's inputs. Each block's error then becomes an input that the next blocks correct for.
+    Same-shaped targets share stacks within a block only."""
+    check_feedback_calibration(config, calibration)
+    prefix, blocks = find_blocks(model)
+    inputs = capture_block_inputs(model, blocks[0], calibration, batch_size)
+    targets = model_targets(model, config)
+    reports = []
+    with tqdm(total=len(targets), desc="quantizing blocks (feedback)", disable=not progress) as bar:
+        for index, block in enumerate(blocks):
+            own = block_targets(block, f"{prefix}.{index}", config)
+            hessians = channel_second_moments(block, [layer for _, layer in own], inputs, recording_input_hessians)
+            stats = {name: hessians[layer] for name, layer in own}
+            reports += quantize_targets(model, own, config, quantize_group, stats, max_batch_numel, bar)
+            inputs = next_inputs(block, inputs)
+    return reports
 
 
 def quantize(
@@ -333,6 +402,8 @@ def quantize(
     """Replace the targeted nn.Linear modules of the decoder blocks by LoRDSLinear, in place.
 
     calibration: token ids (N, L); when given, the refinement weighs input channels by E[x^2] (activation-aware).
+    With config.codes == "gptq" (calibration required) codes are assigned with error feedback, block by block on the
+    outputs of the blocks already quantized (walk_blocks_with_feedback).
     device: where the refinement runs (default: CUDA when present); same-shaped layers run batched.
     A transformers model is then marked quantized (lords.hf.mark_quantized), so that save_pretrained writes a
     folder from_pretrained loads.

@@ -35,8 +35,9 @@ from .checkpoint import (
 from .config import LoRDSConfig
 from .hf import mark_quantized, replace_linears
 from .model import (
-    LayerReport, block_targets, capture_block_inputs, channel_second_moments, check_calibration, find_blocks,
-    lords_linear_group, next_inputs, plan_layers, quantize_targets, recording_channel_moments,
+    LayerReport, block_targets, capture_block_inputs, channel_second_moments, check_calibration,
+    check_feedback_calibration, find_blocks, lords_linear_group, next_inputs, plan_layers, quantize_targets,
+    recording_channel_moments, recording_input_hessians,
 )
 
 
@@ -183,13 +184,15 @@ class Block:
 
 
 def walk_blocks(model: nn.Module, source, calibration: torch.Tensor | None, device, dtype: torch.dtype,
-                batch_size: int = 8, feedback: bool = False, watch=None) -> Iterator[Block]:
+                batch_size: int = 8, feedback: bool = False, watch=None,
+                recorder=recording_channel_moments) -> Iterator[Block]:
     """Yield the decoder blocks of a meta-device model (empty_model) one at a time, each read from the source onto
     device in dtype, with the calibration activations that reach it; freed once the consumer hands control back.
     The next block's inputs are this block's outputs before the consumer runs (feedback=False: statistics of the
     unquantized model) or after (feedback=True: of the block as the consumer left it).
-    watch(module, name) -> linears: Block.moments holds E[x^2] of their inputs, recorded during the forward that
-    makes the next block's inputs when feedback=False (calibration then costs one forward a block)."""
+    watch(module, name) -> linears: Block.moments holds E[x^2] of their inputs (recorder: another statistic, e.g.
+    lords.model.recording_input_hessians), recorded during the forward that makes the next block's inputs when
+    feedback=False (calibration then costs one forward a block)."""
     prefix, blocks = find_blocks(model)
     inputs = []
     if calibration is not None:
@@ -205,9 +208,9 @@ def walk_blocks(model: nn.Module, source, calibration: torch.Tensor | None, devi
         watched = watch(module, name) if watch is not None and inputs else []
         outputs = None
         if feedback:
-            moments = channel_second_moments(module, watched, inputs)
+            moments = channel_second_moments(module, watched, inputs, recorder)
         else:
-            with recording_channel_moments(watched) as moments:
+            with recorder(watched) as moments:
                 outputs = _run(module, inputs)
         yield Block(index, name, module, inputs, moments)
         if feedback:
@@ -258,6 +261,11 @@ def quantize_to_folder(
         lords.stream.quantize_to_folder(source, "llama-lords-4bit", lords.LoRDSConfig(bits=4), calibration=tokens)
     """
     config = config or LoRDSConfig()
+    # error-feedback codes calibrate each block on the quantized blocks before it: a block is quantized as soon as
+    # it is read, before the walk runs it to make the next block's inputs (lords.model.walk_blocks_with_feedback)
+    feedback = config.codes == "gptq"
+    if feedback:
+        check_feedback_calibration(config, calibration)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     compute = torch.bfloat16 if device.type == "cuda" else torch.float32
     stored = choose_storage_dtype(dtype, (source.dtype,))
@@ -301,14 +309,17 @@ def quantize_to_folder(
                 layer = model.get_submodule(name)
                 for key in ("codes", "codebook", "scale_b", "scale_a"):
                     writer.write(f"{name}.{key}", getattr(layer, key))
-                layer.to("meta")
+                if not feedback:  # with feedback the layer is in its block, which the walk runs, then frees
+                    layer.to("meta")
             pending.clear()
+            stats.clear()
             seconds["writing"] += time.perf_counter() - start
 
         def watch(module, name):
             return [layer for _, layer in block_targets(module, name, config)]
 
-        blocks = walk_blocks(model, source, calibration, device, compute, batch_size, watch=watch)
+        recorder = recording_input_hessians if feedback else recording_channel_moments
+        blocks = walk_blocks(model, source, calibration, device, compute, batch_size, feedback, watch, recorder)
         description = "calibrating blocks" if calibration is not None else "reading blocks"
         walk_start, refining, writing = time.perf_counter(), seconds["refinement"], seconds["writing"]
         for block in tqdm(blocks, desc=description, total=len(find_blocks(model)[1]), disable=not progress):
@@ -317,12 +328,13 @@ def quantize_to_folder(
             stats.update({names[layer]: value for layer, value in block.moments.items()})
             # The targets leave the block, which the walk frees, and wait until they fill a stack: the blocks of a
             # small model are then refined together, as in memory (small stacks cost their per-step overhead each);
-            # a block of an 8B model fills its stacks alone.
-            for name, layer in targets:
-                model.set_submodule(name, nn.Linear(layer.in_features, layer.out_features, layer.bias is not None,
-                                                    device="meta"))
+            # a block of an 8B model fills its stacks alone. With feedback they are quantized in their block at once.
+            if not feedback:
+                for name, layer in targets:
+                    model.set_submodule(name, nn.Linear(layer.in_features, layer.out_features,
+                                                        layer.bias is not None, device="meta"))
             pending.extend(targets)
-            if sum(layer.weight.numel() for _, layer in pending) >= max_batch_numel:
+            if feedback or sum(layer.weight.numel() for _, layer in pending) >= max_batch_numel:
                 flush()
         seconds["reading and calibration"] = (time.perf_counter() - walk_start - (seconds["refinement"] - refining)
                                               - (seconds["writing"] - writing))
@@ -348,8 +360,11 @@ REPORT_NAME = "quantize_report"  # .json and .md in the output folder
 REPORT_COLUMNS = {
     "bits_per_weight": "storage per weight: the code bits plus the scales B, A spread over the layer's weights",
     "error_init": "the objective's relative error after the SVD init: ||(W - W_hat) diag(h)^1/2|| / ||W diag(h)^1/2||, "
-                  "h = E[x^2] of the layer's input over the calibration tokens (h = 1 when data-free)",
-    "error": "the same after refinement, with the scales rounded to their stored dtype",
+                  "h = E[x^2] of the layer's input over the calibration tokens (h = 1 when data-free); with codes "
+                  "gptq: the output error sqrt(tr(E H E^T) / tr(W H W^T)), H = E[x x^T], E = W - W_hat, after "
+                  "refinement with nearest codes",
+    "error": "the same after refinement (codes gptq: with the error-feedback codes), with the scales rounded to their "
+             "stored dtype",
     "weight_error": "the plain relative weight error ||W - W_hat|| / ||W||",
     "seconds": "refinement time of the layer's stack divided by its layers",
 }
