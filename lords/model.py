@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from .codebooks import get_codebook
 from .config import LoRDSConfig
+from .experts import LoRDSExpertWeights, block_experts, quantize_experts, recording_expert_moments, router_names
 from .factorize import LoRDSFactors, check_weight, lords_quantize, parity_rank, reconstruct, relative_error
 from .hf import mark_quantized
 from .linear import LoRDSLinear
@@ -28,11 +29,13 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 def block_targets(block: nn.Module, prefix: str, config: LoRDSConfig) -> list[tuple[str, nn.Linear]]:
     """The targeted nn.Linear modules of one block. A targeted module that holds a 2-D weight but is not an
-    nn.Linear (GPT-2's Conv1D, a custom projection) is an error rather than silently left in full precision."""
+    nn.Linear (GPT-2's Conv1D, a custom projection) is an error rather than silently left in full precision.
+    MoE routers stay dense (lords.experts.router_names); stacked experts are block_experts'."""
     targets = []
+    routers = router_names(block)
     for name, module in block.named_modules():
         full = f"{prefix}.{name}"
-        if not config.matches(full):
+        if name in routers or not config.matches(full):
             continue
         if isinstance(module, nn.Linear):
             targets.append((full, module))
@@ -178,9 +181,11 @@ def lords_linear_group(
 
 @torch.no_grad()
 def collect_channel_weights(
-    model: nn.Module, targets: list[tuple[str, nn.Linear]], calibration: torch.Tensor, batch_size: int, progress: bool
+    model: nn.Module, targets: list[tuple[str, nn.Linear]], calibration: torch.Tensor, batch_size: int, progress: bool,
+    experts: list[tuple[str, nn.Module]] = (),
 ) -> dict[str, torch.Tensor]:
-    """E[x_k^2] of every target's input, measured block by block (peak memory: one block's activations).
+    """E[x_k^2] of every target's input, measured block by block (peak memory: one block's activations); for each
+    stacked-experts module (lords.experts), per expert from its routed tokens, by projection name.
 
     The statistics come from the unquantized model, as in AWQ: they weigh the error of each input channel by how
     much signal flows through it.
@@ -192,9 +197,13 @@ def collect_channel_weights(
     weights = {}
     for block in tqdm(blocks, desc="calibration statistics", disable=not progress):
         linears = [layer for layer in block.modules() if layer in names]
-        with torch.no_grad(), recording_channel_moments(linears) as moments:  # one forward: statistics and outputs
+        own_experts = [(name, module) for name, module in experts if any(module is m for m in block.modules())]
+        # one forward: statistics and outputs
+        with (torch.no_grad(), recording_channel_moments(linears) as moments,
+              recording_expert_moments(own_experts) as expert_moments):
             inputs = next_inputs(block, inputs)
         weights.update({names[layer]: value for layer, value in moments.items()})
+        weights.update(expert_moments)
     return weights
 
 
@@ -213,6 +222,12 @@ def model_targets(model: nn.Module, config: LoRDSConfig) -> list[tuple[str, nn.L
     """The targeted nn.Linear modules of every decoder block, in order."""
     prefix, blocks = find_blocks(model)
     return [t for index, block in enumerate(blocks) for t in block_targets(block, f"{prefix}.{index}", config)]
+
+
+def model_experts(model: nn.Module, config: LoRDSConfig) -> list[tuple[str, nn.Module]]:
+    """The targeted stacked-experts modules of every decoder block, in order (lords.experts.block_experts)."""
+    prefix, blocks = find_blocks(model)
+    return [t for index, block in enumerate(blocks) for t in block_experts(block, f"{prefix}.{index}", config)]
 
 
 def layer_rank(config: LoRDSConfig, out_features: int, in_features: int) -> int:
@@ -277,16 +292,24 @@ def walk_blocks(
     batch_size: int = 8,
     max_batch_numel: int = 2**27,
     progress: bool = True,
+    stack_experts: Callable = LoRDSExpertWeights.from_linears,
 ) -> list[LayerReport]:
     """Replace the targeted linears of the decoder blocks, in place (quantize_targets over all blocks at once, so
-    that same-shaped linears of every block share stacks).
+    that same-shaped linears of every block share stacks), then the stacked experts of MoE blocks
+    (lords.experts.quantize_experts: quantize_group's per-expert modules become one projection by stack_experts).
 
-    With calibration token ids (N, L), channel_weights are E[x^2] of each linear's input (activation-aware).
+    With calibration token ids (N, L), channel_weights are E[x^2] of each linear's input (activation-aware), and of
+    each expert's input over the tokens routed to it.
     """
     targets = model_targets(model, config)
-    stats = None if calibration is None else collect_channel_weights(model, targets, calibration, batch_size, progress)
-    with tqdm(total=len(targets), desc="quantizing layers", disable=not progress) as bar:
-        return quantize_targets(model, targets, config, quantize_group, stats, max_batch_numel, bar)
+    experts = model_experts(model, config)
+    stats = None if calibration is None else collect_channel_weights(
+        model, targets, calibration, batch_size, progress, experts)
+    matrices = sum(module.gate_up_proj.shape[0] + module.down_proj.shape[0] for _, module in experts)
+    with tqdm(total=len(targets) + matrices, desc="quantizing layers", disable=not progress) as bar:
+        reports = quantize_targets(model, targets, config, quantize_group, stats, max_batch_numel, bar)
+        return reports + quantize_experts(model, experts, config, quantize_group, stack_experts, stats,
+                                          max_batch_numel, bar)
 
 
 def quantize(
@@ -297,7 +320,8 @@ def quantize(
     batch_size: int = 8,
     progress: bool = True,
 ) -> list[LayerReport]:
-    """Replace the targeted nn.Linear modules of the decoder blocks by LoRDSLinear, in place.
+    """Replace the targeted nn.Linear modules of the decoder blocks by LoRDSLinear, and the experts of
+    mixture-of-experts blocks by lords.experts.LoRDSExperts (routers stay dense), in place.
 
     calibration: token ids (N, L); when given, the refinement weighs input channels by E[x^2] (activation-aware).
     device: where the refinement runs (default: CUDA when present); same-shaped layers run batched.

@@ -1,0 +1,139 @@
+import pytest
+import torch
+from torch import nn
+
+import lords
+from lords.experts import (
+    PRIOR_TOKENS, LoRDSExperts, LoRDSExpertWeights, recording_expert_moments, run_experts, shrink_moments,
+)
+from lords.model import capture_block_inputs, find_blocks
+
+
+def tiny_qwen3_moe():
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    config = Qwen3MoeConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    return Qwen3MoeForCausalLM(config).eval()
+
+
+def tiny_mixtral():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    return MixtralForCausalLM(config).eval()
+
+
+@pytest.fixture(params=[tiny_qwen3_moe, tiny_mixtral], ids=["qwen3_moe", "mixtral"])
+def moe_model(request):
+    return request.param()
+
+
+CONFIG = lords.LoRDSConfig(bits=4, block_size=32, steps=5)
+
+
+def test_quantize_replaces_every_expert_weight_and_keeps_routers_dense(moe_model):
+    ids = torch.randint(0, 96, (2, 12))
+    reference = moe_model(ids).logits
+    routers = {name: type(module) for name, module in moe_model.named_modules() if name.endswith("mlp.gate")}
+    num_experts = moe_model.model.layers[0].mlp.experts.num_experts
+    reports = lords.quantize(moe_model, CONFIG, calibration=torch.randint(0, 96, (4, 16)), progress=False)
+    assert len(reports) == 2 * (4 + 2 * num_experts)  # q, k, v, o and each expert's two matrices, per block
+    for block in moe_model.model.layers:
+        assert isinstance(block.mlp.experts, LoRDSExperts)
+        assert isinstance(block.mlp.experts.gate_up_proj, LoRDSExpertWeights)
+        assert block.mlp.experts.gate_up_proj.num_experts == num_experts
+    dense_3d = [name for name, param in moe_model.named_parameters()
+                if param.dim() == 3 and not name.endswith(("scale_b", "scale_a"))]
+    assert dense_3d == []
+    assert {name: type(moe_model.get_submodule(name)) for name in routers} == routers
+    out = moe_model(ids).logits
+    assert ((out - reference).norm() / reference.norm()).item() < 0.3  # the dense layers' measure (test_model)
+
+
+def test_lords_experts_route_as_transformers_eager_forward():
+    model = tiny_qwen3_moe()
+    original = model.model.layers[0].mlp.experts
+    lords.quantize(model, lords.LoRDSConfig(bits=4, block_size=32, steps=0), progress=False)
+    quantized = model.model.layers[0].mlp.experts
+    with torch.no_grad():
+        original.gate_up_proj.copy_(quantized.gate_up_proj.dequantize())
+        original.down_proj.copy_(quantized.down_proj.dequantize())
+    hidden = torch.randn(10, 64)
+    top_k_index = torch.stack([torch.randperm(8)[:2] for _ in range(10)])
+    top_k_weights = torch.rand(10, 2)
+    torch.testing.assert_close(quantized(hidden, top_k_index, top_k_weights),
+                               original(hidden, top_k_index, top_k_weights), rtol=1e-5, atol=1e-6)
+
+
+def test_masked_expert_slots_contribute_nothing():
+    """Expert parallelism marks slots of other ranks' experts with the index num_experts."""
+    hidden, weights = torch.randn(3, 4), torch.ones(3, 2)
+    index = torch.tensor([[0, 2], [2, 2], [1, 0]])
+    out = run_experts(hidden, index, weights, 2, lambda expert, x: x * (expert + 1))
+    torch.testing.assert_close(out, torch.stack([hidden[0], torch.zeros(4), 3 * hidden[2]]))
+
+
+def test_expert_moments_come_from_the_routed_tokens():
+    model = tiny_qwen3_moe()
+    _, blocks = find_blocks(model)
+    experts = blocks[0].mlp.experts
+    inputs = capture_block_inputs(model, blocks[0], torch.randint(0, 96, (3, 10)), batch_size=3)
+    seen = []
+    handle = experts.register_forward_pre_hook(lambda _m, args: seen.append(args))
+    with torch.no_grad(), recording_expert_moments([("experts", experts)]) as moments:
+        for args, kwargs in inputs:
+            blocks[0](*args, **kwargs)
+    handle.remove()
+    hidden, top_k_index, _ = seen[0]
+    counts = torch.stack([(top_k_index == e).any(dim=1).sum() for e in range(8)])
+    sums = torch.stack([hidden[(top_k_index == e).any(dim=1)].double().pow(2).sum(0) for e in range(8)])
+    torch.testing.assert_close(moments["experts.gate_up_proj"], shrink_moments(sums, counts), rtol=1e-4, atol=0)
+    assert moments["experts.down_proj"].shape == (8, 32)
+
+
+def test_experts_with_few_tokens_fall_back_to_the_pooled_moments():
+    sums = torch.tensor([[4.0, 8.0], [0.0, 0.0], [1000.0, 0.0]], dtype=torch.float64)
+    counts = torch.tensor([2.0, 0.0, 1000.0])
+    pooled = sums.sum(0) / counts.sum()
+    moments = shrink_moments(sums, counts)
+    torch.testing.assert_close(moments[1], pooled.float())  # no token: the pooled moments
+    torch.testing.assert_close(moments[0], ((sums[0] + PRIOR_TOKENS * pooled) / (2 + PRIOR_TOKENS)).float())
+    assert abs(moments[2, 0].item() - 1.0) < 0.05  # many tokens: nearly its own E[x^2] = 1
+    torch.testing.assert_close(shrink_moments(torch.zeros(2, 3), torch.zeros(2)), torch.ones(2, 3))
+
+
+def test_unsupported_expert_layouts_are_named():
+    model = tiny_qwen3_moe()
+    model.model.layers[1].mlp.experts.is_transposed = True
+    with pytest.raises(ValueError, match=r"experts module model\.layers\.1\.mlp\.experts \(Qwen3MoeExperts\) has a "
+                                         r"layout lords does not quantize \(is_transposed=True\); add "
+                                         r"'model\.layers\.1\.mlp\.experts\.\*' to LoRDSConfig\.skip"):
+        lords.quantize(model, CONFIG, progress=False)
+    lords.quantize(model, lords.LoRDSConfig(steps=0, block_size=32, skip=["model.layers.1.mlp.experts.*"]),
+                   progress=False)
+    assert isinstance(model.model.layers[0].mlp.experts, LoRDSExperts)
+    assert isinstance(model.model.layers[1].mlp.experts.gate_up_proj, nn.Parameter)
+
+
+def test_targeting_one_projection_of_the_experts_is_refused():
+    model = tiny_qwen3_moe()
+    with pytest.raises(ValueError, match=r"the targets match only one of model\.layers\.0\.mlp\.experts\.gate_up_proj "
+                                         r"and model\.layers\.0\.mlp\.experts\.down_proj"):
+        lords.quantize(model, lords.LoRDSConfig(steps=0, skip=["*.experts.down_proj"]), progress=False)
+
+
+def test_overrides_reach_the_expert_projections():
+    model = tiny_qwen3_moe()
+    lords.quantize(model, lords.LoRDSConfig(bits=4, block_size=32, steps=0,
+                                            overrides={"*.experts.down_proj": {"bits": 3, "rank": 2}}), progress=False)
+    experts = model.model.layers[0].mlp.experts
+    assert (experts.gate_up_proj.bits, experts.down_proj.bits, experts.down_proj.rank) == (4, 3, 2)
