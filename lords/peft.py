@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .checkpoint import write_folder
+from .experts import LoRDSExpertWeights
 from .linear import LoRDSLinear
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -22,8 +23,10 @@ ADAPTER_FORMAT_VERSION = 1
 PARTS = ("scale_b", "scale_a")
 
 
-def lords_layers(model: nn.Module) -> dict[str, LoRDSLinear]:
-    layers = {name: module for name, module in model.named_modules() if isinstance(module, LoRDSLinear)}
+def lords_layers(model: nn.Module) -> dict[str, LoRDSLinear | LoRDSExpertWeights]:
+    """The LoRDS layers by name: LoRDSLinear, and the expert stacks of MoE blocks (whose scales train the same way)."""
+    layers = {name: module for name, module in model.named_modules()
+              if isinstance(module, (LoRDSLinear, LoRDSExpertWeights))}
     if not layers:
         raise ValueError("the model has no LoRDSLinear layers; quantize it (or load a lords checkpoint) first")
     return layers

@@ -137,3 +137,88 @@ def test_overrides_reach_the_expert_projections():
                                             overrides={"*.experts.down_proj": {"bits": 3, "rank": 2}}), progress=False)
     experts = model.model.layers[0].mlp.experts
     assert (experts.gate_up_proj.bits, experts.down_proj.bits, experts.down_proj.rank) == (4, 3, 2)
+
+
+@pytest.fixture(params=[tiny_qwen3_moe, tiny_mixtral], ids=["qwen3_moe", "mixtral"])
+def quantized_moe(request):
+    model = request.param()
+    lords.quantize(model, lords.LoRDSConfig(bits=4, block_size=32, steps=2), progress=False)
+    return model
+
+
+def test_save_load_gives_identical_logits(quantized_moe, tmp_path):
+    ids = torch.randint(0, 96, (2, 12))
+    with torch.no_grad():
+        before = quantized_moe(ids).logits
+    lords.save(quantized_moe, tmp_path / "moe", dtype=torch.float32)
+    loaded = lords.load(tmp_path / "moe")
+    assert isinstance(loaded.model.layers[1].mlp.experts, LoRDSExperts)
+    original = quantized_moe.model.layers[1].mlp.experts.down_proj
+    for key in ("codes", "codebook", "scale_b", "scale_a"):
+        assert torch.equal(getattr(loaded.model.layers[1].mlp.experts.down_proj, key), getattr(original, key))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, before)
+
+
+def test_a_missing_expert_tensor_is_an_error(quantized_moe, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    lords.save(quantized_moe, tmp_path / "moe")
+    tensors = load_file(tmp_path / "moe" / "model.safetensors")
+    del tensors["model.layers.0.mlp.experts.gate_up_proj.scale_a"]
+    save_file(tensors, tmp_path / "moe" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.experts\.gate_up_proj\.scale_a is missing"):
+        lords.load(tmp_path / "moe")
+
+
+def test_peft_trains_the_experts_scales_and_adapters_hold_them(quantized_moe, tmp_path):
+    from lords.peft import codes_fingerprint, load_adapter, mark_trainable, save_adapter
+    from lords.train import finetune
+
+    count = mark_trainable(quantized_moe)
+    stacks = [m for m in quantized_moe.modules() if isinstance(m, LoRDSExpertWeights)]
+    linears = [m for m in quantized_moe.modules() if isinstance(m, lords.LoRDSLinear)]
+    assert count == (sum(m.rank * (m.in_features + m.out_features) for m in linears)
+                     + sum(m.num_experts * m.rank * (m.in_features + m.out_features) for m in stacks))
+    codes = codes_fingerprint(quantized_moe)
+    before = [stack.scale_b.detach().clone() for stack in stacks]
+    finetune(quantized_moe, torch.arange(96).repeat(10), steps=3, lr=1e-2, seq_len=16, progress=False)
+    assert codes_fingerprint(quantized_moe) == codes
+    assert all(not torch.equal(stack.scale_b, old) for stack, old in zip(stacks, before))
+    ids = torch.randint(0, 96, (2, 9))
+    with torch.no_grad():
+        expected = quantized_moe(ids).logits
+    folder = save_adapter(quantized_moe, tmp_path / "adapter")
+    with torch.no_grad():
+        for stack in stacks:
+            stack.scale_b.zero_()
+    load_adapter(quantized_moe, folder)
+    with torch.no_grad():
+        assert torch.allclose(quantized_moe(ids).logits, expected, atol=5e-2, rtol=5e-2)  # bf16 scales, as test_peft
+
+
+def test_qat_covers_the_experts():
+    from lords.qat import QATExpertWeights, export_qat, prepare_qat, qat_parameter_groups
+    from lords.train import finetune
+
+    model = tiny_qwen3_moe()
+    ids = torch.randint(0, 96, (2, 12))
+    prepare_qat(model, lords.LoRDSConfig(bits=3, block_size=32, steps=2), progress=False)
+    experts = model.model.layers[0].mlp.experts
+    assert isinstance(experts.gate_up_proj, QATExpertWeights) and experts.gate_up_proj.weight.shape == (8, 64, 64)
+    groups = qat_parameter_groups(model, lr=1e-3)
+    assert any(param is experts.down_proj.weight for param in groups[0]["params"])
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for group in groups:
+        for param in group["params"]:
+            param.requires_grad_(True)
+    before = experts.down_proj.weight.detach().clone()
+    finetune(model, torch.arange(96).repeat(10), steps=2, seq_len=16, progress=False, param_groups=groups)
+    assert not torch.equal(experts.down_proj.weight, before)
+    with torch.no_grad():
+        trained = model(ids).logits
+    export_qat(model, scale_dtype=torch.float32)
+    assert isinstance(model.model.layers[0].mlp.experts.gate_up_proj, LoRDSExpertWeights)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, trained, atol=1e-4, rtol=1e-4)  # as test_qat
