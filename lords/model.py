@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from .codebooks import get_codebook
 from .config import LoRDSConfig
-from .experts import LoRDSExpertWeights, block_experts, quantize_experts, recording_expert_moments, router_names
+from .experts import PROJECTIONS, LoRDSExpertWeights, block_experts, quantize_experts, recording_expert_moments, router_names
 from .factorize import LoRDSFactors, check_weight, lords_quantize, parity_rank, reconstruct, relative_error
 from .hf import mark_quantized
 from .linear import LoRDSLinear
@@ -242,6 +242,12 @@ def plan_layers(model: nn.Module, config: LoRDSConfig) -> dict[str, dict]:
         own = config.for_module(name)
         plan[name] = {"bits": own.bits, "rank": layer_rank(own, layer.out_features, layer.in_features),
                       "codebook": own.codebook, "scale_dtype": own.scale_dtype}
+    for name, experts in model_experts(model, config):
+        for part in PROJECTIONS:
+            own = config.for_module(f"{name}.{part}")
+            count, out_features, in_features = getattr(experts, part).shape
+            plan[f"{name}.{part}"] = {"bits": own.bits, "rank": layer_rank(own, out_features, in_features),
+                                      "codebook": own.codebook, "scale_dtype": own.scale_dtype, "experts": count}
     return plan
 
 

@@ -33,6 +33,7 @@ from .checkpoint import (
 )
 from .config import LoRDSConfig
 from .hf import mark_quantized, replace_linears
+from .experts import PROJECTIONS, block_experts, is_stacked_experts, quantize_experts, recording_expert_moments
 from .model import (
     LayerReport, block_targets, capture_block_inputs, channel_second_moments, check_calibration, find_blocks,
     lords_linear_group, next_inputs, plan_layers, quantize_targets, recording_channel_moments,
@@ -139,10 +140,15 @@ def open_source(path: str | Path):
         raise FileNotFoundError(f"model folder {path} does not exist (nothing is downloaded; give a local folder)")
     if is_checkpoint(path):
         raise ValueError(f"{path} is a lords checkpoint already; quantize the dense model it came from")
-    if any(path.glob("*.safetensors")):
-        return SafetensorsSource(path), AutoTokenizer.from_pretrained(path)
-    model, tokenizer = load_pretrained(path)
     reason = "not safetensors, so transformers reads it whole first; its blocks are then quantized one at a time"
+    if any(path.glob("*.safetensors")):
+        source = SafetensorsSource(path)
+        if set(unique_tensors(empty_model(source.config, torch.float32))) <= source.names():
+            return source, AutoTokenizer.from_pretrained(path)
+        # transformers 5 saves MoE experts one by one (experts.0.gate_proj.weight) and stacks them as it loads
+        reason = ("its tensors are stored under other names than the model's (MoE experts one by one), so transformers "
+                  "reads it whole first to convert them; its blocks are then quantized one at a time")
+    model, tokenizer = load_pretrained(path)
     return ModelSource(model, f"{path} ({reason})"), tokenizer
 
 
@@ -179,6 +185,7 @@ class Block:
     module: nn.Module  # the dense block, materialised on the walk's device; the consumer may replace its linears
     inputs: list  # [(args, kwargs)] per calibration batch, as the block's forward takes them; [] when data-free
     moments: dict = field(default_factory=dict)  # E[x^2] of the inputs of walk_blocks' `watch` linears
+    expert_moments: dict = field(default_factory=dict)  # of its experts' projections (lords.experts), by name
 
 
 def walk_blocks(model: nn.Module, source, calibration: torch.Tensor | None, device, dtype: torch.dtype,
@@ -188,7 +195,8 @@ def walk_blocks(model: nn.Module, source, calibration: torch.Tensor | None, devi
     The next block's inputs are this block's outputs before the consumer runs (feedback=False: statistics of the
     unquantized model) or after (feedback=True: of the block as the consumer left it).
     watch(module, name) -> linears: Block.moments holds E[x^2] of their inputs, recorded during the forward that
-    makes the next block's inputs when feedback=False (calibration then costs one forward a block)."""
+    makes the next block's inputs when feedback=False (calibration then costs one forward a block). The moments of
+    the block's stacked experts (lords.experts.recording_expert_moments) come with them in Block.expert_moments."""
     prefix, blocks = find_blocks(model)
     inputs = []
     if calibration is not None:
@@ -202,13 +210,16 @@ def walk_blocks(model: nn.Module, source, calibration: torch.Tensor | None, devi
         name = f"{prefix}.{index}"
         load_module(module, name, source, device, dtype)
         watched = watch(module, name) if watch is not None and inputs else []
+        experts = [(f"{name}.{path}", experts) for path, experts in module.named_modules()
+                   if watch is not None and inputs and is_stacked_experts(experts)]
         outputs = None
         if feedback:
-            moments = channel_second_moments(module, watched, inputs)
+            with recording_expert_moments(experts) as expert_moments:
+                moments = channel_second_moments(module, watched, inputs)
         else:
-            with recording_channel_moments(watched) as moments:
+            with recording_channel_moments(watched) as moments, recording_expert_moments(experts) as expert_moments:
                 outputs = _run(module, inputs)
-        yield Block(index, name, module, inputs, moments)
+        yield Block(index, name, module, inputs, moments, expert_moments)
         if feedback:
             outputs = _run(module, inputs)
         module.to("meta")
@@ -282,17 +293,20 @@ def quantize_to_folder(
         # One bar for all refinement in layer-steps: it moves at every step of every stack, so its rate and ETA hold
         # (a bar in layers sat still for minutes while a stack of 60 layers refined). Made at the first stack, so
         # that it does not sit empty under the calibration bar.
-        steps = sum(config.for_module(name).steps for name in layers)
+        steps = sum(config.for_module(name).steps * entry.get("experts", 1) for name, entry in layers.items())
         refine_bar = None
         pending, stats = [], {}
         seconds["writing"] = time.perf_counter() - start
 
-        def flush() -> None:
+        def refinement_group():
             nonlocal refine_bar
-            start = time.perf_counter()
             if refine_bar is None:
                 refine_bar = tqdm(total=steps, desc="refinement", unit="layer-step", disable=not progress or not steps)
-            group = partial(lords_linear_group, device=device, progress=refine_bar.update)
+            return partial(lords_linear_group, device=device, progress=refine_bar.update)
+
+        def flush() -> None:
+            start = time.perf_counter()
+            group = refinement_group()
             reports.extend(quantize_targets(model, pending, config, group, stats or None, max_batch_numel))
             seconds["refinement"] += time.perf_counter() - start
             start = time.perf_counter()
@@ -323,6 +337,21 @@ def quantize_to_folder(
             pending.extend(targets)
             if sum(layer.weight.numel() for _, layer in pending) >= max_batch_numel:
                 flush()
+            # An experts module is a stack of its own (128 experts of Qwen3-30B-A3B hold 200M weights a projection).
+            experts = block_experts(block.module, block.name, config)
+            start = time.perf_counter()
+            group = refinement_group() if experts else None
+            reports.extend(quantize_experts(model, experts, config, group, stats=block.expert_moments or None,
+                                            max_batch_numel=max_batch_numel))
+            seconds["refinement"] += time.perf_counter() - start
+            start = time.perf_counter()
+            for name, _ in experts:
+                for part in PROJECTIONS:
+                    projection = model.get_submodule(f"{name}.{part}")
+                    for key in ("codes", "codebook", "scale_b", "scale_a"):
+                        writer.write(f"{name}.{part}.{key}", getattr(projection, key))
+                model.get_submodule(name).to("meta")
+            seconds["writing"] += time.perf_counter() - start
         seconds["reading and calibration"] = (time.perf_counter() - walk_start - (seconds["refinement"] - refining)
                                               - (seconds["writing"] - writing))
         if pending:

@@ -222,3 +222,32 @@ def test_qat_covers_the_experts():
     assert isinstance(model.model.layers[0].mlp.experts.gate_up_proj, LoRDSExpertWeights)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, trained, atol=1e-4, rtol=1e-4)  # as test_qat
+
+
+def word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel({"<unk>": 0, **{f"w{i}": i for i in range(1, 96)}}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<unk>")
+
+
+@pytest.mark.parametrize("make_model", [tiny_qwen3_moe, tiny_mixtral], ids=["qwen3_moe", "mixtral"])
+def test_streaming_an_moe_folder_matches_the_in_memory_path_bit_for_bit(make_model, tmp_path):
+    from lords.stream import ModelSource, open_source, quantize_to_folder
+
+    model = make_model()
+    calibration = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(1))
+    model.save_pretrained(tmp_path / "dense")  # transformers 5 writes the experts one by one
+    word_tokenizer().save_pretrained(tmp_path / "dense")
+    source, _ = open_source(tmp_path / "dense")
+    assert isinstance(source, ModelSource)  # so transformers stacks them as it reads
+    streamed = quantize_to_folder(source, tmp_path / "streamed", CONFIG, calibration, device="cpu",
+                                  dtype=torch.float32, progress=False)
+    in_memory = lords.quantize(model, CONFIG, calibration=calibration, device="cpu", progress=False)
+    lords.save(model, tmp_path / "in_memory", config=CONFIG, dtype=torch.float32)
+    assert sorted((r.name, r.error) for r in streamed) == sorted((r.name, r.error) for r in in_memory)
+    from test_stream import assert_same_checkpoints
+
+    assert_same_checkpoints(tmp_path / "streamed", tmp_path / "in_memory")
