@@ -178,6 +178,18 @@ def block_experts(block: nn.Module, prefix: str, config) -> list[tuple[str, nn.M
     return found
 
 
+def expert_list_groups(block: nn.Module) -> list[list[nn.Linear]]:
+    """For each expert list of the block (the older layout: a ModuleList `experts` of same-shaped expert MLPs), the
+    same nn.Linear of every expert, one list per linear of an expert (w1 of experts 0..E-1, then w2, ...)."""
+    groups = []
+    for module in block.modules():
+        experts = getattr(module, "experts", None)
+        if isinstance(experts, nn.ModuleList) and len(experts) > 0:
+            paths = [path for path, layer in experts[0].named_modules() if isinstance(layer, nn.Linear)]
+            groups += [[expert.get_submodule(path) for expert in experts] for path in paths]
+    return groups
+
+
 def shrink_moments(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """E[x^2] per expert (E, m) from the column sums of squares (E, m) and token counts (E,) of each expert's routed
     tokens, shrunk toward the pooled moments of all of them by PRIOR_TOKENS pseudo-tokens; ones (data-free) when no

@@ -12,7 +12,10 @@ from tqdm.auto import tqdm
 
 from .codebooks import get_codebook
 from .config import LoRDSConfig
-from .experts import PROJECTIONS, LoRDSExpertWeights, block_experts, quantize_experts, recording_expert_moments, router_names
+from .experts import (
+    PROJECTIONS, LoRDSExpertWeights, block_experts, expert_list_groups, quantize_experts, recording_expert_moments,
+    router_names, shrink_moments,
+)
 from .factorize import LoRDSFactors, check_weight, lords_quantize, parity_rank, reconstruct, relative_error
 from .hf import mark_quantized
 from .linear import LoRDSLinear
@@ -89,11 +92,14 @@ def block_output(block: nn.Module, args, kwargs) -> torch.Tensor:
 
 
 @contextmanager
-def recording_channel_moments(linears: list[nn.Module]) -> Iterator[dict[nn.Module, torch.Tensor]]:
+def recording_channel_moments(
+    linears: list[nn.Module], expert_groups: list[list[nn.Module]] = ()
+) -> Iterator[dict[nn.Module, torch.Tensor]]:
     """While open, record h_k = E[x_k^2] of each linear's input over the forwards run; the dict yielded holds them
     (float32, on the CPU) once the block closes. Linears fed the same tensor (q, k, v; gate, up) share one
     reduction, and the reduction allocates nothing of the activations' size, so the forward costs about what it
-    costs without hooks."""
+    costs without hooks. expert_groups (lords.experts.expert_list_groups): the same linear of every expert of an
+    expert list, whose moments are shrunk toward their pooled moments (lords.experts.shrink_moments)."""
     sums = {layer: 0.0 for layer in linears}
     counts = dict.fromkeys(linears, 0)
     last = [None, None, 0]  # the input tensor seen last, its column sums of squares (float64) and its rows
@@ -117,12 +123,18 @@ def recording_channel_moments(linears: list[nn.Module]) -> Iterator[dict[nn.Modu
     for layer in linears:
         total = sums[layer] if counts[layer] else torch.zeros(layer.in_features, dtype=torch.float64)
         moments[layer] = (total / max(counts[layer], 1)).float().cpu()
+    for group in expert_groups:
+        recorded = [layer for layer in group if layer in counts]
+        if recorded:
+            shrunk = shrink_moments(torch.stack([moments[layer].double() * counts[layer] for layer in recorded]),
+                                    torch.tensor([counts[layer] for layer in recorded]))
+            moments.update(zip(recorded, shrunk))
 
 
 @torch.no_grad()
 def channel_second_moments(block: nn.Module, linears: list[nn.Linear], inputs) -> dict[nn.Module, torch.Tensor]:
     """h_k = E[x_k^2] of each linear's input over the calibration tokens (the activation-aware column weights)."""
-    with recording_channel_moments(linears) as moments:
+    with recording_channel_moments(linears, expert_list_groups(block)) as moments:
         for args, kwargs in inputs:
             block_output(block, args, kwargs)
     return moments
@@ -199,7 +211,7 @@ def collect_channel_weights(
         linears = [layer for layer in block.modules() if layer in names]
         own_experts = [(name, module) for name, module in experts if any(module is m for m in block.modules())]
         # one forward: statistics and outputs
-        with (torch.no_grad(), recording_channel_moments(linears) as moments,
+        with (torch.no_grad(), recording_channel_moments(linears, expert_list_groups(block)) as moments,
               recording_expert_moments(own_experts) as expert_moments):
             inputs = next_inputs(block, inputs)
         weights.update({names[layer]: value for layer, value in moments.items()})

@@ -33,7 +33,9 @@ from .checkpoint import (
 )
 from .config import LoRDSConfig
 from .hf import mark_quantized, replace_linears
-from .experts import PROJECTIONS, block_experts, is_stacked_experts, quantize_experts, recording_expert_moments
+from .experts import (
+    PROJECTIONS, block_experts, expert_list_groups, is_stacked_experts, quantize_experts, recording_expert_moments,
+)
 from .model import (
     LayerReport, block_targets, capture_block_inputs, channel_second_moments, check_calibration, find_blocks,
     lords_linear_group, next_inputs, plan_layers, quantize_targets, recording_channel_moments,
@@ -217,7 +219,8 @@ def walk_blocks(model: nn.Module, source, calibration: torch.Tensor | None, devi
             with recording_expert_moments(experts) as expert_moments:
                 moments = channel_second_moments(module, watched, inputs)
         else:
-            with recording_channel_moments(watched) as moments, recording_expert_moments(experts) as expert_moments:
+            with (recording_channel_moments(watched, expert_list_groups(module)) as moments,
+                  recording_expert_moments(experts) as expert_moments):
                 outputs = _run(module, inputs)
         yield Block(index, name, module, inputs, moments, expert_moments)
         if feedback:

@@ -251,3 +251,56 @@ def test_streaming_an_moe_folder_matches_the_in_memory_path_bit_for_bit(make_mod
     from test_stream import assert_same_checkpoints
 
     assert_same_checkpoints(tmp_path / "streamed", tmp_path / "in_memory")
+
+
+class ListMoE(nn.Module):
+    """The older layout: a router nn.Linear and a ModuleList of expert MLPs; expert 3 is never routed to."""
+
+    def __init__(self, hidden: int, width: int, num_experts: int = 4, top_k: int = 2):
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeMLP
+
+        super().__init__()
+        self.top_k = top_k
+        self.gate = nn.Linear(hidden, num_experts)
+        with torch.no_grad():
+            self.gate.bias[3] = -1e4
+        self.experts = nn.ModuleList(
+            Qwen3MoeMLP(type("Config", (), {"hidden_size": hidden, "hidden_act": "silu"}), width)
+            for _ in range(num_experts))
+        for layer in self.modules():
+            if isinstance(layer, nn.Linear):
+                nn.init.normal_(layer.weight, std=0.02)  # transformers' initializer_range, as the other blocks
+
+    def forward(self, hidden_states):
+        flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+        weights, index = self.gate(flat).softmax(dim=-1).topk(self.top_k, dim=-1)
+        out = run_experts(flat, index, weights / weights.sum(-1, keepdim=True), len(self.experts),
+                          lambda expert, x: self.experts[expert](x))
+        return out.view_as(hidden_states)
+
+
+def test_the_list_layout_quantizes_its_expert_linears_and_an_unrouted_expert_gets_the_pooled_moments(tiny_llama):
+    from lords.model import collect_channel_weights, model_targets
+
+    for block in tiny_llama.model.layers:
+        block.mlp = ListMoE(64, 32)
+    ids = torch.randint(0, 96, (2, 12))
+    reference = tiny_llama(ids).logits
+    calibration = torch.randint(0, 96, (4, 16))
+    config = lords.LoRDSConfig(bits=4, block_size=32, steps=5)
+    seen = []
+    handle = tiny_llama.model.layers[0].mlp.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    stats = collect_channel_weights(tiny_llama, model_targets(tiny_llama, config), calibration, 8, False)
+    handle.remove()
+    # every token goes to two experts, none to expert 3: the pooled moments are E[x^2] over all tokens
+    pooled = seen[0].reshape(-1, 64).double().pow(2).mean(dim=0).float()
+    torch.testing.assert_close(stats["model.layers.0.mlp.experts.3.gate_proj"], pooled, rtol=1e-4, atol=0)
+    assert not torch.allclose(stats["model.layers.0.mlp.experts.0.gate_proj"], pooled, rtol=1e-2)
+    reports = lords.quantize(tiny_llama, config, calibration=calibration, progress=False)
+    assert len(reports) == 2 * (4 + 4 * 3)
+    for block in tiny_llama.model.layers:
+        assert type(block.mlp.gate) is nn.Linear  # the router stays dense
+        assert all(isinstance(getattr(expert, name), lords.LoRDSLinear) for expert in block.mlp.experts
+                   for name in ("gate_proj", "up_proj", "down_proj"))
+    out = tiny_llama(ids).logits
+    assert ((out - reference).norm() / reference.norm()).item() < 0.3
