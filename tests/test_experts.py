@@ -304,3 +304,33 @@ def test_the_list_layout_quantizes_its_expert_linears_and_an_unrouted_expert_get
                    for name in ("gate_proj", "up_proj", "down_proj"))
     out = tiny_llama(ids).logits
     assert ((out - reference).norm() / reference.norm()).item() < 0.3
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"bits": 4, "rank": 1, "codebook": "nf", "scale_dtype": "bfloat16", "experts": 0}, "experts must be a positive"),
+    ({"bits": 4, "rank": 1, "codebook": "nf", "experts": 8}, r"expected the fields .* \(and 'experts' for a stack"),
+])
+def test_bad_experts_entries_are_named(entry, message):
+    from lords.hf import LoRDSQuantizationConfig
+
+    with pytest.raises(ValueError, match=message):
+        LoRDSQuantizationConfig({"model.layers.0.mlp.experts.down_proj": entry})
+
+
+def test_a_checkpoint_naming_one_projection_or_another_expert_count_is_refused(quantized_moe, tmp_path):
+    import json
+
+    lords.save(quantized_moe, tmp_path / "moe")
+    path = tmp_path / "moe" / "config.json"
+    config = json.loads(path.read_text())
+    layers = config["quantization_config"]["layers"]
+    layers["model.layers.0.mlp.experts.gate_up_proj"]["experts"] += 1
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"layer model\.layers\.0\.mlp\.experts\.gate_up_proj has \d+ experts, the "
+                                         r"model \d+"):
+        lords.load(tmp_path / "moe")
+    del layers["model.layers.0.mlp.experts.gate_up_proj"]
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"names one projection of the experts model\.layers\.0\.mlp\.experts but not "
+                                         r"model\.layers\.0\.mlp\.experts\.gate_up_proj"):
+        lords.load(tmp_path / "moe")
