@@ -334,3 +334,26 @@ def test_a_checkpoint_naming_one_projection_or_another_expert_count_is_refused(q
     with pytest.raises(ValueError, match=r"names one projection of the experts model\.layers\.0\.mlp\.experts but not "
                                          r"model\.layers\.0\.mlp\.experts\.gate_up_proj"):
         lords.load(tmp_path / "moe")
+
+
+def test_the_triton_paths_of_the_experts_equal_the_torch_reference():
+    """Each expert's matrices go through LoRDSLinear's dispatch: the kernels under Triton's interpreter on the CPU."""
+    pytest.importorskip("triton")
+
+    class Original(nn.Module):
+        num_experts, act_fn = 3, nn.SiLU()
+
+    def random_stack(out_features, in_features):
+        stack = LoRDSExpertWeights(3, in_features, out_features, bits=4, rank=2, scale_dtype=torch.float32)
+        stack.set_factors(torch.rand(3, out_features, 2), torch.rand(3, 2, in_features),
+                          torch.randint(0, 16, (3, out_features, in_features)))
+        return stack
+
+    torch.manual_seed(0)
+    experts = LoRDSExperts(Original(), random_stack(40, 48), random_stack(48, 20))
+    hidden, top_k_index, top_k_weights = torch.randn(5, 48), torch.tensor([[0, 2]] * 3 + [[2, 1]] * 2), torch.rand(5, 2)
+    with torch.no_grad():
+        expected = experts(hidden, top_k_index, top_k_weights)
+        for backend in ("triton", "fused"):
+            experts.gate_up_proj.backend = experts.down_proj.backend = backend
+            torch.testing.assert_close(experts(hidden, top_k_index, top_k_weights), expected, rtol=1e-5, atol=1e-5)
