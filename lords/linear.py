@@ -90,6 +90,24 @@ class _LoRDSFunction(torch.autograd.Function):
         return grad_x, grad_b, grad_a, grad_bias, None, None, None, None
 
 
+def lords_forward(x, codes, codebook, scale_b, scale_a, bits: int, bias, backend: str, dense_weight=None):
+    """x @ W^T + bias for one LoRDS matrix (a LoRDSLinear, or one expert of a lords.experts stack), with autograd to
+    the scales when they need it; dense_weight: W already dequantized (dense_weights), used for inference."""
+    # The single dispatch point between the torch reference and the Triton kernels, forward and backward.
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if not x.is_floating_point():  # the weight would be cast to the input's dtype: integers give zeros
+        raise TypeError(f"LoRDSLinear takes floating inputs, got {x.dtype}")
+    path = backend if backend != "auto" else "triton" if x.is_cuda and _TRITON else "torch"
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or scale_b.requires_grad or scale_a.requires_grad or (bias is not None and bias.requires_grad))
+    if not needs_grad and dense_weight is not None and dense_weight.dtype == x.dtype:
+        return F.linear(x, dense_weight, bias)
+    if not needs_grad:  # inference: no autograd node, whose bookkeeping costs host time on every call
+        return lords_linear(x, codes, codebook, scale_b, scale_a, bits, bias, path)
+    return _LoRDSFunction.apply(x, scale_b, scale_a, bias, codes, codebook, bits, path)
+
+
 class LoRDSLinear(nn.Module):
     def __init__(
         self,
@@ -151,21 +169,9 @@ class LoRDSLinear(nn.Module):
         return bits_per_weight(self.out_features, self.in_features, self.bits, self.rank, scale_bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The single dispatch point between the torch reference and the Triton kernels, forward and backward.
-        if self.backend not in BACKENDS:
-            raise ValueError(f"unknown backend {self.backend!r}; choose one of {BACKENDS}")
-        if not x.is_floating_point():  # the weight would be cast to the input's dtype: integers give zeros
-            raise TypeError(f"LoRDSLinear takes floating inputs, got {x.dtype}")
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        path = self.backend if self.backend != "auto" else "triton" if x.is_cuda and _TRITON else "torch"
-        needs_grad = torch.is_grad_enabled() and (
-            x.requires_grad or self.scale_b.requires_grad or self.scale_a.requires_grad
-            or (bias is not None and bias.requires_grad))
-        if not needs_grad and self.dense_weight is not None and self.dense_weight.dtype == x.dtype:
-            return F.linear(x, self.dense_weight, bias)
-        if not needs_grad:  # inference: no autograd node, whose bookkeeping costs host time on every call
-            return lords_linear(x, self.codes, self.codebook, self.scale_b, self.scale_a, self.bits, bias, path)
-        return _LoRDSFunction.apply(x, self.scale_b, self.scale_a, bias, self.codes, self.codebook, self.bits, path)
+        return lords_forward(x, self.codes, self.codebook, self.scale_b, self.scale_a, self.bits, bias, self.backend,
+                             self.dense_weight)
 
     def extra_repr(self) -> str:
         return (

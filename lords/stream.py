@@ -34,6 +34,9 @@ from .checkpoint import (
 )
 from .config import LoRDSConfig
 from .hf import mark_quantized, replace_linears
+from .experts import (
+    PROJECTIONS, block_experts, expert_list_groups, is_stacked_experts, quantize_experts, recording_expert_moments,
+)
 from .model import (
     LayerReport, block_targets, capture_block_inputs, channel_second_moments, check_calibration,
     check_feedback_calibration, find_blocks, lords_linear_group, next_inputs, plan_layers, quantize_targets,
@@ -141,10 +144,15 @@ def open_source(path: str | Path):
         raise FileNotFoundError(f"model folder {path} does not exist (nothing is downloaded; give a local folder)")
     if is_checkpoint(path) or written_by_lords(path):
         raise ValueError(f"{path} is a lords checkpoint already; quantize the dense model it came from")
-    if any(path.glob("*.safetensors")):
-        return SafetensorsSource(path), AutoTokenizer.from_pretrained(path)
-    model, tokenizer = load_pretrained(path)
     reason = "not safetensors, so transformers reads it whole first; its blocks are then quantized one at a time"
+    if any(path.glob("*.safetensors")):
+        source = SafetensorsSource(path)
+        if set(unique_tensors(empty_model(source.config, torch.float32))) <= source.names():
+            return source, AutoTokenizer.from_pretrained(path)
+        # transformers 5 saves MoE experts one by one (experts.0.gate_proj.weight) and stacks them as it loads
+        reason = ("its tensors are stored under other names than the model's (MoE experts one by one), so transformers "
+                  "reads it whole first to convert them; its blocks are then quantized one at a time")
+    model, tokenizer = load_pretrained(path)
     return ModelSource(model, f"{path} ({reason})"), tokenizer
 
 
@@ -181,18 +189,20 @@ class Block:
     module: nn.Module  # the dense block, materialised on the walk's device; the consumer may replace its linears
     inputs: list  # [(args, kwargs)] per calibration batch, as the block's forward takes them; [] when data-free
     moments: dict = field(default_factory=dict)  # E[x^2] of the inputs of walk_blocks' `watch` linears
+    expert_moments: dict = field(default_factory=dict)  # of its experts' projections (lords.experts), by name
 
 
 def walk_blocks(model: nn.Module, source, calibration: torch.Tensor | None, device, dtype: torch.dtype,
                 batch_size: int = 8, feedback: bool = False, watch=None,
-                recorder=recording_channel_moments) -> Iterator[Block]:
+                recorder=None) -> Iterator[Block]:
     """Yield the decoder blocks of a meta-device model (empty_model) one at a time, each read from the source onto
     device in dtype, with the calibration activations that reach it; freed once the consumer hands control back.
     The next block's inputs are this block's outputs before the consumer runs (feedback=False: statistics of the
     unquantized model) or after (feedback=True: of the block as the consumer left it).
-    watch(module, name) -> linears: Block.moments holds E[x^2] of their inputs (recorder: another statistic, e.g.
-    lords.model.recording_input_hessians), recorded during the forward that makes the next block's inputs when
-    feedback=False (calibration then costs one forward a block)."""
+    watch(module, name) -> linears: Block.moments holds E[x^2] of their inputs (recorder(linears): another
+    statistic, e.g. lords.model.recording_input_hessians), recorded during the forward that makes the next block's
+    inputs when feedback=False (calibration then costs one forward a block). The moments of the block's stacked
+    experts (lords.experts.recording_expert_moments) come with them in Block.expert_moments."""
     prefix, blocks = find_blocks(model)
     inputs = []
     if calibration is not None:
@@ -206,13 +216,17 @@ def walk_blocks(model: nn.Module, source, calibration: torch.Tensor | None, devi
         name = f"{prefix}.{index}"
         load_module(module, name, source, device, dtype)
         watched = watch(module, name) if watch is not None and inputs else []
+        experts = [(f"{name}.{path}", experts) for path, experts in module.named_modules()
+                   if watch is not None and inputs and is_stacked_experts(experts)]
         outputs = None
         if feedback:
-            moments = channel_second_moments(module, watched, inputs, recorder)
+            with recording_expert_moments(experts) as expert_moments:
+                moments = channel_second_moments(module, watched, inputs, recorder)
         else:
-            with recorder(watched) as moments:
+            recording = recorder(watched) if recorder else recording_channel_moments(watched, expert_list_groups(module))
+            with recording as moments, recording_expert_moments(experts) as expert_moments:
                 outputs = _run(module, inputs)
-        yield Block(index, name, module, inputs, moments)
+        yield Block(index, name, module, inputs, moments, expert_moments)
         if feedback:
             outputs = _run(module, inputs)
         module.to("meta")
@@ -270,6 +284,8 @@ def quantize_to_folder(
     compute = torch.bfloat16 if device.type == "cuda" else torch.float32
     stored = choose_storage_dtype(dtype, (source.dtype,))
     model = empty_model(source.config, compute, device)
+    if feedback and any(is_stacked_experts(module) for module in model.modules()):
+        raise ValueError("codes='gptq' does not cover MoE experts yet; quantize this model with codes='nearest'")
     layers = plan_layers(model, config)
     output = empty_model(source.config, compute)
     replace_linears(output, layers)
@@ -291,17 +307,20 @@ def quantize_to_folder(
         # One bar for all refinement in layer-steps: it moves at every step of every stack, so its rate and ETA hold
         # (a bar in layers sat still for minutes while a stack of 60 layers refined). Made at the first stack, so
         # that it does not sit empty under the calibration bar.
-        steps = sum(config.for_module(name).steps for name in layers)
+        steps = sum(config.for_module(name).steps * entry.get("experts", 1) for name, entry in layers.items())
         refine_bar = None
         pending, stats = [], {}
         seconds["writing"] = time.perf_counter() - start
 
-        def flush() -> None:
+        def refinement_group():
             nonlocal refine_bar
-            start = time.perf_counter()
             if refine_bar is None:
                 refine_bar = tqdm(total=steps, desc="refinement", unit="layer-step", disable=not progress or not steps)
-            group = partial(lords_linear_group, device=device, progress=refine_bar.update)
+            return partial(lords_linear_group, device=device, progress=refine_bar.update)
+
+        def flush() -> None:
+            start = time.perf_counter()
+            group = refinement_group()
             reports.extend(quantize_targets(model, pending, config, group, stats or None, max_batch_numel))
             seconds["refinement"] += time.perf_counter() - start
             start = time.perf_counter()
@@ -318,7 +337,7 @@ def quantize_to_folder(
         def watch(module, name):
             return [layer for _, layer in block_targets(module, name, config)]
 
-        recorder = recording_input_hessians if feedback else recording_channel_moments
+        recorder = recording_input_hessians if feedback else None
         blocks = walk_blocks(model, source, calibration, device, compute, batch_size, feedback, watch, recorder)
         description = "calibrating blocks" if calibration is not None else "reading blocks"
         walk_start, refining, writing = time.perf_counter(), seconds["refinement"], seconds["writing"]
@@ -336,6 +355,21 @@ def quantize_to_folder(
             pending.extend(targets)
             if feedback or sum(layer.weight.numel() for _, layer in pending) >= max_batch_numel:
                 flush()
+            # An experts module is a stack of its own (128 experts of Qwen3-30B-A3B hold 200M weights a projection).
+            experts = block_experts(block.module, block.name, config)
+            start = time.perf_counter()
+            group = refinement_group() if experts else None
+            reports.extend(quantize_experts(model, experts, config, group, stats=block.expert_moments or None,
+                                            max_batch_numel=max_batch_numel))
+            seconds["refinement"] += time.perf_counter() - start
+            start = time.perf_counter()
+            for name, _ in experts:
+                for part in PROJECTIONS:
+                    projection = model.get_submodule(f"{name}.{part}")
+                    for key in ("codes", "codebook", "scale_b", "scale_a"):
+                        writer.write(f"{name}.{part}.{key}", getattr(projection, key))
+                model.get_submodule(name).to("meta")
+            seconds["writing"] += time.perf_counter() - start
         seconds["reading and calibration"] = (time.perf_counter() - walk_start - (seconds["refinement"] - refining)
                                               - (seconds["writing"] - writing))
         if pending:
