@@ -22,6 +22,7 @@ from . import integrity
 from .atomic import recover, write_folder
 from .config import LoRDSConfig
 from .hf import LAYER_FIELDS, QUANT_METHOD, LoRDSQuantizationConfig, mark_quantized
+from .experts import LoRDSExpertWeights
 from .linear import LoRDSLinear
 
 WEIGHTS_NAME = "model.safetensors"
@@ -149,8 +150,10 @@ def read_tensor(path: Path, data_start: int, entry: dict) -> torch.Tensor:
 
 
 def quantized_tensor_names(model: nn.Module) -> set[str]:
-    """The tensors stored as LoRDSLinear holds them (codes, codebook, scales); a LoRDS bias is dense like the rest."""
-    return {f"{name}.{key}" for name, module in model.named_modules() if isinstance(module, LoRDSLinear)
+    """The tensors stored as LoRDSLinear (and lords.experts' stacks) hold them (codes, codebook, scales); a LoRDS bias
+    is dense like the rest."""
+    return {f"{name}.{key}" for name, module in model.named_modules()
+            if isinstance(module, (LoRDSLinear, LoRDSExpertWeights))
             for key in ("codes", "codebook", "scale_b", "scale_a")}
 
 
@@ -203,7 +206,7 @@ def save(model: nn.Module, folder: str | Path, config: LoRDSConfig | None = None
         lords.save(model, "model-lords-4bit", tokenizer=tokenizer, max_shard_size="2GB")
         model = AutoModelForCausalLM.from_pretrained("model-lords-4bit", device_map="auto")
     """
-    if not any(isinstance(module, LoRDSLinear) for module in model.modules()):
+    if not any(isinstance(module, (LoRDSLinear, LoRDSExpertWeights)) for module in model.modules()):
         raise ValueError("the model has no LoRDSLinear layers; quantize it before saving")
     stored = storage_dtype(model, dtype)
     mark_quantized(model, config)

@@ -89,15 +89,19 @@ def cmd_quantize(args) -> None:
     _output_folder(args)
     config = LoRDSConfig(
         bits=args.bits, block_size=args.block_size, rank=args.rank, codebook=args.codebook, steps=args.steps,
-        lr=args.lr, exact_init=args.exact_init, skip=args.skip or [],
+        lr=args.lr, exact_init=args.exact_init, skip=args.skip or [], codes=args.codes, refit_rounds=args.refit_rounds,
     )
+    if args.codes == "gptq" and args.calibration == "none":
+        raise SystemExit("error: --codes gptq needs calibration data (it minimises the layers' output error on it); "
+                         "drop --calibration none")
     source, tokenizer = open_source(args.model or default_model_path())
     out = _output_folder(args, _checkpoint_bytes(empty_model(source.config, torch.float32), config))
     calibration = None
     if args.calibration != "none":
         calibration = calibration_tokens(tokenizer, args.calib_samples, args.calib_len, source=args.calibration)
+    codes = ", error-feedback codes" if args.codes == "gptq" else ""
     print(f"quantizing {source.description} to {args.bits} bits (block {args.block_size}, {args.steps} steps, "
-          f"{'activation-aware' if calibration is not None else 'data-free'}) on {device}")
+          f"{'activation-aware' if calibration is not None else 'data-free'}{codes}) on {device}")
     if device.type == "cpu":
         print(_cpu_time_hint(source, config, calibration))
     start = time.perf_counter()
@@ -360,7 +364,7 @@ def cmd_compare(args) -> None:
     score = partial(perplexity, token_ids=heldout, seq_len=args.seq_len, progress=False)
     rows = run_comparison(
         model, score, calibration, tuple(args.bits), args.block_size, args.steps, args.lr, tuple(args.methods), device,
-        codebooks=tuple(args.codebooks),
+        codebooks=tuple(args.codebooks), refit_rounds=args.refit_rounds,
     )
     table = format_rows(rows)
     print(table)
@@ -565,6 +569,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "2-core CPU, milliseconds on a GPU")
     q.add_argument("--lr", type=positive_float, default=0.1, help="Adam step relative to the scales' RMS")
     q.add_argument("--exact-init", action="store_true", help="init from block scales of width in/rank")
+    q.add_argument("--codes", choices=("nearest", "gptq"), default="nearest",
+                   help="code assignment: nearest level, or GPTQ's error feedback on the calibration inputs, block by "
+                        "block on the quantized blocks' outputs (lower output error; needs calibration)")
+    q.add_argument("--refit-rounds", type=non_negative_int, default=0,
+                   help="--codes gptq: rounds of refitting B, A to the codes and assigning codes again")
     q.add_argument("--skip", nargs="*", help="module name patterns to leave unquantized (fnmatch, e.g. '*.down_proj')")
     q.add_argument("--calibration", default="default",
                    help="'default' (packaged text), 'none' (data-free) or a .txt file")
@@ -677,7 +686,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="block size of every method (and the parity rank)")
     c.add_argument("--steps", type=non_negative_int, default=500, help="refinement steps of the refined methods")
     c.add_argument("--lr", type=positive_float, default=0.1, help="refinement Adam step relative to the scales' RMS")
-    c.add_argument("--methods", nargs="+", help="rows of the table",
+    c.add_argument("--refit-rounds", type=non_negative_int, default=0, help="lords-gptq: refit rounds (lords quantize's)")
+    c.add_argument("--methods", nargs="+", help="rows of the table (also: lords-gptq, gptq-g64, gptq-g128)",
                    default=["nf-rtn", "hqq", "lords-init", "lords", "lords-aware", "nf-refined-aware"])
     c.add_argument("--codebooks", nargs="+", choices=("nf", "int"), default=["nf"],
                    help="codebooks the LoRDS methods run with (the block-wise baselines use NF)")

@@ -16,6 +16,7 @@ from torch import nn
 
 from . import integrity
 from .atomic import write_folder
+from .experts import LoRDSExpertWeights
 from .linear import LoRDSLinear
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -25,8 +26,10 @@ PARTS = ("scale_b", "scale_a")
 ADAPTER_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def lords_layers(model: nn.Module) -> dict[str, LoRDSLinear]:
-    layers = {name: module for name, module in model.named_modules() if isinstance(module, LoRDSLinear)}
+def lords_layers(model: nn.Module) -> dict[str, LoRDSLinear | LoRDSExpertWeights]:
+    """The LoRDS layers by name: LoRDSLinear, and the expert stacks of MoE blocks (whose scales train the same way)."""
+    layers = {name: module for name, module in model.named_modules()
+              if isinstance(module, (LoRDSLinear, LoRDSExpertWeights))}
     if not layers:
         raise ValueError("the model has no LoRDSLinear layers; quantize it (or load a lords checkpoint) first")
     return layers
