@@ -4,7 +4,9 @@ save_pretrained writes one, the way bitsandbytes, HQQ and torchao checkpoints lo
 
 A checkpoint is an ordinary transformers folder: config.json carries "quantization_config" (this module's
 LoRDSQuantizationConfig: every quantized linear's bits, rank, codebook and scale dtype), the safetensors files
-carry each LoRDSLinear's codes, codebook, scale_b, scale_a (and bias) under the linear's name.
+carry each LoRDSLinear's codes, codebook, scale_b, scale_a (and bias) under the linear's name. The experts of an MoE
+block (lords.experts) have an entry per projection, "<experts>.gate_up_proj" and "<experts>.down_proj", with the number
+of experts stacked in its tensors added as "experts".
 
 Loading: transformers builds the model on the meta device; before any tensor is read, the quantizer swaps the named
 nn.Linear modules for meta LoRDSLinear modules, so no dense weight is ever allocated, and transformers then reads
@@ -16,15 +18,18 @@ validate_environment, param_needs_quantization, _process_model_before_weight_loa
 _process_model_after_weight_loading, is_serializable, is_trainable, is_qat_trainable and is_compileable.
 """
 
+import warnings
+
 import torch
 from torch import nn
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from . import __version__
+from . import __version__, integrity
 from .codebooks import CODEBOOK_KINDS, check_bits
 from .config import SCALE_DTYPES, LoRDSConfig
+from .experts import PROJECTIONS, LoRDSExperts, LoRDSExpertWeights, is_stacked_experts
 from .linear import LoRDSLinear
 
 QUANT_METHOD = "lords"
@@ -35,10 +40,20 @@ LAYER_FIELDS = ("bits", "rank", "codebook", "scale_dtype")
 
 
 def check_layer_entry(name: str, entry: dict) -> None:
-    if not isinstance(entry, dict) or set(entry) != set(LAYER_FIELDS):
-        raise ValueError(f"quantization_config layer {name}: expected the fields {list(LAYER_FIELDS)}, got {entry!r}")
-    check_bits(entry["bits"])
-    if not isinstance(entry["rank"], int) or entry["rank"] < 1:
+    if not isinstance(entry, dict) or set(entry) - {"experts"} != set(LAYER_FIELDS):
+        raise ValueError(f"quantization_config layer {name}: expected the fields {list(LAYER_FIELDS)} (and "
+                         f"'experts' for a stack of experts), got {entry!r}")
+    if "experts" in entry and (not isinstance(entry["experts"], int) or isinstance(entry["experts"], bool)
+                               or entry["experts"] < 1):
+        raise ValueError(f"quantization_config layer {name}: experts must be a positive integer, "
+                         f"got {entry['experts']!r}")
+    if not isinstance(entry["bits"], int) or isinstance(entry["bits"], bool):
+        raise ValueError(f"quantization_config layer {name}: bits must be an integer, got {entry['bits']!r}")
+    try:
+        check_bits(entry["bits"])
+    except ValueError as error:
+        raise ValueError(f"quantization_config layer {name}: {error}") from None
+    if not isinstance(entry["rank"], int) or isinstance(entry["rank"], bool) or entry["rank"] < 1:
         raise ValueError(f"quantization_config layer {name}: rank must be a positive integer, got {entry['rank']!r}")
     if entry["codebook"] not in CODEBOOK_KINDS:
         raise ValueError(f"quantization_config layer {name}: codebook must be one of {CODEBOOK_KINDS}, "
@@ -66,6 +81,10 @@ class LoRDSQuantizationConfig(QuantizationConfigMixin):
                              "install the lords that wrote it, or quantize the model again")
         if quant_method != QUANT_METHOD:
             raise ValueError(f"quant_method must be {QUANT_METHOD!r}, got {quant_method!r}")
+        if not isinstance(layers, dict) or not layers:
+            raise ValueError(f"quantization_config: layers must map layer names to their fields, got {layers!r:.80}")
+        if quantization is not None and not isinstance(quantization, dict):
+            raise ValueError(f"quantization_config: quantization must be a dict or null, got {quantization!r:.80}")
         for name, entry in layers.items():
             check_layer_entry(name, entry)
         if quantization is not None:
@@ -78,17 +97,24 @@ class LoRDSQuantizationConfig(QuantizationConfigMixin):
 
     @classmethod
     def from_model(cls, model: nn.Module, config: LoRDSConfig | None = None) -> "LoRDSQuantizationConfig":
-        layers = {
-            name: {"bits": module.bits, "rank": module.rank, "codebook": module.codebook_kind,
-                   "scale_dtype": str(module.scale_b.dtype).removeprefix("torch.")}
-            for name, module in model.named_modules() if isinstance(module, LoRDSLinear)
-        }
+        layers = {}
+        for name, module in model.named_modules():
+            if isinstance(module, (LoRDSLinear, LoRDSExpertWeights)):
+                layers[name] = {"bits": module.bits, "rank": module.rank, "codebook": module.codebook_kind,
+                                "scale_dtype": str(module.scale_b.dtype).removeprefix("torch.")}
+            if isinstance(module, LoRDSExpertWeights):
+                layers[name]["experts"] = module.num_experts
         return cls(layers, config.to_dict() if config is not None else None)
 
 
 def replace_linears(model: nn.Module, layers: dict[str, dict]) -> None:
-    """Swap each named nn.Linear of a meta-device model for an empty (meta) LoRDSLinear of the entry's layout."""
+    """Swap each named nn.Linear of a meta-device model for an empty (meta) LoRDSLinear of the entry's layout, and
+    each experts module named by experts entries for an empty LoRDSExperts (replace_experts)."""
+    experts = {name: entry for name, entry in layers.items() if "experts" in entry}
+    replace_experts(model, experts)
     for name, entry in layers.items():
+        if name in experts:
+            continue
         try:
             original = model.get_submodule(name)
         except AttributeError:
@@ -103,6 +129,48 @@ def replace_linears(model: nn.Module, layers: dict[str, dict]) -> None:
         model.set_submodule(name, module)
 
 
+def check_files_hold_layers(files, layers: dict[str, dict]) -> None:
+    """The files must store exactly the quantization_config's layers as LoRDS layers: a LoRDS layer the config does
+    not name would become an nn.Linear that transformers random-initialises."""
+    stored = set()
+    for path in files:
+        if str(path).endswith(".safetensors"):
+            _, header, _ = integrity.read_header(path)
+            stored |= {name.removesuffix(".scale_b") for name in header if name.endswith(".scale_b")}
+    unlisted = sorted(stored - set(layers))
+    if unlisted:
+        raise ValueError(f"the checkpoint stores LoRDS layers its quantization_config does not name "
+                         f"({len(unlisted)}, e.g. {unlisted[:3]}); config.json does not match the weights")
+
+
+def replace_experts(model: nn.Module, layers: dict[str, dict]) -> None:
+    """Swap the experts module of each pair of experts entries (f"{experts}.gate_up_proj", ".down_proj") of a
+    meta-device model for an empty (meta) LoRDSExperts of the entries' layout."""
+    parents = {name.rpartition(".")[0] for name in layers}
+    for parent in sorted(parents):
+        missing = [f"{parent}.{part}" for part in PROJECTIONS if f"{parent}.{part}" not in layers]
+        if missing:
+            raise ValueError(f"quantization_config names one projection of the experts {parent} but not {missing[0]}")
+        try:
+            original = model.get_submodule(parent)
+        except AttributeError:
+            raise ValueError(f"quantization_config names the experts {parent}, which the model does not have") from None
+        if not is_stacked_experts(original):
+            raise ValueError(f"quantization_config names the experts {parent}, a {type(original).__name__} in the "
+                             "model, not an experts module with 3-D gate_up_proj and down_proj")
+        projections = {}
+        for part in PROJECTIONS:
+            entry, shape = layers[f"{parent}.{part}"], getattr(original, part).shape
+            if entry["experts"] != shape[0]:
+                raise ValueError(f"quantization_config layer {parent}.{part} has {entry['experts']} experts, the model "
+                                 f"{shape[0]}")
+            with torch.device("cpu"):  # as in replace_linears
+                projections[part] = LoRDSExpertWeights(
+                    shape[0], shape[2], shape[1], entry["bits"], entry["rank"], entry["codebook"],
+                    getattr(torch, entry["scale_dtype"]), device="meta")
+        model.set_submodule(parent, LoRDSExperts(original, **projections))
+
+
 class LoRDSHfQuantizer(HfQuantizer):
     """Loads pre-quantized lords checkpoints (quantizing happens in lords.quantize, with calibration data)."""
 
@@ -113,13 +181,22 @@ class LoRDSHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, **kwargs):
         replace_linears(model, self.quantization_config.layers)
+        files = kwargs.get("checkpoint_files") or []
+        check_files_hold_layers(files, self.quantization_config.layers)
+        self.verification = None
+        if integrity.verification_enabled():
+            if not files:
+                warnings.warn("transformers did not name the checkpoint files: their digests are not verified")
+            self.verification = integrity.BackgroundVerification(files)  # overlaps transformers' reads
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        if getattr(self, "verification", None) is not None:
+            self.verification.result()
         # transformers only warns about a missing tensor and leaves it uninitialised; a quantized layer without its
         # codes or scales would run on garbage, so it is an error here.
         for name, module in model.named_modules():
-            if isinstance(module, LoRDSLinear):
+            if isinstance(module, (LoRDSLinear, LoRDSExpertWeights)):
                 for key, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
                     if not getattr(tensor, "_is_hf_initialized", False) and tensor.device.type != "meta":
                         raise ValueError(f"{name}.{key} is missing from the checkpoint (or has another shape); "

@@ -1,6 +1,7 @@
 """Walk a Hugging Face causal LM, gather calibration statistics block by block, and replace linears."""
 
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -12,7 +13,12 @@ from tqdm.auto import tqdm
 
 from .codebooks import get_codebook
 from .config import LoRDSConfig
+from .experts import (
+    PROJECTIONS, LoRDSExpertWeights, block_experts, expert_list_groups, quantize_experts, recording_expert_moments,
+    router_names, shrink_moments,
+)
 from .factorize import LoRDSFactors, check_weight, lords_quantize, parity_rank, reconstruct, relative_error
+from .gptq import lords_gptq_quantize
 from .hf import mark_quantized
 from .linear import LoRDSLinear
 
@@ -28,11 +34,13 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 def block_targets(block: nn.Module, prefix: str, config: LoRDSConfig) -> list[tuple[str, nn.Linear]]:
     """The targeted nn.Linear modules of one block. A targeted module that holds a 2-D weight but is not an
-    nn.Linear (GPT-2's Conv1D, a custom projection) is an error rather than silently left in full precision."""
+    nn.Linear (GPT-2's Conv1D, a custom projection) is an error rather than silently left in full precision.
+    MoE routers stay dense (lords.experts.router_names); stacked experts are block_experts'."""
     targets = []
+    routers = router_names(block)
     for name, module in block.named_modules():
         full = f"{prefix}.{name}"
-        if not config.matches(full):
+        if name in routers or not config.matches(full):
             continue
         if isinstance(module, nn.Linear):
             targets.append((full, module))
@@ -86,40 +94,69 @@ def block_output(block: nn.Module, args, kwargs) -> torch.Tensor:
 
 
 @contextmanager
-def recording_channel_moments(linears: list[nn.Module]) -> Iterator[dict[nn.Module, torch.Tensor]]:
-    """While open, record h_k = E[x_k^2] of each linear's input over the forwards run; the dict yielded holds them
-    (float32, on the CPU) once the block closes. Linears fed the same tensor (q, k, v; gate, up) share one
-    reduction, and the reduction allocates nothing of the activations' size, so the forward costs about what it
-    costs without hooks."""
+def _recording_inputs(linears: list[nn.Module], reduce: Callable, empty: Callable, expert_groups=()):
+    """While open, sum reduce(x) over the (tokens, in_features) inputs x of each linear over the forwards run; the
+    dict yielded holds each sum divided by the tokens seen (float32, on the CPU) once the block closes. Linears fed
+    the same tensor (q, k, v; gate, up) share one reduction. empty(in_features): the sum when nothing ran.
+    expert_groups (lords.experts.expert_list_groups): the same linear of every expert of an expert list, whose means
+    are shrunk toward their pooled means (lords.experts.shrink_moments)."""
     sums = {layer: 0.0 for layer in linears}
     counts = dict.fromkeys(linears, 0)
-    last = [None, None, 0]  # the input tensor seen last, its column sums of squares (float64) and its rows
+    last = [None, None, 0]  # the input tensor seen last, its reduction (float64) and its rows
 
     def hook(layer, args):
         x = args[0]
         if last[0] is not x:
             flat = x.reshape(-1, x.shape[-1])
-            last[:] = x, torch.linalg.vector_norm(flat, dim=0, dtype=torch.float32).double().pow(2), flat.shape[0]
+            last[:] = x, reduce(flat).double(), flat.shape[0]
         sums[layer] = sums[layer] + last[1]
         counts[layer] += last[2]
 
     handles = [layer.register_forward_pre_hook(hook) for layer in set(linears)]
-    moments: dict[nn.Module, torch.Tensor] = {}
+    means: dict[nn.Module, torch.Tensor] = {}
     try:
-        yield moments
+        yield means
     finally:
         for handle in handles:
             handle.remove()
         last.clear()
     for layer in linears:
-        total = sums[layer] if counts[layer] else torch.zeros(layer.in_features, dtype=torch.float64)
-        moments[layer] = (total / max(counts[layer], 1)).float().cpu()
+        total = sums[layer] if counts[layer] else empty(layer.in_features)
+        means[layer] = (total / max(counts[layer], 1)).float().cpu()
+    for group in expert_groups:
+        recorded = [layer for layer in group if layer in counts]
+        if recorded:
+            shrunk = shrink_moments(torch.stack([means[layer].double() * counts[layer] for layer in recorded]),
+                                    torch.tensor([counts[layer] for layer in recorded]))
+            means.update(zip(recorded, shrunk))
+
+
+def recording_channel_moments(linears: list[nn.Module], expert_groups=()):
+    """While open, record h_k = E[x_k^2] of each linear's input over the forwards run (the activation-aware column
+    weights); the reduction allocates nothing of the activations' size, so the forward costs about what it costs
+    without hooks. expert_groups: as in _recording_inputs."""
+    return _recording_inputs(
+        linears, lambda flat: torch.linalg.vector_norm(flat, dim=0, dtype=torch.float32).double().pow(2),
+        lambda features: torch.zeros(features, dtype=torch.float64), expert_groups,
+    )
+
+
+def recording_input_hessians(linears: list[nn.Module]):
+    """While open, record H = E[x x^T] (in_features^2) of each linear's input: the output error's Hessian, which
+    error-feedback codes (lords.gptq) minimise. Its diagonal is recording_channel_moments' h."""
+    return _recording_inputs(
+        linears, lambda flat: flat.float().T @ flat.float(),
+        lambda features: torch.zeros(features, features, dtype=torch.float64),
+    )
 
 
 @torch.no_grad()
-def channel_second_moments(block: nn.Module, linears: list[nn.Linear], inputs) -> dict[nn.Module, torch.Tensor]:
-    """h_k = E[x_k^2] of each linear's input over the calibration tokens (the activation-aware column weights)."""
-    with recording_channel_moments(linears) as moments:
+def channel_second_moments(block: nn.Module, linears: list[nn.Linear], inputs,
+                           recorder=None) -> dict[nn.Module, torch.Tensor]:
+    """The recorder's statistic of each linear's input over the calibration batches (default: E[x^2], with the
+    moments of expert lists' linears shrunk toward their pooled moments)."""
+    recording = recorder(linears) if recorder else recording_channel_moments(linears, expert_list_groups(block))
+    with recording as moments:
         for args, kwargs in inputs:
             block_output(block, args, kwargs)
     return moments
@@ -142,7 +179,8 @@ def lords_linear_group(
     names, linears, config, channel_weights, device, progress=None
 ) -> list[tuple[LoRDSLinear, LayerReport]]:
     """Quantize same-shaped linears sharing one config together (one batched refinement) into LoRDSLinear;
-    progress(layers) after every refinement step (lords.factorize.refine_scales)."""
+    progress(layers) after every refinement step (lords.factorize.refine_scales). channel_weights: E[x^2] of each
+    layer's input (in,), or with codes="gptq" E[x x^T] (in, in), whose diagonal weighs the refinement."""
     start = time.perf_counter()
     for name, layer in zip(names, linears):
         check_weight(layer.weight, name)
@@ -153,12 +191,24 @@ def lords_linear_group(
     out_features, in_features = weight.shape[-2:]
     rank = layer_rank(config, out_features, in_features)
     codebook = get_codebook(config.codebook, config.bits).to(device)
-    factors = lords_quantize(
-        weight, codebook, config.block_size, rank, config.steps, config.lr, channels, config.exact_init,
-        getattr(torch, config.scale_dtype), config.seed, progress,
-    )
+    scale_dtype = getattr(torch, config.scale_dtype)
+    if config.codes == "gptq":
+        factors = lords_gptq_quantize(
+            weight, codebook, config.block_size, rank, channels, config.steps, config.lr, config.refit_rounds,
+            config.exact_init, scale_dtype, config.seed, progress,
+        )
+    else:
+        factors = lords_quantize(
+            weight, codebook, config.block_size, rank, config.steps, config.lr, channels, config.exact_init,
+            scale_dtype, config.seed, progress,
+        )
     approx = reconstruct(factors.scale_b.float() @ factors.scale_a.float(), factors.codes, codebook)
     weight_error = relative_error(weight, approx)
+    for i, name in enumerate(names):
+        if not torch.isfinite(approx[i]).all():  # finite weights whose scales overflow scale_dtype
+            raise ValueError(f"quantizing {name} gave NaN or Inf values (its largest weight is "
+                             f"{weight[i].abs().max().item():.3g}; scale_dtype {config.scale_dtype} cannot hold its "
+                             "scales)")
     seconds = (time.perf_counter() - start) / len(linears)
     results = []
     for i, (name, layer) in enumerate(zip(names, linears)):
@@ -178,9 +228,11 @@ def lords_linear_group(
 
 @torch.no_grad()
 def collect_channel_weights(
-    model: nn.Module, targets: list[tuple[str, nn.Linear]], calibration: torch.Tensor, batch_size: int, progress: bool
+    model: nn.Module, targets: list[tuple[str, nn.Linear]], calibration: torch.Tensor, batch_size: int, progress: bool,
+    experts: list[tuple[str, nn.Module]] = (),
 ) -> dict[str, torch.Tensor]:
-    """E[x_k^2] of every target's input, measured block by block (peak memory: one block's activations).
+    """E[x_k^2] of every target's input, measured block by block (peak memory: one block's activations); for each
+    stacked-experts module (lords.experts), per expert from its routed tokens, by projection name.
 
     The statistics come from the unquantized model, as in AWQ: they weigh the error of each input channel by how
     much signal flows through it.
@@ -192,9 +244,13 @@ def collect_channel_weights(
     weights = {}
     for block in tqdm(blocks, desc="calibration statistics", disable=not progress):
         linears = [layer for layer in block.modules() if layer in names]
-        with torch.no_grad(), recording_channel_moments(linears) as moments:  # one forward: statistics and outputs
+        own_experts = [(name, module) for name, module in experts if any(module is m for m in block.modules())]
+        # one forward: statistics and outputs
+        with (torch.no_grad(), recording_channel_moments(linears, expert_list_groups(block)) as moments,
+              recording_expert_moments(own_experts) as expert_moments):
             inputs = next_inputs(block, inputs)
         weights.update({names[layer]: value for layer, value in moments.items()})
+        weights.update(expert_moments)
     return weights
 
 
@@ -215,6 +271,12 @@ def model_targets(model: nn.Module, config: LoRDSConfig) -> list[tuple[str, nn.L
     return [t for index, block in enumerate(blocks) for t in block_targets(block, f"{prefix}.{index}", config)]
 
 
+def model_experts(model: nn.Module, config: LoRDSConfig) -> list[tuple[str, nn.Module]]:
+    """The targeted stacked-experts modules of every decoder block, in order (lords.experts.block_experts)."""
+    prefix, blocks = find_blocks(model)
+    return [t for index, block in enumerate(blocks) for t in block_experts(block, f"{prefix}.{index}", config)]
+
+
 def layer_rank(config: LoRDSConfig, out_features: int, in_features: int) -> int:
     return config.rank or parity_rank(out_features, in_features, config.block_size)
 
@@ -227,6 +289,12 @@ def plan_layers(model: nn.Module, config: LoRDSConfig) -> dict[str, dict]:
         own = config.for_module(name)
         plan[name] = {"bits": own.bits, "rank": layer_rank(own, layer.out_features, layer.in_features),
                       "codebook": own.codebook, "scale_dtype": own.scale_dtype}
+    for name, experts in model_experts(model, config):
+        for part in PROJECTIONS:
+            own = config.for_module(f"{name}.{part}")
+            count, out_features, in_features = getattr(experts, part).shape
+            plan[f"{name}.{part}"] = {"bits": own.bits, "rank": layer_rank(own, out_features, in_features),
+                                      "codebook": own.codebook, "scale_dtype": own.scale_dtype, "experts": count}
     return plan
 
 
@@ -246,11 +314,12 @@ def quantize_targets(
     max_batch_numel weights: on a GPU one step over a stack costs little more than over one small layer.
     stats: E[x^2] of each target's input by name (activation-aware), or None (data-free).
     """
+    check_targets(targets)  # before any layer is replaced: the caller's model is never left half-quantized
     groups: dict[tuple, list[tuple[str, nn.Linear]]] = {}
     for name, layer in targets:
         key = (tuple(layer.weight.shape), repr(config.for_module(name).to_dict()))
         groups.setdefault(key, []).append((name, layer))
-    reports = []
+    reports, modules = [], {}
     for members in groups.values():
         per_stack = max(1, max_batch_numel // members[0][1].weight.numel())
         for first in range(0, len(members), per_stack):
@@ -259,13 +328,38 @@ def quantize_targets(
             channel_weights = None if stats is None else [stats[name] for name in names]
             group_config = config.for_module(names[0])
             for name, (module, report) in zip(names, quantize_group(names, linears, group_config, channel_weights)):
-                set_submodule(model, name, module)
+                modules[name] = module
                 reports.append(report)
             if bar is not None:
                 bar.update(len(names))
                 bar.set_postfix(error=f"{sum(r.error for r in reports) / len(reports):.4f}")
+    for name, module in modules.items():  # all layers quantized: only now is the model changed
+        set_submodule(model, name, module)
     order = {name: index for index, (name, _) in enumerate(targets)}
-    return sorted(reports, key=lambda report: order[report.name])
+    reports = sorted(reports, key=lambda report: order[report.name])
+    warn_outliers(reports)
+    return reports
+
+
+def check_targets(targets: list[tuple[str, nn.Linear]]) -> None:
+    for name, layer in targets:
+        check_weight(layer.weight, name)
+
+
+OUTLIER_RATIO = 3.0  # a layer's weight error this many times its peers' median is worth a look
+
+
+def warn_outliers(reports: list[LayerReport]) -> None:
+    """Warn about layers whose weight error is far above the median of the layers quantized with them."""
+    errors = sorted(report.weight_error for report in reports)
+    if len(errors) < 4:
+        return
+    median = errors[len(errors) // 2]
+    for report in reports:
+        if report.weight_error > OUTLIER_RATIO * median:
+            warnings.warn(f"{report.name}: relative weight error {report.weight_error:.4f} is "
+                          f"{report.weight_error / median:.1f}x the median of the other layers ({median:.4f})",
+                          stacklevel=3)
 
 
 def walk_blocks(
@@ -277,16 +371,68 @@ def walk_blocks(
     batch_size: int = 8,
     max_batch_numel: int = 2**27,
     progress: bool = True,
+    stack_experts: Callable = LoRDSExpertWeights.from_linears,
 ) -> list[LayerReport]:
     """Replace the targeted linears of the decoder blocks, in place (quantize_targets over all blocks at once, so
-    that same-shaped linears of every block share stacks).
+    that same-shaped linears of every block share stacks), then the stacked experts of MoE blocks
+    (lords.experts.quantize_experts: quantize_group's per-expert modules become one projection by stack_experts).
 
-    With calibration token ids (N, L), channel_weights are E[x^2] of each linear's input (activation-aware).
+    With calibration token ids (N, L), channel_weights are E[x^2] of each linear's input (activation-aware), and of
+    each expert's input over the tokens routed to it; with config.codes == "gptq", E[x x^T] measured block by block
+    on the quantized model (walk_blocks_with_feedback), for models without MoE experts.
     """
+    if config.codes == "gptq":
+        if model_experts(model, config):
+            raise ValueError("codes='gptq' does not cover MoE experts yet; quantize this model with codes='nearest'")
+        return walk_blocks_with_feedback(model, config, quantize_group, calibration, batch_size=batch_size,
+                                         max_batch_numel=max_batch_numel, progress=progress)
     targets = model_targets(model, config)
-    stats = None if calibration is None else collect_channel_weights(model, targets, calibration, batch_size, progress)
-    with tqdm(total=len(targets), desc="quantizing layers", disable=not progress) as bar:
-        return quantize_targets(model, targets, config, quantize_group, stats, max_batch_numel, bar)
+    check_targets(targets)  # before minutes of calibration
+    experts = model_experts(model, config)
+    stats = None if calibration is None else collect_channel_weights(
+        model, targets, calibration, batch_size, progress, experts)
+    matrices = sum(module.gate_up_proj.shape[0] + module.down_proj.shape[0] for _, module in experts)
+    with tqdm(total=len(targets) + matrices, desc="quantizing layers", disable=not progress) as bar:
+        reports = quantize_targets(model, targets, config, quantize_group, stats, max_batch_numel, bar)
+        return reports + quantize_experts(model, experts, config, quantize_group, stack_experts, stats,
+                                          max_batch_numel, bar)
+
+
+def check_feedback_calibration(config: LoRDSConfig, calibration: torch.Tensor | None) -> None:
+    if calibration is None:
+        raise ValueError(f"codes={config.codes!r} needs calibration data: it minimises the error of the layers' "
+                         "outputs on calibration inputs")
+    check_calibration(calibration)
+
+
+@torch.no_grad()
+def walk_blocks_with_feedback(
+    model: nn.Module,
+    config: LoRDSConfig,
+    quantize_group: Callable,
+    calibration: torch.Tensor | None,
+    *,
+    batch_size: int = 8,
+    max_batch_numel: int = 2**27,
+    progress: bool = True,
+) -> list[LayerReport]:
+    """GPTQ's walk: block by block, E[x x^T] of each target's input is measured on the outputs of the blocks already
+    quantized, the block's targets are quantized with it (channel_weights of quantize_group), and the quantized block
+    makes the next block's inputs. Each block's error then becomes an input that the next blocks correct for.
+    Same-shaped targets share stacks within a block only."""
+    check_feedback_calibration(config, calibration)
+    prefix, blocks = find_blocks(model)
+    inputs = capture_block_inputs(model, blocks[0], calibration, batch_size)
+    targets = model_targets(model, config)
+    reports = []
+    with tqdm(total=len(targets), desc="quantizing blocks (feedback)", disable=not progress) as bar:
+        for index, block in enumerate(blocks):
+            own = block_targets(block, f"{prefix}.{index}", config)
+            hessians = channel_second_moments(block, [layer for _, layer in own], inputs, recording_input_hessians)
+            stats = {name: hessians[layer] for name, layer in own}
+            reports += quantize_targets(model, own, config, quantize_group, stats, max_batch_numel, bar)
+            inputs = next_inputs(block, inputs)
+    return reports
 
 
 def quantize(
@@ -297,9 +443,12 @@ def quantize(
     batch_size: int = 8,
     progress: bool = True,
 ) -> list[LayerReport]:
-    """Replace the targeted nn.Linear modules of the decoder blocks by LoRDSLinear, in place.
+    """Replace the targeted nn.Linear modules of the decoder blocks by LoRDSLinear, and the experts of
+    mixture-of-experts blocks by lords.experts.LoRDSExperts (routers stay dense), in place.
 
     calibration: token ids (N, L); when given, the refinement weighs input channels by E[x^2] (activation-aware).
+    With config.codes == "gptq" (calibration required) codes are assigned with error feedback, block by block on the
+    outputs of the blocks already quantized (walk_blocks_with_feedback).
     device: where the refinement runs (default: CUDA when present); same-shaped layers run batched.
     A transformers model is then marked quantized (lords.hf.mark_quantized), so that save_pretrained writes a
     folder from_pretrained loads.

@@ -15,6 +15,7 @@ from torch import nn
 from .blockwise import safe_divide
 from .codebooks import get_codebook, nearest_codes
 from .config import LoRDSConfig
+from .experts import LoRDSExpertWeights
 from .factorize import LoRDSFactors
 from .linear import LoRDSLinear
 from .model import LayerReport, lords_linear_group, set_submodule, walk_blocks
@@ -55,6 +56,34 @@ class QATLinear(nn.Module):
             return LoRDSLinear.from_factors(factors, self.bits, self.codebook_kind, self.bias)
 
 
+class QATExpertWeights(nn.Module):
+    """The QAT form of lords.experts.LoRDSExpertWeights, inside a LoRDSExperts while training: float weights
+    (E, n, m), scales (E, n, r) and (E, r, m); called with an expert index as that stack is."""
+
+    def __init__(self, layers: list[QATLinear]):
+        super().__init__()
+        self.bits, self.codebook_kind = layers[0].bits, layers[0].codebook_kind
+        self.weight = nn.Parameter(torch.stack([layer.weight.detach() for layer in layers]))
+        self.scale_b = nn.Parameter(torch.stack([layer.scale_b.detach() for layer in layers]))
+        self.scale_a = nn.Parameter(torch.stack([layer.scale_a.detach() for layer in layers]))
+        self.register_buffer("codebook", layers[0].codebook.clone())
+
+    def forward(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+        weight = fake_quantize(self.weight[expert], self.scale_b[expert] @ self.scale_a[expert], self.codebook)
+        return F.linear(x, weight.to(x.dtype))
+
+    def to_lords(self, scale_dtype: torch.dtype = torch.bfloat16) -> LoRDSExpertWeights:
+        """As QATLinear.to_lords, for every expert."""
+        num_experts, out_features, in_features = self.weight.shape
+        stack = LoRDSExpertWeights(num_experts, in_features, out_features, self.bits, self.scale_b.shape[-1],
+                                   self.codebook_kind, scale_dtype, self.weight.device)
+        with torch.no_grad():
+            scale_b, scale_a = self.scale_b.to(scale_dtype), self.scale_a.to(scale_dtype)
+            stack.set_factors(scale_b, scale_a,
+                              nearest_codes(safe_divide(self.weight, scale_b.float() @ scale_a.float()), self.codebook))
+        return stack
+
+
 def _qat_group(names, linears, config, channel_weights, device) -> list[tuple[QATLinear, LayerReport]]:
     """LoRDS PTQ of a stack (fp32 scales) gives each QATLinear its starting scales."""
     results = lords_linear_group(names, linears, replace(config, scale_dtype="float32"), channel_weights, device)
@@ -72,16 +101,18 @@ def prepare_qat(
     progress: bool = True,
 ) -> list[LayerReport]:
     """Replace the targeted linears of the decoder blocks by QATLinear, in place, with scales initialised by LoRDS
-    PTQ (config.steps refinement steps, activation-aware when calibration is given; 0 = SVD init)."""
+    PTQ (config.steps refinement steps, activation-aware when calibration is given; 0 = SVD init); the experts of MoE
+    blocks become lords.experts.LoRDSExperts of QATExpertWeights."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return walk_blocks(model, config, partial(_qat_group, device=device), calibration, progress=progress)
+    return walk_blocks(model, config, partial(_qat_group, device=device), calibration, progress=progress,
+                       stack_experts=QATExpertWeights)
 
 
 def qat_parameter_groups(model: nn.Module, lr: float, scale_lr_multiplier: float = 4.0) -> list[dict]:
     """AdamW groups: the QAT weights at lr, their scales at lr * multiplier (the paper trains scales ~4x faster)."""
     weights, scales = [], []
     for module in model.modules():
-        if isinstance(module, QATLinear):
+        if isinstance(module, (QATLinear, QATExpertWeights)):
             weights.append(module.weight)
             scales += [module.scale_b, module.scale_a]
     if not weights:
@@ -90,8 +121,9 @@ def qat_parameter_groups(model: nn.Module, lr: float, scale_lr_multiplier: float
 
 
 def export_qat(model: nn.Module, scale_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """Replace every QATLinear by its LoRDSLinear, in place: the result saves and serves like a PTQ model."""
+    """Replace every QATLinear by its LoRDSLinear (and QATExpertWeights by LoRDSExpertWeights), in place: the result
+    saves and serves like a PTQ model."""
     for name, module in list(model.named_modules()):
-        if isinstance(module, QATLinear):
+        if isinstance(module, (QATLinear, QATExpertWeights)):
             set_submodule(model, name, module.to_lords(scale_dtype))
     return model

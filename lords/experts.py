@@ -1,0 +1,277 @@
+"""LoRDS experts of mixture-of-experts models: each expert's matrices stored as LoRDS codes and low-rank scales,
+stacked over the experts.
+
+transformers 5 keeps the experts of an MoE block (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3, ...) in one
+module with two 3-D parameters, gate_up_proj (E, 2I, H) and down_proj (E, H, I), called as
+experts(hidden_states (T, H), top_k_index (T, k), top_k_weights (T, k)) by the block after its router.
+LoRDSExperts takes that module's place with the same call and the same routing; its gate_up_proj and down_proj are
+LoRDSExpertWeights, E LoRDS matrices of one shape stacked, which quantize_experts makes in stacks of experts (the
+refinement batches same-shaped matrices, and an expert stack is exactly that).
+
+The older layout, a ModuleList of expert MLPs made of nn.Linear (Mixtral before transformers 5, remote-code models),
+needs no module of its own: its linears are ordinary targets, replaced by LoRDSLinear and refined in same-shaped
+stacks like any other. Only their calibration needs shrink_moments.
+
+Routers stay dense, always (router_names): inside an MoE block (a module with an `experts` child), every other child
+that holds a weight of its own (Mixtral's and Qwen's `gate`, Qwen2-MoE's `shared_expert_gate`, DeepSeek's router)
+is a router. It is small (E x H), and an error in it changes which experts run, not only by how much.
+"""
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .codebooks import check_bits, get_codebook
+from .factorize import bits_per_weight
+from .linear import LoRDSLinear, lords_forward, reference_weight
+from .packing import pack_codes, row_bytes
+
+PROJECTIONS = ("gate_up_proj", "down_proj")
+# An expert's E[x^2] is shrunk toward the moments of all the block's routed tokens by this many pseudo-tokens
+# (shrink_moments): an expert that saw no calibration token gets the pooled moments, one that saw a few hundred
+# essentially its own.
+PRIOR_TOKENS = 32
+# The flags of transformers' use_experts_implementation that LoRDSExperts computes: [gate; up] concatenated, (out, in)
+# per expert, no biases, no per-expert norm. gpt-oss (transposed, interleaved, with biases) is not among them.
+SUPPORTED_LAYOUT = {"is_transposed": False, "is_concatenated": True, "has_bias": False, "has_gate": True,
+                    "has_post_expert_norm": False}
+
+
+def run_experts(hidden_states, top_k_index, top_k_weights, num_experts: int, expert_mlp: Callable) -> torch.Tensor:
+    """The routing of transformers' experts modules (their eager forward): each token's output is the sum over its
+    top-k experts of weight * expert_mlp(expert, tokens). Experts run in ascending order on the tokens routed to
+    them; an index >= num_experts (a slot masked out by expert parallelism) contributes nothing."""
+    output = torch.zeros_like(hidden_states)
+    for expert in top_k_index.unique().tolist():
+        if expert >= num_experts:
+            continue
+        token, slot = torch.where(top_k_index == expert)
+        result = expert_mlp(expert, hidden_states[token]) * top_k_weights[token, slot, None]
+        output.index_add_(0, token, result.to(output.dtype))
+    return output
+
+
+class LoRDSExpertWeights(nn.Module):
+    """E LoRDS matrices of one shape (out_features x in_features): packed codes (E, n, bytes), one codebook, scales
+    scale_b (E, n, r) and scale_a (E, r, m). Calling it with an expert index multiplies by that expert's matrix."""
+
+    def __init__(self, num_experts: int, in_features: int, out_features: int, bits: int, rank: int,
+                 codebook: str = "nf", scale_dtype: torch.dtype = torch.bfloat16, device=None):
+        super().__init__()
+        check_bits(bits)
+        self.num_experts, self.in_features, self.out_features = num_experts, in_features, out_features
+        self.bits, self.rank, self.codebook_kind = bits, rank, codebook
+        self.backend = "auto"  # as LoRDSLinear.backend
+        self.register_buffer("codes", torch.zeros(num_experts, out_features, row_bytes(in_features, bits),
+                                                  dtype=torch.uint8, device=device))
+        self.register_buffer("codebook", get_codebook(codebook, bits).to(device))
+        self.scale_b = nn.Parameter(torch.zeros(num_experts, out_features, rank, dtype=scale_dtype, device=device))
+        self.scale_a = nn.Parameter(torch.zeros(num_experts, rank, in_features, dtype=scale_dtype, device=device))
+
+    @classmethod
+    def from_linears(cls, layers: list[LoRDSLinear]) -> "LoRDSExpertWeights":
+        """The stack of same-shaped LoRDSLinear layers (one per expert, in expert order, without bias)."""
+        first = layers[0]
+        stack = cls(len(layers), first.in_features, first.out_features, first.bits, first.rank, first.codebook_kind,
+                    first.scale_b.dtype, first.codes.device)
+        with torch.no_grad():
+            for expert, layer in enumerate(layers):
+                stack.codes[expert].copy_(layer.codes)
+                stack.scale_b[expert].copy_(layer.scale_b)
+                stack.scale_a[expert].copy_(layer.scale_a)
+        return stack
+
+    @torch.no_grad()
+    def set_factors(self, scale_b: torch.Tensor, scale_a: torch.Tensor, codes: torch.Tensor) -> None:
+        """Store new scales and (unpacked, E x n x m) codes of the same shapes."""
+        self.codes.copy_(pack_codes(codes.reshape(-1, self.in_features), self.bits).view_as(self.codes))
+        self.scale_b.copy_(scale_b)
+        self.scale_a.copy_(scale_a)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense (E, n, m) weights."""
+        return torch.stack([reference_weight(self.codes[e], self.codebook, self.scale_b[e], self.scale_a[e],
+                                             self.bits, dtype) for e in range(self.num_experts)])
+
+    @property
+    def bits_per_weight(self) -> float:
+        scale_bits = torch.finfo(self.scale_b.dtype).bits
+        return bits_per_weight(self.out_features, self.in_features, self.bits, self.rank, scale_bits)
+
+    def forward(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+        return lords_forward(x, self.codes[expert], self.codebook, self.scale_b[expert], self.scale_a[expert],
+                             self.bits, None, self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, in_features={self.in_features}, out_features={self.out_features}, "
+                f"bits={self.bits}, rank={self.rank}, codebook={self.codebook_kind}")
+
+
+class LoRDSExperts(nn.Module):
+    """In place of a transformers experts module: the same call and routing (run_experts), each expert
+    down_proj(act(gate) * up) with [gate; up] = gate_up_proj(x). The projections are LoRDSExpertWeights, or during
+    quantization-aware training lords.qat.QATExpertWeights (any module called as projection(x, expert))."""
+
+    def __init__(self, original: nn.Module, gate_up_proj: nn.Module, down_proj: nn.Module):
+        super().__init__()
+        self.num_experts = original.num_experts
+        self.act_fn = original.act_fn
+        self.gate_up_proj, self.down_proj = gate_up_proj, down_proj
+
+    def expert_mlp(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x, expert).chunk(2, dim=-1)
+        return self.down_proj(self.act_fn(gate) * up, expert)
+
+    def forward(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+        return run_experts(hidden_states, top_k_index, top_k_weights, self.num_experts, self.expert_mlp)
+
+
+def check_experts_layout(name: str, module: nn.Module) -> None:
+    """An experts module of another layout than SUPPORTED_LAYOUT is an error, never quantized wrongly."""
+    unsupported = [f"{flag}={getattr(module, flag)}" for flag, wanted in SUPPORTED_LAYOUT.items()
+                   if getattr(module, flag, wanted) != wanted]
+    if unsupported:
+        raise ValueError(f"experts module {name} ({type(module).__name__}) has a layout lords does not quantize "
+                         f"({', '.join(unsupported)}); add {name + '.*'!r} to LoRDSConfig.skip to keep its experts "
+                         "dense")
+
+
+def is_stacked_experts(module: nn.Module) -> bool:
+    """A transformers 5 experts module: 3-D gate_up_proj and down_proj parameters."""
+    return all(isinstance(getattr(module, part, None), nn.Parameter) and getattr(module, part).dim() == 3
+               for part in PROJECTIONS)
+
+
+def router_names(block: nn.Module) -> set[str]:
+    """The routers of a block's MoE layers (names relative to the block): the children of a module with an `experts`
+    child, other than the experts, that hold a weight of their own (the module docstring's rule)."""
+    routers = set()
+    for name, module in block.named_modules():
+        if "experts" not in dict(module.named_children()):
+            continue
+        for child_name, child in module.named_children():
+            if child_name != "experts" and isinstance(getattr(child, "weight", None), torch.Tensor):
+                routers.add(f"{name}.{child_name}" if name else child_name)
+    return routers
+
+
+def block_experts(block: nn.Module, prefix: str, config) -> list[tuple[str, nn.Module]]:
+    """The targeted stacked-experts modules of one block, by full name. Both projections are quantized or neither:
+    a config that targets one without the other is an error."""
+    found = []
+    for name, module in block.named_modules():
+        if not is_stacked_experts(module):
+            continue
+        full = f"{prefix}.{name}"
+        matched = [config.matches(f"{full}.{part}") for part in PROJECTIONS]
+        if not any(matched):
+            continue
+        if not all(matched):
+            raise ValueError(f"the targets match only one of {full}.gate_up_proj and {full}.down_proj; lords "
+                             "quantizes an experts module's two projections together (skip both or neither)")
+        check_experts_layout(full, module)
+        found.append((full, module))
+    return found
+
+
+def expert_list_groups(block: nn.Module) -> list[list[nn.Linear]]:
+    """For each expert list of the block (the older layout: a ModuleList `experts` of same-shaped expert MLPs), the
+    same nn.Linear of every expert, one list per linear of an expert (w1 of experts 0..E-1, then w2, ...)."""
+    groups = []
+    for module in block.modules():
+        experts = getattr(module, "experts", None)
+        if isinstance(experts, nn.ModuleList) and len(experts) > 0:
+            paths = [path for path, layer in experts[0].named_modules() if isinstance(layer, nn.Linear)]
+            groups += [[expert.get_submodule(path) for expert in experts] for path in paths]
+    return groups
+
+
+def shrink_moments(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """E[x^2] per expert (E, m) from the column sums of squares (E, m) and token counts (E,) of each expert's routed
+    tokens, shrunk toward the pooled moments of all of them by PRIOR_TOKENS pseudo-tokens; ones (data-free) when no
+    token was routed at all."""
+    sums, counts = sums.double(), counts.double()
+    if counts.sum() == 0:
+        return torch.ones(sums.shape, dtype=torch.float32)
+    pooled = sums.sum(dim=0) / counts.sum()
+    return ((sums + PRIOR_TOKENS * pooled) / (counts[:, None] + PRIOR_TOKENS)).float()
+
+
+def _sum_of_squares(x: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(x, dim=0, dtype=torch.float32).double().pow(2).cpu()
+
+
+@contextmanager
+def recording_expert_moments(experts: list[tuple[str, nn.Module]]) -> Iterator[dict[str, torch.Tensor]]:
+    """While open, the dense experts modules run run_experts (the eager routing) and record, per expert, E[x^2] of
+    each projection's input over the tokens routed to it; the dict yielded holds them once the block closes, by
+    projection name (f"{experts name}.gate_up_proj": (E, H), ".down_proj": (E, I)), shrunk by shrink_moments."""
+    records = {}
+
+    def recording_forward(module, sums, counts, hidden_states, top_k_index, top_k_weights):
+        def expert_mlp(expert, x):
+            gate, up = F.linear(x, module.gate_up_proj[expert]).chunk(2, dim=-1)
+            hidden = module.act_fn(gate) * up
+            counts[expert] += x.shape[0]
+            sums["gate_up_proj"][expert] += _sum_of_squares(x)
+            sums["down_proj"][expert] += _sum_of_squares(hidden)
+            return F.linear(hidden, module.down_proj[expert])
+
+        return run_experts(hidden_states, top_k_index, top_k_weights, module.num_experts, expert_mlp)
+
+    for name, module in experts:
+        sums = {part: torch.zeros(getattr(module, part).shape[0], getattr(module, part).shape[2], dtype=torch.float64)
+                for part in PROJECTIONS}
+        counts = torch.zeros(module.num_experts, dtype=torch.float64)
+        records[name] = (sums, counts)
+        module.forward = lambda *args, module=module, sums=sums, counts=counts: recording_forward(
+            module, sums, counts, *args)
+    moments: dict[str, torch.Tensor] = {}
+    try:
+        yield moments
+    finally:
+        for _, module in experts:
+            del module.forward
+    for name, (sums, counts) in records.items():
+        moments.update({f"{name}.{part}": shrink_moments(sums[part], counts) for part in PROJECTIONS})
+
+
+@dataclass
+class ExpertMatrix:
+    """One expert's matrix, as the group quantizers of lords.model read a linear (weight, bias)."""
+
+    weight: torch.Tensor
+    bias: None = None
+
+
+def quantize_experts(model: nn.Module, experts: list[tuple[str, nn.Module]], config, quantize_group: Callable,
+                     stack: Callable = LoRDSExpertWeights.from_linears, stats: dict | None = None,
+                     max_batch_numel: int = 2**27, bar=None) -> list:
+    """Replace each named experts module by LoRDSExperts, in place. Each projection's experts go to quantize_group
+    (as lords.model.quantize_targets calls it) in stacks of up to max_batch_numel weights, with the config that
+    applies to the projection's name and, when stats are given, each expert's moments; stack(per-expert modules)
+    makes the projection. Returns the reports, one per expert matrix (named f"{projection}.{expert}")."""
+    reports = []
+    for name, module in experts:
+        projections = {}
+        for part in PROJECTIONS:
+            full = f"{name}.{part}"
+            weight = getattr(module, part)
+            per_stack = max(1, max_batch_numel // weight[0].numel())
+            modules = []
+            for first in range(0, weight.shape[0], per_stack):
+                chosen = range(first, min(first + per_stack, weight.shape[0]))
+                channel_weights = None if stats is None else list(stats[full][first : chosen.stop])
+                results = quantize_group([f"{full}.{e}" for e in chosen], [ExpertMatrix(weight[e]) for e in chosen],
+                                         config.for_module(full), channel_weights)
+                modules += [expert_module for expert_module, _ in results]
+                reports += [report for _, report in results]
+                if bar is not None:
+                    bar.update(len(chosen))
+            projections[part] = stack(modules)
+        model.set_submodule(name, LoRDSExperts(module, **projections))
+    return reports
