@@ -6,6 +6,7 @@ torch, transformers and the rest of lords are imported inside the commands: `lor
 import argparse
 import math
 import os
+import shlex
 import sys
 import time
 from functools import partial
@@ -277,7 +278,7 @@ def _finetune_hd_pissa(model, tokenizer, path, out, main_process, args) -> None:
 
 
 def cmd_qat(args) -> None:
-    from . import LoRDSConfig, save
+    from . import LoRDSConfig, load, save
     from .assets import calibration_tokens
     from .qat import QATLinear, export_qat, prepare_qat, qat_parameter_groups
 
@@ -310,8 +311,8 @@ def cmd_qat(args) -> None:
     _print_losses(losses)
     save(model, out, config=config, tokenizer=tokenizer, overwrite=args.overwrite)
     print(f"saved the exported LoRDS checkpoint to {out}")
-    if args.eval:
-        _print_evaluation(model, tokenizer, args)
+    if args.eval:  # the checkpoint as saved (bf16 tensors), which `lords eval` scores, not the model in memory
+        _print_evaluation(load(out, device), tokenizer, args)
 
 
 def cmd_generate(args) -> None:
@@ -378,7 +379,7 @@ def cmd_compare(args) -> None:
             "",
             "Produced by:",
             "",
-            f"    {' '.join(['lords', *sys.argv[1:]])}",
+            f"    {shlex.join(['lords', *args.argv])}",
             "",
             f"- date: {time.strftime('%Y-%m-%d')}; device: {_device_name(device)}; "
             f"torch {torch.__version__}, transformers {transformers.__version__}; total {time.perf_counter() - start:.0f} s",
@@ -705,7 +706,9 @@ def _user_error(error: BaseException) -> bool:
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the command as given, for the results files that name the command that made them
     try:
         args.func(args)
     except KeyboardInterrupt:
