@@ -71,6 +71,7 @@ class LoRDSExpertWeights(nn.Module):
         self.register_buffer("codebook", get_codebook(codebook, bits).to(device))
         self.scale_b = nn.Parameter(torch.zeros(num_experts, out_features, rank, dtype=scale_dtype, device=device))
         self.scale_a = nn.Parameter(torch.zeros(num_experts, rank, in_features, dtype=scale_dtype, device=device))
+        self.dense_weight = None  # (E, n, m), set by lords.dense_weights for a run of CPU inference
 
     @classmethod
     def from_linears(cls, layers: list[LoRDSLinear]) -> "LoRDSExpertWeights":
@@ -103,8 +104,9 @@ class LoRDSExpertWeights(nn.Module):
         return bits_per_weight(self.out_features, self.in_features, self.bits, self.rank, scale_bits)
 
     def forward(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+        dense_weight = None if self.dense_weight is None else self.dense_weight[expert]
         return lords_forward(x, self.codes[expert], self.codebook, self.scale_b[expert], self.scale_a[expert],
-                             self.bits, None, self.backend)
+                             self.bits, None, self.backend, dense_weight)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, in_features={self.in_features}, out_features={self.out_features}, "
