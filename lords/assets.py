@@ -46,12 +46,15 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype:
     model.source_dtype, which lords.save stores the unquantized tensors in."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .checkpoint import is_checkpoint, load
+    from .atomic import recover
+    from .checkpoint import check_not_stripped, is_checkpoint, load
 
     path = Path(path)
+    recover(path)
     if not path.is_dir():
         raise FileNotFoundError(f"model folder {path} does not exist (nothing is downloaded; give a local folder)")
     device = torch.device(device)
+    check_not_stripped(path)
     if is_checkpoint(path):
         return load(path, device, dtype), AutoTokenizer.from_pretrained(path)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)

@@ -2,65 +2,38 @@
 transformers writes them, generation config, tokenizer), so that AutoModelForCausalLM.from_pretrained loads it once
 lords is imported (lords.hf). save and load are the thin lords entry points.
 
-Written to a temporary sibling folder and renamed into place, so an interrupted save never leaves a half-written
-checkpoint under the requested name, and an existing folder is only replaced when the caller asks for it.
+Written through lords.atomic (a crash never leaves a half-written checkpoint under the requested name, an existing
+folder is only replaced when the caller asks), with every tensor's sha256 in its file's metadata, which loading
+verifies (lords.integrity).
 """
 
 import copy
 import json
 import math
 import re
-import shutil
-import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from torch import nn
 
+from . import integrity
+from .atomic import recover, write_folder
 from .config import LoRDSConfig
-from .hf import QUANT_METHOD, LoRDSQuantizationConfig, mark_quantized
 from .experts import LoRDSExpertWeights
+from .hf import LAYER_FIELDS, QUANT_METHOD, LoRDSQuantizationConfig, mark_quantized
 from .linear import LoRDSLinear
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 LEGACY_CONFIG_NAME = "lords_config.json"  # format 2: beside model.safetensors, before the transformers integration
 DEFAULT_SHARD_SIZE = "5GB"
-SAFETENSORS_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
-    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
-}
+SAFETENSORS_DTYPES = {dtype: code for code, dtype in integrity.SAFETENSORS_DTYPES.items()}
 SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
 class CheckpointError(ValueError):
     pass
-
-
-def write_folder(folder: str | Path, overwrite: bool, write: Callable[[Path], None]) -> Path:
-    """Run write(staging) in a temporary sibling folder, then move it into place: a crash never leaves a half-written
-    folder under the name, and an existing non-empty folder is replaced only when overwrite is set."""
-    folder = Path(folder)
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not overwrite:
-        raise FileExistsError(f"{folder} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    try:
-        write(staging)
-        if folder.exists():
-            retired = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
-            folder.rename(retired)
-            staging.rename(folder)
-            shutil.rmtree(retired)
-        else:
-            staging.rename(folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return folder
 
 
 def parse_size(size: int | str) -> int:
@@ -81,7 +54,8 @@ class ShardedSafetensors:
     """Writes tensors whose names, shapes and dtypes are known in advance into transformers' safetensors layout
     (model.safetensors, or model-0000i-of-0000N.safetensors shards of at most max_shard_size + the index), one tensor
     at a time: every file's header is written first and each tensor goes straight to its offset, so nothing is held
-    in memory beyond the tensor being written (the streaming quantizer writes a block as soon as it is done)."""
+    in memory beyond the tensor being written (the streaming quantizer writes a block as soon as it is done).
+    The header holds a placeholder of each tensor's sha256 (lords.integrity), filled in by close()."""
 
     def __init__(self, folder: Path, specs: dict[str, tuple[tuple[int, ...], torch.dtype]], max_shard_size):
         limit = parse_size(max_shard_size)
@@ -98,49 +72,62 @@ class ShardedSafetensors:
             f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         self.folder, self.specs, self.places, self.pending = folder, specs, {}, set(specs)
         self.weight_map = {name: file for file, members in zip(files, shards) for name in members}
-        for file, members in zip(files, shards):
-            header, offset = {"__metadata__": {"format": "pt"}}, 0
+        self.files = dict(zip(files, shards))
+        self.digests = dict.fromkeys(specs, integrity.DIGEST_PLACEHOLDER)
+        for file, members in self.files.items():
+            raw, offset = self._header(members), 0
             for name in members:
                 shape, dtype = specs[name]
-                end = offset + math.prod(shape) * dtype.itemsize
-                header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
-                                "data_offsets": [offset, end]}
-                self.places[name] = offset
-                offset = end
-            raw = json.dumps(header, separators=(",", ":")).encode()
-            raw += b" " * (-len(raw) % 8)  # safetensors aligns the data to 8 bytes
+                self.places[name] = 8 + len(raw) + offset
+                offset += math.prod(shape) * dtype.itemsize
             with open(folder / file, "wb") as handle:
                 handle.write(len(raw).to_bytes(8, "little") + raw)
                 handle.truncate(8 + len(raw) + offset)
-            for name in members:
-                self.places[name] += 8 + len(raw)
         self.total_size = sum(math.prod(shape) * dtype.itemsize for shape, dtype in specs.values())
+
+    def _header(self, members: list[str]) -> bytes:
+        digests = json.dumps({name: self.digests[name] for name in members}, separators=(",", ":"))
+        header, offset = {"__metadata__": {"format": "pt", integrity.DIGESTS_KEY: digests}}, 0
+        for name in members:
+            shape, dtype = self.specs[name]
+            end = offset + math.prod(shape) * dtype.itemsize
+            header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
+            offset = end
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        return raw + b" " * (-len(raw) % 8)  # safetensors aligns the data to 8 bytes
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         shape, dtype = self.specs[name]
         if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
             raise ValueError(f"{name}: expected {dtype} {tuple(shape)}, got {tensor.dtype} {tuple(tensor.shape)}")
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        integrity.check_finite({name: tensor})
+        data = integrity.tensor_bytes(tensor)
         with open(self.folder / self.weight_map[name], "r+b") as handle:
             handle.seek(self.places[name])
             handle.write(data)
+        self.digests[name] = integrity.digest(data)
         self.pending.discard(name)
 
     def close(self) -> None:
         if self.pending:
             raise RuntimeError(f"{len(self.pending)} tensors were never written, e.g. {sorted(self.pending)[:3]}")
-        if len(set(self.weight_map.values())) > 1:
+        for file, members in self.files.items():
+            raw = self._header(members)  # the digests replace placeholders of the same length
+            with open(self.folder / file, "r+b") as handle:
+                handle.seek(8)
+                handle.write(raw)
+        if len(self.files) > 1:
             index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
             (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2))
 
 
 def read_header(path: Path) -> tuple[int, dict]:
-    """(offset of the data, {name: entry}) of a safetensors file."""
-    with open(path, "rb") as handle:
-        length = int.from_bytes(handle.read(8), "little")
-        header = json.loads(handle.read(length))
-    header.pop("__metadata__", None)
-    return 8 + length, header
+    """(offset of the data, {name: entry}) of a safetensors file, its entries checked (lords.integrity)."""
+    try:
+        start, header, _ = integrity.read_header(path)
+    except integrity.IntegrityError as error:
+        raise CheckpointError(str(error)) from None
+    return start, header
 
 
 def read_tensor(path: Path, data_start: int, entry: dict) -> torch.Tensor:
@@ -152,7 +139,7 @@ def read_tensor(path: Path, data_start: int, entry: dict) -> torch.Tensor:
         handle.seek(data_start + begin)
         if handle.readinto(data) != len(data):
             raise CheckpointError(f"{path} is truncated: {entry} runs past its end")
-    dtype = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}[entry["dtype"]]
+    dtype = integrity.SAFETENSORS_DTYPES[entry["dtype"]]
     return torch.frombuffer(data, dtype=torch.uint8).view(dtype).reshape(entry["shape"])
 
 
@@ -267,16 +254,43 @@ def _config_file(folder: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
+        values = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CheckpointError(f"{path} is corrupt: {error}") from None
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{path} is corrupt: not a JSON object")
+    return values
 
 
 def is_checkpoint(folder: str | Path) -> bool:
     """A lords checkpoint: config.json with a "lords" quantization_config, or a format-2 lords_config.json."""
     folder = Path(folder)
     quantization = _config_file(folder).get("quantization_config") or {}
-    return quantization.get("quant_method") == QUANT_METHOD or (folder / LEGACY_CONFIG_NAME).is_file()
+    return (isinstance(quantization, dict) and quantization.get("quant_method") == QUANT_METHOD
+            or (folder / LEGACY_CONFIG_NAME).is_file())
+
+
+def written_by_lords(folder: str | Path) -> bool:
+    """Whether a folder's safetensors files were written by lords (integrity digests in their metadata, or LoRDS
+    layers' tensors), whatever its config files say: only their headers are read."""
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            _, header, metadata = integrity.read_header(path)
+        except (OSError, integrity.IntegrityError):
+            continue  # a broken file is reported by whichever loader reads it
+        if integrity.DIGESTS_KEY in metadata or any(name.endswith((".scale_b", ".codes")) for name in header):
+            return True
+    return False
+
+
+def check_not_stripped(folder: str | Path) -> None:
+    """Refuse a folder of lords tensors whose config lost the lords quantization_config (or lords_config.json):
+    transformers would load it as a dense model and random-initialise every quantized linear."""
+    if not is_checkpoint(folder) and written_by_lords(folder):
+        raise CheckpointError(
+            f"{folder} holds tensors written by lords but its config.json has no quantization_config with "
+            f"quant_method {QUANT_METHOD!r} (nor a {LEGACY_CONFIG_NAME}); it would load with random weights: "
+            "restore the config.json that lords saved with it")
 
 
 def legacy_quantization_config(folder: Path) -> LoRDSQuantizationConfig:
@@ -286,6 +300,8 @@ def legacy_quantization_config(folder: Path) -> LoRDSQuantizationConfig:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{path} is corrupt: {error}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} is corrupt: not a JSON object")
     version = meta.get("format_version")
     if version == 1:
         raise CheckpointError(f"{path} has format_version 1: its codes are packed in a layout this lords no longer "
@@ -293,38 +309,50 @@ def legacy_quantization_config(folder: Path) -> LoRDSQuantizationConfig:
     if meta.get("format") != "lords" or version != 2:
         raise CheckpointError(f"{path} is not a lords config this lords reads (format={meta.get('format')!r}, "
                               f"format_version={version!r})")
-    layers = {name: {key: entry[key] for key in ("bits", "rank", "codebook", "scale_dtype")}
-              for name, entry in meta["layers"].items()}
-    return LoRDSQuantizationConfig(layers, meta.get("quantization"))
+    layers = meta.get("layers")
+    if not isinstance(layers, dict) or not layers or not all(isinstance(entry, dict) for entry in layers.values()):
+        raise CheckpointError(f"{path}: 'layers' must map layer names to their fields, got {layers!r:.80}")
+    try:
+        return LoRDSQuantizationConfig({name: {key: entry.get(key) for key in LAYER_FIELDS}
+                                        for name, entry in layers.items()}, meta.get("quantization"))
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: {error}") from None
 
 
-def load(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None, **kwargs):
+def load(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
+         verify: bool = True, **kwargs):
     """Load a lords checkpoint: AutoModelForCausalLM.from_pretrained(folder, device_map=device, dtype=dtype).
 
     device: a device for the whole model, or "auto" (or a device_map dict) to spread it over the GPUs and the CPU.
     dtype: the non-quantized tensors' dtype; by default float32 on the CPU (lords' CPU convention, as
     lords.assets.load_pretrained does for dense models) and the stored dtype elsewhere ("auto").
+    verify: check every tensor against the sha256 stored at save, and floating tensors for NaN/Inf, in a thread
+        that overlaps the load (lords.integrity); False skips it, for trusted files.
     Further keyword arguments go to from_pretrained (max_memory, ...). Format-2 checkpoints (lords_config.json)
     load as well; a folder that is not a lords checkpoint is refused.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = Path(folder)
+    recover(folder)
+    check_not_stripped(folder)
     if not is_checkpoint(folder):
         raise CheckpointError(f"{folder} is not a lords checkpoint: its config.json has no quantization_config with "
                               f"quant_method {QUANT_METHOD!r}")
     config = None
-    if (folder / LEGACY_CONFIG_NAME).is_file():
-        config = AutoConfig.from_pretrained(folder)
-        config.quantization_config = legacy_quantization_config(folder).to_dict()
     on_cpu = isinstance(device, (str, torch.device)) and str(device) != "auto" and torch.device(device).type == "cpu"
     dtype = dtype or (torch.float32 if on_cpu else "auto")
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, config=config, device_map=device, dtype=dtype, **kwargs)
+        if (folder / LEGACY_CONFIG_NAME).is_file():
+            config = AutoConfig.from_pretrained(folder)
+            config.quantization_config = legacy_quantization_config(folder).to_dict()
+        with integrity.verification(verify):
+            model = AutoModelForCausalLM.from_pretrained(folder, config=config, device_map=device, dtype=dtype,
+                                                         **kwargs)
     except (SafetensorError, OSError) as error:
         raise CheckpointError(
             f"cannot load {folder}: a weights file is corrupt, truncated or missing: {error}") from None
-    except (RuntimeError, ValueError) as error:  # e.g. tensors of other shapes than quantization_config's layers
+    except (RuntimeError, ValueError, TypeError, KeyError) as error:  # e.g. config fields of wrong types or values
         raise CheckpointError(f"cannot load {folder}: {error}") from None
     model.source_dtype = _stored_dtype(folder)
     return model.eval()

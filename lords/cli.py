@@ -4,6 +4,7 @@ torch, transformers and the rest of lords are imported inside the commands: `lor
 """
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -17,10 +18,36 @@ REFINE_SECONDS_PER_WEIGHT_STEP = 1e-8
 FORWARD_SECONDS_PER_TOKEN_PARAMETER = 2.5e-11
 
 
+def _number(kind, low: float, low_included: bool, text: str):
+    """An argparse type: a finite number of kind at least (or above) low; the error names the bound."""
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+    if not math.isfinite(value) or value < low or (value == low and not low_included):
+        bound = f"{'at least' if low_included else 'above'} {low:g}" if math.isfinite(low) else "finite"
+        raise argparse.ArgumentTypeError(f"must be {bound}, got {text!r}")
+    return value
+
+
+positive_int = partial(_number, int, 1, True)
+non_negative_int = partial(_number, int, 0, True)
+positive_float = partial(_number, float, 0.0, False)
+finite_float = partial(_number, float, -math.inf, False)
+
+
 def _device(name: str | None):
     import torch
 
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise ValueError(f"--device: {name!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is available here")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: lords runs on cpu or cuda")
+    return device
 
 
 def _load(model: str | None, device):
@@ -30,33 +57,51 @@ def _load(model: str | None, device):
     return (*load_pretrained(path, device), path)
 
 
-def _output_folder(args) -> Path:
-    """Saving refuses a non-empty folder too, but only after the work; fail before the minutes of it."""
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise SystemExit(f"error: {out} exists and is not empty; pass --overwrite to replace it")
-    return out
+def _output_folder(args, needed_bytes: int = 0) -> Path:
+    """Saving refuses what lords.atomic refuses (an existing folder without --overwrite, a file, a folder lords did
+    not write, no write permission, too little space), but only after the work; fail before the minutes of it."""
+    from .atomic import check_destination
+
+    return check_destination(args.out, args.overwrite, needed_bytes=needed_bytes)
+
+
+def _checkpoint_bytes(model, config) -> int:
+    """About what a checkpoint of the model takes: codes of bits per weight plus the scales (as many values as
+    block-wise scales at parity rank) for the targets, 16 bits for every other parameter."""
+    from .model import model_targets
+
+    quantized = sum(layer.weight.numel() for _, layer in model_targets(model, config))
+    total = sum(p.numel() for p in model.parameters())
+    return int(quantized * (config.bits / 8 + 2 / config.block_size) + (total - quantized) * 2)
 
 
 def cmd_quantize(args) -> None:
+    import torch
+
     from . import LoRDSConfig, load
     from .assets import calibration_tokens, default_model_path
-    from .checkpoint import choose_storage_dtype
+    from .checkpoint import choose_storage_dtype, parse_size
     from .model import format_report
-    from .stream import REPORT_NAME, format_summary, open_source, quantize_to_folder, read_report
+    from .stream import REPORT_NAME, empty_model, format_summary, open_source, quantize_to_folder, read_report
 
     device = _device(args.device)
-    out = _output_folder(args)
+    parse_size(args.max_shard_size)
+    _output_folder(args)
     config = LoRDSConfig(
         bits=args.bits, block_size=args.block_size, rank=args.rank, codebook=args.codebook, steps=args.steps,
-        lr=args.lr, exact_init=args.exact_init, skip=args.skip or [],
+        lr=args.lr, exact_init=args.exact_init, skip=args.skip or [], codes=args.codes, refit_rounds=args.refit_rounds,
     )
+    if args.codes == "gptq" and args.calibration == "none":
+        raise SystemExit("error: --codes gptq needs calibration data (it minimises the layers' output error on it); "
+                         "drop --calibration none")
     source, tokenizer = open_source(args.model or default_model_path())
+    out = _output_folder(args, _checkpoint_bytes(empty_model(source.config, torch.float32), config))
     calibration = None
     if args.calibration != "none":
         calibration = calibration_tokens(tokenizer, args.calib_samples, args.calib_len, source=args.calibration)
+    codes = ", error-feedback codes" if args.codes == "gptq" else ""
     print(f"quantizing {source.description} to {args.bits} bits (block {args.block_size}, {args.steps} steps, "
-          f"{'activation-aware' if calibration is not None else 'data-free'}) on {device}")
+          f"{'activation-aware' if calibration is not None else 'data-free'}{codes}) on {device}")
     if device.type == "cpu":
         print(_cpu_time_hint(source, config, calibration))
     start = time.perf_counter()
@@ -174,6 +219,7 @@ def _print_losses(losses: list[float]) -> None:
 
 def cmd_finetune(args) -> None:
     from . import LoRDSConfig, quantize, save
+    from .atomic import check_destination
     from .linear import LoRDSLinear
     from .peft import mark_trainable, save_adapter
 
@@ -181,6 +227,8 @@ def cmd_finetune(args) -> None:
         raise ValueError("--fsdp applies to the lords method; HD-PiSSA keeps whole weights and its own slices on "
                          "every device")
     out = _output_folder(args)
+    if args.save_model:
+        check_destination(args.save_model, args.overwrite)
     device, main_process = _init_distributed(_device(args.device))
     model, tokenizer, path = _load(args.model, device)
     if args.method == "hd-pissa":
@@ -237,6 +285,7 @@ def cmd_qat(args) -> None:
     device, main_process = _init_distributed(_device(args.device))
     model, tokenizer, path = _load(args.model, device)
     config = LoRDSConfig(bits=args.bits, block_size=args.block_size, codebook=args.codebook, steps=args.ptq_steps)
+    _output_folder(args, _checkpoint_bytes(model, config))
     calibration = calibration_tokens(tokenizer, args.calib_samples, args.calib_len)
     print(f"QAT of {path} at {args.bits} bits: LoRDS PTQ start ({args.ptq_steps} steps), {args.scale_steps} "
           f"scales-only steps, then {args.steps} steps of weights and scales (scale lr x{args.scale_lr_multiplier})")
@@ -271,6 +320,8 @@ def cmd_generate(args) -> None:
 
     from .linear import dense_weights
 
+    if not args.prompt.strip():
+        raise ValueError("the prompt is empty")
     model, tokenizer, _ = _load(args.model, _device(args.device))
     if tokenizer.chat_template and not args.no_chat_template:
         messages = [{"role": "user", "content": args.prompt}]
@@ -313,7 +364,7 @@ def cmd_compare(args) -> None:
     score = partial(perplexity, token_ids=heldout, seq_len=args.seq_len, progress=False)
     rows = run_comparison(
         model, score, calibration, tuple(args.bits), args.block_size, args.steps, args.lr, tuple(args.methods), device,
-        codebooks=tuple(args.codebooks),
+        codebooks=tuple(args.codebooks), refit_rounds=args.refit_rounds,
     )
     table = format_rows(rows)
     print(table)
@@ -346,7 +397,7 @@ def cmd_compare(args) -> None:
 def _save_model(model, tokenizer, out: Path, overwrite: bool) -> None:
     """A lords checkpoint when the model holds LoRDSLinear layers, a plain transformers folder otherwise."""
     from . import save
-    from .checkpoint import write_folder
+    from .atomic import write_folder
     from .linear import LoRDSLinear
 
     if any(isinstance(module, LoRDSLinear) for module in model.modules()):
@@ -376,13 +427,17 @@ def cmd_skill_extract(args) -> None:
 
 
 def cmd_skill_apply(args) -> None:
-    from .skills import apply_skill, load_skill
+    from .skills import apply_skill, check_skill_fits, load_skill
 
     out = _output_folder(args)
-    model, tokenizer, path = _load(args.model, _device(args.device))
     deltas, provenance = load_skill(args.skill)
-    errors = apply_skill(model, deltas, args.scale, args.refit_steps)
+    model, tokenizer, path = _load(args.model, _device(args.device))
+    untouched = check_skill_fits(model, deltas, args.allow_subset)
+    errors = apply_skill(model, deltas, args.scale, args.refit_steps, subset=args.allow_subset)
     print(f"applied {args.skill} (from {provenance.get('tuned')}) at scale {args.scale} to {path}")
+    if untouched:
+        print(f"--allow-subset: the skill covers {len(deltas)} parameters; {len(untouched)} were left as they "
+              f"were: {', '.join(untouched)}")
     if errors:
         before = sum(e[0] for e in errors.values()) / len(errors)
         after = sum(e[1] for e in errors.values()) / len(errors)
@@ -478,6 +533,7 @@ CPU (README). Each command's --help lists its options with their defaults."""
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lords", description="Low-Rank Decomposed Scaling quantization",
                                      epilog=FIRST_RUN, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, help="run `lords COMMAND --help` for its options")
 
     def command(name, help_text, parent=sub):
@@ -486,31 +542,36 @@ def build_parser() -> argparse.ArgumentParser:
     def common(p, model_help="model folder (default: the packaged default model, SmolLM2-135M)"):
         p.add_argument("model", nargs="?", default=None, help=model_help)
         p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-        p.add_argument("--seq-len", type=int, default=512, help="perplexity window length in tokens")
-        p.add_argument("--max-tokens", type=int, default=40_000,
+        p.add_argument("--seq-len", type=positive_int, default=512, help="perplexity window length in tokens")
+        p.add_argument("--max-tokens", type=positive_int, default=40_000,
                        help="held-out tokens for perplexity, at most (the packaged held-out text has 20,352)")
 
     def task_argument(p, help_text):
         p.add_argument("--task", default=None, help=help_text)
 
     def calibration_size(p):
-        p.add_argument("--calib-samples", type=int, default=64,
+        p.add_argument("--calib-samples", type=positive_int, default=64,
                        help="calibration sequences (the statistics cost about one forward over them)")
-        p.add_argument("--calib-len", type=int, default=512, help="tokens per calibration sequence")
+        p.add_argument("--calib-len", type=positive_int, default=512, help="tokens per calibration sequence")
 
     q = command("quantize", "quantize a model with LoRDS and save a checkpoint folder")
     common(q)
     q.add_argument("--bits", type=int, choices=(2, 3, 4), default=4, help="bits per code")
-    q.add_argument("--block-size", type=int, default=64,
+    q.add_argument("--block-size", type=positive_int, default=64,
                    help="block size whose scale count sets the parity rank (as many scale values as block-wise)")
-    q.add_argument("--rank", type=int, default=None, help="explicit rank of B, A (default: the parity rank)")
+    q.add_argument("--rank", type=positive_int, default=None, help="explicit rank of B, A (default: the parity rank)")
     q.add_argument("--codebook", choices=("nf", "int"), default="nf",
                    help="code levels: NormalFloat, or symmetric integers (faster GPU kernels, higher error)")
-    q.add_argument("--steps", type=int, default=500,
+    q.add_argument("--steps", type=non_negative_int, default=500,
                    help="refinement steps (0: SVD init only); each costs about 0.6 s for the default model on a "
                         "2-core CPU, milliseconds on a GPU")
-    q.add_argument("--lr", type=float, default=0.1, help="Adam step relative to the scales' RMS")
+    q.add_argument("--lr", type=positive_float, default=0.1, help="Adam step relative to the scales' RMS")
     q.add_argument("--exact-init", action="store_true", help="init from block scales of width in/rank")
+    q.add_argument("--codes", choices=("nearest", "gptq"), default="nearest",
+                   help="code assignment: nearest level, or GPTQ's error feedback on the calibration inputs, block by "
+                        "block on the quantized blocks' outputs (lower output error; needs calibration)")
+    q.add_argument("--refit-rounds", type=non_negative_int, default=0,
+                   help="--codes gptq: rounds of refitting B, A to the codes and assigning codes again")
     q.add_argument("--skip", nargs="*", help="module name patterns to leave unquantized (fnmatch, e.g. '*.down_proj')")
     q.add_argument("--calibration", default="default",
                    help="'default' (packaged text), 'none' (data-free) or a .txt file")
@@ -532,9 +593,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     def training(p, steps, lr):
-        p.add_argument("--steps", type=int, default=steps, help="training steps")
-        p.add_argument("--lr", type=float, default=lr, help="AdamW learning rate")
-        p.add_argument("--batch-size", type=int, default=4, help="global batch (split over torchrun processes)")
+        p.add_argument("--steps", type=positive_int, default=steps, help="training steps")
+        p.add_argument("--lr", type=positive_float, default=lr, help="AdamW learning rate")
+        p.add_argument("--batch-size", type=positive_int, default=4, help="global batch (split over torchrun processes)")
         p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
         p.add_argument("--bf16", action="store_true", help="bf16 autocast (mixed precision)")
         p.add_argument("--fsdp", action="store_true",
@@ -549,12 +610,12 @@ def build_parser() -> argparse.ArgumentParser:
     common(f, "lords checkpoint or dense model folder (default: the packaged default model)")
     training(f, 200, 1e-4)
     f.add_argument("--method", choices=("lords", "hd-pissa"), default="lords", help="what to train")
-    f.add_argument("--rank", type=int, default=8, help="hd-pissa: rank of each slice")
-    f.add_argument("--slices", type=int, default=None, help="hd-pissa without torchrun: virtual slices K")
+    f.add_argument("--rank", type=positive_int, default=8, help="hd-pissa: rank of each slice")
+    f.add_argument("--slices", type=positive_int, default=None, help="hd-pissa without torchrun: virtual slices K")
     f.add_argument("--parts", nargs="+", choices=("scale_b", "scale_a"), default=["scale_b", "scale_a"],
                    help="lords: which scales to train")
     f.add_argument("--bits", type=int, choices=(2, 3, 4), default=4, help="for a dense model: quantize to this")
-    f.add_argument("--quantize-steps", type=int, default=100, help="for a dense model: refinement steps")
+    f.add_argument("--quantize-steps", type=non_negative_int, default=100, help="for a dense model: refinement steps")
     f.add_argument("--out", required=True, help="adapter folder (hd-pissa: the dense model folder)")
     f.add_argument("--save-model", default=None, help="also save the whole adapted model to this folder")
     f.set_defaults(func=cmd_finetune)
@@ -563,11 +624,11 @@ def build_parser() -> argparse.ArgumentParser:
     common(t)
     training(t, 200, 2e-5)
     t.add_argument("--bits", type=int, choices=(2, 3, 4), default=4, help="bits per code")
-    t.add_argument("--block-size", type=int, default=64, help="block size that sets the parity rank")
+    t.add_argument("--block-size", type=positive_int, default=64, help="block size that sets the parity rank")
     t.add_argument("--codebook", choices=("nf", "int"), default="nf", help="code levels: NormalFloat or integers")
-    t.add_argument("--ptq-steps", type=int, default=100, help="LoRDS PTQ refinement steps for the starting scales")
-    t.add_argument("--scale-steps", type=int, default=0, help="scales-only steps before weights join")
-    t.add_argument("--scale-lr-multiplier", type=float, default=4.0, help="the scales' learning rate over --lr")
+    t.add_argument("--ptq-steps", type=non_negative_int, default=100, help="LoRDS PTQ refinement steps for the starting scales")
+    t.add_argument("--scale-steps", type=non_negative_int, default=0, help="scales-only steps before weights join")
+    t.add_argument("--scale-lr-multiplier", type=positive_float, default=4.0, help="the scales' learning rate over --lr")
     calibration_size(t)
     t.add_argument("--out", required=True, help="output checkpoint folder")
     t.set_defaults(func=cmd_qat)
@@ -576,7 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("model", help="model or checkpoint folder")
     g.add_argument("prompt", help="the prompt (wrapped in the checkpoint's chat template when it has one)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    g.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate")
+    g.add_argument("--max-new-tokens", type=positive_int, default=40, help="tokens to generate")
     g.add_argument("--no-chat-template", action="store_true", help="send the prompt as is, without the chat template")
     g.set_defaults(func=cmd_generate)
 
@@ -591,10 +652,12 @@ def build_parser() -> argparse.ArgumentParser:
     a = command("apply", "target + scale * v; LoRDS targets are re-fitted", skill_sub)
     common(a, "target model or lords checkpoint folder")
     a.add_argument("skill", help="skill file")
-    a.add_argument("--scale", type=float, default=1.0, help="lambda")
-    a.add_argument("--refit-steps", type=int, default=100, help="LoRDS targets: refinement steps of the re-fit")
+    a.add_argument("--scale", type=finite_float, default=1.0, help="lambda")
+    a.add_argument("--refit-steps", type=non_negative_int, default=100, help="LoRDS targets: refinement steps of the re-fit")
     a.add_argument("--out", required=True, help="output model folder")
     a.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    a.add_argument("--allow-subset", action="store_true",
+                   help="apply a skill that covers only some of the model's parameters (they are listed)")
     a.add_argument("--eval", action="store_true", help="held-out perplexity after applying")
     a.set_defaults(func=cmd_skill_apply)
     n = command("analyze", "block-wise cosine similarity of two skill vectors (and a control pair)", skill_sub)
@@ -605,17 +668,18 @@ def build_parser() -> argparse.ArgumentParser:
     w = command("sweep", "held-out perplexity of target + scale * v for several scales", skill_sub)
     common(w, "target model or lords checkpoint folder")
     w.add_argument("skill", help="skill file")
-    w.add_argument("--scales", type=float, nargs="+", default=[0.0, 0.5, 1.0, 1.5], help="the lambdas to try")
-    w.add_argument("--refit-steps", type=int, default=100, help="LoRDS targets: refinement steps of each re-fit")
+    w.add_argument("--scales", type=finite_float, nargs="+", default=[0.0, 0.5, 1.0, 1.5], help="the lambdas to try")
+    w.add_argument("--refit-steps", type=non_negative_int, default=100, help="LoRDS targets: refinement steps of each re-fit")
     w.set_defaults(func=cmd_skill_sweep)
 
     c = command("compare", "PTQ comparison table (LoRDS vs NF-k, HQQ, refined block-wise)")
     common(c)
-    c.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2], help="bit widths to compare")
-    c.add_argument("--block-size", type=int, default=64, help="block size of every method (and the parity rank)")
-    c.add_argument("--steps", type=int, default=500, help="refinement steps of the refined methods")
-    c.add_argument("--lr", type=float, default=0.1, help="refinement Adam step relative to the scales' RMS")
-    c.add_argument("--methods", nargs="+", help="rows of the table",
+    c.add_argument("--bits", type=int, choices=(2, 3, 4), nargs="+", default=[4, 3, 2], help="bit widths to compare")
+    c.add_argument("--block-size", type=positive_int, default=64, help="block size of every method (and the parity rank)")
+    c.add_argument("--steps", type=non_negative_int, default=500, help="refinement steps of the refined methods")
+    c.add_argument("--lr", type=positive_float, default=0.1, help="refinement Adam step relative to the scales' RMS")
+    c.add_argument("--refit-rounds", type=non_negative_int, default=0, help="lords-gptq: refit rounds (lords quantize's)")
+    c.add_argument("--methods", nargs="+", help="rows of the table (also: lords-gptq, gptq-g64, gptq-g128)",
                    default=["nf-rtn", "hqq", "lords-init", "lords", "lords-aware", "nf-refined-aware"])
     c.add_argument("--codebooks", nargs="+", choices=("nf", "int"), default=["nf"],
                    help="codebooks the LoRDS methods run with (the block-wise baselines use NF)")
@@ -625,12 +689,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_error(error: BaseException) -> bool:
+    """A bad argument or file, or an OS error (full or read-only disk): a one-line message, not a traceback."""
+    from safetensors import SafetensorError
+
+    return isinstance(error, (ValueError, OSError, SafetensorError))
+
+
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileExistsError, FileNotFoundError) as error:
-        raise SystemExit(f"error: {error}") from None
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted") from None  # exit code 1; what was being written was removed
+    except Exception as error:
+        if args.debug or not _user_error(error):
+            raise
+        raise SystemExit(f"error: {' '.join(str(error).split())}") from None
+    except BaseException as error:
+        if type(error).__name__ != "Terminated":  # lords.atomic's SIGTERM
+            raise
+        raise SystemExit(f"error: {error}; nothing was left half-written") from None
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from .codebooks import CODEBOOK_KINDS, check_bits
 
 SCALE_DTYPES = ("bfloat16", "float16", "float32")
+CODE_ASSIGNMENTS = ("nearest", "gptq")
 
 
 @dataclass
@@ -18,6 +19,10 @@ class LoRDSConfig:
     lr: float = 0.1  # Adam step relative to each scale tensor's initial RMS
     exact_init: bool = False  # absmax over in_features/rank blocks so that B A equals S_blk exactly
     scale_dtype: str = "bfloat16"  # storage dtype of B and A; bits per weight are counted with it
+    # "nearest": each code the nearest level of W / S; "gptq": error-feedback codes that minimise the output error on
+    # the calibration inputs, block by block on the outputs of the blocks already quantized (lords.gptq)
+    codes: str = "nearest"
+    refit_rounds: int = 0  # codes="gptq": rounds of refitting B, A to the full E[x x^T] and assigning codes again
     # fnmatch patterns on module names relative to the model; linears inside the decoder blocks by default
     targets: list[str] = field(default_factory=lambda: ["*"])
     skip: list[str] = field(default_factory=list)
@@ -42,8 +47,15 @@ class LoRDSConfig:
             raise ValueError(f"lr must be positive, got {self.lr!r}")
         if self.scale_dtype not in SCALE_DTYPES:
             raise ValueError(f"scale_dtype must be one of {SCALE_DTYPES}, got {self.scale_dtype!r}")
+        if self.codes not in CODE_ASSIGNMENTS:
+            raise ValueError(f"codes must be one of {CODE_ASSIGNMENTS}, got {self.codes!r}")
+        if not isinstance(self.refit_rounds, int) or self.refit_rounds < 0:
+            raise ValueError(f"refit_rounds must be a non-negative integer, got {self.refit_rounds!r}")
         allowed = {f.name for f in fields(self)} - {"targets", "skip", "overrides"}
         for pattern, values in self.overrides.items():
+            # codes decides how the whole model is walked: on the dense model's statistics or the quantized one's
+            if "codes" in values:
+                raise ValueError(f"override {pattern!r} sets codes, which applies to the whole model only")
             unknown = set(values) - allowed
             if unknown:
                 raise ValueError(f"override {pattern!r} sets unknown field(s) {sorted(unknown)}")

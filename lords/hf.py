@@ -18,13 +18,15 @@ validate_environment, param_needs_quantization, _process_model_before_weight_loa
 _process_model_after_weight_loading, is_serializable, is_trainable, is_qat_trainable and is_compileable.
 """
 
+import warnings
+
 import torch
 from torch import nn
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from . import __version__
+from . import __version__, integrity
 from .codebooks import CODEBOOK_KINDS, check_bits
 from .config import SCALE_DTYPES, LoRDSConfig
 from .experts import PROJECTIONS, LoRDSExperts, LoRDSExpertWeights, is_stacked_experts
@@ -41,11 +43,17 @@ def check_layer_entry(name: str, entry: dict) -> None:
     if not isinstance(entry, dict) or set(entry) - {"experts"} != set(LAYER_FIELDS):
         raise ValueError(f"quantization_config layer {name}: expected the fields {list(LAYER_FIELDS)} (and "
                          f"'experts' for a stack of experts), got {entry!r}")
-    if "experts" in entry and (not isinstance(entry["experts"], int) or entry["experts"] < 1):
+    if "experts" in entry and (not isinstance(entry["experts"], int) or isinstance(entry["experts"], bool)
+                               or entry["experts"] < 1):
         raise ValueError(f"quantization_config layer {name}: experts must be a positive integer, "
                          f"got {entry['experts']!r}")
-    check_bits(entry["bits"])
-    if not isinstance(entry["rank"], int) or entry["rank"] < 1:
+    if not isinstance(entry["bits"], int) or isinstance(entry["bits"], bool):
+        raise ValueError(f"quantization_config layer {name}: bits must be an integer, got {entry['bits']!r}")
+    try:
+        check_bits(entry["bits"])
+    except ValueError as error:
+        raise ValueError(f"quantization_config layer {name}: {error}") from None
+    if not isinstance(entry["rank"], int) or isinstance(entry["rank"], bool) or entry["rank"] < 1:
         raise ValueError(f"quantization_config layer {name}: rank must be a positive integer, got {entry['rank']!r}")
     if entry["codebook"] not in CODEBOOK_KINDS:
         raise ValueError(f"quantization_config layer {name}: codebook must be one of {CODEBOOK_KINDS}, "
@@ -73,6 +81,10 @@ class LoRDSQuantizationConfig(QuantizationConfigMixin):
                              "install the lords that wrote it, or quantize the model again")
         if quant_method != QUANT_METHOD:
             raise ValueError(f"quant_method must be {QUANT_METHOD!r}, got {quant_method!r}")
+        if not isinstance(layers, dict) or not layers:
+            raise ValueError(f"quantization_config: layers must map layer names to their fields, got {layers!r:.80}")
+        if quantization is not None and not isinstance(quantization, dict):
+            raise ValueError(f"quantization_config: quantization must be a dict or null, got {quantization!r:.80}")
         for name, entry in layers.items():
             check_layer_entry(name, entry)
         if quantization is not None:
@@ -145,6 +157,20 @@ def replace_experts(model: nn.Module, layers: dict[str, dict]) -> None:
         model.set_submodule(parent, LoRDSExperts(original, **projections))
 
 
+def check_files_hold_layers(files, layers: dict[str, dict]) -> None:
+    """The files must store exactly the quantization_config's layers as LoRDS layers: a LoRDS layer the config does
+    not name would become an nn.Linear that transformers random-initialises."""
+    stored = set()
+    for path in files:
+        if str(path).endswith(".safetensors"):
+            _, header, _ = integrity.read_header(path)
+            stored |= {name.removesuffix(".scale_b") for name in header if name.endswith(".scale_b")}
+    unlisted = sorted(stored - set(layers))
+    if unlisted:
+        raise ValueError(f"the checkpoint stores LoRDS layers its quantization_config does not name "
+                         f"({len(unlisted)}, e.g. {unlisted[:3]}); config.json does not match the weights")
+
+
 class LoRDSHfQuantizer(HfQuantizer):
     """Loads pre-quantized lords checkpoints (quantizing happens in lords.quantize, with calibration data)."""
 
@@ -155,9 +181,18 @@ class LoRDSHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, **kwargs):
         replace_linears(model, self.quantization_config.layers)
+        files = kwargs.get("checkpoint_files") or []
+        check_files_hold_layers(files, self.quantization_config.layers)
+        self.verification = None
+        if integrity.verification_enabled():
+            if not files:
+                warnings.warn("transformers did not name the checkpoint files: their digests are not verified")
+            self.verification = integrity.BackgroundVerification(files)  # overlaps transformers' reads
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        if getattr(self, "verification", None) is not None:
+            self.verification.result()
         # transformers only warns about a missing tensor and leaves it uninitialised; a quantized layer without its
         # codes or scales would run on garbage, so it is an error here.
         for name, module in model.named_modules():

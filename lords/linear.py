@@ -10,7 +10,7 @@ from torch import nn
 
 from .codebooks import check_bits, get_codebook
 from .factorize import LoRDSFactors, bits_per_weight
-from .packing import pack_codes, row_bytes, unpack_codes
+from .packing import pack_codes, row_bytes, unpack_codes, unpack_levels
 
 # "auto": "triton" for CUDA inputs when Triton is installed, "torch" otherwise.
 # "torch": the reference, dequantize in torch + matmul. "triton": lords.kernels.lords_matmul, which picks the decode,
@@ -25,13 +25,13 @@ _TRITON = importlib.util.find_spec("triton") is not None
 
 def _levels(codes, codebook, bits: int, scale_b, scale_a) -> torch.Tensor:
     """C[codes], the (n, m) float32 levels of the packed codes."""
-    return codebook.float()[unpack_codes(codes, bits, (scale_b.shape[0], scale_a.shape[1])).long()]
+    return unpack_levels(codes, bits, (scale_b.shape[0], scale_a.shape[1]), codebook)
 
 
 def reference_weight(codes, codebook, scale_b, scale_a, bits: int, dtype: torch.dtype) -> torch.Tensor:
     """The dense weight (B A) * C[codes] in torch, the reference for the kernels; scales multiply in float32 before
     the cast."""
-    return ((scale_b.float() @ scale_a.float()) * _levels(codes, codebook, bits, scale_b, scale_a)).to(dtype)
+    return (scale_b.float() @ scale_a.float()).mul_(_levels(codes, codebook, bits, scale_b, scale_a)).to(dtype)
 
 
 def _scale_grads_torch(grad_out, x, codes, codebook, scale_b, scale_a, bits):
@@ -96,6 +96,8 @@ def lords_forward(x, codes, codebook, scale_b, scale_a, bits: int, bias, backend
     # The single dispatch point between the torch reference and the Triton kernels, forward and backward.
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if not x.is_floating_point():  # the weight would be cast to the input's dtype: integers give zeros
+        raise TypeError(f"LoRDSLinear takes floating inputs, got {x.dtype}")
     path = backend if backend != "auto" else "triton" if x.is_cuda and _TRITON else "torch"
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or scale_b.requires_grad or scale_a.requires_grad or (bias is not None and bias.requires_grad))

@@ -1,6 +1,7 @@
 """Walk a Hugging Face causal LM, gather calibration statistics block by block, and replace linears."""
 
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from .experts import (
     router_names, shrink_moments,
 )
 from .factorize import LoRDSFactors, check_weight, lords_quantize, parity_rank, reconstruct, relative_error
+from .gptq import lords_gptq_quantize
 from .hf import mark_quantized
 from .linear import LoRDSLinear
 
@@ -92,49 +94,70 @@ def block_output(block: nn.Module, args, kwargs) -> torch.Tensor:
 
 
 @contextmanager
-def recording_channel_moments(
-    linears: list[nn.Module], expert_groups: list[list[nn.Module]] = ()
-) -> Iterator[dict[nn.Module, torch.Tensor]]:
-    """While open, record h_k = E[x_k^2] of each linear's input over the forwards run; the dict yielded holds them
-    (float32, on the CPU) once the block closes. Linears fed the same tensor (q, k, v; gate, up) share one
-    reduction, and the reduction allocates nothing of the activations' size, so the forward costs about what it
-    costs without hooks. expert_groups (lords.experts.expert_list_groups): the same linear of every expert of an
-    expert list, whose moments are shrunk toward their pooled moments (lords.experts.shrink_moments)."""
+def _recording_inputs(linears: list[nn.Module], reduce: Callable, empty: Callable,
+                      expert_groups: list[list[nn.Module]] = ()):
+    """While open, sum reduce(x) over the (tokens, in_features) inputs x of each linear over the forwards run; the
+    dict yielded holds each sum divided by the tokens seen (float32, on the CPU) once the block closes. Linears fed
+    the same tensor (q, k, v; gate, up) share one reduction. empty(in_features): the sum when nothing ran.
+    expert_groups (lords.experts.expert_list_groups): the same linear of every expert of an expert list, whose means
+    are shrunk toward their pooled mean (lords.experts.shrink_moments)."""
     sums = {layer: 0.0 for layer in linears}
     counts = dict.fromkeys(linears, 0)
-    last = [None, None, 0]  # the input tensor seen last, its column sums of squares (float64) and its rows
+    last = [None, None, 0]  # the input tensor seen last, its reduction (float64) and its rows
 
     def hook(layer, args):
         x = args[0]
         if last[0] is not x:
             flat = x.reshape(-1, x.shape[-1])
-            last[:] = x, torch.linalg.vector_norm(flat, dim=0, dtype=torch.float32).double().pow(2), flat.shape[0]
+            last[:] = x, reduce(flat).double(), flat.shape[0]
         sums[layer] = sums[layer] + last[1]
         counts[layer] += last[2]
 
     handles = [layer.register_forward_pre_hook(hook) for layer in set(linears)]
-    moments: dict[nn.Module, torch.Tensor] = {}
+    means: dict[nn.Module, torch.Tensor] = {}
     try:
-        yield moments
+        yield means
     finally:
         for handle in handles:
             handle.remove()
         last.clear()
     for layer in linears:
-        total = sums[layer] if counts[layer] else torch.zeros(layer.in_features, dtype=torch.float64)
-        moments[layer] = (total / max(counts[layer], 1)).float().cpu()
+        total = sums[layer] if counts[layer] else empty(layer.in_features)
+        means[layer] = (total / max(counts[layer], 1)).float().cpu()
     for group in expert_groups:
         recorded = [layer for layer in group if layer in counts]
         if recorded:
-            shrunk = shrink_moments(torch.stack([moments[layer].double() * counts[layer] for layer in recorded]),
+            shrunk = shrink_moments(torch.stack([means[layer].double() * counts[layer] for layer in recorded]),
                                     torch.tensor([counts[layer] for layer in recorded]))
-            moments.update(zip(recorded, shrunk))
+            means.update(zip(recorded, shrunk))
+
+
+def recording_channel_moments(linears: list[nn.Module], expert_groups: list[list[nn.Module]] = ()):
+    """While open, record h_k = E[x_k^2] of each linear's input over the forwards run (the activation-aware column
+    weights); the reduction allocates nothing of the activations' size, so the forward costs about what it costs
+    without hooks. expert_groups: as _recording_inputs'."""
+    return _recording_inputs(
+        linears, lambda flat: torch.linalg.vector_norm(flat, dim=0, dtype=torch.float32).double().pow(2),
+        lambda features: torch.zeros(features, dtype=torch.float64), expert_groups,
+    )
+
+
+def recording_input_hessians(linears: list[nn.Module]):
+    """While open, record H = E[x x^T] (in_features^2) of each linear's input: the output error's Hessian, which
+    error-feedback codes (lords.gptq) minimise. Its diagonal is recording_channel_moments' h."""
+    return _recording_inputs(
+        linears, lambda flat: flat.float().T @ flat.float(),
+        lambda features: torch.zeros(features, features, dtype=torch.float64),
+    )
 
 
 @torch.no_grad()
-def channel_second_moments(block: nn.Module, linears: list[nn.Linear], inputs) -> dict[nn.Module, torch.Tensor]:
-    """h_k = E[x_k^2] of each linear's input over the calibration tokens (the activation-aware column weights)."""
-    with recording_channel_moments(linears, expert_list_groups(block)) as moments:
+def channel_second_moments(block: nn.Module, linears: list[nn.Linear], inputs,
+                           recorder: Callable | None = None) -> dict[nn.Module, torch.Tensor]:
+    """The recorder's statistic of each linear's input over the calibration batches (default: E[x^2], with the
+    block's expert lists shrunk toward their pooled moments)."""
+    recording = recorder(linears) if recorder else recording_channel_moments(linears, expert_list_groups(block))
+    with recording as moments:
         for args, kwargs in inputs:
             block_output(block, args, kwargs)
     return moments
@@ -157,7 +180,8 @@ def lords_linear_group(
     names, linears, config, channel_weights, device, progress=None
 ) -> list[tuple[LoRDSLinear, LayerReport]]:
     """Quantize same-shaped linears sharing one config together (one batched refinement) into LoRDSLinear;
-    progress(layers) after every refinement step (lords.factorize.refine_scales)."""
+    progress(layers) after every refinement step (lords.factorize.refine_scales). channel_weights: E[x^2] of each
+    layer's input (in,), or with codes="gptq" E[x x^T] (in, in), whose diagonal weighs the refinement."""
     start = time.perf_counter()
     for name, layer in zip(names, linears):
         check_weight(layer.weight, name)
@@ -168,12 +192,24 @@ def lords_linear_group(
     out_features, in_features = weight.shape[-2:]
     rank = layer_rank(config, out_features, in_features)
     codebook = get_codebook(config.codebook, config.bits).to(device)
-    factors = lords_quantize(
-        weight, codebook, config.block_size, rank, config.steps, config.lr, channels, config.exact_init,
-        getattr(torch, config.scale_dtype), config.seed, progress,
-    )
+    scale_dtype = getattr(torch, config.scale_dtype)
+    if config.codes == "gptq":
+        factors = lords_gptq_quantize(
+            weight, codebook, config.block_size, rank, channels, config.steps, config.lr, config.refit_rounds,
+            config.exact_init, scale_dtype, config.seed, progress,
+        )
+    else:
+        factors = lords_quantize(
+            weight, codebook, config.block_size, rank, config.steps, config.lr, channels, config.exact_init,
+            scale_dtype, config.seed, progress,
+        )
     approx = reconstruct(factors.scale_b.float() @ factors.scale_a.float(), factors.codes, codebook)
     weight_error = relative_error(weight, approx)
+    for i, name in enumerate(names):
+        if not torch.isfinite(approx[i]).all():  # finite weights whose scales overflow scale_dtype
+            raise ValueError(f"quantizing {name} gave NaN or Inf values (its largest weight is "
+                             f"{weight[i].abs().max().item():.3g}; scale_dtype {config.scale_dtype} cannot hold its "
+                             "scales)")
     seconds = (time.perf_counter() - start) / len(linears)
     results = []
     for i, (name, layer) in enumerate(zip(names, linears)):
@@ -279,11 +315,12 @@ def quantize_targets(
     max_batch_numel weights: on a GPU one step over a stack costs little more than over one small layer.
     stats: E[x^2] of each target's input by name (activation-aware), or None (data-free).
     """
+    check_targets(targets)  # before any layer is replaced: the caller's model is never left half-quantized
     groups: dict[tuple, list[tuple[str, nn.Linear]]] = {}
     for name, layer in targets:
         key = (tuple(layer.weight.shape), repr(config.for_module(name).to_dict()))
         groups.setdefault(key, []).append((name, layer))
-    reports = []
+    reports, modules = [], {}
     for members in groups.values():
         per_stack = max(1, max_batch_numel // members[0][1].weight.numel())
         for first in range(0, len(members), per_stack):
@@ -292,13 +329,38 @@ def quantize_targets(
             channel_weights = None if stats is None else [stats[name] for name in names]
             group_config = config.for_module(names[0])
             for name, (module, report) in zip(names, quantize_group(names, linears, group_config, channel_weights)):
-                set_submodule(model, name, module)
+                modules[name] = module
                 reports.append(report)
             if bar is not None:
                 bar.update(len(names))
                 bar.set_postfix(error=f"{sum(r.error for r in reports) / len(reports):.4f}")
+    for name, module in modules.items():  # all layers quantized: only now is the model changed
+        set_submodule(model, name, module)
     order = {name: index for index, (name, _) in enumerate(targets)}
-    return sorted(reports, key=lambda report: order[report.name])
+    reports = sorted(reports, key=lambda report: order[report.name])
+    warn_outliers(reports)
+    return reports
+
+
+def check_targets(targets: list[tuple[str, nn.Linear]]) -> None:
+    for name, layer in targets:
+        check_weight(layer.weight, name)
+
+
+OUTLIER_RATIO = 3.0  # a layer's weight error this many times its peers' median is worth a look
+
+
+def warn_outliers(reports: list[LayerReport]) -> None:
+    """Warn about layers whose weight error is far above the median of the layers quantized with them."""
+    errors = sorted(report.weight_error for report in reports)
+    if len(errors) < 4:
+        return
+    median = errors[len(errors) // 2]
+    for report in reports:
+        if report.weight_error > OUTLIER_RATIO * median:
+            warnings.warn(f"{report.name}: relative weight error {report.weight_error:.4f} is "
+                          f"{report.weight_error / median:.1f}x the median of the other layers ({median:.4f})",
+                          stacklevel=3)
 
 
 def walk_blocks(
@@ -317,10 +379,15 @@ def walk_blocks(
     (lords.experts.quantize_experts: quantize_group's per-expert modules become one projection by stack_experts).
 
     With calibration token ids (N, L), channel_weights are E[x^2] of each linear's input (activation-aware), and of
-    each expert's input over the tokens routed to it.
+    each expert's input over the tokens routed to it; with config.codes == "gptq", E[x x^T] measured block by block
+    on the quantized model (walk_blocks_with_feedback), which does not handle stacked experts yet.
     """
+    if config.codes == "gptq":
+        return walk_blocks_with_feedback(model, config, quantize_group, calibration, batch_size=batch_size,
+                                         max_batch_numel=max_batch_numel, progress=progress)
     targets = model_targets(model, config)
     experts = model_experts(model, config)
+    check_targets(targets)  # before minutes of calibration
     stats = None if calibration is None else collect_channel_weights(
         model, targets, calibration, batch_size, progress, experts)
     matrices = sum(module.gate_up_proj.shape[0] + module.down_proj.shape[0] for _, module in experts)
@@ -328,6 +395,52 @@ def walk_blocks(
         reports = quantize_targets(model, targets, config, quantize_group, stats, max_batch_numel, bar)
         return reports + quantize_experts(model, experts, config, quantize_group, stack_experts, stats,
                                           max_batch_numel, bar)
+
+
+def check_feedback_calibration(config: LoRDSConfig, calibration: torch.Tensor | None) -> None:
+    if calibration is None:
+        raise ValueError(f"codes={config.codes!r} needs calibration data: it minimises the error of the layers' "
+                         "outputs on calibration inputs")
+    check_calibration(calibration)
+
+
+def check_feedback_experts(model: nn.Module, config: LoRDSConfig) -> None:
+    """The error-feedback walk quantizes linears only: a targeted MoE experts module is refused, never left dense."""
+    experts = model_experts(model, config)
+    if experts:
+        raise ValueError(f"codes={config.codes!r} does not quantize mixture-of-experts experts yet ({experts[0][0]}); "
+                         "use codes='nearest', or skip the experts")
+
+
+@torch.no_grad()
+def walk_blocks_with_feedback(
+    model: nn.Module,
+    config: LoRDSConfig,
+    quantize_group: Callable,
+    calibration: torch.Tensor | None,
+    *,
+    batch_size: int = 8,
+    max_batch_numel: int = 2**27,
+    progress: bool = True,
+) -> list[LayerReport]:
+    """GPTQ's walk: block by block, E[x x^T] of each target's input is measured on the outputs of the blocks already
+    quantized, the block's targets are quantized with it (channel_weights of quantize_group), and the quantized block
+    makes the next block's inputs. Each block's error then becomes an input that the next blocks correct for.
+    Same-shaped targets share stacks within a block only."""
+    check_feedback_calibration(config, calibration)
+    check_feedback_experts(model, config)
+    prefix, blocks = find_blocks(model)
+    inputs = capture_block_inputs(model, blocks[0], calibration, batch_size)
+    targets = model_targets(model, config)
+    reports = []
+    with tqdm(total=len(targets), desc="quantizing blocks (feedback)", disable=not progress) as bar:
+        for index, block in enumerate(blocks):
+            own = block_targets(block, f"{prefix}.{index}", config)
+            hessians = channel_second_moments(block, [layer for _, layer in own], inputs, recording_input_hessians)
+            stats = {name: hessians[layer] for name, layer in own}
+            reports += quantize_targets(model, own, config, quantize_group, stats, max_batch_numel, bar)
+            inputs = next_inputs(block, inputs)
+    return reports
 
 
 def quantize(
@@ -342,6 +455,8 @@ def quantize(
     mixture-of-experts blocks by lords.experts.LoRDSExperts (routers stay dense), in place.
 
     calibration: token ids (N, L); when given, the refinement weighs input channels by E[x^2] (activation-aware).
+    With config.codes == "gptq" (calibration required) codes are assigned with error feedback, block by block on the
+    outputs of the blocks already quantized (walk_blocks_with_feedback).
     device: where the refinement runs (default: CUDA when present); same-shaped layers run batched.
     A transformers model is then marked quantized (lords.hf.mark_quantized), so that save_pretrained writes a
     folder from_pretrained loads.

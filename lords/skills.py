@@ -7,6 +7,7 @@ from its current scales, and the cost is reported as the relative error to the s
 """
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from . import integrity
+from .atomic import write_file
 from .factorize import LOW_RANK, assign_codes, reconstruct, refine_scales, relative_error
 from .linear import LoRDSLinear
 
@@ -52,29 +55,36 @@ def extract(base: nn.Module, tuned: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_skill(deltas: dict[str, torch.Tensor], path: str | Path, provenance: dict, overwrite: bool = False) -> Path:
-    """Write the skill file under a temporary name, then move it into place."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
+    """Write the skill file, with each tensor's digest, crash-safe (lords.atomic); an existing file is replaced only
+    with overwrite and only if it is a skill file."""
     metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "created": time.strftime("%Y-%m-%d %H:%M"),
-                "provenance": json.dumps(provenance)}
-    staging = path.with_name(f".{path.name}.tmp")
-    save_file(deltas, str(staging), metadata=metadata)
-    staging.replace(path)
-    return path
+                "provenance": json.dumps(provenance), **integrity.digest_metadata(deltas)}
+    return write_file(path, overwrite, lambda staging: save_file(deltas, str(staging), metadata=metadata),
+                      replaceable=is_skill_file)
 
 
-def load_skill(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(deltas, provenance) of a skill file; a file of another kind is refused with its name."""
+def is_skill_file(path: str | Path) -> bool:
+    try:
+        return integrity.read_header(path)[2].get("format") == FORMAT
+    except (OSError, integrity.IntegrityError):
+        return False
+
+
+def load_skill(path: str | Path, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+    """(deltas, provenance) of a skill file; a file of another kind is refused with its name. verify: check the
+    digests (lords.integrity)."""
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
             if metadata.get("format") != FORMAT or metadata.get("format_version") != str(FORMAT_VERSION):
                 raise ValueError(f"{path} is not a lords skill file of format version {FORMAT_VERSION}")
+            if verify:
+                integrity.warn_unchecked(integrity.verify_files([path]))
             deltas = {name: handle.get_tensor(name) for name in handle.keys()}
-    except (OSError, RuntimeError, SafetensorError) as error:  # a missing, truncated or foreign file
-        raise ValueError(f"cannot read skill file {path}: {error}") from None
-    return deltas, json.loads(metadata.get("provenance", "{}"))
+        provenance = json.loads(metadata.get("provenance", "{}"))
+    except (OSError, RuntimeError, SafetensorError, integrity.IntegrityError, json.JSONDecodeError) as error:
+        raise ValueError(f"cannot read skill file {path}: {error}") from None  # missing, truncated, corrupt, foreign
+    return deltas, provenance
 
 
 @torch.no_grad()
@@ -95,31 +105,59 @@ def refit(layer: LoRDSLinear, weight: torch.Tensor, steps: int = 100) -> tuple[f
     return error_start.item(), error.item()
 
 
-@torch.no_grad()
-def apply_skill(model: nn.Module, deltas: dict[str, torch.Tensor], scale: float = 1.0, refit_steps: int = 100) -> dict:
-    """theta += scale * v, in place. Dense parameters move exactly; LoRDSLinear layers are re-fitted.
+def parameter_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """The names and shapes dense_state gives, without dequantizing anything."""
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    for name, module in model.named_modules():
+        if isinstance(module, LoRDSLinear):
+            shapes.pop(f"{name}.scale_b"), shapes.pop(f"{name}.scale_a")
+            shapes[f"{name}.weight"] = (module.out_features, module.in_features)
+    return shapes
 
-    Returns {layer name: (error before re-fit, after)} for the LoRDS layers.
-    """
-    params = dict(model.named_parameters())
-    lords_layers = {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, LoRDSLinear)}
-    unknown = sorted(deltas.keys() - params.keys() - lords_layers.keys())
+
+def check_skill_fits(model: nn.Module, deltas: dict[str, torch.Tensor], subset: bool = False) -> list[str]:
+    """Refuse a skill that is not exactly the target's parameters with their shapes, or holds NaN/Inf; with subset, a
+    skill covering only some of them is accepted. Returns the target's parameters it leaves untouched."""
+    shapes = parameter_shapes(model)
+    unknown = sorted(deltas.keys() - shapes.keys())
     if unknown:
         raise ValueError(f"the skill holds {len(unknown)} parameters the model lacks (e.g. {unknown[:3]}): "
                          "it was extracted from another architecture")
+    for name, delta in deltas.items():
+        if tuple(delta.shape) != shapes[name]:
+            raise ValueError(f"skill tensor {name} is {tuple(delta.shape)}, the model's is {shapes[name]}")
+        if not delta.is_floating_point() or not torch.isfinite(delta).all():
+            raise ValueError(f"skill tensor {name} is not a finite floating tensor")
+    untouched = sorted(shapes.keys() - deltas.keys())
+    if untouched and not subset:
+        raise ValueError(f"the skill does not cover {len(untouched)} of the model's {len(shapes)} parameters (e.g. "
+                         f"{untouched[:3]}): it was extracted from another architecture; pass subset=True "
+                         "(--allow-subset) to apply it to the parameters it has")
+    return untouched
+
+
+@torch.no_grad()
+def apply_skill(model: nn.Module, deltas: dict[str, torch.Tensor], scale: float = 1.0, refit_steps: int = 100,
+                subset: bool = False) -> dict:
+    """theta += scale * v, in place. Dense parameters move exactly; LoRDSLinear layers are re-fitted. The skill must
+    cover the model exactly (check_skill_fits; subset=True accepts fewer parameters), and all of it is checked before
+    anything moves.
+
+    Returns {layer name: (error before re-fit, after)} for the LoRDS layers.
+    """
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    check_skill_fits(model, deltas, subset)
+    params = dict(model.named_parameters())
+    lords_layers = {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, LoRDSLinear)}
     errors = {}
     for name, delta in deltas.items():
         if name in lords_layers:
             layer = lords_layers[name]
-            if delta.shape != (layer.out_features, layer.in_features):
-                raise ValueError(f"skill tensor {name} is {tuple(delta.shape)}, the layer is "
-                                 f"{layer.out_features}x{layer.in_features}")
             shifted = layer.dequantize(torch.float32) + scale * delta.to(layer.codes.device)
             errors[name.removesuffix(".weight")] = refit(layer, shifted, refit_steps)
             continue
         param = params[name]
-        if delta.shape != param.shape:
-            raise ValueError(f"skill tensor {name} is {tuple(delta.shape)}, the model's is {tuple(param.shape)}")
         param.add_((scale * delta.float()).to(device=param.device, dtype=param.dtype))
     return errors
 

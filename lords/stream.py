@@ -30,15 +30,17 @@ from tqdm.auto import tqdm
 from .checkpoint import (
     DEFAULT_SHARD_SIZE, INDEX_NAME, SAFETENSORS_DTYPES, ShardedSafetensors, checkpoint_specs, choose_storage_dtype,
     is_checkpoint, quantized_tensor_names, read_header, read_tensor, unique_tensors, write_folder, write_model_config,
+    written_by_lords,
 )
 from .config import LoRDSConfig
-from .hf import mark_quantized, replace_linears
 from .experts import (
     PROJECTIONS, block_experts, expert_list_groups, is_stacked_experts, quantize_experts, recording_expert_moments,
 )
+from .hf import mark_quantized, replace_linears
 from .model import (
-    LayerReport, block_targets, capture_block_inputs, channel_second_moments, check_calibration, find_blocks,
-    lords_linear_group, next_inputs, plan_layers, quantize_targets, recording_channel_moments,
+    LayerReport, block_targets, capture_block_inputs, channel_second_moments, check_calibration,
+    check_feedback_calibration, check_feedback_experts, find_blocks, lords_linear_group, next_inputs, plan_layers,
+    quantize_targets, recording_channel_moments, recording_input_hessians,
 )
 
 
@@ -140,7 +142,7 @@ def open_source(path: str | Path):
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"model folder {path} does not exist (nothing is downloaded; give a local folder)")
-    if is_checkpoint(path):
+    if is_checkpoint(path) or written_by_lords(path):
         raise ValueError(f"{path} is a lords checkpoint already; quantize the dense model it came from")
     reason = "not safetensors, so transformers reads it whole first; its blocks are then quantized one at a time"
     if any(path.glob("*.safetensors")):
@@ -191,14 +193,16 @@ class Block:
 
 
 def walk_blocks(model: nn.Module, source, calibration: torch.Tensor | None, device, dtype: torch.dtype,
-                batch_size: int = 8, feedback: bool = False, watch=None) -> Iterator[Block]:
+                batch_size: int = 8, feedback: bool = False, watch=None,
+                recorder=None) -> Iterator[Block]:
     """Yield the decoder blocks of a meta-device model (empty_model) one at a time, each read from the source onto
     device in dtype, with the calibration activations that reach it; freed once the consumer hands control back.
     The next block's inputs are this block's outputs before the consumer runs (feedback=False: statistics of the
     unquantized model) or after (feedback=True: of the block as the consumer left it).
-    watch(module, name) -> linears: Block.moments holds E[x^2] of their inputs, recorded during the forward that
-    makes the next block's inputs when feedback=False (calibration then costs one forward a block). The moments of
-    the block's stacked experts (lords.experts.recording_expert_moments) come with them in Block.expert_moments."""
+    watch(module, name) -> linears: Block.moments holds E[x^2] of their inputs (recorder: another statistic, e.g.
+    lords.model.recording_input_hessians), recorded during the forward that makes the next block's inputs when
+    feedback=False (calibration then costs one forward a block). The moments of the block's stacked experts
+    (lords.experts.recording_expert_moments) come with them in Block.expert_moments."""
     prefix, blocks = find_blocks(model)
     inputs = []
     if calibration is not None:
@@ -217,10 +221,11 @@ def walk_blocks(model: nn.Module, source, calibration: torch.Tensor | None, devi
         outputs = None
         if feedback:
             with recording_expert_moments(experts) as expert_moments:
-                moments = channel_second_moments(module, watched, inputs)
+                moments = channel_second_moments(module, watched, inputs, recorder)
         else:
-            with (recording_channel_moments(watched, expert_list_groups(module)) as moments,
-                  recording_expert_moments(experts) as expert_moments):
+            groups = expert_list_groups(module)
+            recording = recorder(watched) if recorder else recording_channel_moments(watched, groups)
+            with recording as moments, recording_expert_moments(experts) as expert_moments:
                 outputs = _run(module, inputs)
         yield Block(index, name, module, inputs, moments, expert_moments)
         if feedback:
@@ -271,10 +276,17 @@ def quantize_to_folder(
         lords.stream.quantize_to_folder(source, "llama-lords-4bit", lords.LoRDSConfig(bits=4), calibration=tokens)
     """
     config = config or LoRDSConfig()
+    # error-feedback codes calibrate each block on the quantized blocks before it: a block is quantized as soon as
+    # it is read, before the walk runs it to make the next block's inputs (lords.model.walk_blocks_with_feedback)
+    feedback = config.codes == "gptq"
+    if feedback:
+        check_feedback_calibration(config, calibration)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     compute = torch.bfloat16 if device.type == "cuda" else torch.float32
     stored = choose_storage_dtype(dtype, (source.dtype,))
     model = empty_model(source.config, compute, device)
+    if feedback:
+        check_feedback_experts(model, config)
     layers = plan_layers(model, config)
     output = empty_model(source.config, compute)
     replace_linears(output, layers)
@@ -317,14 +329,17 @@ def quantize_to_folder(
                 layer = model.get_submodule(name)
                 for key in ("codes", "codebook", "scale_b", "scale_a"):
                     writer.write(f"{name}.{key}", getattr(layer, key))
-                layer.to("meta")
+                if not feedback:  # with feedback the layer is in its block, which the walk runs, then frees
+                    layer.to("meta")
             pending.clear()
+            stats.clear()
             seconds["writing"] += time.perf_counter() - start
 
         def watch(module, name):
             return [layer for _, layer in block_targets(module, name, config)]
 
-        blocks = walk_blocks(model, source, calibration, device, compute, batch_size, watch=watch)
+        recorder = recording_input_hessians if feedback else None
+        blocks = walk_blocks(model, source, calibration, device, compute, batch_size, feedback, watch, recorder)
         description = "calibrating blocks" if calibration is not None else "reading blocks"
         walk_start, refining, writing = time.perf_counter(), seconds["refinement"], seconds["writing"]
         for block in tqdm(blocks, desc=description, total=len(find_blocks(model)[1]), disable=not progress):
@@ -333,12 +348,13 @@ def quantize_to_folder(
             stats.update({names[layer]: value for layer, value in block.moments.items()})
             # The targets leave the block, which the walk frees, and wait until they fill a stack: the blocks of a
             # small model are then refined together, as in memory (small stacks cost their per-step overhead each);
-            # a block of an 8B model fills its stacks alone.
-            for name, layer in targets:
-                model.set_submodule(name, nn.Linear(layer.in_features, layer.out_features, layer.bias is not None,
-                                                    device="meta"))
+            # a block of an 8B model fills its stacks alone. With feedback they are quantized in their block at once.
+            if not feedback:
+                for name, layer in targets:
+                    model.set_submodule(name, nn.Linear(layer.in_features, layer.out_features,
+                                                        layer.bias is not None, device="meta"))
             pending.extend(targets)
-            if sum(layer.weight.numel() for _, layer in pending) >= max_batch_numel:
+            if feedback or sum(layer.weight.numel() for _, layer in pending) >= max_batch_numel:
                 flush()
             # An experts module is a stack of its own (128 experts of Qwen3-30B-A3B hold 200M weights a projection).
             experts = block_experts(block.module, block.name, config)
@@ -379,8 +395,11 @@ REPORT_NAME = "quantize_report"  # .json and .md in the output folder
 REPORT_COLUMNS = {
     "bits_per_weight": "storage per weight: the code bits plus the scales B, A spread over the layer's weights",
     "error_init": "the objective's relative error after the SVD init: ||(W - W_hat) diag(h)^1/2|| / ||W diag(h)^1/2||, "
-                  "h = E[x^2] of the layer's input over the calibration tokens (h = 1 when data-free)",
-    "error": "the same after refinement, with the scales rounded to their stored dtype",
+                  "h = E[x^2] of the layer's input over the calibration tokens (h = 1 when data-free); with codes "
+                  "gptq: the output error sqrt(tr(E H E^T) / tr(W H W^T)), H = E[x x^T], E = W - W_hat, after "
+                  "refinement with nearest codes",
+    "error": "the same after refinement (codes gptq: with the error-feedback codes), with the scales rounded to their "
+             "stored dtype",
     "weight_error": "the plain relative weight error ||W - W_hat|| / ||W||",
     "seconds": "refinement time of the layer's stack divided by its layers",
 }

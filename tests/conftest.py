@@ -29,9 +29,8 @@ def tiny_llama():
     return LlamaForCausalLM(config).eval()
 
 
-@pytest.fixture
-def model_folder(tiny_llama, tmp_path):
-    """A tiny Llama plus a word-level tokenizer built here, saved like a Hugging Face model folder."""
+def word_tokenizer():
+    """A word-level tokenizer of 96 tokens built here (no download)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -39,8 +38,13 @@ def model_folder(tiny_llama, tmp_path):
     vocab.update({f"w{i}": len(vocab) + i for i in range(96 - len(vocab))})
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<unk>")
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<unk>")
+
+
+@pytest.fixture
+def model_folder(tiny_llama, tmp_path):
+    """A tiny Llama plus a word-level tokenizer built here, saved like a Hugging Face model folder."""
     folder = tmp_path / "tiny"
     tiny_llama.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
     return folder

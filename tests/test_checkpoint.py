@@ -40,15 +40,19 @@ def test_refuses_to_overwrite_non_empty_folder(quantized, tmp_path):
     with pytest.raises(FileExistsError, match="not empty"):
         lords.save(quantized, folder)
     assert (folder / "keep.txt").read_text() == "user data"
-    lords.save(quantized, folder, overwrite=True)
-    assert not (folder / "keep.txt").exists() and (folder / WEIGHTS_NAME).is_file()
+    with pytest.raises(OSError, match="holds no config.json or adapter_config.json; lords replaces only its own"):
+        lords.save(quantized, folder, overwrite=True)  # not a model folder: never deleted, even with overwrite
+    assert (folder / "keep.txt").read_text() == "user data"
+    lords.save(quantized, folder / "inner")
+    lords.save(quantized, folder / "inner", overwrite=True)
+    assert (folder / "inner" / WEIGHTS_NAME).is_file() and (folder / "keep.txt").is_file()
 
 
 def test_truncated_weights_are_reported(quantized, tmp_path):
     folder = lords.save(quantized, tmp_path / "ckpt")
     data = (folder / WEIGHTS_NAME).read_bytes()
     (folder / WEIGHTS_NAME).write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="corrupt, truncated or missing"):
+    with pytest.raises(CheckpointError, match="model.safetensors is truncated: tensor .* runs past its end"):
         lords.load(folder)
 
 

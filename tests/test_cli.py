@@ -42,7 +42,7 @@ def test_refuses_non_empty_output(model_folder, tmp_path):
     out = tmp_path / "q"
     out.mkdir()
     (out / "precious.bin").write_bytes(b"x")
-    with pytest.raises(SystemExit, match="not empty; pass --overwrite"):
+    with pytest.raises(SystemExit, match="not empty; pass overwrite=True \\(--overwrite\\) to replace it"):
         main(["quantize", str(model_folder), "--out", str(out), "--calibration", "none"])
     assert (out / "precious.bin").read_bytes() == b"x"
 
@@ -52,6 +52,19 @@ def test_bad_block_size_is_a_clear_error(model_folder, tmp_path):
         main(["quantize", str(model_folder), "--block-size", "48", "--steps", "0", "--calibration", "none",
               "--out", str(tmp_path / "q"), "--device", "cpu"])
     assert not (tmp_path / "q").exists()
+
+
+def test_quantize_with_gptq_codes_reports_output_errors_below_nearest_codes(model_folder, tmp_path, capsys):
+    out = tmp_path / "q"
+    main(["quantize", str(model_folder), "--bits", "3", "--block-size", "32", "--steps", "2", "--codes", "gptq",
+          "--refit-rounds", "1", "--calib-samples", "2", "--calib-len", "16", "--out", str(out), "--device", "cpu"])
+    assert "activation-aware, error-feedback codes) on cpu" in capsys.readouterr().out
+    report = json.loads((out / "quantize_report.json").read_text())
+    assert (report["config"]["codes"], report["config"]["refit_rounds"]) == ("gptq", 1)
+    assert all(layer["error"] < layer["error_init"] for layer in report["per_layer"])
+    with pytest.raises(SystemExit, match="--codes gptq needs calibration data"):
+        main(["quantize", str(model_folder), "--codes", "gptq", "--calibration", "none", "--out", str(tmp_path / "n")])
+    assert not (tmp_path / "n").exists()
 
 
 def test_bits_out_of_range_rejected_by_parser(capsys):

@@ -15,6 +15,9 @@ from lords.config import LoRDSConfig
         ({"scale_dtype": "int8"}, "scale_dtype must be one of"),
         ({"overrides": {"*.down_proj": {"bitz": 4}}}, r"unknown field\(s\) \['bitz'\]"),
         ({"overrides": {"*.down_proj": {"bits": 7}}}, "bits must be one of"),
+        ({"codes": "round"}, r"codes must be one of \('nearest', 'gptq'\), got 'round'"),
+        ({"refit_rounds": -1}, "refit_rounds must be a non-negative integer, got -1"),
+        ({"overrides": {"*.q_proj": {"codes": "gptq"}}}, r"override '\*.q_proj' sets codes, which applies to the"),
     ],
 )
 def test_invalid_values_are_named(values, message):

@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 import lords
+from conftest import word_tokenizer
 from lords.experts import (
     PRIOR_TOKENS, LoRDSExperts, LoRDSExpertWeights, recording_expert_moments, run_experts, shrink_moments,
 )
@@ -228,15 +229,6 @@ def test_qat_covers_the_experts():
     assert isinstance(model.model.layers[0].mlp.experts.gate_up_proj, LoRDSExpertWeights)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, trained, atol=1e-4, rtol=1e-4)  # as test_qat
-
-
-def word_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    core = Tokenizer(models.WordLevel({"<unk>": 0, **{f"w{i}": i for i in range(1, 96)}}, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<unk>")
 
 
 def test_streaming_an_moe_folder_matches_the_in_memory_path_bit_for_bit(tmp_path):

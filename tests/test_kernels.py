@@ -380,3 +380,26 @@ def test_w_left_configs_serve_small_row_counts_only():
     assert any(c.kwargs["W_LEFT"] for c in kept[1]) and any(c.kwargs["W_LEFT"] for c in kept[32])
     assert kept[64] and not any(c.kwargs["W_LEFT"] for c in kept[64] + kept[2048])
     assert len(kept[1]) == len(forward.TILED_CONFIGS)
+
+
+@pytest.mark.parametrize("n,k,rank", [(14336, 4096, 49), (4096, 14336, 49), (4096, 4096, 32), (1024, 4096, 12),
+                                      (28672, 8192, 99), (16, 128, 1), (2048, 1024, 128)])
+def test_gemv4_launch_fits_the_kernel_and_one_wave(n, k, rank):
+    """The CUDA kernel's launch shape (lords.kernels.cuda.config): accumulators that fit its register budget (row
+    tiles x rank tiles <= 16), at most one block per multiprocessor unless the row blocks alone exceed them, and
+    every split at least one 128-column step."""
+    from lords.kernels.cuda import config
+
+    launch = config(n, k, rank, 132)
+    assert launch["rank_tiles"] == -(-rank // 8) and launch["rank_tiles"] * launch["row_tiles"] <= 16
+    assert launch["row_blocks"] == -(-n // (launch["warps"] * launch["row_tiles"] * 16))
+    assert 1 <= launch["splits"] <= k // 128
+    assert launch["row_blocks"] * launch["splits"] <= max(132, launch["row_blocks"])
+
+
+def test_gemv4_is_not_offered_off_the_gpu():
+    from lords.kernels.cuda import gemv4_ready
+
+    x = torch.randn(1, 256, dtype=torch.bfloat16)
+    scale_b, scale_a = torch.ones(64, 8, dtype=torch.bfloat16), torch.ones(8, 256, dtype=torch.bfloat16)
+    assert not gemv4_ready(x, 4, torch.zeros(64, 128, dtype=torch.uint8), scale_b, scale_a)

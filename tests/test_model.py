@@ -3,8 +3,11 @@ import torch
 from torch import nn
 
 import lords
+import lords.model as model_module
 from lords.linear import LoRDSLinear
-from lords.model import channel_second_moments, capture_block_inputs, find_blocks
+from lords.model import (
+    capture_block_inputs, channel_second_moments, find_blocks, recording_input_hessians,
+)
 
 
 def test_quantize_replaces_every_block_linear_and_nothing_else(tiny_llama):
@@ -46,6 +49,45 @@ def test_channel_statistics_match_direct_computation(tiny_llama):
     handle.remove()
     direct = torch.cat(seen).double().pow(2).mean(dim=0).float()
     assert torch.allclose(stats[q_proj], direct, rtol=1e-4)
+
+
+def test_input_hessians_match_direct_computation_and_their_diagonal_is_the_channel_moments(tiny_llama):
+    ids = torch.randint(0, 96, (3, 10), generator=torch.Generator().manual_seed(0))
+    _, blocks = find_blocks(tiny_llama)
+    inputs = capture_block_inputs(tiny_llama, blocks[0], ids, batch_size=2)
+    up_proj = blocks[0].mlp.up_proj
+    hessian = channel_second_moments(blocks[0], [up_proj], inputs, recording_input_hessians)[up_proj]
+    seen = []
+    handle = up_proj.register_forward_pre_hook(lambda _m, args: seen.append(args[0].reshape(-1, 64).double()))
+    tiny_llama(ids)
+    handle.remove()
+    flat = torch.cat(seen)
+    assert hessian.shape == (64, 64)
+    torch.testing.assert_close(hessian, (flat.T @ flat / flat.shape[0]).float(), rtol=1e-4, atol=1e-6)
+    moments = channel_second_moments(blocks[0], [up_proj], inputs)[up_proj]
+    torch.testing.assert_close(hessian.diagonal(), moments, rtol=1e-5, atol=0)
+
+
+def test_gptq_codes_walk_the_quantized_blocks_and_lower_each_layers_output_error(tiny_llama):
+    ids = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))
+    config = lords.LoRDSConfig(bits=3, block_size=32, steps=10, codes="gptq")
+    seen = []  # the inputs block 1 is calibrated on must come from the quantized block 0
+    original = model_module.quantize_targets
+
+    def recording(model, targets, *args, **kwargs):
+        seen.append([type(module).__name__ for name, module in model.named_modules() if name.endswith("_proj")])
+        return original(model, targets, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(model_module, "quantize_targets", recording)
+        reports = lords.quantize(tiny_llama, config, calibration=ids, progress=False)
+    assert seen[1][:7] == ["LoRDSLinear"] * 7 and seen[1][7:] == ["Linear"] * 7
+    assert len(reports) == 14 and all(r.error < r.error_init for r in reports)
+
+
+def test_gptq_codes_without_calibration_are_refused(tiny_llama):
+    with pytest.raises(ValueError, match="codes='gptq' needs calibration data"):
+        lords.quantize(tiny_llama, lords.LoRDSConfig(steps=0, codes="gptq"), progress=False)
 
 
 def test_calibrated_quantization_lowers_activation_weighted_error(tiny_llama):

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from lords.packing import pack_codes, row_bytes, unpack_codes
+from lords.codebooks import get_codebook
+from lords.packing import pack_codes, row_bytes, unpack_codes, unpack_levels
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -12,6 +13,16 @@ def test_round_trip(bits, shape):
     assert packed.dtype == torch.uint8
     assert tuple(packed.shape) == (shape[0], row_bytes(shape[1], bits))
     assert torch.equal(unpack_codes(packed, bits, shape), codes)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 13), (16, 64), (5, 200)])
+def test_unpack_levels_equals_indexing_the_codebook_with_the_codes(bits, shape):
+    codes = torch.randint(0, 2**bits, shape, dtype=torch.uint8)
+    codebook = get_codebook("nf", bits)
+    levels = unpack_levels(pack_codes(codes, bits), bits, shape, codebook)
+    assert levels.dtype == torch.float32 and tuple(levels.shape) == shape
+    assert torch.equal(levels, codebook[codes.long()])
 
 
 def test_three_bit_is_dense():
@@ -46,3 +57,5 @@ def test_rejects_wrong_packed_shape():
     packed = pack_codes(torch.zeros(4, 4, dtype=torch.uint8), 4)
     with pytest.raises(ValueError, match="expected"):
         unpack_codes(packed, 4, (4, 5))
+    with pytest.raises(ValueError, match=r"packed codes have shape \(4, 2\), expected \(4, 3\)"):
+        unpack_levels(packed, 4, (4, 5), get_codebook("nf", 4))

@@ -47,6 +47,21 @@ def test_streaming_a_sharded_folder_matches_the_in_memory_path_bit_for_bit(tiny_
     assert torch.equal(lords.load(tmp_path / "streamed")(ids).logits, tiny_llama(ids).logits)
 
 
+def test_streaming_with_gptq_codes_matches_the_in_memory_path_bit_for_bit(tiny_llama, tmp_path):
+    """Error-feedback codes: each block is quantized on the outputs of the quantized blocks before it, both ways."""
+    config = lords.LoRDSConfig(bits=3, block_size=32, steps=4, codes="gptq", refit_rounds=1)
+    tiny_llama.save_pretrained(tmp_path / "dense", max_shard_size="40KB")
+    reports = quantize_to_folder(SafetensorsSource(tmp_path / "dense"), tmp_path / "streamed", config, CALIBRATION,
+                                 device="cpu", dtype=torch.float32, progress=False)
+    expected = lords.quantize(tiny_llama, config, calibration=CALIBRATION, device="cpu", progress=False)
+    lords.save(tiny_llama, tmp_path / "in_memory", config=config, dtype=torch.float32)
+    assert_same_checkpoints(tmp_path / "streamed", tmp_path / "in_memory")
+    assert [(r.name, r.error) for r in reports] == [(r.name, r.error) for r in expected]
+    with pytest.raises(ValueError, match="codes='gptq' needs calibration data"):
+        quantize_to_folder(SafetensorsSource(tmp_path / "dense"), tmp_path / "none", config, None, progress=False)
+    assert not (tmp_path / "none").exists()
+
+
 def test_a_synthetic_source_streams_like_a_folder(tiny_llama, tmp_path):
     source = SyntheticSource(tiny_llama.config, seed=3)
     name = "model.layers.1.mlp.up_proj.weight"

@@ -1,4 +1,4 @@
-"""The PTQ comparison: LoRDS against block-wise NF-k (= bitsandbytes), HQQ and refined block-wise scales.
+"""The PTQ comparison: LoRDS against block-wise NF-k (= bitsandbytes), HQQ, refined block-wise scales and GPTQ.
 
 Every method quantizes the same linears of the same model and is scored on the same held-out tokens. Baselines
 are applied as fake quantization (their dequantized weights written back into nn.Linear), which gives the same
@@ -14,6 +14,8 @@ from functools import partial
 import torch
 from torch import nn
 
+from ..baselines.gptq import SCALE_BITS as GPTQ_SCALE_BITS
+from ..baselines.gptq import gptq_blockwise_weight
 from ..blockwise import dequantize_blockwise, quantize_blockwise
 from ..codebooks import get_codebook
 from ..config import LoRDSConfig
@@ -32,7 +34,8 @@ class Row:
 
 
 def _blockwise_group(names, linears, config, channel_weights, method: str, device):
-    """Fake-quantize a stack of same-shaped linears with a block-wise method: 'rtn', 'refined' or 'hqq'."""
+    """Fake-quantize a stack of same-shaped linears with a block-wise method: 'rtn', 'refined', 'hqq' or 'gptq'
+    (channel_weights then hold each layer's E[x x^T]: config.codes == "gptq")."""
     start = time.perf_counter()
     codebook = get_codebook(config.codebook, config.bits).to(device)
     weight = torch.stack([linear.weight.detach() for linear in linears]).to(device=device, dtype=torch.float32)
@@ -45,6 +48,9 @@ def _blockwise_group(names, linears, config, channel_weights, method: str, devic
         codes, block_scale = blockwise_refine(weight, codebook, config.block_size, config.steps, config.lr, channels)
         approx = dequantize_blockwise(codes, block_scale.float(), codebook, config.block_size)
         scale_bits = 16
+    elif method == "gptq":
+        approx = gptq_blockwise_weight(weight, torch.stack(channel_weights).to(device), codebook, config.block_size)
+        scale_bits = GPTQ_SCALE_BITS
     else:
         from hqq.core.quantize import Quantizer
 
@@ -77,6 +83,35 @@ def _summary(method, bits, reports, score) -> Row:
     return Row(method, bits, bpw, score, error, sum(r.seconds for r in reports))
 
 
+GPTQ_GROUPS = {"gptq-g64": 64, "gptq-g128": 128}  # the GPTQ baseline's rows and their group sizes
+
+
+def needs_calibration(method: str) -> bool:
+    return method.endswith("-aware") or "gptq" in method
+
+
+def run_method(
+    model: nn.Module, method: str, bits: int, calibration: torch.Tensor | None, block_size: int = 64,
+    steps: int = 500, lr: float = 0.1, codebook: str = "nf", refit_rounds: int = 0, device=None,
+) -> list[LayerReport]:
+    """Quantize `model` in place with one method of run_comparison; returns the layers' reports.
+
+    lords-gptq: LoRDS scales with error-feedback codes (LoRDSConfig(codes="gptq"), refit_rounds rounds);
+    gptq-g64, gptq-g128: the GPTQ baseline (lords.baselines.gptq) with absmax groups of that size."""
+    if needs_calibration(method) and calibration is None:
+        raise ValueError(f"method {method} needs calibration data")
+    calib = calibration if needs_calibration(method) else None
+    codes = "gptq" if "gptq" in method else "nearest"
+    config = LoRDSConfig(bits=bits, block_size=GPTQ_GROUPS.get(method, block_size), codebook=codebook,
+                         steps=0 if method == "lords-init" else steps, lr=lr, codes=codes,
+                         refit_rounds=refit_rounds if method == "lords-gptq" else 0)
+    if method.startswith("lords"):
+        return quantize(model, config, calibration=calib, device=device, progress=False)
+    kind = {"nf-rtn": "rtn", "hqq": "hqq", **dict.fromkeys(GPTQ_GROUPS, "gptq")}.get(method, "refined")
+    group = partial(_blockwise_group, method=kind, device=device)
+    return walk_blocks(model, config, group, calibration=calib, progress=False)
+
+
 def run_comparison(
     model: nn.Module,
     score: Callable[[nn.Module], float],
@@ -89,12 +124,14 @@ def run_comparison(
     device=None,
     log=print,
     codebooks=("nf",),
+    refit_rounds: int = 0,
 ) -> list[Row]:
     """Quantize a fresh copy of `model` with each method at each bit width and score it (perplexity for an LM).
 
-    Methods: nf-rtn, hqq, lords-init, lords, nf-refined; an "-aware" suffix uses `calibration` for the
-    activation-aware objective. The LoRDS methods run once per codebook in `codebooks` (rows named e.g.
-    "lords-aware-int" for any but nf); the block-wise baselines use NF."""
+    Methods: nf-rtn, hqq, lords-init, lords, nf-refined, lords-gptq, gptq-g64, gptq-g128 (run_method); an "-aware"
+    suffix uses `calibration` for the activation-aware objective, as the GPTQ methods always do. The LoRDS methods
+    run once per codebook in `codebooks` (rows named e.g. "lords-aware-int" for any but nf); the block-wise
+    baselines use NF."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = next(model.parameters()).dtype
     name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))
@@ -105,17 +142,8 @@ def run_comparison(
     for bits in bits_list:
         for method, codebook in runs:
             candidate = copy.deepcopy(model)
-            config = LoRDSConfig(bits=bits, block_size=block_size, codebook=codebook,
-                                 steps=0 if method == "lords-init" else steps, lr=lr)
-            calib = calibration if method.endswith("-aware") else None
-            if method.endswith("-aware") and calibration is None:
-                raise ValueError(f"method {method} needs calibration data")
-            if method.startswith("lords"):
-                reports = quantize(candidate, config, calibration=calib, device=device, progress=False)
-            else:
-                kind = {"nf-rtn": "rtn", "hqq": "hqq"}.get(method, "refined")
-                group = partial(_blockwise_group, method=kind, device=device)
-                reports = walk_blocks(candidate, config, group, calibration=calib, progress=False)
+            reports = run_method(candidate, method, bits, calibration, block_size, steps, lr, codebook, refit_rounds,
+                                 device)
             label = method if codebook == "nf" else f"{method}-{codebook}"
             row = _summary(label, bits, reports, score(candidate))
             rows.append(row)

@@ -9,6 +9,8 @@ Which one is fastest depends on the shape as well as on M (results/kernels_h100.
 1.8x on 14336 x 4096 and loses by 1.8x on 4096 x 14336), so `lords_matmul` times the candidates the first time it
 meets a (row bucket, N, K, bits, dtype, integer codebook or not) and keeps the winner, as Triton's autotuner does for
 configs.
+On Hopper, GPU-only kernels join the candidates: lords.kernels.cuda's gemv4 (CUDA, one row, 4 bits) and, opt-in,
+lords.kernels.gluon's gemv.
 `fused_matmul` never materialises the dense weight. backward.py's `scale_grads` gives dL/dB and dL/dA for PEFT
 without an n x m gradient.
 """
@@ -23,6 +25,7 @@ from .backward import scale_grads  # noqa: F401
 from .codes import check_input, level_lookup
 from .decode import MAX_ROWS, decode_matmul, spills
 from .forward import dequantize, m_bucket, tiled_matmul
+from .cuda import gemv4_matmul, gemv4_ready
 from .gluon import gemv_matmul, gemv_ready
 
 # Used where timing cannot run (the CPU interpreter, inside a CUDA-graph capture): the H100 measurements' majority.
@@ -48,7 +51,7 @@ def decode_xa_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None):
 
 
 KERNELS = {"decode": decode_matmul, "decode-xa": decode_xa_matmul, "tiled": tiled_matmul, "dequant": dequant_matmul,
-           "gluon-gemv": gemv_matmul}
+           "gluon-gemv": gemv_matmul, "cuda-gemv4": gemv4_matmul}
 _choices: dict[tuple, str] = {}
 
 
@@ -82,10 +85,13 @@ def lords_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None):
     if choice is None:
         if not _can_time(x):
             return KERNELS[default_choice(rows, scale_b.shape[1])](*args)
-        # the Gluon kernel (Hopper only, lords.kernels.gluon) is timed with the others where it runs
+        # the GPU-only kernels (Hopper only: lords.kernels.gluon, lords.kernels.cuda) are timed with the others
+        # where they run
         names = candidates(rows, scale_b.shape[1])
         if gemv_ready(x, bits, scale_b, scale_a):
             names = ["gluon-gemv", *names]
+        if gemv4_ready(x, bits, codes, scale_b, scale_a):
+            names = ["cuda-gemv4", *names]
         device_name = torch.cuda.get_device_name(x.device) if x.is_cuda else x.device.type
         choice = load_choice(key, device_name)
         if choice not in names:

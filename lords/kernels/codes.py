@@ -101,13 +101,17 @@ class LevelLookup(NamedTuple):
     the interpreter, which gathers from `levels` in memory; on the GPU `levels` is the codebook itself, unread), as
     levels / `scale`: the kernel scales its output. `integer`: the codebook's levels are integers times the scale,
     decoded without a table. `words`: the table's eight 32-bit words, which the "nibbles" form takes as operands
-    $9-$16 (as int32 kernel arguments, so that they stay in registers over a loop; empty without a table)."""
+    $9-$16 (as int32 kernel arguments, so that they stay in registers over a loop; empty without a table).
+    `values`: the levels as Python floats and `offset`: the integer codebook's offset (levels = (code + offset) *
+    scale), for kernels that take them as arguments (the CUDA kernel)."""
     table: str | None
     levels: torch.Tensor
     scale: float
     dtype: torch.dtype
     integer: bool
     words: tuple[int, ...] = ()
+    values: tuple[float, ...] = ()
+    offset: int = 0
 
 
 _lookups: dict[tuple, tuple] = {}  # (id(codebook), dtype, form) -> (weak reference, version, LevelLookup)
@@ -151,7 +155,8 @@ def level_lookup(codebook: torch.Tensor, dtype: torch.dtype = torch.float16, for
                     return _table_pairs_ptx(operands, codebook.numel(), codes, first, second)
                 words = tuple(word - (1 << 32) * (word >> 31) for word in words.values())  # as int32
             table, levels = _lookup_ptx(pairs_ptx, form), codebook.detach()
-        lookup = LevelLookup(table, levels.contiguous(), step, dtype, integer is not None, words)
+        values = tuple(codebook.detach().to("cpu", torch.float32).tolist())
+        lookup = LevelLookup(table, levels.contiguous(), step, dtype, integer is not None, words, values, offset)
         cached = _lookups[key] = (weakref.ref(codebook), codebook._version, lookup)
     return cached[2]
 

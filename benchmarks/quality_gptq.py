@@ -1,0 +1,127 @@
+"""Model-level PTQ quality of LoRDS with error-feedback codes (lords-gptq) against the GPTQ baseline (absmax groups
+of 64 and 128, act-order) and LoRDS with nearest codes (lords-aware), over several calibration seeds.
+
+Each (method, bits, seed) quantizes a fresh copy of the default model (fp32 on the CPU) and scores held-out
+perplexity; the seed draws the calibration windows. Runs accumulate in a JSON file (a later command adds seeds or bit
+widths, finished runs are skipped) and the table is rendered from it after every run, with every command that
+contributed written above it:
+
+    nice python -m benchmarks.quality_gptq --bits 4 3 2 --seeds 0 --max-tokens 8192 --calib-samples 16
+    nice python -m benchmarks.quality_gptq --bits 4 3 --seeds 1 2 --max-tokens 8192 --calib-samples 16
+"""
+
+import argparse
+import copy
+import json
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+from benchmarks.tables import write_table
+from lords.assets import calibration_tokens, default_model_path, describe_data, heldout_tokens, load_pretrained
+from lords.eval.compare import _summary, run_method
+from lords.eval.perplexity import perplexity
+
+METHODS = ("lords-gptq", "gptq-g64", "gptq-g128", "lords-aware")
+
+
+def run_key(run: dict) -> tuple:
+    return run["method"], run["bits"], run["seed"]
+
+
+def render(state: dict) -> str:
+    reference = state["reference"]
+    lines = ["# PTQ quality with error-feedback codes: LoRDS + GPTQ codes vs GPTQ vs LoRDS", "", "Produced by:", ""]
+    lines += [f"    {command}" for command in state["commands"]]
+    settings = state["settings"]
+    lines += [
+        "",
+        f"- last run: {state['date']}; device: cpu ({state['threads']} threads, shared with other jobs, so the "
+        f"quant. times are only indicative); torch {state['torch']}, transformers {state['transformers']}",
+        f"- model: the default model ({state['model']}) in fp32; {state['data']}; each seed draws other calibration "
+        "windows",
+        f"- {settings['steps']} refinement steps (lr 0.1 relative) for LoRDS; lords-gptq: those scales, then GPTQ codes "
+        f"(act-order, damping 0.01, blocks of 128 columns), {settings['refit_rounds']} refit rounds; gptq-gN: static "
+        "absmax groups of N in fp16 with GPTQ codes (lords.baselines.gptq, checked against llm-compressor in "
+        "results/gptq_reference_tiny.md); both GPTQ kinds calibrate each block on the quantized blocks' outputs",
+        f"- {reference['method']} perplexity: {reference['score']:.3f}; ppl: mean over seeds, spread: min-max; "
+        "vs fp32: the mean's excess",
+        "",
+        "| method | bits | bits/weight | seeds | ppl (mean) | spread | vs fp32 | rel. weight error | quant. time (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    groups: dict[tuple, list] = {}
+    for run in state["runs"]:
+        groups.setdefault((run["bits"], run["method"]), []).append(run)
+    order = {method: i for i, method in enumerate(METHODS)}
+    for bits, method in sorted(groups, key=lambda key: (-key[0], order.get(key[1], len(order)), key[1])):
+        runs = groups[(bits, method)]
+        scores = [run["score"] for run in runs]
+        mean = statistics.mean(scores)
+        spread = f"{min(scores):.2f}-{max(scores):.2f}" if len(runs) > 1 else "-"
+        lines.append(
+            f"| {method} | {bits} | {runs[0]['bits_per_weight']:.3f} | {len(runs)} ({', '.join(str(r['seed']) for r in runs)}) "
+            f"| {mean:.3f} | {spread} | {100 * (mean / reference['score'] - 1):+.1f}% | "
+            f"{statistics.mean(r['weight_error'] for r in runs):.4f} | {statistics.mean(r['seconds'] for r in runs):.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--steps", type=int, default=20, help="LoRDS refinement steps")
+    parser.add_argument("--refit-rounds", type=int, default=0)
+    parser.add_argument("--calib-samples", type=int, default=64)
+    parser.add_argument("--calib-len", type=int, default=512)
+    parser.add_argument("--max-tokens", type=int, default=40_000, help="held-out tokens")
+    parser.add_argument("--out", default="results/quality_gptq.md")
+    args = parser.parse_args()
+    state_path = Path(args.out).with_suffix(".json")
+    settings = {"steps": args.steps, "refit_rounds": args.refit_rounds, "calib_samples": args.calib_samples,
+                "calib_len": args.calib_len, "max_tokens": args.max_tokens}
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {"runs": [], "commands": []}
+    if state.get("settings", settings) != settings:
+        raise SystemExit(f"error: {state_path} holds runs with other settings {state['settings']}; use another --out")
+    model, tokenizer = load_pretrained(default_model_path(), "cpu")
+    heldout = heldout_tokens(tokenizer, args.max_tokens)
+    command = f"nice python -m benchmarks.quality_gptq {shlex.join(sys.argv[1:])}"
+    state.update(settings=settings, torch=torch.__version__, transformers=transformers.__version__,
+                 threads=torch.get_num_threads(), model=default_model_path().name)
+    state["commands"] = [c for c in state["commands"] if c != command] + [command]
+    if "reference" not in state:
+        state["reference"] = {"method": "fp32", "score": perplexity(model, heldout, progress=False)}
+    done = {run_key(run) for run in state["runs"]}
+    for seed in args.seeds:
+        calibration = calibration_tokens(tokenizer, args.calib_samples, args.calib_len, seed=seed)
+        state["data"] = describe_data(heldout, calibration)
+        for bits in args.bits:
+            for method in args.methods:
+                if (method, bits, seed) in done:
+                    continue
+                start = time.perf_counter()
+                candidate = copy.deepcopy(model)
+                reports = run_method(candidate, method, bits, calibration, steps=args.steps,
+                                     refit_rounds=args.refit_rounds, device="cpu")
+                row = _summary(method, bits, reports, perplexity(candidate, heldout, progress=False))
+                del candidate
+                state["runs"].append({"method": method, "bits": bits, "seed": seed, "score": row.score,
+                                      "bits_per_weight": row.bits_per_weight, "weight_error": row.weight_error,
+                                      "seconds": row.seconds, "wall_seconds": time.perf_counter() - start})
+                state["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+                state_path.write_text(json.dumps(state, indent=1) + "\n")
+                write_table(args.out, render(state))
+                print(f"{method} {bits}-bit seed {seed}: ppl {row.score:.3f} ({time.perf_counter() - start:.0f} s)",
+                      flush=True)
+    print(render(state))
+
+
+if __name__ == "__main__":
+    main()

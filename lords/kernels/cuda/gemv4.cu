@@ -1,0 +1,318 @@
+// One row of activations times a 4-bit LoRDS weight, on the tensor cores (sm_80 and later, tuned on sm_90).
+//
+// y[n] = sum_k x[k] W[n,k] with W = (B A) * C[codes] regroups as
+//     y[n] = sum_r B[n,r] Z[n,r],    Z = C[codes] @ XA^T,    XA[r,k] = x[k] A[r,k],
+// so the per-weight work is a code-to-level conversion feeding mma.m16n8k16 (the weight tile is the A operand, XA
+// the B operand, the rank the N dimension), with no per-weight scale at all. The sum over k may run in any order,
+// as long as XA's columns follow the same order: each thread loads 16 bytes of packed codes per row and step and
+// takes its registers straight from them; XA is laid out in shared memory in the order the registers imply.
+//
+// Codes are lords.packing's 4-bit layout: byte j of a row holds column j (low nibble) and column S + j (high
+// nibble), S = K / 2. A step is 64 bytes of every row: 128 columns, eight k16 tiles. Thread t (lane % 4) of a group
+// g (lane / 4) reads bytes 16t .. 16t+15 of the step from rows g and g+8 of its 16-row tile; word i of those holds
+// bytes b = 16t + 4i + e, e = 0..3. Integer codebooks put code + 128 in the mantissa of a bf16 (no table); the
+// fragment pairs two bytes' nibbles of the same half: tile 2i + h (h: low or high nibble), slots 2t + {0, 8, 1, 9}[e].
+// Other codebooks look up a byte's two levels at once in a 256-entry table of level pairs (one copy per lane, so
+// that lanes never share a bank): tile 2i + e / 2, slots 2t + 8 (e % 2) + h.
+//
+// XA is formed once per call by a small kernel (xa_kernel) in the order of the B operand's registers, so that a lane
+// reads its fragments of a step with 16-byte loads that hit L1 (every warp reads the same XA). Forming it in each
+// block instead cost as much as the product itself where the rank is large against the rows a block holds.
+//
+// A grid of (row blocks) x (K splits); a split's partial sums meet in a float32 workspace, and the last program of a
+// row block to finish (counted on a per-block counter, which it sets back to zero) adds them in split order and
+// writes the output and zeros the slots (lords.kernels.stream_k's workspace, shared with the Triton kernels): no
+// zero-fill before, no conversion after, the same result every call.
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace {
+
+constexpr int STEP_BYTES = 64;   // packed bytes of a row per step
+constexpr int STEP_COLS = 128;   // columns (k) per step
+constexpr int TABLE_WORDS = 256 * 32;
+constexpr int PAIRS = 4;         // pairs of k16 tiles per step
+
+struct Levels {
+    float value[16];
+};
+
+__device__ __forceinline__ uint32_t pack_bf16(float low, float high) {
+    __nv_bfloat162 pair = __floats2bfloat162_rn(low, high);
+    return *reinterpret_cast<uint32_t*>(&pair);
+}
+
+// Where byte b of a step (nibble h) lands: k16 tile (0..7) and slot (0..15) in the tile.
+template <bool TABLE>
+__device__ __forceinline__ int step_position(int b, int h) {
+    int t = b >> 4, i = (b >> 2) & 3, e = b & 3;
+    if (TABLE) return (2 * i + (e >> 1)) * 16 + 2 * t + 8 * (e & 1) + h;
+    return (2 * i + h) * 16 + 2 * t + ((e & 1) << 3) + (e >> 1);
+}
+
+__device__ __forceinline__ void mma_bf16(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint4 load_codes(const uint8_t* address, bool valid) {
+    if (!valid) return make_uint4(0, 0, 0, 0);
+    return __ldcs(reinterpret_cast<const uint4*>(address));  // streamed once: evict first
+}
+
+__device__ __forceinline__ uint32_t word(const uint4& v, int i) {
+    return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// The level pairs of one word of codes as the fragment registers of its two k16 tiles: a[0] for row g, slots 2t..;
+// a[2] for row g, slots 2t+8..; the caller fills a[1], a[3] from row g+8.
+template <bool TABLE>
+__device__ __forceinline__ void levels_of(uint32_t w, uint32_t* first, uint32_t* second, uint32_t integer_bias,
+                                          const uint32_t* table) {
+    if (TABLE) {
+        first[0] = table[(w & 0xFF) << 5];
+        first[1] = table[((w >> 8) & 0xFF) << 5];
+        second[0] = table[((w >> 16) & 0xFF) << 5];
+        second[1] = table[(w >> 24) << 5];
+    } else {
+        const __nv_bfloat162 bias = *reinterpret_cast<const __nv_bfloat162*>(&integer_bias);
+        uint32_t q[4] = {(w & 0x000F000F) | 0x43004300, ((w >> 8) & 0x000F000F) | 0x43004300,
+                         ((w >> 4) & 0x000F000F) | 0x43004300, ((w >> 12) & 0x000F000F) | 0x43004300};
+        __nv_bfloat162 v[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) v[j] = __hsub2(*reinterpret_cast<__nv_bfloat162*>(&q[j]), bias);
+        first[0] = *reinterpret_cast<uint32_t*>(&v[0]);
+        first[1] = *reinterpret_cast<uint32_t*>(&v[1]);
+        second[0] = *reinterpret_cast<uint32_t*>(&v[2]);
+        second[1] = *reinterpret_cast<uint32_t*>(&v[3]);
+    }
+}
+
+// The column of K behind slot `slot` of k16 tile `tile` of a step: the inverse of the code layout above.
+template <bool TABLE>
+__device__ __forceinline__ int slot_column(int tile, int slot, int half_k) {
+    const int t = (slot & 7) >> 1, i = tile >> 1;
+    int e, h;
+    if (TABLE) {
+        e = (tile & 1) * 2 + (slot >> 3), h = slot & 1;
+    } else {
+        e = (slot & 1) * 2 + (slot >> 3), h = tile & 1;
+    }
+    return 16 * t + 4 * i + e + h * half_k;
+}
+
+// XA in the B operand's register order: for step s, tile pair i and lane (g, t), 4 * RANK_TILES words: tile 2i + u,
+// rank tile p, register j (slots 2t + 8j, 2t + 8j + 1 of rank row 8p + g) at word (u * RANK_TILES + p) * 2 + j.
+template <int RANK_TILES, bool TABLE>
+__global__ void xa_kernel(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ scale_a,
+                          uint32_t* __restrict__ xa, int k, int rank, int words) {
+    const int index = blockIdx.x * blockDim.x + threadIdx.x;
+    if (index >= words) return;
+    const int j = index & 1, p = (index >> 1) % RANK_TILES, u = (index / (2 * RANK_TILES)) & 1;
+    const int lane = (index / (4 * RANK_TILES)) & 31, pair = index / (4 * RANK_TILES * 32);
+    const int step = pair / PAIRS, tile = 2 * (pair % PAIRS) + u;
+    const int r = 8 * p + (lane >> 2), slot = 2 * (lane & 3) + 8 * j;
+    float value[2] = {0.f, 0.f};
+    if (r < rank) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+            const int column = step * STEP_BYTES + slot_column<TABLE>(tile, slot + c, k / 2);
+            value[c] = __bfloat162float(scale_a[(size_t)r * k + column]) * __bfloat162float(x[column]);
+        }
+    }
+    xa[index] = pack_bf16(value[0], value[1]);
+}
+
+template <int RANK_TILES, int ROW_TILES, bool TABLE>
+__global__ void __launch_bounds__(256) gemv4_kernel(
+    const uint8_t* __restrict__ codes, const uint32_t* __restrict__ xa, const __nv_bfloat16* __restrict__ scale_b,
+    const __nv_bfloat16* __restrict__ bias, __nv_bfloat16* __restrict__ y, float* __restrict__ partial,
+    int* __restrict__ counters, int n, int k, int rank, int steps, Levels levels, uint32_t integer_bias,
+    float out_scale) {
+    __shared__ uint32_t table[TABLE ? TABLE_WORDS : 1];
+    __shared__ int last_flag;
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int half_k = k / 2;
+    const int block_rows = warps * ROW_TILES * 16;
+    const int row0 = blockIdx.x * block_rows + warp * ROW_TILES * 16;
+    const int splits = gridDim.y;
+    const int first_step = blockIdx.y * steps / splits, end_step = (blockIdx.y + 1) * steps / splits;
+
+    if (TABLE) {
+        __shared__ float level[16];  // indexing the parameter struct by a variable would copy it to local memory
+#pragma unroll
+        for (int j = 0; j < 16; ++j)
+            if (threadIdx.x == j) level[j] = levels.value[j];
+        __syncthreads();
+        for (int i = threadIdx.x; i < TABLE_WORDS; i += blockDim.x) {
+            const int byte = i >> 5;
+            table[i] = pack_bf16(level[byte & 15], level[byte >> 4]);
+        }
+        __syncthreads();
+    }
+    const uint32_t* my_table = table + lane;
+
+    float acc[ROW_TILES][RANK_TILES][4];
+#pragma unroll
+    for (int m = 0; m < ROW_TILES; ++m)
+#pragma unroll
+        for (int r = 0; r < RANK_TILES; ++r) acc[m][r][0] = acc[m][r][1] = acc[m][r][2] = acc[m][r][3] = 0.f;
+
+    // Codes two steps ahead and XA one tile pair ahead, in registers: with two warps per scheduler, waiting for
+    // loads issued just before their use left the schedulers idle 82% of the time (ncu, H200).
+    uint4 current[ROW_TILES][2], next[ROW_TILES][2], later[ROW_TILES][2];
+    auto fetch = [&](uint4 (*into)[2], int step) {
+#pragma unroll
+        for (int m = 0; m < ROW_TILES; ++m) {
+            const bool valid = row0 + m * 16 < n && step < end_step;
+            const uint8_t* base = codes + (size_t)(row0 + m * 16 + g) * half_k + step * STEP_BYTES + t * 16;
+            into[m][0] = load_codes(base, valid);
+            into[m][1] = load_codes(base + (size_t)8 * half_k, valid);
+        }
+    };
+    // this lane's XA registers for tiles 2i and 2i + 1 of a step, every rank tile
+    uint32_t b[2][2][RANK_TILES][2];
+    auto fetch_xa = [&](uint32_t (*into)[RANK_TILES][2], int step, int i) {
+        const uint4* fragments = reinterpret_cast<const uint4*>(xa) + ((step * PAIRS + i) * 32 + lane) * RANK_TILES;
+#pragma unroll
+        for (int q = 0; q < RANK_TILES; ++q) {
+            const uint4 v = step < end_step ? __ldg(fragments + q) : make_uint4(0, 0, 0, 0);
+            uint32_t* flat = &into[0][0][0] + 4 * q;
+            flat[0] = v.x, flat[1] = v.y, flat[2] = v.z, flat[3] = v.w;
+        }
+    };
+    fetch(current, first_step);
+    fetch(next, first_step + 1);
+    fetch_xa(b[0], first_step, 0);
+
+    for (int step = first_step; step < end_step; ++step) {
+        fetch(later, step + 2);
+#pragma unroll
+        for (int i = 0; i < PAIRS; ++i) {
+            fetch_xa(b[(i + 1) & 1], i + 1 < PAIRS ? step : step + 1, (i + 1) % PAIRS);
+            const uint32_t (*xa_now)[RANK_TILES][2] = b[i & 1];
+#pragma unroll
+            for (int m = 0; m < ROW_TILES; ++m) {
+                // rows g and g + 8, each giving tile 2i's and tile 2i + 1's registers (slots 2t.. and 2t+8..)
+                uint32_t g_first[2], g_second[2], h_first[2], h_second[2];
+                levels_of<TABLE>(word(current[m][0], i), g_first, g_second, integer_bias, my_table);
+                levels_of<TABLE>(word(current[m][1], i), h_first, h_second, integer_bias, my_table);
+                const uint32_t first[4] = {g_first[0], h_first[0], g_first[1], h_first[1]};
+                const uint32_t second[4] = {g_second[0], h_second[0], g_second[1], h_second[1]};
+#pragma unroll
+                for (int r = 0; r < RANK_TILES; ++r) {
+                    mma_bf16(acc[m][r], first, xa_now[0][r][0], xa_now[0][r][1]);
+                    mma_bf16(acc[m][r], second, xa_now[1][r][0], xa_now[1][r][1]);
+                }
+            }
+        }
+#pragma unroll
+        for (int m = 0; m < ROW_TILES; ++m) {
+            current[m][0] = next[m][0], current[m][1] = next[m][1];
+            next[m][0] = later[m][0], next[m][1] = later[m][1];
+        }
+    }
+
+    // y[row] = sum_r B[row, r] Z[row, r]: a thread holds rank columns 8p + 2t, 8p + 2t + 1 of rows g and g + 8.
+#pragma unroll
+    for (int m = 0; m < ROW_TILES; ++m) {
+        float sum[2] = {0.f, 0.f};
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            int row = row0 + m * 16 + g + 8 * half;
+            if (row0 + m * 16 >= n) continue;
+#pragma unroll
+            for (int p = 0; p < RANK_TILES; ++p) {
+#pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    int r = 8 * p + 2 * t + c;
+                    if (r < rank) sum[half] += __bfloat162float(scale_b[(size_t)row * rank + r]) * acc[m][p][2 * half + c];
+                }
+            }
+        }
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            sum[half] += __shfl_xor_sync(0xffffffff, sum[half], 1);
+            sum[half] += __shfl_xor_sync(0xffffffff, sum[half], 2);
+            int row = row0 + m * 16 + g + 8 * half;
+            if (t == 0 && row0 + m * 16 < n) {
+                float value = sum[half] * out_scale;
+                if (splits == 1) {
+                    if (bias) value += __bfloat162float(bias[row]);
+                    y[row] = __float2bfloat16(value);
+                } else {
+                    partial[(size_t)blockIdx.y * n + row] = value;
+                }
+            }
+        }
+    }
+    if (splits == 1) return;
+
+    // The last program of this row block to arrive adds the splits' partial sums. The fence makes this program's
+    // partial sums visible to every other program before its arrival is counted.
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last_flag = atomicAdd(&counters[blockIdx.x], 1) == splits - 1;
+    __syncthreads();
+    if (!last_flag) return;
+    __threadfence();
+    for (int row = blockIdx.x * block_rows + threadIdx.x; row < min(n, (blockIdx.x + 1) * block_rows);
+         row += blockDim.x) {
+        float value = 0.f;
+        for (int split = 0; split < splits; ++split) {
+            value += __ldcg(&partial[(size_t)split * n + row]);
+            partial[(size_t)split * n + row] = 0.f;  // the workspace is shared with the Triton kernels: left zero
+        }
+        if (bias) value += __bfloat162float(bias[row]);
+        y[row] = __float2bfloat16(value);
+    }
+    if (threadIdx.x == 0) counters[blockIdx.x] = 0;
+}
+
+}  // namespace
+
+// One build of this file serves one configuration, chosen at compile time (lords/kernels/cuda/__init__.py compiles
+// the ones a model needs, each in a few seconds, and keeps them on disk).
+#ifndef LORDS_RANK_TILES
+#define LORDS_RANK_TILES 7
+#define LORDS_ROW_TILES 2
+#define LORDS_TABLE 0
+#endif
+
+extern "C" {
+
+// The 32-bit words of XA scratch a call needs for K = k.
+int lords_gemv4_xa_words(int k) { return k / STEP_COLS * PAIRS * 32 * 4 * LORDS_RANK_TILES; }
+
+// Returns a cudaError_t (0: launched). xa: lords_gemv4_xa_words(k) words of scratch. levels: the codebook's 16
+// levels, read when the build has a table; integer_offset: the integer codebook's offset (levels = (code + offset) *
+// out_scale) otherwise.
+int lords_gemv4(const void* codes, const void* x, const void* scale_a, const void* scale_b, const void* bias, void* y,
+                float* partial, int* counters, void* xa, int n, int k, int rank, int warps, int splits,
+                const float* levels, int integer_offset, float out_scale, void* stream) {
+    auto s = static_cast<cudaStream_t>(stream);
+    const int words = lords_gemv4_xa_words(k);
+    xa_kernel<LORDS_RANK_TILES, LORDS_TABLE><<<(words + 255) / 256, 256, 0, s>>>(
+        static_cast<const __nv_bfloat16*>(x), static_cast<const __nv_bfloat16*>(scale_a), static_cast<uint32_t*>(xa),
+        k, rank, words);
+    Levels table;
+    for (int i = 0; i < 16; ++i) table.value[i] = levels[i];
+    // code + 128 sits in the bf16's mantissa; subtracting 128 - offset leaves code + offset exactly
+    __nv_bfloat162 bias_pair = __floats2bfloat162_rn(128.f - integer_offset, 128.f - integer_offset);
+    const int block_rows = warps * LORDS_ROW_TILES * 16;
+    dim3 grid((n + block_rows - 1) / block_rows, splits);
+    gemv4_kernel<LORDS_RANK_TILES, LORDS_ROW_TILES, LORDS_TABLE><<<grid, warps * 32, 0, s>>>(
+        static_cast<const uint8_t*>(codes), static_cast<const uint32_t*>(xa),
+        static_cast<const __nv_bfloat16*>(scale_b), static_cast<const __nv_bfloat16*>(bias),
+        static_cast<__nv_bfloat16*>(y), partial, counters, n, k, rank, k / STEP_COLS, table,
+        *reinterpret_cast<uint32_t*>(&bias_pair), out_scale);
+    return cudaGetLastError();
+}
+}

@@ -1,0 +1,182 @@
+"""vLLM integration: quant_method "lords" as a vLLM quantization method, so that `vllm.LLM(model=folder)` and vLLM's
+OpenAI server serve a lords checkpoint with no extra flag.
+
+vLLM loads this module through the entry point "vllm.general_plugins" (pyproject.toml), in each of its processes;
+nothing else in lords imports it, so vLLM is imported only where vLLM runs. The config read is the quantization_config
+that lords.hf writes into config.json, validated by the same class.
+
+vLLM fuses q/k/v (and gate/up) into one layer, while a lords checkpoint keeps each part's codes, codebook and scales
+(each its own rank). A fused layer stacks the parts' tensors in one parameter each (scales zero-padded to the largest
+rank, so that B A is unchanged) and runs one lords matmul per part.
+
+Tensor parallelism follows W = (B A) * C[codes]: a column-parallel layer owns some of W's rows, so it keeps those rows
+of the codes and of B, and A whole; a row-parallel layer owns some columns: those columns of the codes and of A, and B
+whole (vLLM sums the ranks' partial outputs). Codes are packed along the columns in segments (lords.packing), so a
+row-parallel shard unpacks, slices and packs again.
+
+On the CPU a layer runs the torch reference (dequantize, then matmul); on CUDA lords.kernels.lords_matmul through the
+torch operator of lords.kernels.ops, which CUDA graphs and torch.compile accept. vLLM's CUDA build cannot be installed
+where the GPU is, so the CUDA path here is untested under vLLM; it is the call that LoRDSLinear makes on CUDA.
+"""
+
+from functools import partial
+
+import torch
+from vllm.model_executor.layers.linear import (
+    ColumnParallelLinear,
+    LinearBase,
+    LinearMethodBase,
+    QKVParallelLinear,
+    RowParallelLinear,
+    UnquantizedLinearMethod,
+)
+from vllm.model_executor.layers.quantization import register_quantization_config
+from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+from vllm.model_executor.utils import set_weight_attrs
+
+from .hf import QUANT_METHOD, LoRDSQuantizationConfig
+from .linear import lords_linear
+from .packing import pack_codes, row_bytes, unpack_codes
+
+TENSORS = ("codes", "codebook", "scale_b", "scale_a")
+
+
+class LoRDSVllmConfig(QuantizationConfig):
+    """config.json's quantization_config of a lords checkpoint, for vLLM."""
+
+    def __init__(self, layers: dict[str, dict]):
+        super().__init__()
+        self.layers = layers
+
+    def get_name(self) -> str:
+        return QUANT_METHOD
+
+    def get_supported_act_dtypes(self) -> list[torch.dtype]:
+        return [torch.bfloat16, torch.float16, torch.float32]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 80  # the Triton kernels' bfloat16 dot products need Ampere
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        return []  # everything is in config.json's quantization_config
+
+    @classmethod
+    def from_config(cls, config: dict) -> "LoRDSVllmConfig":
+        return cls(LoRDSQuantizationConfig(**config).layers)  # refuses what transformers would refuse
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str):
+        if not isinstance(layer, LinearBase):
+            return None
+        head, _, name = prefix.rpartition(".")
+        part_names = [f"{head}.{part}" if head else part for part in self.packed_modules_mapping.get(name, [name])]
+        entries = [self.layers.get(part) for part in part_names]
+        if all(entry is None for entry in entries):
+            return UnquantizedLinearMethod()
+        dense = [part for part, entry in zip(part_names, entries) if entry is None]
+        if dense:
+            raise ValueError(f"vLLM fuses {part_names} into {prefix}, but {dense} are not quantized: quantize all of "
+                             "them or none")
+        for field in ("bits", "scale_dtype"):
+            values = {entry[field] for entry in entries}
+            if len(values) > 1:
+                raise ValueError(f"vLLM fuses {part_names} into {prefix}; they must share one {field}, got "
+                                 f"{sorted(values)}")
+        return LoRDSLinearMethod(part_names, entries)
+
+
+class LoRDSLinearMethod(LinearMethodBase):
+    """One vLLM linear layer (fused or not) of LoRDS parts; created per layer, so it keeps that layer's state."""
+
+    def __init__(self, part_names: list[str], entries: list[dict]):
+        self.part_names, self.entries = part_names, entries
+        self.bits = entries[0]["bits"]
+        self.ranks = [entry["rank"] for entry in entries]
+        self.loaded: set[tuple[str, int]] = set()
+
+    def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
+                       params_dtype, **extra_weight_attrs):
+        if len(output_partition_sizes) != len(self.part_names):
+            raise ValueError(f"{layer.prefix} has {len(output_partition_sizes)} parts in vLLM, {self.part_names} "
+                             "in the quantization_config")
+        self.rows, self.columns, self.full_columns = list(output_partition_sizes), input_size_per_partition, input_size
+        scale_dtype = getattr(torch, self.entries[0]["scale_dtype"])
+        max_rank = max(self.ranks)
+        # zeros: the padding columns of B and rows of A of a part with a smaller rank are never loaded
+        shapes = {
+            "codes": ((sum(self.rows), row_bytes(input_size_per_partition, self.bits)), torch.uint8),
+            "codebook": ((len(self.rows), 2**self.bits), torch.float32),  # lords.codebooks' tables
+            "scale_b": ((sum(self.rows), max_rank), scale_dtype),
+            "scale_a": ((len(self.rows) * max_rank, input_size_per_partition), scale_dtype),
+        }
+        for name, (shape, dtype) in shapes.items():
+            param = torch.nn.Parameter(torch.zeros(shape, dtype=dtype), requires_grad=False)
+            set_weight_attrs(param, {"weight_loader": partial(self.load, layer, name)})
+            layer.register_parameter(name, param)
+
+    def load(self, layer, name: str, param, loaded_weight: torch.Tensor, shard_id=None) -> None:
+        """vLLM's weight_loader for one tensor of one part, as the checkpoint stores it (the whole matrix)."""
+        shard_id = getattr(loaded_weight, "shard_id", None) if shard_id is None else shard_id
+        part = 0 if shard_id is None else "qkv".index(shard_id) if isinstance(shard_id, str) else shard_id
+        rank, local_rows = self.ranks[part], self.rows[part]
+        first_local_row = sum(self.rows[:part])
+        first_row, full_rows = 0, local_rows
+        if isinstance(layer, ColumnParallelLinear):
+            # QKVParallelLinear repeats k and v heads when there are fewer of them than ranks
+            replicas = layer.num_kv_head_replicas if isinstance(layer, QKVParallelLinear) and part > 0 else 1
+            first_row, full_rows = layer.tp_rank // replicas * local_rows, local_rows * layer.tp_size // replicas
+        local_columns, full_columns = self.columns, self.full_columns
+        first_column = layer.tp_rank * local_columns if isinstance(layer, RowParallelLinear) else 0
+        expected = {"codes": (full_rows, row_bytes(full_columns, self.bits)), "codebook": (2**self.bits,),
+                    "scale_b": (full_rows, rank), "scale_a": (rank, full_columns)}[name]
+        if tuple(loaded_weight.shape) != expected or loaded_weight.dtype != param.dtype:
+            raise ValueError(f"{self.part_names[part]}.{name} in the checkpoint is {loaded_weight.dtype} "
+                             f"{tuple(loaded_weight.shape)}, expected {param.dtype} {expected} for its "
+                             f"quantization_config entry {self.entries[part]}")
+        rows = slice(first_local_row, first_local_row + local_rows)
+        if name == "codes":
+            codes = loaded_weight[first_row:first_row + local_rows]
+            if local_columns != full_columns:
+                codes = unpack_codes(codes, self.bits, (local_rows, full_columns))
+                codes = pack_codes(codes[:, first_column:first_column + local_columns], self.bits)
+            param.data[rows] = codes
+        elif name == "codebook":
+            param.data[part] = loaded_weight
+        elif name == "scale_b":
+            param.data[rows, :rank] = loaded_weight[first_row:first_row + local_rows]
+        else:
+            first_padded_row = part * max(self.ranks)
+            param.data[first_padded_row:first_padded_row + rank] = (
+                loaded_weight[:, first_column:first_column + local_columns])
+        self.loaded.add((name, part))
+
+    def process_weights_after_loading(self, layer) -> None:
+        # vLLM checks that every parameter was loaded only for unquantized models; a LoRDS layer without its codes or
+        # scales would run on zeros.
+        for part, part_name in enumerate(self.part_names):
+            for name in TENSORS:
+                if (name, part) not in self.loaded:
+                    raise ValueError(f"{part_name}.{name} is missing from the checkpoint; the folder is incomplete or "
+                                     "does not match its quantization_config")
+        max_rank, first = max(self.ranks), 0
+        layer.lords_parts = []
+        for part, (rows, rank) in enumerate(zip(self.rows, self.ranks)):
+            layer.lords_parts.append((
+                layer.codes[first:first + rows], layer.codebook[part],
+                layer.scale_b[first:first + rows, :rank].contiguous(),
+                layer.scale_a[part * max_rank:part * max_rank + rank]))
+            first += rows
+
+    def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        path = "triton" if x.is_cuda else "torch"
+        outputs = [lords_linear(x, codes, codebook, scale_b, scale_a, self.bits, None, path)
+                   for codes, codebook, scale_b, scale_a in layer.lords_parts]
+        output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
+        return output if bias is None else output + bias
+
+
+def register() -> None:
+    """vLLM's entry point (vllm.general_plugins): make quant_method "lords" known to vLLM. vLLM calls it in every
+    process it starts; registering again replaces the entry with the same class."""
+    register_quantization_config(QUANT_METHOD)(LoRDSVllmConfig)

