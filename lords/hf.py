@@ -41,8 +41,8 @@ LAYER_FIELDS = ("bits", "rank", "codebook", "scale_dtype")
 
 def check_layer_entry(name: str, entry: dict) -> None:
     if not isinstance(entry, dict) or set(entry) - {"experts"} != set(LAYER_FIELDS):
-        raise ValueError(f"quantization_config layer {name}: expected the fields {list(LAYER_FIELDS)} (and "
-                         f"'experts' for a stack of experts), got {entry!r}")
+        raise ValueError(f"quantization_config layer {name}: expected the fields {list(LAYER_FIELDS)}, got {entry!r} "
+                         "(a stack of experts adds 'experts')")
     if "experts" in entry and (not isinstance(entry["experts"], int) or isinstance(entry["experts"], bool)
                                or entry["experts"] < 1):
         raise ValueError(f"quantization_config layer {name}: experts must be a positive integer, "
