@@ -250,14 +250,15 @@ class ExpertMatrix:
     bias: None = None
 
 
-def quantize_experts(model: nn.Module, experts: list[tuple[str, nn.Module]], config, quantize_group: Callable,
+def quantize_experts(experts: list[tuple[str, nn.Module]], config, quantize_group: Callable,
                      stack: Callable = LoRDSExpertWeights.from_linears, stats: dict | None = None,
-                     max_batch_numel: int = 2**27, bar=None) -> list:
-    """Replace each named experts module by LoRDSExperts, in place. Each projection's experts go to quantize_group
-    (as lords.model.quantize_targets calls it) in stacks of up to max_batch_numel weights, with the config that
-    applies to the projection's name and, when stats are given, each expert's moments; stack(per-expert modules)
-    makes the projection. Returns the reports, one per expert matrix (named f"{projection}.{expert}")."""
-    reports = []
+                     max_batch_numel: int = 2**27, bar=None) -> tuple[list, dict[str, LoRDSExperts]]:
+    """The LoRDSExperts that replace each named experts module, and the reports, one per expert matrix (named
+    f"{projection}.{expert}"); the caller replaces the modules, once everything it quantizes is done. Each
+    projection's experts go to quantize_group (as lords.model.quantize_targets calls it) in stacks of up to
+    max_batch_numel weights, with the config that applies to the projection's name and, when stats are given, each
+    expert's moments; stack(per-expert modules) makes the projection."""
+    reports, replacements = [], {}
     for name, module in experts:
         projections = {}
         for part in PROJECTIONS:
@@ -275,5 +276,5 @@ def quantize_experts(model: nn.Module, experts: list[tuple[str, nn.Module]], con
                 if bar is not None:
                     bar.update(len(chosen))
             projections[part] = stack(modules)
-        model.set_submodule(name, LoRDSExperts(module, **projections))
-    return reports
+        replacements[name] = LoRDSExperts(module, **projections)
+    return reports, replacements

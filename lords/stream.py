@@ -360,8 +360,11 @@ def quantize_to_folder(
             experts = block_experts(block.module, block.name, config)
             start = time.perf_counter()
             group = refinement_group() if experts else None
-            reports.extend(quantize_experts(model, experts, config, group, stats=block.expert_moments or None,
-                                            max_batch_numel=max_batch_numel))
+            expert_reports, replacements = quantize_experts(experts, config, group, stats=block.expert_moments or None,
+                                                            max_batch_numel=max_batch_numel)
+            reports.extend(expert_reports)
+            for name, module in replacements.items():
+                model.set_submodule(name, module)
             seconds["refinement"] += time.perf_counter() - start
             start = time.perf_counter()
             for name, _ in experts:

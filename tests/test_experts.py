@@ -125,6 +125,15 @@ def test_unsupported_expert_layouts_are_named():
     assert isinstance(model.model.layers[1].mlp.experts.gate_up_proj, nn.Parameter)
 
 
+def test_a_non_finite_expert_weight_is_refused_before_anything_changes():
+    model = tiny_qwen3_moe()
+    with torch.no_grad():
+        model.model.layers[1].mlp.experts.down_proj[2, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"^model\.layers\.1\.mlp\.experts\.down_proj contains NaN or Inf values"):
+        lords.quantize(model, CONFIG, calibration=torch.randint(0, 96, (2, 8)), progress=False)
+    assert not any(isinstance(module, (lords.LoRDSLinear, LoRDSExperts)) for module in model.modules())
+
+
 def test_targeting_one_projection_of_the_experts_is_refused():
     model = tiny_qwen3_moe()
     with pytest.raises(ValueError, match=r"the targets match only one of model\.layers\.0\.mlp\.experts\.gate_up_proj "
