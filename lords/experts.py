@@ -20,6 +20,7 @@ is a router. It is small (E x H), and an error in it changes which experts run, 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -204,7 +205,7 @@ def shrink_moments(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
 
 
 def _sum_of_squares(x: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(x, dim=0, dtype=torch.float32).double().pow(2).cpu()
+    return torch.linalg.vector_norm(x, dim=0, dtype=torch.float32).double().pow(2)
 
 
 @contextmanager
@@ -226,12 +227,13 @@ def recording_expert_moments(experts: list[tuple[str, nn.Module]]) -> Iterator[d
         return run_experts(hidden_states, top_k_index, top_k_weights, module.num_experts, expert_mlp)
 
     for name, module in experts:
-        sums = {part: torch.zeros(getattr(module, part).shape[0], getattr(module, part).shape[2], dtype=torch.float64)
-                for part in PROJECTIONS}
-        counts = torch.zeros(module.num_experts, dtype=torch.float64)
+        # kept where the experts run: one copy to the host per block, not per expert and batch
+        device = module.gate_up_proj.device
+        sums = {part: torch.zeros(getattr(module, part).shape[0], getattr(module, part).shape[2], dtype=torch.float64,
+                                  device=device) for part in PROJECTIONS}
+        counts = torch.zeros(module.num_experts, dtype=torch.float64, device=device)
         records[name] = (sums, counts)
-        module.forward = lambda *args, module=module, sums=sums, counts=counts: recording_forward(
-            module, sums, counts, *args)
+        module.forward = partial(recording_forward, module, sums, counts)
     moments: dict[str, torch.Tensor] = {}
     try:
         yield moments
@@ -239,7 +241,7 @@ def recording_expert_moments(experts: list[tuple[str, nn.Module]]) -> Iterator[d
         for _, module in experts:
             del module.forward
     for name, (sums, counts) in records.items():
-        moments.update({f"{name}.{part}": shrink_moments(sums[part], counts) for part in PROJECTIONS})
+        moments.update({f"{name}.{part}": shrink_moments(sums[part].cpu(), counts.cpu()) for part in PROJECTIONS})
 
 
 @dataclass
