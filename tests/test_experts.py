@@ -172,6 +172,13 @@ def test_save_load_gives_identical_logits(quantized_moe, tmp_path):
             assert loaded.model.layers[1].mlp.experts.down_proj.dense_weight.shape == original.dequantize().shape
             torch.testing.assert_close(loaded(ids).logits, before, rtol=1e-5, atol=1e-5)
         assert loaded.model.layers[1].mlp.experts.down_proj.dense_weight is None
+    # transformers' own save_pretrained writes the same tensors (its reverse MoE conversion would split them)
+    from transformers import AutoModelForCausalLM
+
+    quantized_moe.save_pretrained(tmp_path / "hf")
+    with torch.no_grad():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)(ids).logits,
+                           before)
 
 
 def test_a_missing_expert_tensor_is_an_error(quantized_moe, tmp_path):
