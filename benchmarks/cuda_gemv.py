@@ -29,16 +29,21 @@ SHAPES = [(14336, 4096), (4096, 14336), (4096, 4096), (1024, 4096), (28672, 8192
 
 def sweep(out_features, in_features, rank, sms) -> list[dict]:
     """Launch shapes to time besides the default: 4 or 8 warps, 1, 2 or 4 row tiles where they fit, 1-3x the
-    default split."""
+    default split; the wgmma build at 4 or 8 warps, 1-2x its default split, where the rank has a wgmma shape."""
     shapes = []
     rank_tiles = -(-rank // 8)
+    if rank_tiles in gemv4.WGMMA_RANK_TILES:
+        for warps in (4, 8):
+            base = gemv4.config(out_features, in_features, rank, sms, warps=warps, wgmma=True)["splits"]
+            shapes += [dict(warps=warps, splits=s, wgmma=True) for s in sorted({base, 2 * base})
+                       if s <= in_features // gemv4.STEP_COLS]
     for warps in (4, 8):
         for row_tiles in (1, 2, 4):
             if rank_tiles * row_tiles > 16:
                 continue
             base = gemv4.config(out_features, in_features, rank, sms, warps=warps, row_tiles=row_tiles)["splits"]
-            shapes += [dict(warps=warps, row_tiles=row_tiles, splits=s) for s in sorted({base, 2 * base, 3 * base})
-                       if s <= in_features // gemv4.STEP_COLS]
+            shapes += [dict(warps=warps, row_tiles=row_tiles, splits=s, wgmma=False)
+                       for s in sorted({base, 2 * base, 3 * base}) if s <= in_features // gemv4.STEP_COLS]
     return shapes
 
 
@@ -50,14 +55,16 @@ def main() -> None:
     torch.manual_seed(0)
     started = time.perf_counter()
     sms = processors(device)
+    gemv4.ENABLED = True  # opt-in in the library (lords.kernels.cuda); this benchmark is about it
+    keys = [(r, t, table, False) for r in range(1, 17) for t in (1, 2, 4) for table in (False, True) if r * t <= 16]
+    keys += [(r, 1, table, True) for r in gemv4.WGMMA_RANK_TILES for table in (False, True)]
     with ThreadPoolExecutor(16) as pool:  # every configuration a launch below can use, compiled in parallel
-        list(pool.map(lambda key: gemv4.library(*key), [(r, t, table) for r in range(1, 17) for t in (1, 2, 4)
-                                                        for table in (False, True) if r * t <= 16]))
+        list(pool.map(lambda key: gemv4.library(*key), keys))
     lines = produced_by("# The CUDA gemv4 kernel at one row", "benchmarks.cuda_gemv")
     lines += [f"- date: {time.strftime('%Y-%m-%d')}; device: {torch.cuda.get_device_name()}; torch {torch.__version__},"
               f" triton {triton.__version__}; 4 bits, rank at b = 64 parity; bf16; CUDA-graph medians (us); ratios "
               "are the method's time over bf16's (lower is faster)", "- lords Triton: what lords_matmul picks among "
-              "the Triton kernels; CUDA: gemv4 at its default launch; CUDA best: the fastest of the sweep "
+              "the Triton kernels; CUDA: gemv4 (mma.sync) at its default launch; CUDA best: the fastest of the sweep "
               "(benchmarks.cuda_gemv.sweep), with its launch", "",
               "| shape (N x K) | rank | codebook | bf16 | tinygemm int4 | lords Triton | lords CUDA | CUDA best "
               "(launch) | CUDA / bf16 | CUDA / tinygemm |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -75,11 +82,12 @@ def main() -> None:
         for kind in ("int", "nf"):
             codebook = get_codebook(kind, 4).to(device)
             triton_us = bench(lambda x: lords_matmul(x, packed, codebook, scale_b, scale_a, 4), x)
-            cuda_us = bench(lambda x: gemv4.gemv4_matmul(x, packed, codebook, scale_b, scale_a, 4), x)
+            cuda_us = bench(lambda x: gemv4.gemv4_matmul(x, packed, codebook, scale_b, scale_a, 4, wgmma=False), x)
             timed = [(cuda_us, "default")]
             for shape in (sweep(n, k, rank, sms) if n * k <= 4096 * 14336 else []):
                 timed.append((bench(lambda x: gemv4.gemv4_matmul(x, packed, codebook, scale_b, scale_a, 4, **shape),
-                                    x), "w{warps} r{row_tiles} s{splits}".format(**shape)))
+                                    x), "w{warps} s{splits}".format(**shape) + (" wgmma" if shape["wgmma"] else
+                                                                                " r{row_tiles}".format(**shape))))
             best, launch = min(timed)
             rows.append(dict(shape=f"{n}x{k}", rank=rank, codebook=kind, bf16=bf16, tinygemm=tinygemm,
                              lords_triton=triton_us, lords_cuda=cuda_us, cuda_best=best, cuda_best_launch=launch))

@@ -18,10 +18,11 @@ import triton
 from .tables import finish_report, produced_by
 
 
-def run_suite(junit: str) -> int:
-    """pytest on tests/gpu in a child process without Triton's interpreter (tests/conftest.py sets it otherwise)."""
+def run_suite(junit: str, path: str = "tests/gpu") -> int:
+    """pytest on tests/gpu (or one file of it) in a child process without Triton's interpreter (tests/conftest.py
+    sets it otherwise)."""
     environment = {**os.environ, "TRITON_INTERPRET": "0"}
-    command = [sys.executable, "-m", "pytest", "tests/gpu", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
+    command = [sys.executable, "-m", "pytest", path, "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
                "-o", "junit_family=xunit1"]  # the family that keeps record_property's values
     return subprocess.run(command, env=environment).returncode
 
@@ -42,11 +43,12 @@ def cases(junit: str) -> list[tuple[str, str, str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--path", default="tests/gpu", help="the suite, or one file of it")
     args = parser.parse_args()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
         junit = os.path.join(folder, "gpu.xml")
-        code = run_suite(junit)
+        code = run_suite(junit, args.path)
         rows = cases(junit)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
     counts = {outcome: sum(row[1] == outcome for row in rows) for outcome in ("passed", "FAILED", "ERROR", "skipped")}

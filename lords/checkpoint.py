@@ -20,8 +20,8 @@ from torch import nn
 from . import integrity
 from .atomic import recover, write_folder
 from .config import LoRDSConfig
-from .experts import LoRDSExpertWeights
 from .hf import LAYER_FIELDS, QUANT_METHOD, LoRDSQuantizationConfig, mark_quantized
+from .experts import LoRDSExpertWeights
 from .linear import LoRDSLinear
 
 WEIGHTS_NAME = "model.safetensors"

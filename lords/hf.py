@@ -41,8 +41,8 @@ LAYER_FIELDS = ("bits", "rank", "codebook", "scale_dtype")
 
 def check_layer_entry(name: str, entry: dict) -> None:
     if not isinstance(entry, dict) or set(entry) - {"experts"} != set(LAYER_FIELDS):
-        raise ValueError(f"quantization_config layer {name}: expected the fields {list(LAYER_FIELDS)}, got {entry!r} "
-                         "(a stack of experts adds 'experts')")
+        raise ValueError(f"quantization_config layer {name}: expected the fields {list(LAYER_FIELDS)} (and "
+                         f"'experts' for a stack of experts), got {entry!r}")
     if "experts" in entry and (not isinstance(entry["experts"], int) or isinstance(entry["experts"], bool)
                                or entry["experts"] < 1):
         raise ValueError(f"quantization_config layer {name}: experts must be a positive integer, "
@@ -129,6 +129,20 @@ def replace_linears(model: nn.Module, layers: dict[str, dict]) -> None:
         model.set_submodule(name, module)
 
 
+def check_files_hold_layers(files, layers: dict[str, dict]) -> None:
+    """The files must store exactly the quantization_config's layers as LoRDS layers: a LoRDS layer the config does
+    not name would become an nn.Linear that transformers random-initialises."""
+    stored = set()
+    for path in files:
+        if str(path).endswith(".safetensors"):
+            _, header, _ = integrity.read_header(path)
+            stored |= {name.removesuffix(".scale_b") for name in header if name.endswith(".scale_b")}
+    unlisted = sorted(stored - set(layers))
+    if unlisted:
+        raise ValueError(f"the checkpoint stores LoRDS layers its quantization_config does not name "
+                         f"({len(unlisted)}, e.g. {unlisted[:3]}); config.json does not match the weights")
+
+
 def replace_experts(model: nn.Module, layers: dict[str, dict]) -> None:
     """Swap the experts module of each pair of experts entries (f"{experts}.gate_up_proj", ".down_proj") of a
     meta-device model for an empty (meta) LoRDSExperts of the entries' layout."""
@@ -155,20 +169,6 @@ def replace_experts(model: nn.Module, layers: dict[str, dict]) -> None:
                     shape[0], shape[2], shape[1], entry["bits"], entry["rank"], entry["codebook"],
                     getattr(torch, entry["scale_dtype"]), device="meta")
         model.set_submodule(parent, LoRDSExperts(original, **projections))
-
-
-def check_files_hold_layers(files, layers: dict[str, dict]) -> None:
-    """The files must store exactly the quantization_config's layers as LoRDS layers: a LoRDS layer the config does
-    not name would become an nn.Linear that transformers random-initialises."""
-    stored = set()
-    for path in files:
-        if str(path).endswith(".safetensors"):
-            _, header, _ = integrity.read_header(path)
-            stored |= {name.removesuffix(".scale_b") for name in header if name.endswith(".scale_b")}
-    unlisted = sorted(stored - set(layers))
-    if unlisted:
-        raise ValueError(f"the checkpoint stores LoRDS layers its quantization_config does not name "
-                         f"({len(unlisted)}, e.g. {unlisted[:3]}); config.json does not match the weights")
 
 
 class LoRDSHfQuantizer(HfQuantizer):

@@ -94,13 +94,12 @@ def block_output(block: nn.Module, args, kwargs) -> torch.Tensor:
 
 
 @contextmanager
-def _recording_inputs(linears: list[nn.Module], reduce: Callable, empty: Callable,
-                      expert_groups: list[list[nn.Module]] = ()):
+def _recording_inputs(linears: list[nn.Module], reduce: Callable, empty: Callable, expert_groups=()):
     """While open, sum reduce(x) over the (tokens, in_features) inputs x of each linear over the forwards run; the
     dict yielded holds each sum divided by the tokens seen (float32, on the CPU) once the block closes. Linears fed
     the same tensor (q, k, v; gate, up) share one reduction. empty(in_features): the sum when nothing ran.
     expert_groups (lords.experts.expert_list_groups): the same linear of every expert of an expert list, whose means
-    are shrunk toward their pooled mean (lords.experts.shrink_moments)."""
+    are shrunk toward their pooled means (lords.experts.shrink_moments)."""
     sums = {layer: 0.0 for layer in linears}
     counts = dict.fromkeys(linears, 0)
     last = [None, None, 0]  # the input tensor seen last, its reduction (float64) and its rows
@@ -132,10 +131,10 @@ def _recording_inputs(linears: list[nn.Module], reduce: Callable, empty: Callabl
             means.update(zip(recorded, shrunk))
 
 
-def recording_channel_moments(linears: list[nn.Module], expert_groups: list[list[nn.Module]] = ()):
+def recording_channel_moments(linears: list[nn.Module], expert_groups=()):
     """While open, record h_k = E[x_k^2] of each linear's input over the forwards run (the activation-aware column
     weights); the reduction allocates nothing of the activations' size, so the forward costs about what it costs
-    without hooks. expert_groups: as _recording_inputs'."""
+    without hooks. expert_groups: as in _recording_inputs."""
     return _recording_inputs(
         linears, lambda flat: torch.linalg.vector_norm(flat, dim=0, dtype=torch.float32).double().pow(2),
         lambda features: torch.zeros(features, dtype=torch.float64), expert_groups,
@@ -153,9 +152,9 @@ def recording_input_hessians(linears: list[nn.Module]):
 
 @torch.no_grad()
 def channel_second_moments(block: nn.Module, linears: list[nn.Linear], inputs,
-                           recorder: Callable | None = None) -> dict[nn.Module, torch.Tensor]:
+                           recorder=None) -> dict[nn.Module, torch.Tensor]:
     """The recorder's statistic of each linear's input over the calibration batches (default: E[x^2], with the
-    block's expert lists shrunk toward their pooled moments)."""
+    moments of expert lists' linears shrunk toward their pooled moments)."""
     recording = recorder(linears) if recorder else recording_channel_moments(linears, expert_list_groups(block))
     with recording as moments:
         for args, kwargs in inputs:
@@ -380,9 +379,11 @@ def walk_blocks(
 
     With calibration token ids (N, L), channel_weights are E[x^2] of each linear's input (activation-aware), and of
     each expert's input over the tokens routed to it; with config.codes == "gptq", E[x x^T] measured block by block
-    on the quantized model (walk_blocks_with_feedback), which does not handle stacked experts yet.
+    on the quantized model (walk_blocks_with_feedback), for models without MoE experts.
     """
     if config.codes == "gptq":
+        if model_experts(model, config):
+            raise ValueError("codes='gptq' does not cover MoE experts yet; quantize this model with codes='nearest'")
         return walk_blocks_with_feedback(model, config, quantize_group, calibration, batch_size=batch_size,
                                          max_batch_numel=max_batch_numel, progress=progress)
     targets = model_targets(model, config)
@@ -412,14 +413,6 @@ def check_feedback_calibration(config: LoRDSConfig, calibration: torch.Tensor | 
     check_calibration(calibration)
 
 
-def check_feedback_experts(model: nn.Module, config: LoRDSConfig) -> None:
-    """The error-feedback walk quantizes linears only: a targeted MoE experts module is refused, never left dense."""
-    experts = model_experts(model, config)
-    if experts:
-        raise ValueError(f"codes={config.codes!r} does not quantize mixture-of-experts experts yet ({experts[0][0]}); "
-                         "use codes='nearest', or skip the experts")
-
-
 @torch.no_grad()
 def walk_blocks_with_feedback(
     model: nn.Module,
@@ -436,7 +429,6 @@ def walk_blocks_with_feedback(
     makes the next block's inputs. Each block's error then becomes an input that the next blocks correct for.
     Same-shaped targets share stacks within a block only."""
     check_feedback_calibration(config, calibration)
-    check_feedback_experts(model, config)
     prefix, blocks = find_blocks(model)
     inputs = capture_block_inputs(model, blocks[0], calibration, batch_size)
     targets = model_targets(model, config)

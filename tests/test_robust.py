@@ -220,7 +220,8 @@ def test_malformed_layer_fields_are_named(ckpt, field, value, message):
     (lambda q: q.update(layers=[]), "quantization_config: layers must map layer names to their fields, got []"),
     (lambda q: q.update(quantization="x"), "quantization_config: quantization must be a dict or null, got 'x'"),
     (lambda q: q["layers"][LAYER].pop("rank"), f"quantization_config layer {LAYER}: expected the fields ['bits', "
-     "'rank', 'codebook', 'scale_dtype'], got {'bits': 4, 'codebook': 'nf', 'scale_dtype': 'bfloat16'}"),
+     "'rank', 'codebook', 'scale_dtype'] (and 'experts' for a stack of experts), got {'bits': 4, 'codebook': 'nf', "
+     "'scale_dtype': 'bfloat16'}"),
     (lambda q: q.update(format_version=9), "this lords checkpoint has format_version 9"),
 ])
 def test_malformed_quantization_config_is_named(ckpt, change, message):

@@ -18,6 +18,14 @@ pytestmark = pytest.mark.skipif(
     reason="the CUDA gemv4 kernel needs a Hopper GPU (sm_90) and no Triton interpreter")
 
 CALLS = 20
+
+
+@pytest.fixture(autouse=True)
+def cuda_kernel_on(monkeypatch):
+    """The CUDA kernel is opt-in (LORDS_CUDA=1); these tests turn it on."""
+    import lords.kernels.cuda
+
+    monkeypatch.setattr(lords.kernels.cuda, "ENABLED", True)
 # bf16 operands round the levels (NF), x * A and the output to 8 significant bits, float32 accumulation; the Triton
 # kernels measured up to 2.4e-3 on the same cases (results/gpu_tests.md).
 TOLERANCE = 6e-3
@@ -55,10 +63,10 @@ def poison() -> None:
 
 
 def launch_shapes(n, k, rank):
-    """The default launch and the others benchmarks.kernels may time: row tiles 1, 2, 4 where they fit, splits
-    halved and doubled."""
+    """The default launch and the others benchmarks.cuda_gemv may time: row tiles 1, 2, 4 where they fit, splits
+    halved and doubled, and the wgmma build where the rank has a wgmma shape."""
     from lords.kernels.autotune import processors
-    from lords.kernels.cuda import config
+    from lords.kernels.cuda import WGMMA_RANK_TILES, config
 
     sms = processors(torch.device("cuda"))
     default = config(n, k, rank, sms)
@@ -69,6 +77,8 @@ def launch_shapes(n, k, rank):
     for splits in (default["splits"] // 2, default["splits"] * 2):
         if 1 <= splits <= k // 128 and splits != default["splits"]:
             shapes.append({"splits": splits})
+    if default["rank_tiles"] in WGMMA_RANK_TILES:
+        shapes.append({"wgmma": True})
     return shapes
 
 
@@ -128,13 +138,17 @@ def test_gemv4_gives_the_same_bits_every_call():
     assert all(torch.equal(first, gemv4_matmul(x, packed, codebook, scale_b, scale_a, 4)) for _ in range(50))
 
 
-def test_gemv4_takes_only_what_it_was_built_for():
+def test_gemv4_takes_only_what_it_was_built_for(monkeypatch):
+    import lords.kernels.cuda
     from lords.kernels.cuda import gemv4_ready
 
     generator = torch.Generator("cuda").manual_seed(2)
     _, packed, _, scale_b, scale_a = random_layer(4096, 4096, 32, "nf", generator)
     x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
     assert gemv4_ready(x, 4, packed, scale_b, scale_a)
+    with monkeypatch.context() as off:
+        off.setattr(lords.kernels.cuda, "ENABLED", False)
+        assert not gemv4_ready(x, 4, packed, scale_b, scale_a)  # off unless LORDS_CUDA=1
     assert not gemv4_ready(x, 3, packed, scale_b, scale_a)  # 4 bits only
     assert not gemv4_ready(torch.randn(2, 4096, device="cuda", dtype=torch.bfloat16), 4, packed, scale_b, scale_a)
     assert not gemv4_ready(x.half(), 4, packed, scale_b.half(), scale_a.half())  # bfloat16 only

@@ -28,6 +28,17 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+// One build of this file serves one configuration, chosen at compile time (lords/kernels/cuda/__init__.py compiles
+// the ones a model needs, each in a few seconds, and keeps them on disk).
+#ifndef LORDS_RANK_TILES
+#define LORDS_RANK_TILES 7
+#define LORDS_ROW_TILES 2
+#define LORDS_TABLE 0
+#endif
+#ifndef LORDS_WGMMA
+#define LORDS_WGMMA 0
+#endif
+
 namespace {
 
 constexpr int STEP_BYTES = 64;   // packed bytes of a row per step
@@ -42,14 +53,6 @@ struct Levels {
 __device__ __forceinline__ uint32_t pack_bf16(float low, float high) {
     __nv_bfloat162 pair = __floats2bfloat162_rn(low, high);
     return *reinterpret_cast<uint32_t*>(&pair);
-}
-
-// Where byte b of a step (nibble h) lands: k16 tile (0..7) and slot (0..15) in the tile.
-template <bool TABLE>
-__device__ __forceinline__ int step_position(int b, int h) {
-    int t = b >> 4, i = (b >> 2) & 3, e = b & 3;
-    if (TABLE) return (2 * i + (e >> 1)) * 16 + 2 * t + 8 * (e & 1) + h;
-    return (2 * i + h) * 16 + 2 * t + ((e & 1) << 3) + (e >> 1);
 }
 
 __device__ __forceinline__ void mma_bf16(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
@@ -106,6 +109,294 @@ __device__ __forceinline__ int slot_column(int tile, int slot, int half_k) {
     return 16 * t + 4 * i + e + h * half_k;
 }
 
+// The pair table: level pairs of every byte, one copy per lane (word byte * 32 + lane).
+template <bool TABLE>
+__device__ __forceinline__ void fill_table(uint32_t* table, const Levels& levels) {
+    if (!TABLE) return;
+    __shared__ float level[16];  // indexing the parameter struct by a variable would copy it to local memory
+#pragma unroll
+    for (int j = 0; j < 16; ++j)
+        if (threadIdx.x == j) level[j] = levels.value[j];
+    __syncthreads();
+    for (int i = threadIdx.x; i < TABLE_WORDS; i += blockDim.x) {
+        const int byte = i >> 5;
+        table[i] = pack_bf16(level[byte & 15], level[byte >> 4]);
+    }
+    __syncthreads();
+}
+
+// y[row] = sum_r B[row, r] Z[row, r] for the rows of a warp's tiles; with several splits, the partial sums meet in
+// the workspace. A thread holds rank columns 8p + 2t, 8p + 2t + 1 of rows g and g + 8 of each tile.
+template <int RANK_TILES, int ROW_TILES>
+__device__ __forceinline__ void write_rows(const float (&acc)[ROW_TILES][RANK_TILES][4], int row0, int block_rows,
+                                           const __nv_bfloat16* __restrict__ scale_b,
+                                           const __nv_bfloat16* __restrict__ bias, __nv_bfloat16* __restrict__ y,
+                                           float* __restrict__ partial, int* __restrict__ counters, int n, int rank,
+                                           float out_scale) {
+    __shared__ int last_flag;
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int splits = gridDim.y;
+#pragma unroll
+    for (int m = 0; m < ROW_TILES; ++m) {
+        float sum[2] = {0.f, 0.f};
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            int row = row0 + m * 16 + g + 8 * half;
+            if (row0 + m * 16 >= n) continue;
+#pragma unroll
+            for (int p = 0; p < RANK_TILES; ++p) {
+#pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    int r = 8 * p + 2 * t + c;
+                    if (r < rank)
+                        sum[half] += __bfloat162float(scale_b[(size_t)row * rank + r]) * acc[m][p][2 * half + c];
+                }
+            }
+        }
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            sum[half] += __shfl_xor_sync(0xffffffff, sum[half], 1);
+            sum[half] += __shfl_xor_sync(0xffffffff, sum[half], 2);
+            int row = row0 + m * 16 + g + 8 * half;
+            if (t == 0 && row0 + m * 16 < n) {
+                float value = sum[half] * out_scale;
+                if (splits == 1) {
+                    if (bias) value += __bfloat162float(bias[row]);
+                    y[row] = __float2bfloat16(value);
+                } else {
+                    partial[(size_t)blockIdx.y * n + row] = value;
+                }
+            }
+        }
+    }
+    if (splits == 1) return;
+
+    // The last program of this row block to arrive adds the splits' partial sums. The fence makes this program's
+    // partial sums visible to every other program before its arrival is counted.
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last_flag = atomicAdd(&counters[blockIdx.x], 1) == splits - 1;
+    __syncthreads();
+    if (!last_flag) return;
+    __threadfence();
+    for (int row = blockIdx.x * block_rows + threadIdx.x; row < min(n, (blockIdx.x + 1) * block_rows);
+         row += blockDim.x) {
+        float value = 0.f;
+        for (int split = 0; split < splits; ++split) {
+            value += __ldcg(&partial[(size_t)split * n + row]);
+            partial[(size_t)split * n + row] = 0.f;  // the workspace is shared with the Triton kernels: left zero
+        }
+        if (bias) value += __bfloat162float(bias[row]);
+        y[row] = __float2bfloat16(value);
+    }
+    if (threadIdx.x == 0) counters[blockIdx.x] = 0;
+}
+
+#if LORDS_WGMMA
+// The same product on Hopper's asynchronous tensor cores: wgmma.m64nNk16 with the weight tile from registers (each
+// warp's 16 rows in the mma.sync fragment layout above) and XA from shared memory, so that a warp converts the next
+// step's codes while the tensor cores work on this one. XA reaches shared memory by cp.async, two steps ahead, in
+// 8 x 8 core matrices (no swizzle).
+constexpr int STAGES = 3;  // XA of the step being multiplied, the next, and the one being copied
+
+template <int RANK_TILES>
+__device__ __forceinline__ void wgmma_bf16(float* d, const uint32_t* a, uint64_t desc, int scale_d);
+
+template <>
+__device__ __forceinline__ void wgmma_bf16<2>(float* d, const uint32_t* a, uint64_t desc, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %13, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {"
+        "%0,%1,%2,%3,%4,%5,%6,%7"
+        "}, {%8,%9,%10,%11}, %12, p, 1, 1, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d));
+}
+
+template <>
+__device__ __forceinline__ void wgmma_bf16<4>(float* d, const uint32_t* a, uint64_t desc, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {"
+        "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15"
+        "}, {%16,%17,%18,%19}, %20, p, 1, 1, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
+          "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d));
+}
+
+template <>
+__device__ __forceinline__ void wgmma_bf16<7>(float* d, const uint32_t* a, uint64_t desc, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %33, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n56k16.f32.bf16.bf16 {"
+        "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
+        "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27"
+        "}, {%28,%29,%30,%31}, %32, p, 1, 1, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
+          "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),
+          "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
+          "+f"(d[25]), "+f"(d[26]), "+f"(d[27])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d));
+}
+
+template <>
+__device__ __forceinline__ void wgmma_bf16<13>(float* d, const uint32_t* a, uint64_t desc, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %57, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n104k16.f32.bf16.bf16 {"
+        "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
+        "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"
+        "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"
+        "%48,%49,%50,%51"
+        "}, {%52,%53,%54,%55}, %56, p, 1, 1, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
+          "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),
+          "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
+          "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]),
+          "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]),
+          "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
+          "+f"(d[49]), "+f"(d[50]), "+f"(d[51])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d));
+}
+
+// Shared-memory matrix descriptor, no swizzle: start address, then the byte offsets between core matrices along K
+// (leading) and along N (stride), each in units of 16 bytes.
+__device__ __forceinline__ uint64_t descriptor(uint32_t address, uint32_t leading, uint32_t stride) {
+    return static_cast<uint64_t>((address & 0x3FFFF) >> 4) | static_cast<uint64_t>(leading >> 4) << 16 |
+           static_cast<uint64_t>(stride >> 4) << 32;
+}
+
+template <int RANK_TILES>
+__device__ __forceinline__ void fence_accumulators(float (&acc)[1][RANK_TILES][4]) {
+#pragma unroll
+    for (int p = 0; p < RANK_TILES; ++p)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) asm volatile("" : "+f"(acc[0][p][c])::"memory");
+}
+
+// Keeps the compiler from reusing registers that a wgmma in flight still reads (it does not see the asynchrony).
+__device__ __forceinline__ void fence_registers(uint32_t (&a)[8][4]) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(a[i][j])::"memory");
+}
+
+// XA as wgmma's B operand: for step s, tile T, rank tile p and K half h, a core matrix of 8 rank rows x 8 slots
+// (128 bytes), at ((s * 8 + T) * RANK_TILES + p) * 2 + h.
+template <int RANK_TILES, bool TABLE>
+__global__ void xa_kernel(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ scale_a,
+                          uint32_t* __restrict__ xa, int k, int rank, int words) {
+    const int index = blockIdx.x * blockDim.x + threadIdx.x;
+    if (index >= words) return;
+    const int pair = index & 3, row = (index >> 2) & 7, h = (index >> 5) & 1, p = (index >> 6) % RANK_TILES;
+    const int tile = (index / (64 * RANK_TILES)) & 7, step = index / (512 * RANK_TILES);
+    const int r = 8 * p + row;
+    float value[2] = {0.f, 0.f};
+    if (r < rank) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+            const int column = step * STEP_BYTES + slot_column<TABLE>(tile, 8 * h + 2 * pair + c, k / 2);
+            value[c] = __bfloat162float(scale_a[(size_t)r * k + column]) * __bfloat162float(x[column]);
+        }
+    }
+    xa[index] = pack_bf16(value[0], value[1]);
+}
+
+template <int RANK_TILES, int ROW_TILES, bool TABLE>
+__global__ void __launch_bounds__(256) gemv4_kernel(
+    const uint8_t* __restrict__ codes, const uint32_t* __restrict__ xa, const __nv_bfloat16* __restrict__ scale_b,
+    const __nv_bfloat16* __restrict__ bias, __nv_bfloat16* __restrict__ y, float* __restrict__ partial,
+    int* __restrict__ counters, int n, int k, int rank, int steps, Levels levels, uint32_t integer_bias,
+    float out_scale, int leading, int stride) {
+    static_assert(ROW_TILES == 1, "a warp holds 16 rows of its warpgroup's 64");
+    constexpr int STEP_WORDS = 512 * RANK_TILES;  // XA of one step, 32-bit words
+    __shared__ uint32_t table[TABLE ? TABLE_WORDS : 1];
+    extern __shared__ __align__(128) uint4 ring[];
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int half_k = k / 2;
+    const int block_rows = warps * 16;
+    const int row0 = blockIdx.x * block_rows + warp * 16;
+    const int splits = gridDim.y;
+    const int first_step = blockIdx.y * steps / splits, end_step = (blockIdx.y + 1) * steps / splits;
+    fill_table<TABLE>(table, levels);
+    const uint32_t* my_table = table + lane;
+    const uint32_t ring_base = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
+
+    float acc[1][RANK_TILES][4];
+#pragma unroll
+    for (int r = 0; r < RANK_TILES; ++r) acc[0][r][0] = acc[0][r][1] = acc[0][r][2] = acc[0][r][3] = 0.f;
+
+    auto copy_step = [&](int step) {  // one cp.async group per step, empty past the end
+        if (step < end_step) {
+            const uint4* source = reinterpret_cast<const uint4*>(xa) + (size_t)step * (STEP_WORDS / 4);
+            uint4* target = ring + (step % STAGES) * (STEP_WORDS / 4);
+            for (int i = threadIdx.x; i < STEP_WORDS / 4; i += blockDim.x) {
+                const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(target + i));
+                asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(address), "l"(source + i));
+            }
+        }
+        asm volatile("cp.async.commit_group;\n" ::);
+    };
+    auto fetch = [&](uint4 (&into)[2], int step) {
+        const bool valid = row0 < n && step < end_step;
+        const uint8_t* base = codes + (size_t)(row0 + g) * half_k + step * STEP_BYTES + t * 16;
+        into[0] = load_codes(base, valid);
+        into[1] = load_codes(base + (size_t)8 * half_k, valid);
+    };
+    uint4 current[2], next[2], later[2];
+    fetch(current, first_step);
+    fetch(next, first_step + 1);
+    copy_step(first_step);
+    copy_step(first_step + 1);
+    // One step: its XA in shared memory (waited for), the copies two steps ahead started, the codes turned into the
+    // eight tiles' register operands, eight wgmmas issued and waited for. Waiting for only the step before's (so
+    // that this step's conversions overlap them) makes ptxas serialise every wgmma (C7513): the overlap comes from
+    // the other warpgroups of the multiprocessor instead.
+    uint32_t a[8][4];
+    for (int step = first_step; step < end_step; ++step) {
+        fetch(later, step + 2);
+        asm volatile("cp.async.wait_group 1;\n" ::);
+        asm volatile("fence.proxy.async.shared::cta;\n" ::);
+        __syncthreads();
+        copy_step(step + 2);
+#pragma unroll
+        for (int i = 0; i < PAIRS; ++i) {
+            uint32_t g_first[2], g_second[2], h_first[2], h_second[2];
+            levels_of<TABLE>(word(current[0], i), g_first, g_second, integer_bias, my_table);
+            levels_of<TABLE>(word(current[1], i), h_first, h_second, integer_bias, my_table);
+            a[2 * i][0] = g_first[0], a[2 * i][1] = h_first[0], a[2 * i][2] = g_first[1], a[2 * i][3] = h_first[1];
+            a[2 * i + 1][0] = g_second[0], a[2 * i + 1][1] = h_second[0], a[2 * i + 1][2] = g_second[1];
+            a[2 * i + 1][3] = h_second[1];
+        }
+        // every input of the eight wgmmas is defined before the fence, or ptxas serialises them
+        const uint32_t slot = ring_base + (step % STAGES) * STEP_WORDS * 4;
+        uint64_t tiles[8];
+#pragma unroll
+        for (int tile = 0; tile < 8; ++tile) {
+            tiles[tile] = descriptor(slot + tile * RANK_TILES * 256, leading, stride);
+            asm volatile("" : "+l"(tiles[tile])::"memory");
+        }
+        int accumulate = 1;
+        asm volatile("" : "+r"(accumulate));
+        fence_registers(a);
+        fence_accumulators(acc);
+        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+        for (int tile = 0; tile < 8; ++tile) wgmma_bf16<RANK_TILES>(&acc[0][0][0], a[tile], tiles[tile], accumulate);
+        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+        asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+        fence_accumulators(acc);
+        current[0] = next[0], current[1] = next[1];
+        next[0] = later[0], next[1] = later[1];
+    }
+
+    write_rows<RANK_TILES, 1>(acc, row0, block_rows, scale_b, bias, y, partial, counters, n, rank, out_scale);
+}
+#else
 // XA in the B operand's register order: for step s, tile pair i and lane (g, t), 4 * RANK_TILES words: tile 2i + u,
 // rank tile p, register j (slots 2t + 8j, 2t + 8j + 1 of rank row 8p + g) at word (u * RANK_TILES + p) * 2 + j.
 template <int RANK_TILES, bool TABLE>
@@ -135,7 +426,6 @@ __global__ void __launch_bounds__(256) gemv4_kernel(
     int* __restrict__ counters, int n, int k, int rank, int steps, Levels levels, uint32_t integer_bias,
     float out_scale) {
     __shared__ uint32_t table[TABLE ? TABLE_WORDS : 1];
-    __shared__ int last_flag;
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     const int g = lane >> 2, t = lane & 3;
@@ -145,18 +435,7 @@ __global__ void __launch_bounds__(256) gemv4_kernel(
     const int splits = gridDim.y;
     const int first_step = blockIdx.y * steps / splits, end_step = (blockIdx.y + 1) * steps / splits;
 
-    if (TABLE) {
-        __shared__ float level[16];  // indexing the parameter struct by a variable would copy it to local memory
-#pragma unroll
-        for (int j = 0; j < 16; ++j)
-            if (threadIdx.x == j) level[j] = levels.value[j];
-        __syncthreads();
-        for (int i = threadIdx.x; i < TABLE_WORDS; i += blockDim.x) {
-            const int byte = i >> 5;
-            table[i] = pack_bf16(level[byte & 15], level[byte >> 4]);
-        }
-        __syncthreads();
-    }
+    fill_table<TABLE>(table, levels);
     const uint32_t* my_table = table + lane;
 
     float acc[ROW_TILES][RANK_TILES][4];
@@ -220,71 +499,12 @@ __global__ void __launch_bounds__(256) gemv4_kernel(
         }
     }
 
-    // y[row] = sum_r B[row, r] Z[row, r]: a thread holds rank columns 8p + 2t, 8p + 2t + 1 of rows g and g + 8.
-#pragma unroll
-    for (int m = 0; m < ROW_TILES; ++m) {
-        float sum[2] = {0.f, 0.f};
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-            int row = row0 + m * 16 + g + 8 * half;
-            if (row0 + m * 16 >= n) continue;
-#pragma unroll
-            for (int p = 0; p < RANK_TILES; ++p) {
-#pragma unroll
-                for (int c = 0; c < 2; ++c) {
-                    int r = 8 * p + 2 * t + c;
-                    if (r < rank) sum[half] += __bfloat162float(scale_b[(size_t)row * rank + r]) * acc[m][p][2 * half + c];
-                }
-            }
-        }
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-            sum[half] += __shfl_xor_sync(0xffffffff, sum[half], 1);
-            sum[half] += __shfl_xor_sync(0xffffffff, sum[half], 2);
-            int row = row0 + m * 16 + g + 8 * half;
-            if (t == 0 && row0 + m * 16 < n) {
-                float value = sum[half] * out_scale;
-                if (splits == 1) {
-                    if (bias) value += __bfloat162float(bias[row]);
-                    y[row] = __float2bfloat16(value);
-                } else {
-                    partial[(size_t)blockIdx.y * n + row] = value;
-                }
-            }
-        }
-    }
-    if (splits == 1) return;
-
-    // The last program of this row block to arrive adds the splits' partial sums. The fence makes this program's
-    // partial sums visible to every other program before its arrival is counted.
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) last_flag = atomicAdd(&counters[blockIdx.x], 1) == splits - 1;
-    __syncthreads();
-    if (!last_flag) return;
-    __threadfence();
-    for (int row = blockIdx.x * block_rows + threadIdx.x; row < min(n, (blockIdx.x + 1) * block_rows);
-         row += blockDim.x) {
-        float value = 0.f;
-        for (int split = 0; split < splits; ++split) {
-            value += __ldcg(&partial[(size_t)split * n + row]);
-            partial[(size_t)split * n + row] = 0.f;  // the workspace is shared with the Triton kernels: left zero
-        }
-        if (bias) value += __bfloat162float(bias[row]);
-        y[row] = __float2bfloat16(value);
-    }
-    if (threadIdx.x == 0) counters[blockIdx.x] = 0;
+    write_rows<RANK_TILES, ROW_TILES>(acc, row0, block_rows, scale_b, bias, y, partial, counters, n, rank,
+                                      out_scale);
 }
+#endif
 
 }  // namespace
-
-// One build of this file serves one configuration, chosen at compile time (lords/kernels/cuda/__init__.py compiles
-// the ones a model needs, each in a few seconds, and keeps them on disk).
-#ifndef LORDS_RANK_TILES
-#define LORDS_RANK_TILES 7
-#define LORDS_ROW_TILES 2
-#define LORDS_TABLE 0
-#endif
 
 extern "C" {
 
@@ -293,10 +513,10 @@ int lords_gemv4_xa_words(int k) { return k / STEP_COLS * PAIRS * 32 * 4 * LORDS_
 
 // Returns a cudaError_t (0: launched). xa: lords_gemv4_xa_words(k) words of scratch. levels: the codebook's 16
 // levels, read when the build has a table; integer_offset: the integer codebook's offset (levels = (code + offset) *
-// out_scale) otherwise.
+// out_scale) otherwise. leading, stride: the wgmma build's shared-memory descriptor offsets (bytes).
 int lords_gemv4(const void* codes, const void* x, const void* scale_a, const void* scale_b, const void* bias, void* y,
                 float* partial, int* counters, void* xa, int n, int k, int rank, int warps, int splits,
-                const float* levels, int integer_offset, float out_scale, void* stream) {
+                const float* levels, int integer_offset, float out_scale, int leading, int stride, void* stream) {
     auto s = static_cast<cudaStream_t>(stream);
     const int words = lords_gemv4_xa_words(k);
     xa_kernel<LORDS_RANK_TILES, LORDS_TABLE><<<(words + 255) / 256, 256, 0, s>>>(
@@ -308,11 +528,24 @@ int lords_gemv4(const void* codes, const void* x, const void* scale_a, const voi
     __nv_bfloat162 bias_pair = __floats2bfloat162_rn(128.f - integer_offset, 128.f - integer_offset);
     const int block_rows = warps * LORDS_ROW_TILES * 16;
     dim3 grid((n + block_rows - 1) / block_rows, splits);
-    gemv4_kernel<LORDS_RANK_TILES, LORDS_ROW_TILES, LORDS_TABLE><<<grid, warps * 32, 0, s>>>(
+    auto kernel = gemv4_kernel<LORDS_RANK_TILES, LORDS_ROW_TILES, LORDS_TABLE>;
+#if LORDS_WGMMA
+    const int ring_bytes = STAGES * 2048 * LORDS_RANK_TILES;
+    cudaError_t error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, ring_bytes);
+    if (error != cudaSuccess) return error;
+    kernel<<<grid, warps * 32, ring_bytes, s>>>(
+#else
+    (void)leading, (void)stride;
+    kernel<<<grid, warps * 32, 0, s>>>(
+#endif
         static_cast<const uint8_t*>(codes), static_cast<const uint32_t*>(xa),
         static_cast<const __nv_bfloat16*>(scale_b), static_cast<const __nv_bfloat16*>(bias),
         static_cast<__nv_bfloat16*>(y), partial, counters, n, k, rank, k / STEP_COLS, table,
-        *reinterpret_cast<uint32_t*>(&bias_pair), out_scale);
+        *reinterpret_cast<uint32_t*>(&bias_pair), out_scale
+#if LORDS_WGMMA
+        , leading, stride
+#endif
+    );
     return cudaGetLastError();
 }
 }
