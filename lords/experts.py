@@ -20,6 +20,7 @@ is a router. It is small (E x H), and an error in it changes which experts run, 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +72,7 @@ class LoRDSExpertWeights(nn.Module):
         self.register_buffer("codebook", get_codebook(codebook, bits).to(device))
         self.scale_b = nn.Parameter(torch.zeros(num_experts, out_features, rank, dtype=scale_dtype, device=device))
         self.scale_a = nn.Parameter(torch.zeros(num_experts, rank, in_features, dtype=scale_dtype, device=device))
+        self.dense_weight = None  # (E, n, m), set by lords.dense_weights for a run of CPU inference
 
     @classmethod
     def from_linears(cls, layers: list[LoRDSLinear]) -> "LoRDSExpertWeights":
@@ -103,8 +105,9 @@ class LoRDSExpertWeights(nn.Module):
         return bits_per_weight(self.out_features, self.in_features, self.bits, self.rank, scale_bits)
 
     def forward(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+        dense_weight = None if self.dense_weight is None else self.dense_weight[expert]
         return lords_forward(x, self.codes[expert], self.codebook, self.scale_b[expert], self.scale_a[expert],
-                             self.bits, None, self.backend)
+                             self.bits, None, self.backend, dense_weight)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, in_features={self.in_features}, out_features={self.out_features}, "
@@ -202,7 +205,7 @@ def shrink_moments(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
 
 
 def _sum_of_squares(x: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(x, dim=0, dtype=torch.float32).double().pow(2).cpu()
+    return torch.linalg.vector_norm(x, dim=0, dtype=torch.float32).double().pow(2)
 
 
 @contextmanager
@@ -224,12 +227,13 @@ def recording_expert_moments(experts: list[tuple[str, nn.Module]]) -> Iterator[d
         return run_experts(hidden_states, top_k_index, top_k_weights, module.num_experts, expert_mlp)
 
     for name, module in experts:
-        sums = {part: torch.zeros(getattr(module, part).shape[0], getattr(module, part).shape[2], dtype=torch.float64)
-                for part in PROJECTIONS}
-        counts = torch.zeros(module.num_experts, dtype=torch.float64)
+        # kept where the experts run: one copy to the host per block, not per expert and batch
+        device = module.gate_up_proj.device
+        sums = {part: torch.zeros(getattr(module, part).shape[0], getattr(module, part).shape[2], dtype=torch.float64,
+                                  device=device) for part in PROJECTIONS}
+        counts = torch.zeros(module.num_experts, dtype=torch.float64, device=device)
         records[name] = (sums, counts)
-        module.forward = lambda *args, module=module, sums=sums, counts=counts: recording_forward(
-            module, sums, counts, *args)
+        module.forward = partial(recording_forward, module, sums, counts)
     moments: dict[str, torch.Tensor] = {}
     try:
         yield moments
@@ -237,7 +241,7 @@ def recording_expert_moments(experts: list[tuple[str, nn.Module]]) -> Iterator[d
         for _, module in experts:
             del module.forward
     for name, (sums, counts) in records.items():
-        moments.update({f"{name}.{part}": shrink_moments(sums[part], counts) for part in PROJECTIONS})
+        moments.update({f"{name}.{part}": shrink_moments(sums[part].cpu(), counts.cpu()) for part in PROJECTIONS})
 
 
 @dataclass
@@ -248,14 +252,15 @@ class ExpertMatrix:
     bias: None = None
 
 
-def quantize_experts(model: nn.Module, experts: list[tuple[str, nn.Module]], config, quantize_group: Callable,
+def quantize_experts(experts: list[tuple[str, nn.Module]], config, quantize_group: Callable,
                      stack: Callable = LoRDSExpertWeights.from_linears, stats: dict | None = None,
-                     max_batch_numel: int = 2**27, bar=None) -> list:
-    """Replace each named experts module by LoRDSExperts, in place. Each projection's experts go to quantize_group
-    (as lords.model.quantize_targets calls it) in stacks of up to max_batch_numel weights, with the config that
-    applies to the projection's name and, when stats are given, each expert's moments; stack(per-expert modules)
-    makes the projection. Returns the reports, one per expert matrix (named f"{projection}.{expert}")."""
-    reports = []
+                     max_batch_numel: int = 2**27, bar=None) -> tuple[list, dict[str, LoRDSExperts]]:
+    """The LoRDSExperts that replace each named experts module, and the reports, one per expert matrix (named
+    f"{projection}.{expert}"); the caller replaces the modules, once everything it quantizes is done. Each
+    projection's experts go to quantize_group (as lords.model.quantize_targets calls it) in stacks of up to
+    max_batch_numel weights, with the config that applies to the projection's name and, when stats are given, each
+    expert's moments; stack(per-expert modules) makes the projection."""
+    reports, replacements = [], {}
     for name, module in experts:
         projections = {}
         for part in PROJECTIONS:
@@ -273,5 +278,5 @@ def quantize_experts(model: nn.Module, experts: list[tuple[str, nn.Module]], con
                 if bar is not None:
                     bar.update(len(chosen))
             projections[part] = stack(modules)
-        model.set_submodule(name, LoRDSExperts(module, **projections))
-    return reports
+        replacements[name] = LoRDSExperts(module, **projections)
+    return reports, replacements

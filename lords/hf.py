@@ -227,6 +227,11 @@ def mark_quantized(model: nn.Module, config: LoRDSConfig | None = None) -> None:
     model.hf_quantizer = LoRDSHfQuantizer(quantization_config, pre_quantized=True)
     model.is_quantized = True
     model.quantization_method = QUANT_METHOD
+    if any(isinstance(module, LoRDSExperts) for module in model.modules()):
+        # save_pretrained reverts the conversions transformers applies on load (transformers 5.24: MoE experts stored
+        # one by one are stacked): on stacked LoRDS tensors it would split codes and codebook as if they were weights.
+        # A lords checkpoint stores them under the model's own names, as lords.save does.
+        model._weight_conversions = []
 
 
 def register() -> None:

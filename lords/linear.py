@@ -182,9 +182,9 @@ class LoRDSLinear(nn.Module):
 
 @contextmanager
 def dense_weights(model: nn.Module, dtype: torch.dtype | None = None) -> Iterator[nn.Module]:
-    """Within the block, the model's LoRDSLinear layers on the CPU run inference from their weight dequantized once
-    (in dtype, default the model's dtype) instead of dequantizing it again on every forward; the dense copies are
-    released on exit.
+    """Within the block, the model's LoRDSLinear layers (and lords.experts' expert stacks) on the CPU run inference
+    from their weight dequantized once (in dtype, default the model's dtype) instead of dequantizing it again on every
+    forward; the dense copies are released on exit.
 
     On the CPU the torch path dequantizes every layer at every call, which made evaluating the 4-bit default model
     take several times the dense model's time. The copies cost the dense model's memory for the layers (0.42 GB for
@@ -195,8 +195,9 @@ def dense_weights(model: nn.Module, dtype: torch.dtype | None = None) -> Iterato
         with lords.dense_weights(model):
             print(perplexity(model, tokens))
     """
+    # expert stacks by their dense_weight slot: lords.experts imports this module, not the other way round
     layers = [module for module in model.modules()
-              if isinstance(module, LoRDSLinear) and module.codes.device.type == "cpu"]
+              if hasattr(module, "dense_weight") and hasattr(module, "codes") and module.codes.device.type == "cpu"]
     dtype = dtype or getattr(model, "dtype", torch.float32)
     try:
         for layer in layers:

@@ -14,8 +14,8 @@ from tqdm.auto import tqdm
 from .codebooks import get_codebook
 from .config import LoRDSConfig
 from .experts import (
-    PROJECTIONS, LoRDSExpertWeights, block_experts, expert_list_groups, quantize_experts, recording_expert_moments,
-    router_names, shrink_moments,
+    PROJECTIONS, ExpertMatrix, LoRDSExpertWeights, block_experts, expert_list_groups, quantize_experts,
+    recording_expert_moments, router_names, shrink_moments,
 )
 from .factorize import LoRDSFactors, check_weight, lords_quantize, parity_rank, reconstruct, relative_error
 from .gptq import lords_gptq_quantize
@@ -387,15 +387,23 @@ def walk_blocks(
         return walk_blocks_with_feedback(model, config, quantize_group, calibration, batch_size=batch_size,
                                          max_batch_numel=max_batch_numel, progress=progress)
     targets = model_targets(model, config)
-    check_targets(targets)  # before minutes of calibration
     experts = model_experts(model, config)
+    # before minutes of calibration
+    check_targets(targets + [(f"{name}.{part}", ExpertMatrix(getattr(module, part)))
+                             for name, module in experts for part in PROJECTIONS])
     stats = None if calibration is None else collect_channel_weights(
         model, targets, calibration, batch_size, progress, experts)
     matrices = sum(module.gate_up_proj.shape[0] + module.down_proj.shape[0] for _, module in experts)
     with tqdm(total=len(targets) + matrices, desc="quantizing layers", disable=not progress) as bar:
+        # experts first, replaced only after the linears (which quantize_targets replaces once all are done): an
+        # error in either leaves the model as it was
+        expert_reports, replacements = quantize_experts(experts, config, quantize_group, stack_experts, stats,
+                                                        max_batch_numel, bar)
+        warn_outliers(expert_reports)
         reports = quantize_targets(model, targets, config, quantize_group, stats, max_batch_numel, bar)
-        return reports + quantize_experts(model, experts, config, quantize_group, stack_experts, stats,
-                                          max_batch_numel, bar)
+    for name, module in replacements.items():
+        model.set_submodule(name, module)
+    return reports + expert_reports
 
 
 def check_feedback_calibration(config: LoRDSConfig, calibration: torch.Tensor | None) -> None:

@@ -228,7 +228,8 @@ def walk_blocks(model: nn.Module, source, calibration: torch.Tensor | None, devi
             with recording_expert_moments(experts) as expert_moments:
                 moments = channel_second_moments(module, watched, inputs, recorder)
         else:
-            recording = recorder(watched) if recorder else recording_channel_moments(watched, expert_list_groups(module))
+            groups = expert_list_groups(module)
+            recording = recorder(watched) if recorder else recording_channel_moments(watched, groups)
             with recording as moments, recording_expert_moments(experts) as expert_moments:
                 outputs = _run(module, inputs)
         yield Block(index, name, module, inputs, moments, expert_moments)
@@ -364,8 +365,11 @@ def quantize_to_folder(
             experts = block_experts(block.module, block.name, config)
             start = time.perf_counter()
             group = refinement_group() if experts else None
-            reports.extend(quantize_experts(model, experts, config, group, stats=block.expert_moments or None,
-                                            max_batch_numel=max_batch_numel))
+            expert_reports, replacements = quantize_experts(experts, config, group, stats=block.expert_moments or None,
+                                                            max_batch_numel=max_batch_numel)
+            reports.extend(expert_reports)
+            for name, module in replacements.items():
+                model.set_submodule(name, module)
             seconds["refinement"] += time.perf_counter() - start
             start = time.perf_counter()
             for name, _ in experts:

@@ -64,7 +64,14 @@ class LoRDSVllmConfig(QuantizationConfig):
 
     @classmethod
     def from_config(cls, config: dict) -> "LoRDSVllmConfig":
-        return cls(LoRDSQuantizationConfig(**config).layers)  # refuses what transformers would refuse
+        layers = LoRDSQuantizationConfig(**config).layers  # refuses what transformers would refuse
+        # vLLM runs experts in FusedMoE layers, which this plugin has no method for (docs/design.md says what one
+        # needs); served dense, they would be missing from the checkpoint
+        experts = sorted(name for name, entry in layers.items() if "experts" in entry)
+        if experts:
+            raise ValueError(f"lords' vLLM plugin does not serve mixture-of-experts experts yet ({experts[0]} and "
+                             f"{len(experts) - 1} more); load the checkpoint with transformers (lords.load)")
+        return cls(layers)
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
         if not isinstance(layer, LinearBase):

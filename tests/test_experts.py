@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 import lords
+from conftest import word_tokenizer
 from lords.experts import (
     PRIOR_TOKENS, LoRDSExperts, LoRDSExpertWeights, recording_expert_moments, run_experts, shrink_moments,
 )
@@ -124,6 +125,15 @@ def test_unsupported_expert_layouts_are_named():
     assert isinstance(model.model.layers[1].mlp.experts.gate_up_proj, nn.Parameter)
 
 
+def test_a_non_finite_expert_weight_is_refused_before_anything_changes():
+    model = tiny_qwen3_moe()
+    with torch.no_grad():
+        model.model.layers[1].mlp.experts.down_proj[2, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"^model\.layers\.1\.mlp\.experts\.down_proj contains NaN or Inf values"):
+        lords.quantize(model, CONFIG, calibration=torch.randint(0, 96, (2, 8)), progress=False)
+    assert not any(isinstance(module, (lords.LoRDSLinear, LoRDSExperts)) for module in model.modules())
+
+
 def test_targeting_one_projection_of_the_experts_is_refused():
     model = tiny_qwen3_moe()
     with pytest.raises(ValueError, match=r"the targets match only one of model\.layers\.0\.mlp\.experts\.gate_up_proj "
@@ -158,6 +168,17 @@ def test_save_load_gives_identical_logits(quantized_moe, tmp_path):
         assert torch.equal(getattr(loaded.model.layers[1].mlp.experts.down_proj, key), getattr(original, key))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, before)
+        with lords.dense_weights(loaded):
+            assert loaded.model.layers[1].mlp.experts.down_proj.dense_weight.shape == original.dequantize().shape
+            torch.testing.assert_close(loaded(ids).logits, before, rtol=1e-5, atol=1e-5)
+        assert loaded.model.layers[1].mlp.experts.down_proj.dense_weight is None
+    # transformers' own save_pretrained writes the same tensors (its reverse MoE conversion would split them)
+    from transformers import AutoModelForCausalLM
+
+    quantized_moe.save_pretrained(tmp_path / "hf")
+    with torch.no_grad():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)(ids).logits,
+                           before)
 
 
 def test_a_missing_expert_tensor_is_an_error(quantized_moe, tmp_path):
@@ -171,10 +192,12 @@ def test_a_missing_expert_tensor_is_an_error(quantized_moe, tmp_path):
         lords.load(tmp_path / "moe")
 
 
-def test_peft_trains_the_experts_scales_and_adapters_hold_them(quantized_moe, tmp_path):
+def test_peft_trains_the_experts_scales_and_adapters_hold_them(tmp_path):
     from lords.peft import codes_fingerprint, load_adapter, mark_trainable, save_adapter
     from lords.train import finetune
 
+    quantized_moe = tiny_qwen3_moe()
+    lords.quantize(quantized_moe, lords.LoRDSConfig(bits=4, block_size=32, steps=2), progress=False)
     count = mark_trainable(quantized_moe)
     stacks = [m for m in quantized_moe.modules() if isinstance(m, LoRDSExpertWeights)]
     linears = [m for m in quantized_moe.modules() if isinstance(m, lords.LoRDSLinear)]
@@ -224,20 +247,10 @@ def test_qat_covers_the_experts():
         torch.testing.assert_close(model(ids).logits, trained, atol=1e-4, rtol=1e-4)  # as test_qat
 
 
-def word_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    core = Tokenizer(models.WordLevel({"<unk>": 0, **{f"w{i}": i for i in range(1, 96)}}, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<unk>")
-
-
-@pytest.mark.parametrize("make_model", [tiny_qwen3_moe, tiny_mixtral], ids=["qwen3_moe", "mixtral"])
-def test_streaming_an_moe_folder_matches_the_in_memory_path_bit_for_bit(make_model, tmp_path):
+def test_streaming_an_moe_folder_matches_the_in_memory_path_bit_for_bit(tmp_path):
     from lords.stream import ModelSource, open_source, quantize_to_folder
 
-    model = make_model()
+    model = tiny_qwen3_moe()
     calibration = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(1))
     model.save_pretrained(tmp_path / "dense")  # transformers 5 writes the experts one by one
     word_tokenizer().save_pretrained(tmp_path / "dense")

@@ -245,3 +245,12 @@ def test_fused_parts_that_vllm_cannot_run_together_are_refused(monkeypatch, laye
     with pytest.raises(ValueError, match=message):
         _layers_of_rank(monkeypatch, 1, 0, config, lambda config: vllm_linear.QKVParallelLinear(
             128, 64, 2, 1, bias=False, quant_config=config, prefix="m.qkv_proj"))
+
+
+def test_moe_experts_are_refused_by_name():
+    entry = {"bits": 4, "rank": 2, "codebook": "nf", "scale_dtype": "bfloat16", "experts": 8}
+    config = {"quant_method": "lords", "layers": {f"model.layers.0.mlp.experts.{part}": entry
+                                                  for part in ("gate_up_proj", "down_proj")}}
+    with pytest.raises(ValueError, match=r"^lords' vLLM plugin does not serve mixture-of-experts experts yet "
+                                         r"\(model\.layers\.0\.mlp\.experts\.down_proj and 1 more\)"):
+        LoRDSVllmConfig.from_config(config)
