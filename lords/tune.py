@@ -106,23 +106,27 @@ def tune(shapes, rows=DEFAULT_ROWS, dtype: torch.dtype = torch.bfloat16, device=
 
     if not torch.cuda.is_available():
         raise ValueError("tuning needs a CUDA GPU; none is available here")
-    started = time.perf_counter()
-    autotune.SHIPPED_TUNING = False
-    precompile([launch for shape in shapes
+    started, shipped = time.perf_counter(), autotune.SHIPPED_TUNING
+    launches = [launch for shape in shapes
                 for launch in layer_launches(shape.out_features, shape.in_features, shape.rank, shape.bits,
                                              get_codebook(shape.codebook, shape.bits), rows, dtype, shape.scale_dtype,
-                                             shape.bias)])
-    with torch.no_grad():
-        for shape in shapes:
-            n, k = shape.out_features, shape.in_features
-            codes = torch.randint(0, 256, (n, row_bytes(k, shape.bits)), dtype=torch.uint8, device=device)
-            codebook = get_codebook(shape.codebook, shape.bits).to(device)
-            scale_b = torch.randn(n, shape.rank, dtype=shape.scale_dtype, device=device) / shape.rank ** 0.5
-            scale_a = torch.randn(shape.rank, k, dtype=shape.scale_dtype, device=device)
-            bias = torch.randn(n, dtype=dtype, device=device) if shape.bias else None
-            for m in rows:
-                lords_matmul(torch.randn(m, k, dtype=dtype, device=device), codes, codebook, scale_b, scale_a,
-                             shape.bits, bias)
+                                             shape.bias)]
+    autotune.SHIPPED_TUNING = False
+    try:
+        precompile(launches)
+        with torch.no_grad():
+            for shape in shapes:
+                n, k = shape.out_features, shape.in_features
+                codes = torch.randint(0, 256, (n, row_bytes(k, shape.bits)), dtype=torch.uint8, device=device)
+                codebook = get_codebook(shape.codebook, shape.bits).to(device)
+                scale_b = torch.randn(n, shape.rank, dtype=shape.scale_dtype, device=device) / shape.rank ** 0.5
+                scale_a = torch.randn(shape.rank, k, dtype=shape.scale_dtype, device=device)
+                bias = torch.randn(n, dtype=dtype, device=device) if shape.bias else None
+                for m in rows:
+                    lords_matmul(torch.randn(m, k, dtype=dtype, device=device), codes, codebook, scale_b, scale_a,
+                                 shape.bits, bias)
+    finally:
+        autotune.SHIPPED_TUNING = shipped
     torch.cuda.synchronize(device)
     return time.perf_counter() - started
 
