@@ -39,6 +39,19 @@ def test_shapes_of_a_checkpoint_folder_are_those_of_the_loaded_model(tiny_llama,
         (64, 64, 2, 3, "int"), (32, 64, 2, 3, "int"), (128, 64, 2, 3, "int")}
 
 
+def test_shapes_of_a_moe_model_folder_count_each_stack_of_experts_once(tmp_path):
+    from test_experts import tiny_qwen3_moe
+
+    model = tiny_qwen3_moe()
+    model.save_pretrained(tmp_path / "moe")
+    config = LoRDSConfig(block_size=16, steps=0)
+    shapes = layer_shapes(meta_model(tmp_path / "moe", config))
+    quantize(model, config, device="cpu", progress=False)
+    assert shapes == layer_shapes(model)
+    assert sorted(name for names in shapes.values() for name in names if "experts" in name) == [
+        f"model.layers.{block}.mlp.experts.{part}" for block in (0, 1) for part in ("down_proj", "gate_up_proj")]
+
+
 def test_tune_lists_shapes_anywhere_and_refuses_to_tune_without_a_gpu(model_folder, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     main(["tune", str(model_folder), "--list"])
@@ -50,6 +63,9 @@ def test_tune_lists_shapes_anywhere_and_refuses_to_tune_without_a_gpu(model_fold
     assert exit_.value.code == ("error: tuning needs a CUDA GPU and none is available here (--list shows the layer "
                                 "shapes anywhere)")
     assert capsys.readouterr().out == ""  # nothing printed before the one-line error
+    with pytest.raises(SystemExit) as exit_:
+        main(["tune", str(model_folder), "--list", "--export", "t.json"])
+    assert exit_.value.code == "error: --export writes what a tuning run measured; --list tunes nothing: drop one"
 
 
 @pytest.fixture
