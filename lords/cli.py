@@ -676,7 +676,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model or lords checkpoint folder (default: the packaged default model, SmolLM2-135M)")
     u.add_argument("--rows", type=positive_int, nargs="+", default=None,
                    help="rows per call (batch x tokens) to tune for, each standing for its power-of-two bucket "
-                        "(default: 1 16 300: a generated token, a batch of them, a prompt)")
+                        "(default: every power of two from 1, a generated token, to 512, a prompt)")
     u.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16", help="activations")
     u.add_argument("--bits", type=int, choices=(2, 3, 4), default=4, help="for a dense model: lords quantize's")
     u.add_argument("--block-size", type=positive_int, default=64, help="for a dense model: lords quantize's")

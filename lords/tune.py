@@ -24,9 +24,10 @@ from .kernels import autotune
 from .linear import LoRDSLinear
 from .packing import row_bytes
 
-# A generated token (1 row), a small batch of them, and a prompt of a few hundred tokens; lords_matmul keeps one
-# choice per power-of-two bucket of rows (lords.kernels.forward.m_bucket), so 300 rows stand for 257 to 512.
-DEFAULT_ROWS = (1, 16, 300)
+# lords_matmul keeps one kernel choice per power-of-two bucket of rows (lords.kernels.forward.m_bucket): every bucket
+# from a generated token (1 row) to a 512-token prompt. The decode kernel's configs are keyed by the exact row count,
+# so batches of 3, 5, ... rows still time those on first use.
+DEFAULT_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
 @dataclass(frozen=True)
