@@ -1,4 +1,4 @@
-"""Command line: `lords quantize | eval | generate | compare | finetune | qat | skill`. Parsing and printing only.
+"""Command line: `lords quantize | eval | generate | tune | compare | finetune | qat | skill`. Parsing, printing.
 
 torch, transformers and the rest of lords are imported inside the commands: `lords --help` answers at once.
 """
@@ -342,6 +342,36 @@ def cmd_generate(args) -> None:
     print(f"\n({new_tokens} tokens in {seconds:.1f} s, {new_tokens / seconds:.1f} tokens/s)")
 
 
+def cmd_tune(args) -> None:
+    """List a model's LoRDS layer shapes and tune the kernels for them ahead of the first forward (lords.tune)."""
+    import torch
+
+    from .assets import default_model_path
+    from .config import LoRDSConfig
+    from .tune import DEFAULT_ROWS, existing_tuning, export_tuning, format_shapes, layer_shapes, meta_model, tune
+
+    if args.list and args.export:
+        raise ValueError("--export writes what a tuning run measured; --list tunes nothing: drop one")
+    if not args.list and not torch.cuda.is_available():
+        raise ValueError("tuning needs a CUDA GPU and none is available here (--list shows the layer shapes anywhere)")
+    config = LoRDSConfig(bits=args.bits, block_size=args.block_size, rank=args.rank, codebook=args.codebook)
+    shapes = layer_shapes(meta_model(args.model or default_model_path(), config))
+    print(format_shapes(shapes))
+    if args.list:
+        return
+    device_name = torch.cuda.get_device_name()
+    if args.export:
+        existing_tuning(args.export, device_name)
+    rows = args.rows or DEFAULT_ROWS
+    seconds = tune(shapes, rows, getattr(torch, args.dtype))
+    print(f"tuned {len(shapes)} layer shapes at {', '.join(map(str, rows))} rows on {device_name} in "
+          f"{_duration(seconds)}; kept in the tuning cache")
+    if args.export:
+        tuning = export_tuning(args.export, device_name)
+        print(f"wrote {args.export}: {len(tuning['choices'])} kernel choices, "
+              f"{sum(map(len, tuning['configs'].values()))} Triton configs")
+
+
 def _device_name(device) -> str:
     """The GPU's name for a results header, or the CPU threads."""
     import torch
@@ -646,6 +676,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=positive_int, default=40, help="tokens to generate")
     g.add_argument("--no-chat-template", action="store_true", help="send the prompt as is, without the chat template")
     g.set_defaults(func=cmd_generate)
+
+    u = command("tune", "tune the GPU kernels for a model's layer shapes ahead of its first use (weights not read)")
+    u.add_argument("model", nargs="?", default=None,
+                   help="model or lords checkpoint folder (default: the packaged default model, SmolLM2-135M)")
+    u.add_argument("--rows", type=positive_int, nargs="+", default=None,
+                   help="rows per call (batch x tokens) to tune for, each standing for its power-of-two bucket "
+                        "(default: every power of two from 1, a generated token, to 512, a prompt)")
+    u.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16", help="activations")
+    u.add_argument("--bits", type=int, choices=(2, 3, 4), default=4, help="for a dense model: lords quantize's")
+    u.add_argument("--block-size", type=positive_int, default=64, help="for a dense model: lords quantize's")
+    u.add_argument("--rank", type=positive_int, default=None, help="for a dense model: lords quantize's")
+    u.add_argument("--codebook", choices=("nf", "int"), default="nf", help="for a dense model: lords quantize's")
+    u.add_argument("--list", action="store_true", help="only list the layer shapes (no GPU needed)")
+    u.add_argument("--export", default=None,
+                   help="also write the tuning to this JSON file in the format shipped in lords/kernels/tuned/ "
+                        "(added to a file of this GPU's tuning already there)")
+    u.set_defaults(func=cmd_tune)
 
     skill = sub.add_parser("skill", help="PaST skill vectors: extract, apply, analyze, sweep")
     skill_sub = skill.add_subparsers(dest="skill_command", required=True, help="what to do with skill vectors")

@@ -8,7 +8,8 @@ X @ ((B @ A) * C[codes])^T on the GPU, three ways:
 Which one is fastest depends on the shape as well as on M (results/kernels_h100.md: at M = 64 the tiled kernel wins by
 1.8x on 14336 x 4096 and loses by 1.8x on 4096 x 14336), so `lords_matmul` times the candidates the first time it
 meets a (row bucket, N, K, bits, dtype, integer codebook or not) and keeps the winner, as Triton's autotuner does for
-configs.
+configs; a choice stored by an earlier process, or shipped in the package for this GPU (autotune.load_choice), is
+taken without timing.
 On Hopper, GPU-only kernels join the candidates: lords.kernels.cuda's gemv4 (CUDA, one row, 4 bits) and, opt-in,
 lords.kernels.gluon's gemv.
 `fused_matmul` never materialises the dense weight. backward.py's `scale_grads` gives dL/dB and dL/dA for PEFT
@@ -76,8 +77,8 @@ def _can_time(x: torch.Tensor) -> bool:
 def lords_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None):
     """x (..., K) -> (..., N) for packed codes of an (N, K) weight; scales B (N, r), A (r, K). What LoRDSLinear runs
     on CUDA: the fastest kernel for this shape, timed once per (row bucket, N, K, bits, dtype, integer codebook or
-    not) and GPU model, and kept on disk for later processes (autotune.TUNING_CACHE). Each kernel checks the input's
-    width."""
+    not) and GPU model, and kept on disk for later processes (autotune.TUNING_CACHE), unless stored or shipped
+    already (autotune.load_choice). Each kernel checks the input's width."""
     rows = x.numel() // x.shape[-1]
     args = (x, codes, codebook, scale_b, scale_a, bits, bias)
     key = (m_bucket(rows), scale_b.shape[0], scale_a.shape[1], bits, x.dtype, level_lookup(codebook).integer)

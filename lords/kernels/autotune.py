@@ -6,13 +6,14 @@ import functools
 import hashlib
 import json
 import os
+import re
 import statistics
 from pathlib import Path
 
 import torch
 import triton
 from triton.compiler import CompiledKernel
-from triton.runtime.autotuner import Autotuner
+from triton.runtime.autotuner import Autotuner, Config
 from triton.runtime.cache import get_cache_manager
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -20,8 +21,14 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # process skips the timing an earlier one did: each kernel's best config (Triton's cache_results) and lords_matmul's
 # choice of kernel (load_choice, save_choice). Without it, a model's first forward times every config and kernel
 # for each of its layer shapes again (16 s for one 28672 x 8192 layer at M = 1 on the H100, its kernels compiled).
-# LORDS_TUNING_CACHE=0 turns both off.
+# LORDS_TUNING_CACHE=0 turns both off, and the shipped tuning below with them: everything is timed again.
 TUNING_CACHE = os.environ.get("LORDS_TUNING_CACHE", "1") != "0"
+# Tuning shipped inside the package, one file per GPU model (tuned/<GPU name>.json, written by `lords tune --export`
+# on that GPU): where the user's cache has no entry, its kernel choices and configs are used instead of timing, so a
+# fresh machine does not spend minutes tuning a model's shapes. `lords tune` turns it off, to measure.
+TUNED_DIR = Path(__file__).parent / "tuned"
+SHIPPED_TUNING = True
+TUNING_FORMAT = 1
 
 
 def gpu_time(fn, quantiles=None, rep_ms: float = 20.0):
@@ -62,12 +69,44 @@ def gpu_time(fn, quantiles=None, rep_ms: float = 20.0):
     return statistics.median(times)
 
 
+class _CacheMiss(Exception):
+    pass
+
+
+def _missed():
+    raise _CacheMiss
+
+
+class ShippedAutotuner(Autotuner):
+    """Triton's autotuner, which on a miss in the user's disk cache takes the shipped config for this GPU (if there
+    is one among the configs it would time) before timing them."""
+
+    def check_disk_cache(self, tuning_key, configs, bench_fn):
+        try:  # the user's cache first: Triton's own lookup, stopped before it would time the configs
+            return super().check_disk_cache(tuning_key, configs, _missed)
+        except _CacheMiss:
+            pass
+        config = shipped_config(self.base_fn.__name__, tuning_key, configs, torch.cuda.get_device_name())
+        if config is None:
+            return super().check_disk_cache(tuning_key, configs, bench_fn)
+        self.cache[tuning_key] = config
+        return True
+
+
+LAUNCHERS: list["Launcher"] = []  # every autotuned kernel, for lords.tune's export
+
+
 def autotune(configs, interpret_configs, key, **kwargs):
-    """triton.autotune over `configs` (`interpret_configs` under the interpreter), timed by gpu_time, and launched
-    through a Launcher."""
-    tune = triton.autotune(configs=interpret_configs if INTERPRET else configs, key=key, do_bench=gpu_time,
-                           cache_results=TUNING_CACHE, **kwargs)
-    return lambda kernel: Launcher(tune(kernel))
+    """Triton's autotune over `configs` (`interpret_configs` under the interpreter), timed by gpu_time, seeded by the
+    shipped tuning (ShippedAutotuner), and launched through a Launcher."""
+    kwargs = {"reset_to_zero": None, "restore_value": None, **kwargs}
+    configs = interpret_configs if INTERPRET else configs
+
+    def wrap(kernel):
+        LAUNCHERS.append(Launcher(ShippedAutotuner(kernel, kernel.arg_names, configs, key, do_bench=gpu_time,
+                                                   cache_results=TUNING_CACHE, **kwargs)))
+        return LAUNCHERS[-1]
+    return wrap
 
 
 @functools.cache
@@ -85,18 +124,19 @@ def _choice_entry(key: tuple, device_name: str):
 
 
 def load_choice(key: tuple, device_name: str) -> str | None:
-    """The kernel an earlier process chose for this key on a GPU of this name, if it stored one."""
+    """The kernel an earlier process chose for this key on a GPU of this name, if it stored one; else the shipped
+    choice for this GPU, if any."""
     if not TUNING_CACHE:
         return None
     cache, name = _choice_entry(key, device_name)
     path = cache.get_file(name)
-    if path is None:
-        return None
-    try:
-        with open(path) as file:
-            return json.load(file)["choice"]
-    except (OSError, ValueError, KeyError, TypeError):  # a damaged entry: time again, and overwrite it
-        return None
+    if path is not None:
+        try:
+            with open(path) as file:
+                return json.load(file)["choice"]
+        except (OSError, ValueError, KeyError, TypeError):  # a damaged entry: as if absent; timing overwrites it
+            pass
+    return shipped_tuning(device_name)["choices"].get(repr(key))
 
 
 def save_choice(key: tuple, device_name: str, choice: str, times: dict) -> None:
@@ -104,6 +144,52 @@ def save_choice(key: tuple, device_name: str, choice: str, times: dict) -> None:
     if TUNING_CACHE:
         cache, name = _choice_entry(key, device_name)
         cache.put(json.dumps({"key": repr(key), "choice": choice, "times_ms": times}), name, binary=False)
+
+
+def tuned_file(device_name: str) -> Path:
+    """Where the shipped tuning for a GPU of this name lives: its name with every run of other characters than
+    letters and digits made one underscore ("NVIDIA H200" -> tuned/NVIDIA_H200.json)."""
+    return TUNED_DIR / f"{re.sub(r'[^A-Za-z0-9]+', '_', device_name).strip('_')}.json"
+
+
+def read_tuning(path: Path) -> dict:
+    """A tuning file ({"format", "gpu", "choices", "configs", ...}); a clear error for anything else."""
+    try:
+        tuning = json.loads(path.read_text())
+    except ValueError as error:
+        raise ValueError(f"{path} is not a lords tuning file: {error}") from None
+    if (not isinstance(tuning, dict) or tuning.get("format") != TUNING_FORMAT or not isinstance(tuning.get("gpu"), str)
+            or not isinstance(tuning.get("choices"), dict) or not isinstance(tuning.get("configs"), dict)):
+        raise ValueError(f"{path} is not a lords tuning file of format {TUNING_FORMAT} (with gpu, choices, configs)")
+    return tuning
+
+
+def shipped_tuning(device_name: str) -> dict:
+    """The shipped tuning for this GPU; empty when there is none, when turned off, or when the file names another
+    GPU (two names that differ only in punctuation share a file name)."""
+    path = tuned_file(device_name)
+    if SHIPPED_TUNING and path.is_file():
+        tuning = _read_shipped(path)
+        if tuning["gpu"] == device_name:
+            return tuning
+    return {"choices": {}, "configs": {}}
+
+
+@functools.cache
+def _read_shipped(path: Path) -> dict:
+    return read_tuning(path)
+
+
+def config_entry(config: Config) -> dict:
+    """A Triton config as JSON, as Triton's own disk cache stores it (a pre-hook cannot be stored)."""
+    return {name: value for name, value in config.__dict__.items() if name != "pre_hook"}
+
+
+def shipped_config(kernel: str, tuning_key: tuple, configs: list[Config], device_name: str) -> Config | None:
+    """The shipped config of this kernel for Triton's tuning key on this GPU, if it is one of `configs` (those
+    Triton would time now: a config the kernel no longer has is not used)."""
+    entry = shipped_tuning(device_name)["configs"].get(kernel, {}).get(repr(tuning_key))
+    return next((config for config in configs if config_entry(config) == entry), None)
 
 
 class Launcher:
