@@ -260,7 +260,8 @@ def quantize_experts(model: nn.Module, experts: list[tuple[str, nn.Module]], con
     """Replace each named experts module by LoRDSExperts, in place. Each projection's experts go to quantize_group
     (as lords.model.quantize_targets calls it, through run_stacks) in stacks of up to max_batch_numel weights, with
     the config that applies to the projection's name and, when stats are given, each expert's moments; stack(per-
-    expert modules) makes the projection. Returns the reports, one per expert matrix (named f"{projection}.{expert}")."""
+    expert modules) makes the projection. Returns the reports, one per expert matrix (named
+    f"{projection}.{expert}")."""
     stacks, places = [], []  # places: the (experts module, projection) of each stack
     for name, module in experts:
         for part in PROJECTIONS:
