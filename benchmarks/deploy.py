@@ -7,13 +7,16 @@
 - generate: a fresh process's first 64-token greedy generate against the same call once warm;
 - synthetic: a SyntheticSource of the config's shapes (70B, 405B: no disk or host memory could hold them) streamed
   for a few blocks (--blocks), extrapolated to the whole model by the median time a block took (meaningful where
-  each block fills its own refinement stacks, as from 8B up; a tiny model's blocks share one stack).
+  each block fills its own refinement stacks, as from 8B up; a tiny model's blocks share one stack);
+- distributed: the synthetic source's first --blocks blocks quantized by one process, then by --processes processes
+  under torchrun (lords.distributed: gloo on the CPU, NCCL on GPUs), and the two checkpoints compared byte for byte.
 
     python -m benchmarks.deploy --device cpu --config tiny                      # every step, on the CPU
     python -m benchmarks.deploy --device cpu --config small --run make stream load   # a checkpoint of ~450 MB
     python -m benchmarks.deploy --device cuda --config 8b --run make stream in-memory    # H200, one call each,
     python -m benchmarks.deploy --device cuda --config 8b --run load generate            # each within minutes
     python -m benchmarks.deploy --device cuda --config 70b --run synthetic --blocks 4
+    python -m benchmarks.deploy --device cpu --config tiny --run distributed --processes 2
 
 Each step adds its record to --results/deploy.json (replacing an earlier one of the same config, step and device)
 and rewrites deploy.md from all records: a table per step, under the commands that produced its rows. On the GPU
@@ -24,6 +27,7 @@ imports and CUDA's initialisation); GPU memory is torch's peak allocated.
 
 import argparse
 import datetime
+import filecmp
 import json
 import os
 import shlex
@@ -38,7 +42,7 @@ import torch
 
 from benchmarks.tables import write_table
 
-STEPS = ("make", "stream", "in-memory", "load", "generate", "synthetic")
+STEPS = ("make", "stream", "in-memory", "load", "generate", "synthetic", "distributed")
 LLAMA3 = dict(vocab_size=128256, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
               tie_word_embeddings=False)
 CONFIGS = {
@@ -250,13 +254,50 @@ def step_synthetic(args, work: Path, device: torch.device) -> dict:
             "extrapolated_seconds": figures["seconds"] + (total - args.blocks) * per_block}
 
 
+def step_distributed(args, work: Path, device: torch.device) -> dict:
+    """One side of the distributed step: this process alone, or under torchrun with the others (the first one
+    returns the slowest process's time and the largest peaks of any)."""
+    import torch.distributed as dist
+
+    from lords.stream import SyntheticSource, quantize_to_folder, read_report
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    config = llama_config(args.config, args.blocks)
+    source = SyntheticSource(config, seed=0, dtype=torch.bfloat16, device=device)
+    peaks = Peaks(device)
+    peaks.start()
+    out = work / f"distributed-{world}"
+    quantize_to_folder(source, out, lords_config(args), calibration(config, args), device=device, overwrite=True,
+                       max_shard_size=args.max_shard_size, progress=False)
+    every = [peaks.stop()]
+    if world > 1:
+        every = [None] * world
+        dist.all_gather_object(every, peaks.stop())
+        dist.destroy_process_group()
+    figures = {key: max(f[key] for f in every) for key in every[0]}
+    phases = read_report(out)["seconds"] if int(os.environ.get("RANK", "0")) == 0 else {}
+    return {**figures, "processes": world, "threads": torch.get_num_threads(), "blocks": args.blocks, "phases": phases}
+
+
+def same_checkpoints(first: Path, second: Path) -> bool:
+    files = sorted(path.name for path in first.glob("*.safetensors*"))
+    return files == sorted(path.name for path in second.glob("*.safetensors*")) and all(
+        filecmp.cmp(first / name, second / name, shallow=False) for name in files)
+
+
 def run_worker(args) -> None:
     torch.manual_seed(0)
     device = torch.device(args.device)
     work = Path(args.work) / args.config
     work.mkdir(parents=True, exist_ok=True)
     figures = globals()["step_" + args.worker.replace("-", "_")](args, work, device)
-    print("RESULT " + json.dumps(figures), flush=True)
+    if os.environ.get("RANK", "0") == "0":
+        print("RESULT " + json.dumps(figures), flush=True)
 
 
 def environment(device: torch.device) -> dict:
@@ -279,6 +320,16 @@ def gib(value) -> str:
 
 def seconds(value) -> str:
     return "-" if value is None else f"{value:.1f}"
+
+
+NOTES = {"distributed": [
+    "Each side runs in fresh processes; seconds are the slowest process's, peaks the largest of any process. On the "
+    "CPU every process has one thread (OMP_NUM_THREADS=1, torchrun's default), the one process too: the speed-up is "
+    "then the split's alone, and the checkpoints compare byte for byte (a run whose one process had 2 threads gave a "
+    "checkpoint that was not byte-identical: a CPU reduction's order follows the threads). Multi-GPU figures (time "
+    "against one GPU, speed-up per GPU, peak memory per GPU for the 70B-shaped synthetic source) are not measured: "
+    "the device tool lent only single-H200 machines during this work; they would come from `python -m "
+    "benchmarks.deploy --device cuda --config 70b --run distributed --blocks 8 --processes 8`, not run yet.", ""]}
 
 
 def render(records: list[dict]) -> str:
@@ -319,6 +370,20 @@ def render(records: list[dict]) -> str:
                                  f"{gib(r['host_peak_GiB'])} ({gib(r['host_rise_GiB'])})",
                                  seconds(r["seconds_per_block"]),
                                  f"{r['extrapolated_seconds']:.0f} ({r['blocks_in_model']} blocks)"]),
+        "distributed": ("Synthetic source streamed by one process and by several (torchrun, lords.distributed)",
+                        ["config", "device", "steps", "blocks", "processes x threads", "seconds: 1, N",
+                         "speed-up (per process)", "refinement s: 1, N", "reading and calibration s: 1, N",
+                         "GPU peak per process: 1, N (GiB)", "host peak per process: 1, N "
+                         "(GiB)", "checkpoints byte-identical"],
+                        lambda r: [str(r["steps"]), str(r["blocks"]), f"1 x {r['one']['threads']}, "
+                                   f"{r['split']['processes']} x {r['split']['threads']}",
+                                   f"{r['one']['seconds']:.1f}, {r['split']['seconds']:.1f}",
+                                   f"{r['speedup']:.2f} ({r['speedup'] / r['split']['processes']:.2f})",
+                                   *(f"{r['one']['phases'][phase]:.1f}, {r['split']['phases'][phase]:.1f}"
+                                     for phase in ("refinement", "reading and calibration")),
+                                   f"{gib(r['one'].get('gpu_peak_GiB'))}, {gib(r['split'].get('gpu_peak_GiB'))}",
+                                   f"{gib(r['one']['host_peak_GiB'])}, {gib(r['split']['host_peak_GiB'])}",
+                                   "yes" if r["identical"] else "NO"]),
     }
     for step, (title, header, row) in tables.items():
         rows = [r for r in records if r["step"] == step]
@@ -331,8 +396,19 @@ def render(records: list[dict]) -> str:
             lines.append("| " + " | ".join([r["config"], r["device"], *row(r)]) + " |")
         versions = sorted({f"torch {r['torch']}, transformers {r['transformers']}, commit {r['commit']}, {r['date']}"
                            for r in rows})
-        lines += ["", "Versions: " + "; ".join(versions), ""]
+        lines += ["", "Versions: " + "; ".join(versions), ""] + NOTES.get(step, [])
     return "\n".join(lines)
+
+
+def run_step(step: str, launcher: list[str], environ: dict | None = None) -> dict:
+    """The figures of a worker run in a fresh process (or processes: launcher torchrun), with environ added."""
+    done = subprocess.run([*launcher, "--worker", step, *sys.argv[1:]], stdout=subprocess.PIPE, text=True,
+                          env={**os.environ, **(environ or {})})
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        print(done.stdout)
+        raise SystemExit(f"step {step} failed (exit code {done.returncode})")
+    return json.loads(lines[-1].removeprefix("RESULT "))
 
 
 def main() -> None:
@@ -345,6 +421,7 @@ def main() -> None:
     parser.add_argument("--calib-len", type=int, default=512)
     parser.add_argument("--blocks", type=int, default=4, help="synthetic: blocks streamed (at least 2)")
     parser.add_argument("--max-shard-size", default="5GB")
+    parser.add_argument("--processes", type=int, default=2, help="distributed: torchrun processes (GPUs on CUDA)")
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "lords-deploy"),
                         help="where the source and checkpoints are written (kept between calls)")
     parser.add_argument("--results", default="results", help="folder of deploy.json and deploy.md")
@@ -357,15 +434,21 @@ def main() -> None:
     records = json.loads(store.read_text()) if store.is_file() else []
     context = environment(torch.device(args.device))
     for step in args.run:
-        command = [sys.executable, "-m", "benchmarks.deploy", "--worker", step, *sys.argv[1:]]
         print(f"[{step}] {args.config} on {args.device}", flush=True)
-        done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
-        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-        if done.returncode != 0 or not lines:
-            print(done.stdout)
-            raise SystemExit(f"step {step} failed (exit code {done.returncode})")
-        record = {"config": args.config, "step": step, "steps": args.steps, **context,
-                  **json.loads(lines[-1].removeprefix("RESULT "))}
+        if step == "distributed":
+            # on the CPU, one thread a process on both sides, as torchrun sets it: the comparison is then of the split
+            # alone, and the checkpoints are comparable byte for byte (a CPU reduction's order follows the threads)
+            threads = {"OMP_NUM_THREADS": "1"} if args.device == "cpu" else {}
+            one = run_step(step, [sys.executable, "-m", "benchmarks.deploy"], threads)
+            # "--" ends torchrun's own options: it would read --run as an abbreviation of its --run-path
+            split = run_step(step, [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
+                                    str(args.processes), "-m", "benchmarks.deploy", "--"])
+            work = Path(args.work) / args.config
+            figures = {"one": one, "split": split, "blocks": args.blocks, "speedup": one["seconds"] / split["seconds"],
+                       "identical": same_checkpoints(work / "distributed-1", work / f"distributed-{args.processes}")}
+        else:
+            figures = run_step(step, [sys.executable, "-m", "benchmarks.deploy"])
+        record = {"config": args.config, "step": step, "steps": args.steps, **context, **figures}
         print(json.dumps(record), flush=True)
         key = (args.config, step, context["device"])
         records = [r for r in records if (r["config"], r["step"], r["device"]) != key] + [record]

@@ -82,12 +82,14 @@ def cmd_quantize(args) -> None:
     from . import LoRDSConfig, load
     from .assets import calibration_tokens, default_model_path
     from .checkpoint import choose_storage_dtype, parse_size
+    from .distributed import world_size
     from .model import format_report
     from .stream import REPORT_NAME, empty_model, format_summary, open_source, quantize_to_folder, read_report
 
-    device = _device(args.device)
     parse_size(args.max_shard_size)
     _output_folder(args)
+    # under torchrun the processes split the refinement and the first one writes (lords.distributed)
+    device, main_process = _init_distributed(_device(args.device))
     config = LoRDSConfig(
         bits=args.bits, block_size=args.block_size, rank=args.rank, codebook=args.codebook, steps=args.steps,
         lr=args.lr, exact_init=args.exact_init, skip=args.skip or [], codes=args.codes, refit_rounds=args.refit_rounds,
@@ -101,13 +103,17 @@ def cmd_quantize(args) -> None:
     if args.calibration != "none":
         calibration = calibration_tokens(tokenizer, args.calib_samples, args.calib_len, source=args.calibration)
     codes = ", error-feedback codes" if args.codes == "gptq" else ""
-    print(f"quantizing {source.description} to {args.bits} bits (block {args.block_size}, {args.steps} steps, "
-          f"{'activation-aware' if calibration is not None else 'data-free'}{codes}) on {device}")
-    if device.type == "cpu":
+    processes = f" ({world_size()} processes)" if world_size() > 1 else ""
+    if main_process:
+        print(f"quantizing {source.description} to {args.bits} bits (block {args.block_size}, {args.steps} steps, "
+              f"{'activation-aware' if calibration is not None else 'data-free'}{codes}) on {device}{processes}")
+    if device.type == "cpu" and main_process:
         print(_cpu_time_hint(source, config, calibration))
     start = time.perf_counter()
     reports = quantize_to_folder(source, out, config, calibration, tokenizer, device, args.dtype, args.max_shard_size,
-                                 args.overwrite)
+                                 args.overwrite, progress=main_process)
+    if not main_process:
+        return
     if args.verbose:
         print(format_report(reports))
     print(format_summary(read_report(out)))

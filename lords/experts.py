@@ -252,31 +252,39 @@ class ExpertMatrix:
     bias: None = None
 
 
+def run_in_order(quantize_group: Callable, stacks: list[tuple]) -> Iterator[list]:
+    """Each stack (names, linears, config, channel_weights) quantized in turn, in this process: how lords.model.
+    quantize_targets and quantize_experts run their stacks unless told otherwise (lords.distributed.SplitStacks)."""
+    return (quantize_group(*stack) for stack in stacks)
+
+
 def quantize_experts(experts: list[tuple[str, nn.Module]], config, quantize_group: Callable,
                      stack: Callable = LoRDSExpertWeights.from_linears, stats: dict | None = None,
-                     max_batch_numel: int = 2**27, bar=None) -> tuple[list, dict[str, LoRDSExperts]]:
+                     max_batch_numel: int = 2**27, bar=None,
+                     run_stacks: Callable = run_in_order) -> tuple[list, dict[str, LoRDSExperts]]:
     """The LoRDSExperts that replace each named experts module, and the reports, one per expert matrix (named
     f"{projection}.{expert}"); the caller replaces the modules, once everything it quantizes is done. Each
-    projection's experts go to quantize_group (as lords.model.quantize_targets calls it) in stacks of up to
-    max_batch_numel weights, with the config that applies to the projection's name and, when stats are given, each
-    expert's moments; stack(per-expert modules) makes the projection."""
-    reports, replacements = [], {}
+    projection's experts go to quantize_group (as lords.model.quantize_targets calls it, through run_stacks) in
+    stacks of up to max_batch_numel weights, with the config that applies to the projection's name and, when stats
+    are given, each expert's moments; stack(per-expert modules) makes the projection."""
+    stacks, places = [], []  # places: the (experts module, projection) of each stack
     for name, module in experts:
-        projections = {}
         for part in PROJECTIONS:
             full = f"{name}.{part}"
             weight = getattr(module, part)
             per_stack = max(1, max_batch_numel // weight[0].numel())
-            modules = []
             for first in range(0, weight.shape[0], per_stack):
                 chosen = range(first, min(first + per_stack, weight.shape[0]))
                 channel_weights = None if stats is None else list(stats[full][first : chosen.stop])
-                results = quantize_group([f"{full}.{e}" for e in chosen], [ExpertMatrix(weight[e]) for e in chosen],
-                                         config.for_module(full), channel_weights)
-                modules += [expert_module for expert_module, _ in results]
-                reports += [report for _, report in results]
-                if bar is not None:
-                    bar.update(len(chosen))
-            projections[part] = stack(modules)
-        replacements[name] = LoRDSExperts(module, **projections)
+                stacks.append(([f"{full}.{e}" for e in chosen], [ExpertMatrix(weight[e]) for e in chosen],
+                               config.for_module(full), channel_weights))
+                places.append((name, part))
+    reports, modules = [], {place: [] for place in places}
+    for place, results in zip(places, run_stacks(quantize_group, stacks)):
+        modules[place] += [expert_module for expert_module, _ in results]
+        reports += [report for _, report in results]
+        if bar is not None:
+            bar.update(len(results))
+    replacements = {name: LoRDSExperts(module, **{part: stack(modules[(name, part)]) for part in PROJECTIONS})
+                    for name, module in experts}
     return reports, replacements

@@ -15,7 +15,7 @@ from .codebooks import get_codebook
 from .config import LoRDSConfig
 from .experts import (
     PROJECTIONS, ExpertMatrix, LoRDSExpertWeights, block_experts, expert_list_groups, quantize_experts,
-    recording_expert_moments, router_names, shrink_moments,
+    recording_expert_moments, router_names, run_in_order, shrink_moments,
 )
 from .factorize import LoRDSFactors, check_weight, lords_quantize, parity_rank, reconstruct, relative_error
 from .gptq import lords_gptq_quantize
@@ -306,6 +306,7 @@ def quantize_targets(
     stats: dict[str, torch.Tensor] | None = None,
     max_batch_numel: int = 2**27,
     bar=None,
+    run_stacks: Callable = run_in_order,
 ) -> list[LayerReport]:
     """Replace the targets (names relative to model) by quantize_group's modules, in place.
 
@@ -313,26 +314,30 @@ def quantize_targets(
     sharing one config. Layers are independent, so same-shaped ones are refined together in stacks of up to
     max_batch_numel weights: on a GPU one step over a stack costs little more than over one small layer.
     stats: E[x^2] of each target's input by name (activation-aware), or None (data-free).
+    run_stacks(quantize_group, stacks) -> each stack's results: in turn here by default, or split over the processes
+    of torch.distributed (lords.distributed.SplitStacks).
     """
     check_targets(targets)  # before any layer is replaced: the caller's model is never left half-quantized
     groups: dict[tuple, list[tuple[str, nn.Linear]]] = {}
     for name, layer in targets:
         key = (tuple(layer.weight.shape), repr(config.for_module(name).to_dict()))
         groups.setdefault(key, []).append((name, layer))
-    reports, modules = [], {}
+    stacks = []
     for members in groups.values():
         per_stack = max(1, max_batch_numel // members[0][1].weight.numel())
         for first in range(0, len(members), per_stack):
             names = [name for name, _ in members[first : first + per_stack]]
             linears = [layer for _, layer in members[first : first + per_stack]]
             channel_weights = None if stats is None else [stats[name] for name in names]
-            group_config = config.for_module(names[0])
-            for name, (module, report) in zip(names, quantize_group(names, linears, group_config, channel_weights)):
-                modules[name] = module
-                reports.append(report)
-            if bar is not None:
-                bar.update(len(names))
-                bar.set_postfix(error=f"{sum(r.error for r in reports) / len(reports):.4f}")
+            stacks.append((names, linears, config.for_module(names[0]), channel_weights))
+    reports, modules = [], {}
+    for (names, *_), results in zip(stacks, run_stacks(quantize_group, stacks)):
+        for name, (module, report) in zip(names, results):
+            modules[name] = module
+            reports.append(report)
+        if bar is not None:
+            bar.update(len(names))
+            bar.set_postfix(error=f"{sum(r.error for r in reports) / len(reports):.4f}")
     for name, module in modules.items():  # all layers quantized: only now is the model changed
         set_submodule(model, name, module)
     order = {name: index for index, (name, _) in enumerate(targets)}

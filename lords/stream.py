@@ -10,7 +10,8 @@ Two parts, kept apart so that later quantizers can reuse the first:
 The next block's inputs come from the dense block, so the statistics are those of lords.quantize (as in AWQ) and
 the result is the in-memory path's. walk_blocks(feedback=True) takes them from the block as the consumer left it
 instead: what an error-feedback quantizer (GPTQ-style, each block calibrated on the quantized blocks before it)
-needs. Spreading blocks over several GPUs would give each block its own device in the walk.
+needs. Under torchrun every process walks the blocks and the refinement stacks are split over the processes
+(lords.distributed), and the first process writes the checkpoint.
 """
 
 import copy
@@ -33,6 +34,7 @@ from .checkpoint import (
     write_model_config, written_by_lords,
 )
 from .config import LoRDSConfig
+from .distributed import SplitStacks, rank, world_size
 from .hf import mark_quantized, replace_linears
 from .experts import (
     PROJECTIONS, block_experts, expert_list_groups, is_stacked_experts, quantize_experts, recording_expert_moments,
@@ -40,7 +42,7 @@ from .experts import (
 from .model import (
     LayerReport, block_targets, capture_block_inputs, channel_second_moments, check_calibration,
     check_feedback_calibration, find_blocks, lords_linear_group, next_inputs, plan_layers, quantize_targets,
-    recording_channel_moments, recording_input_hessians,
+    recording_channel_moments, recording_input_hessians, run_in_order,
 )
 
 
@@ -272,6 +274,9 @@ def quantize_to_folder(
         device: where blocks run and are refined (default: CUDA when present); blocks compute in bf16 on a GPU and
             float32 on the CPU, as lords.assets.load_pretrained loads dense models.
         dtype, max_shard_size, overwrite: as lords.save.
+    Under torch.distributed (every process calls it with the same arguments, each with its own device) the
+    refinement stacks are split over the processes (lords.distributed.SplitStacks) and the first process writes the
+    folder: the same checkpoint as one process makes, bit for bit on the same kind of device.
     Returns the layers' reports, as lords.quantize; the folder also gets them as quantize_report.json and .md, with
     totals and the time of each phase (quantize_summary).
 
@@ -304,11 +309,12 @@ def quantize_to_folder(
     reports: list[LayerReport] = []
     seconds = dict.fromkeys(("reading and calibration", "refinement", "writing"), 0.0)
 
-    def write(staging: Path) -> None:
+    def write(staging: Path | None) -> None:
+        """Quantize into staging (None: quantize only, in a process that does not write)."""
         start = time.perf_counter()
-        writer = ShardedSafetensors(staging, specs, max_shard_size)
+        writer = ShardedSafetensors(staging, specs, max_shard_size) if staging is not None else DiscardedWrites()
         for name, (_, stored_dtype) in specs.items():  # embeddings, norms, lm_head, biases: straight from the source
-            if name not in quantized:
+            if name not in quantized and staging is not None:
                 writer.write(name, source.tensor(name, "cpu").to(stored_dtype))
         # One bar for all refinement in layer-steps: it moves at every step of every stack, so its rate and ETA hold
         # (a bar in layers sat still for minutes while a stack of 60 layers refined). Made at the first stack, so
@@ -317,6 +323,7 @@ def quantize_to_folder(
         refine_bar = None
         pending, stats = [], {}
         seconds["writing"] = time.perf_counter() - start
+        run_stacks = SplitStacks(lambda steps: refine_bar.update(steps)) if world_size() > 1 else run_in_order
 
         def refinement_group():
             nonlocal refine_bar
@@ -327,7 +334,8 @@ def quantize_to_folder(
         def flush() -> None:
             start = time.perf_counter()
             group = refinement_group()
-            reports.extend(quantize_targets(model, pending, config, group, stats or None, max_batch_numel))
+            reports.extend(quantize_targets(model, pending, config, group, stats or None, max_batch_numel,
+                                            run_stacks=run_stacks))
             seconds["refinement"] += time.perf_counter() - start
             start = time.perf_counter()
             for name, _ in pending:
@@ -366,7 +374,7 @@ def quantize_to_folder(
             start = time.perf_counter()
             group = refinement_group() if experts else None
             expert_reports, replacements = quantize_experts(experts, config, group, stats=block.expert_moments or None,
-                                                            max_batch_numel=max_batch_numel)
+                                                            max_batch_numel=max_batch_numel, run_stacks=run_stacks)
             reports.extend(expert_reports)
             for name, module in replacements.items():
                 model.set_submodule(name, module)
@@ -385,6 +393,8 @@ def quantize_to_folder(
             flush()
         if refine_bar is not None:
             refine_bar.close()
+        if staging is None:
+            return
         start = time.perf_counter()
         writer.close()
         write_model_config(output, staging, stored)
@@ -395,8 +405,18 @@ def quantize_to_folder(
         tokens = 0 if calibration is None else calibration.numel()
         write_report(staging, quantize_summary(reports, seconds, source.description, config, tokens))
 
-    write_folder(folder, overwrite, write)
+    if rank() == 0:
+        write_folder(folder, overwrite, write)
+    else:
+        write(None)
     return reports
+
+
+class DiscardedWrites:
+    """The writer of a process that quantizes without writing (lords.distributed)."""
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        pass
 
 
 REPORT_NAME = "quantize_report"  # .json and .md in the output folder
