@@ -47,7 +47,7 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from .atomic import recover
-    from .checkpoint import check_not_stripped, is_checkpoint, load
+    from .checkpoint import LOAD_ERRORS, CheckpointError, check_not_stripped, is_checkpoint, load
 
     path = Path(path)
     recover(path)
@@ -59,9 +59,12 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype:
         return load(path, device, dtype), AutoTokenizer.from_pretrained(path)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     gguf = gguf_file(path)
-    tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf)
-    source_dtype = None if gguf else AutoConfig.from_pretrained(path).dtype
-    model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf, dtype=dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf)
+        source_dtype = None if gguf else AutoConfig.from_pretrained(path).dtype
+        model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf, dtype=dtype)
+    except LOAD_ERRORS as error:
+        raise CheckpointError(f"cannot load {path}: {error}") from None
     if gguf:  # transformers marks a GGUF load as quantized, though it dequantized every tensor: the model is dense
         model.hf_quantizer, model.is_quantized = None, False
         if hasattr(model.config, "quantization_config"):

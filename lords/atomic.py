@@ -106,9 +106,8 @@ def check_destination(path: str | Path, overwrite: bool, folder: bool = True, ne
                                        "or choose another path")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        probe = _sibling(path, STAGING)
-        probe.mkdir()
-        probe.rmdir()
+        with _staged(_sibling(path, STAGING)) as probe:
+            probe.mkdir()
     except OSError as error:
         raise DestinationError(f"cannot write to {path.parent}: {error.strerror or error}") from None
     free = shutil.disk_usage(path.parent).free
@@ -127,18 +126,14 @@ def _size(count: int) -> str:
 def write_folder(folder: str | Path, overwrite: bool, write: Callable[[Path], None], needed_bytes: int = 0) -> Path:
     """Run write(staging) in a staging folder beside folder, fsync it, and swap it into place (module docstring)."""
     folder = Path(folder)
-    check_destination(folder, overwrite, True, needed_bytes)
-    staging = _sibling(folder, STAGING)
-    with _sigterm_raises():
-        try:
+    with _signals_clean_up():
+        check_destination(folder, overwrite, True, needed_bytes)
+        with _staged(_sibling(folder, STAGING)) as staging:  # after an exchange, it holds the old content
             staging.mkdir()
             write(staging)
             _fsync_tree(staging)
             with _signals_deferred():
                 _swap(staging, folder)
-        finally:
-            with _signals_deferred():
-                _remove(staging)  # the new content on failure, the old one after an exchange
     return folder
 
 
@@ -146,18 +141,14 @@ def write_file(path: str | Path, overwrite: bool, write: Callable[[Path], None],
                replaceable: Callable[[Path], bool] | None = None) -> Path:
     """Run write(staging file) beside path, fsync it and rename it over path (atomic for a file)."""
     path = Path(path)
-    check_destination(path, overwrite, False, replaceable=replaceable)
-    staging = _sibling(path, STAGING)
-    with _sigterm_raises():
-        try:
+    with _signals_clean_up():
+        check_destination(path, overwrite, False, replaceable=replaceable)
+        with _staged(_sibling(path, STAGING)) as staging:
             write(staging)
             _fsync(staging)
             with _signals_deferred():
                 staging.replace(path)
                 _fsync(path.parent)
-        finally:
-            with _signals_deferred():
-                _remove(staging)
     return path
 
 
@@ -206,31 +197,58 @@ class Terminated(BaseException):
     """SIGTERM during a write: like KeyboardInterrupt, not caught by `except Exception`."""
 
 
-def _raise_terminated(signum, frame):
-    raise Terminated(f"terminated by signal {signum}")
+# This process's staging paths, which a signal's handler removes before raising: a `finally` that would remove them
+# can itself be cut short by the signal (the kill test saw it leave a staging folder 1 time in 30).
+_active: set[Path] = set()
+_swap_state = {"deferred": 0, "pending": None}
+
+
+def _interrupt(signum: int):
+    return KeyboardInterrupt() if signum == signal.SIGINT else Terminated(f"terminated by signal {signum}")
+
+
+def _on_signal(signum, frame):
+    if _swap_state["deferred"]:
+        _swap_state["pending"] = signum
+        return
+    for path in list(_active):
+        _remove(path)
+    raise _interrupt(signum)
 
 
 @contextmanager
-def _sigterm_raises():
+def _staged(path: Path):
+    """A staging path, removed on leaving the block, however it is left."""
+    _active.add(path)
+    try:
+        yield path
+    finally:
+        _remove(path)
+        _active.discard(path)
+
+
+@contextmanager
+def _signals_clean_up():
+    """While a write runs in the main thread, SIGTERM and SIGINT remove its staging paths, then raise."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    previous = {signum: signal.signal(signum, _on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 @contextmanager
 def _signals_deferred():
-    """SIGINT and SIGTERM wait until the swap is done: the fallback's two renames are not split."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    signals = {signal.SIGINT, signal.SIGTERM}
-    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    """SIGINT and SIGTERM wait until the swap is done: the fallback's two renames are never split."""
+    _swap_state["deferred"] += 1
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
+        _swap_state["deferred"] -= 1
+    pending, _swap_state["pending"] = _swap_state["pending"], None
+    if pending is not None:
+        raise _interrupt(pending)

@@ -14,8 +14,10 @@ import re
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 from torch import nn
+from tqdm.auto import tqdm
 
 from . import integrity
 from .atomic import recover, write_folder
@@ -28,12 +30,19 @@ WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 LEGACY_CONFIG_NAME = "lords_config.json"  # format 2: beside model.safetensors, before the transformers integration
 DEFAULT_SHARD_SIZE = "5GB"
+# lords.save shows a bar from this size on: smaller checkpoints are written in a few seconds
+PROGRESS_BYTES = 1 << 30
 SAFETENSORS_DTYPES = {dtype: code for code, dtype in integrity.SAFETENSORS_DTYPES.items()}
 SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
 class CheckpointError(ValueError):
     pass
+
+
+# what transformers raises for a config of wrong field types or values (negative sizes, strings for integers, tensors
+# of other shapes than the config's layers): a folder that cannot load, not a bug of the caller
+LOAD_ERRORS = (RuntimeError, ValueError, TypeError, KeyError, StrictDataclassError)
 
 
 def parse_size(size: int | str) -> int:
@@ -182,7 +191,7 @@ def choose_storage_dtype(dtype: torch.dtype | str | None, candidates) -> torch.d
 
 def save(model: nn.Module, folder: str | Path, config: LoRDSConfig | None = None, tokenizer=None,
          overwrite: bool = False, dtype: torch.dtype | str | None = None,
-         max_shard_size: int | str = DEFAULT_SHARD_SIZE) -> Path:
+         max_shard_size: int | str = DEFAULT_SHARD_SIZE, progress: bool = True) -> Path:
     """Save a LoRDS-quantized model as a transformers folder that from_pretrained (after `import lords`) loads.
 
     Args:
@@ -193,6 +202,7 @@ def save(model: nn.Module, folder: str | Path, config: LoRDSConfig | None = None
             fp16, never a silent float32). The model in memory is not changed.
         max_shard_size: larger checkpoints are split into model-0000i-of-0000N.safetensors + index, as transformers
             does.
+        progress: a bar in bytes while the tensors are written, for checkpoints of PROGRESS_BYTES or more.
 
     Example::
 
@@ -209,8 +219,12 @@ def save(model: nn.Module, folder: str | Path, config: LoRDSConfig | None = None
 
     def write(staging: Path) -> None:
         writer = ShardedSafetensors(staging, specs, max_shard_size)
-        for name, tensor in tensors.items():
-            writer.write(name, tensor.detach().to(specs[name][1]))
+        with tqdm(total=writer.total_size, desc="saving", unit="B", unit_scale=True,
+                  disable=not progress or writer.total_size < PROGRESS_BYTES) as bar:
+            for name, tensor in tensors.items():
+                shape, dtype = specs[name]
+                writer.write(name, tensor.detach().to(dtype))
+                bar.update(math.prod(shape) * dtype.itemsize)
         writer.close()
         write_model_config(model, staging, stored)
         if tokenizer is not None:
@@ -352,7 +366,7 @@ def load(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dt
     except (SafetensorError, OSError) as error:
         raise CheckpointError(
             f"cannot load {folder}: a weights file is corrupt, truncated or missing: {error}") from None
-    except (RuntimeError, ValueError, TypeError, KeyError) as error:  # e.g. config fields of wrong types or values
+    except LOAD_ERRORS as error:
         raise CheckpointError(f"cannot load {folder}: {error}") from None
     model.source_dtype = _stored_dtype(folder)
     return model.eval()

@@ -6,6 +6,7 @@ torch, transformers and the rest of lords are imported inside the commands: `lor
 import argparse
 import math
 import os
+import shlex
 import sys
 import time
 from functools import partial
@@ -277,7 +278,7 @@ def _finetune_hd_pissa(model, tokenizer, path, out, main_process, args) -> None:
 
 
 def cmd_qat(args) -> None:
-    from . import LoRDSConfig, save
+    from . import LoRDSConfig, load, save
     from .assets import calibration_tokens
     from .qat import QATLinear, export_qat, prepare_qat, qat_parameter_groups
 
@@ -310,8 +311,8 @@ def cmd_qat(args) -> None:
     _print_losses(losses)
     save(model, out, config=config, tokenizer=tokenizer, overwrite=args.overwrite)
     print(f"saved the exported LoRDS checkpoint to {out}")
-    if args.eval:
-        _print_evaluation(model, tokenizer, args)
+    if args.eval:  # the checkpoint as saved (bf16 tensors), which `lords eval` scores, not the model in memory
+        _print_evaluation(load(out, device), tokenizer, args)
 
 
 def cmd_generate(args) -> None:
@@ -378,7 +379,7 @@ def cmd_compare(args) -> None:
             "",
             "Produced by:",
             "",
-            f"    {' '.join(['lords', *sys.argv[1:]])}",
+            f"    {shlex.join(['lords', *args.argv])}",
             "",
             f"- date: {time.strftime('%Y-%m-%d')}; device: {_device_name(device)}; "
             f"torch {torch.__version__}, transformers {transformers.__version__}; total {time.perf_counter() - start:.0f} s",
@@ -414,8 +415,10 @@ def _save_model(model, tokenizer, out: Path, overwrite: bool) -> None:
 def cmd_skill_extract(args) -> None:
     import torch
 
-    from .skills import extract, save_skill
+    from .atomic import check_destination
+    from .skills import extract, is_skill_file, save_skill
 
+    check_destination(args.out, args.overwrite, folder=False, replaceable=is_skill_file)
     base, _, base_path = _load(args.base, torch.device("cpu"))
     tuned, _, tuned_path = _load(args.tuned, torch.device("cpu"))
     deltas = extract(base, tuned)
@@ -595,7 +598,8 @@ def build_parser() -> argparse.ArgumentParser:
     def training(p, steps, lr):
         p.add_argument("--steps", type=positive_int, default=steps, help="training steps")
         p.add_argument("--lr", type=positive_float, default=lr, help="AdamW learning rate")
-        p.add_argument("--batch-size", type=positive_int, default=4, help="global batch (split over torchrun processes)")
+        p.add_argument("--batch-size", type=positive_int, default=4,
+                       help="global batch (split over torchrun processes)")
         p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
         p.add_argument("--bf16", action="store_true", help="bf16 autocast (mixed precision)")
         p.add_argument("--fsdp", action="store_true",
@@ -626,9 +630,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--bits", type=int, choices=(2, 3, 4), default=4, help="bits per code")
     t.add_argument("--block-size", type=positive_int, default=64, help="block size that sets the parity rank")
     t.add_argument("--codebook", choices=("nf", "int"), default="nf", help="code levels: NormalFloat or integers")
-    t.add_argument("--ptq-steps", type=non_negative_int, default=100, help="LoRDS PTQ refinement steps for the starting scales")
+    t.add_argument("--ptq-steps", type=non_negative_int, default=100,
+                   help="LoRDS PTQ refinement steps for the starting scales")
     t.add_argument("--scale-steps", type=non_negative_int, default=0, help="scales-only steps before weights join")
-    t.add_argument("--scale-lr-multiplier", type=positive_float, default=4.0, help="the scales' learning rate over --lr")
+    t.add_argument("--scale-lr-multiplier", type=positive_float, default=4.0,
+                   help="the scales' learning rate over --lr")
     calibration_size(t)
     t.add_argument("--out", required=True, help="output checkpoint folder")
     t.set_defaults(func=cmd_qat)
@@ -653,7 +659,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(a, "target model or lords checkpoint folder")
     a.add_argument("skill", help="skill file")
     a.add_argument("--scale", type=finite_float, default=1.0, help="lambda")
-    a.add_argument("--refit-steps", type=non_negative_int, default=100, help="LoRDS targets: refinement steps of the re-fit")
+    a.add_argument("--refit-steps", type=non_negative_int, default=100,
+                   help="LoRDS targets: refinement steps of the re-fit")
     a.add_argument("--out", required=True, help="output model folder")
     a.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     a.add_argument("--allow-subset", action="store_true",
@@ -669,13 +676,15 @@ def build_parser() -> argparse.ArgumentParser:
     common(w, "target model or lords checkpoint folder")
     w.add_argument("skill", help="skill file")
     w.add_argument("--scales", type=finite_float, nargs="+", default=[0.0, 0.5, 1.0, 1.5], help="the lambdas to try")
-    w.add_argument("--refit-steps", type=non_negative_int, default=100, help="LoRDS targets: refinement steps of each re-fit")
+    w.add_argument("--refit-steps", type=non_negative_int, default=100,
+                   help="LoRDS targets: refinement steps of each re-fit")
     w.set_defaults(func=cmd_skill_sweep)
 
     c = command("compare", "PTQ comparison table (LoRDS vs NF-k, HQQ, refined block-wise)")
     common(c)
     c.add_argument("--bits", type=int, choices=(2, 3, 4), nargs="+", default=[4, 3, 2], help="bit widths to compare")
-    c.add_argument("--block-size", type=positive_int, default=64, help="block size of every method (and the parity rank)")
+    c.add_argument("--block-size", type=positive_int, default=64,
+                   help="block size of every method (and the parity rank)")
     c.add_argument("--steps", type=non_negative_int, default=500, help="refinement steps of the refined methods")
     c.add_argument("--lr", type=positive_float, default=0.1, help="refinement Adam step relative to the scales' RMS")
     c.add_argument("--refit-rounds", type=non_negative_int, default=0, help="lords-gptq: refit rounds (lords quantize's)")
@@ -697,7 +706,9 @@ def _user_error(error: BaseException) -> bool:
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the command as given, for the results files that name the command that made them
     try:
         args.func(args)
     except KeyboardInterrupt:

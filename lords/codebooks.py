@@ -44,6 +44,10 @@ def get_codebook(kind: str, bits: int) -> torch.Tensor:
     raise ValueError(f"codebook must be one of {CODEBOOK_KINDS}, got {kind!r}")
 
 
+# the search's bound: a table of first codes takes 256 KiB at most; the supported codebooks need at most 65 cells
+MAX_GRID_CELLS = 1 << 16
+
+
 class LevelGrid:
     """Nearest-level lookup in O(1) a value: a uniform grid over the codebook's range maps each cell to the lowest
     code a value in it can take, and one comparison with that code's upper midpoint decides between it and the next.
@@ -58,7 +62,7 @@ class LevelGrid:
         levels = codebook.double().cpu()
         midpoints = (levels[1:] + levels[:-1]) / 2
         low, high = levels[0].item(), levels[-1].item()
-        for cells in range(4 * len(levels), 1 << 16):
+        for cells in range(4 * len(levels), MAX_GRID_CELLS):
             width = (high - low) / cells
             position = (midpoints - low) / width
             if (position.floor().diff() > 0).all() and ((position - position.round()).abs() > 0.01).all():

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy
 import torch
 
 DIGESTS_KEY = "lords_sha256"  # safetensors metadata: JSON {tensor name: sha256 hex of its bytes}
@@ -52,8 +53,27 @@ def digest_metadata(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
 def check_finite(tensors: dict[str, torch.Tensor]) -> None:
     """Nothing non-finite is written: a NaN saved is a NaN loaded later, far from its cause."""
     for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if not all_finite(tensor):
             raise IntegrityError(f"tensor {name} holds NaN or Inf values; refusing to save it")
+
+
+# the exponent bits of each floating dtype, as unsigned integers of its width: all ones for Inf and NaN
+EXPONENT_MASKS = {torch.bfloat16: (numpy.uint16, 0x7F80), torch.float16: (numpy.uint16, 0x7C00),
+                  torch.float32: (numpy.uint32, 0x7F800000), torch.float64: (numpy.uint64, 0x7FF0000000000000)}
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    return finite_bytes(tensor_bytes(tensor), tensor.dtype)
+
+
+def finite_bytes(data, dtype: torch.dtype) -> bool:
+    """Whether a tensor's bytes hold no NaN or Inf (True for integer dtypes). The exponent bits are tested as
+    integers in numpy: torch.isfinite ran at 2-5 M values/s on the shared 2-core CPU (its threads contend), this at
+    about 3 G values/s."""
+    if dtype not in EXPONENT_MASKS or not len(data):
+        return True
+    kind, mask = EXPONENT_MASKS[dtype]
+    return not ((numpy.frombuffer(data, dtype=kind) & kind(mask)) == kind(mask)).any()
 
 
 def read_header(path: str | Path) -> tuple[int, dict, dict]:
@@ -122,8 +142,7 @@ def verify_file(path: str | Path) -> bool:
                 raise IntegrityError(f"{path} is truncated: tensor {name} runs past its end")
             if digests is not None and digest(data) != digests[name]:
                 raise IntegrityError(f"{path}: tensor {name} does not match its sha256 digest (the file is corrupt)")
-            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-            if dtype.is_floating_point and data and not torch.isfinite(torch.frombuffer(data, dtype=dtype)).all():
+            if not finite_bytes(data, SAFETENSORS_DTYPES[entry["dtype"]]):
                 raise IntegrityError(f"{path}: tensor {name} holds NaN or Inf values")
     return digests is not None
 

@@ -28,9 +28,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .checkpoint import (
-    DEFAULT_SHARD_SIZE, INDEX_NAME, SAFETENSORS_DTYPES, ShardedSafetensors, checkpoint_specs, choose_storage_dtype,
-    is_checkpoint, quantized_tensor_names, read_header, read_tensor, unique_tensors, write_folder, write_model_config,
-    written_by_lords,
+    DEFAULT_SHARD_SIZE, INDEX_NAME, LOAD_ERRORS, SAFETENSORS_DTYPES, ShardedSafetensors, checkpoint_specs,
+    choose_storage_dtype, is_checkpoint, quantized_tensor_names, read_header, read_tensor, unique_tensors, write_folder,
+    write_model_config, written_by_lords,
 )
 from .config import LoRDSConfig
 from .hf import mark_quantized, replace_linears
@@ -146,8 +146,13 @@ def open_source(path: str | Path):
         raise ValueError(f"{path} is a lords checkpoint already; quantize the dense model it came from")
     reason = "not safetensors, so transformers reads it whole first; its blocks are then quantized one at a time"
     if any(path.glob("*.safetensors")):
-        source = SafetensorsSource(path)
-        if set(unique_tensors(empty_model(source.config, torch.float32))) <= source.names():
+        try:
+            source = SafetensorsSource(path)
+            # a config of wrong field types or values fails here, not later
+            complete = set(unique_tensors(empty_model(source.config, torch.float32))) <= source.names()
+        except LOAD_ERRORS as error:
+            raise ValueError(f"cannot read {path}: {error}") from None
+        if complete:
             return source, AutoTokenizer.from_pretrained(path)
         # transformers 5 saves MoE experts one by one (experts.0.gate_proj.weight) and stacks them as it loads
         reason = ("its tensors are stored under other names than the model's (MoE experts one by one), so transformers "

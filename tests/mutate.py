@@ -7,7 +7,7 @@ argument) and runs the tests that cover each variant; a variant that passes them
 change. Only the tests that `[tool.lords.mutation_tests]` in pyproject.toml lists for MODULE run, so that a module
 takes minutes on 2 cores instead of hours under the whole suite. The work happens in .mutation/MODULE/ (mutmut's
 mutated copy and its cached results: a second run only tests what changed; delete the folder to start over). The run
-ends with the survivors, one `mutmut show`-style diff each, and one summary line.
+ends with the survivors, a diff each, and one summary line.
 """
 import argparse
 import json
@@ -55,9 +55,9 @@ def prepare_workdir(module: str, tests: list[str]) -> Path:
         # torch's thread pools do not survive a fork of a process that has used them: fork each test run from a
         # fresh server process instead of from mutmut's own.
         'process_isolation = "forkserver"\n'
-        # a mutant's tests may take 4x their clean CPU time (mutmut's default, 15x, spends minutes on each loop that
-        # a mutant made endless)
-        "timeout_multiplier = 4.0\n"
+        # a mutant's tests may take 60 s + 3x their clean time: the 2-core machine is shared, and mutmut's default
+        # (15 x (time + 1 s)) counted runs that were only slowed down by other work as timeouts
+        "timeout_constant = 20.0\ntimeout_multiplier = 3.0\n"
         "\n[tool.pytest.ini_options]\n"
         'testpaths = ["tests"]\n'
     )
@@ -101,9 +101,10 @@ def main() -> None:
     counted = chosen or names
     # a mutant that makes a test run past mutmut's time limit (a loop that no longer ends) is caught too
     survivors = [name for name in counted if status.get(name) not in ("killed", "timeout")]
+    from mutmut.mutation.diff_apply import get_diff_for_mutant
+
     for name in survivors:
-        print(flush=True)
-        subprocess.run([sys.executable, "-m", "mutmut", "show", name], cwd=workdir, env=env, check=False)
+        print(f"\n# {name}: {status.get(name)}\n{get_diff_for_mutant(name, path=f'lords/{args.module}.py')}")
     killed = len(counted) - len(survivors)
     timeouts = sum(status.get(name) == "timeout" for name in counted)
     print(f"\nlords/{args.module}.py: {len(counted)} mutants{' (sample)' if args.sample else ''}, {killed} killed "

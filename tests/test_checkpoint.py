@@ -165,6 +165,16 @@ def test_large_checkpoints_are_sharded_as_transformers_does(quantized, tmp_path)
     assert torch.equal(lords.load(folder)(ids).logits, quantized(ids).logits)
 
 
+def test_saving_a_large_checkpoint_shows_a_bar_of_its_bytes(quantized, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(lords.checkpoint, "PROGRESS_BYTES", 0)
+    lords.save(quantized, tmp_path / "ckpt", dtype=torch.float32)
+    stored = sum(t.numel() * t.element_size() for n, t in quantized.state_dict().items() if n != "lm_head.weight")
+    bar = capsys.readouterr().err.splitlines()[-1]
+    assert bar.startswith("saving: 100%") and f"{stored / 1e3:.1f}k/{stored / 1e3:.1f}k " in bar
+    lords.save(quantized, tmp_path / "quiet", dtype=torch.float32, progress=False)
+    assert "saving" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("size,message", [("5 parsecs", "shard size must be bytes or a size like '5GB'"),
                                           (0, "shard size must be positive")])
 def test_bad_shard_size_is_named(quantized, tmp_path, size, message):

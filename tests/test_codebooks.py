@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lords.codebooks import get_codebook, int_codebook, nearest_codes, nf_codebook
+from lords.codebooks import NF_OFFSET, LevelGrid, get_codebook, int_codebook, level_grid, nearest_codes, nf_codebook
 
 
 def test_nf4_equals_bitsandbytes_table():
@@ -60,4 +60,55 @@ def test_nearest_codes_equal_bucketize_on_midpoints_and_their_neighbours(kind, b
         torch.nextafter(midpoints, midpoints + 1), torch.nextafter(midpoints, midpoints - 1),
         torch.tensor([1e12, -1e12, float("inf"), -float("inf"), 0.0, -0.0], dtype=dtype),
     ])
+    assert torch.equal(nearest_codes(values, codebook), torch.bucketize(values, midpoints).to(torch.uint8))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_nf_levels_equal_a_float64_construction(bits):
+    """QLoRA's construction in double precision (Python's inverse normal CDF), rounded once to float32."""
+    from statistics import NormalDist
+
+    half, inverse_cdf = 2 ** (bits - 1), NormalDist().inv_cdf
+    positive = [inverse_cdf(NF_OFFSET + (0.5 - NF_OFFSET) * i / half) for i in range(half)]
+    negative = [-inverse_cdf(NF_OFFSET + (0.5 - NF_OFFSET) * i / (half - 1)) for i in range(half - 1)]
+    levels = torch.tensor(sorted(positive + [0.0] + negative), dtype=torch.float64)
+    assert torch.equal(nf_codebook(bits), (levels / levels.abs().max()).float())
+
+
+def _separates(codebook, cells) -> bool:
+    """LevelGrid's condition on a cell count: at most one midpoint a cell, none within 1% of a cell of an edge."""
+    levels = codebook.double()
+    position = ((levels[1:] + levels[:-1]) / 2 - levels[0]) / ((levels[-1] - levels[0]) / cells)
+    return bool((position.floor().diff() > 0).all() and ((position - position.round()).abs() > 0.01).all())
+
+
+@pytest.mark.parametrize("kind,bits", [("nf", 2), ("nf", 3), ("nf", 4), ("int", 2), ("int", 3), ("int", 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_level_grid_is_the_coarsest_that_separates_the_midpoints(kind, bits, dtype):
+    codebook = get_codebook(kind, bits).to(dtype)
+    grid = level_grid(codebook)
+    levels = codebook.double()
+    assert grid.low == levels[0].item()
+    assert grid.inverse_width == pytest.approx(grid.cells / (levels[-1] - levels[0]).item(), rel=1e-12)
+    assert _separates(codebook, grid.cells)
+    assert not any(_separates(codebook, cells) for cells in range(4 * len(codebook), grid.cells))
+    starts = levels[0] + (levels[-1] - levels[0]) / grid.cells * torch.arange(grid.cells, dtype=torch.float64)
+    assert torch.equal(grid.first_code, torch.bucketize(starts, (levels[1:] + levels[:-1]) / 2).int())
+    assert torch.equal(grid.upper_midpoint[:-1], (codebook[1:] + codebook[:-1]) / 2)
+    assert grid.upper_midpoint.shape == codebook.shape and grid.upper_midpoint[-1] == float("inf")
+
+
+def test_a_codebook_without_a_level_grid_is_refused(monkeypatch):
+    import lords.codebooks
+
+    monkeypatch.setattr(lords.codebooks, "MAX_GRID_CELLS", 100)  # the search would fail the same way at 2^16
+    with pytest.raises(ValueError, match=r"no level grid separates the midpoints of codebook \[0.0, 0.0, 1.0\]"):
+        LevelGrid(torch.tensor([0.0, 0.0, 1.0]))
+
+
+def test_nearest_codes_of_float64_values_on_a_float32_codebook():
+    """The codebook takes the values' dtype: float64 values one ulp either side of a midpoint get their own codes."""
+    codebook = nf_codebook(4)
+    midpoints = (codebook.double()[1:] + codebook.double()[:-1]) / 2
+    values = torch.cat([midpoints, torch.nextafter(midpoints, midpoints + 1), torch.nextafter(midpoints, midpoints - 1)])
     assert torch.equal(nearest_codes(values, codebook), torch.bucketize(values, midpoints).to(torch.uint8))

@@ -115,10 +115,10 @@ def test_batched_equals_one_by_one():
     weights = torch.stack([structured_weight(24, 128, seed=s).float() for s in range(3)])
     codebook = nf_codebook(4)
     batched = lords_quantize(weights, codebook, 32, 2, steps=15)
-    for i in range(3):
+    for i in range(3):  # each layer in its own units (refine_scales): the results are bit-identical
         single = lords_quantize(weights[i], codebook, 32, 2, steps=15)
-        assert torch.allclose(single.scale_b.float(), batched.scale_b[i].float(), atol=1e-2, rtol=1e-2)
-        assert torch.allclose(single.error, batched.error[i], rtol=1e-3)
+        for field in ("scale_b", "scale_a", "codes", "error_init", "error"):
+            assert torch.equal(getattr(single, field), getattr(batched, field)[i]), field
 
 
 def test_deterministic_given_seed():

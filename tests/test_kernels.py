@@ -81,7 +81,8 @@ def test_half_precision_activations(kernel, m):
     out = kernel(x.half(), pack_codes(codes, 4), codebook, scale_b, scale_a, 4, bias)
     expected = reference(x.half(), codes, codebook, scale_b, scale_a, bias)
     assert out.dtype == torch.float16 and out.shape == (m, 40)
-    assert ((out.double() - expected).norm() / expected.norm()).item() < 2e-2
+    # measured 2.7e-4 to 3.6e-4 (the fp16 output's rounding, unit roundoff 4.9e-4); 2e-3 is 5.5x the largest
+    assert ((out.double() - expected).norm() / expected.norm()).item() < 2e-3
 
 
 def test_layer_dispatch_triton_equals_torch_reference():

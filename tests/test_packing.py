@@ -12,7 +12,8 @@ def test_round_trip(bits, shape):
     packed = pack_codes(codes, bits)
     assert packed.dtype == torch.uint8
     assert tuple(packed.shape) == (shape[0], row_bytes(shape[1], bits))
-    assert torch.equal(unpack_codes(packed, bits, shape), codes)
+    unpacked = unpack_codes(packed, bits, shape)
+    assert unpacked.dtype == torch.uint8 and torch.equal(unpacked, codes)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])

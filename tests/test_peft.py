@@ -1,3 +1,7 @@
+import hashlib
+import json
+import re
+
 import pytest
 import torch
 
@@ -40,14 +44,24 @@ def test_adapter_round_trip_and_mismatch(quantized, tmp_path, tiny_llama):
     ids = torch.randint(0, 96, (2, 9))
     folder = save_adapter(quantized, tmp_path / "adapter", base="tiny")
     assert sorted(p.name for p in folder.iterdir()) == ["adapter.safetensors", "adapter_config.json"]
+    assert json.loads((folder / "adapter_config.json").read_text()) == {
+        "format": "lords-adapter", "format_version": 1, "base": "tiny", "codes_sha256": codes_fingerprint(quantized)}
+    layers = [m for m in quantized.modules() if isinstance(m, lords.LoRDSLinear)]
+    with torch.no_grad():  # the adapter stores the scales in bf16, as the checkpoint format does
+        for module in layers:
+            module.scale_b.copy_(module.scale_b.bfloat16())
+            module.scale_a.copy_(module.scale_a.bfloat16())
     expected = quantized(ids).logits
+    trained = {name: p.detach().clone() for name, p in quantized.named_parameters() if p.requires_grad}
     with torch.no_grad():
-        for module in quantized.modules():
-            if isinstance(module, lords.LoRDSLinear):
-                module.scale_b.zero_()
-    load_adapter(quantized, folder)
-    # the adapter stores bf16 scales, as the checkpoint format does
-    assert torch.allclose(quantized(ids).logits, expected, atol=5e-2, rtol=5e-2)
+        for module in layers:
+            module.scale_b.zero_()
+            module.scale_a.zero_()
+    assert load_adapter(quantized, folder) is quantized
+    for name, param in quantized.named_parameters():
+        if name in trained:
+            assert param.dtype == torch.float32 and torch.equal(param, trained[name]), name
+    assert torch.equal(quantized(ids).logits, expected)
     with pytest.raises(FileExistsError, match="not empty"):
         save_adapter(quantized, folder)
 
@@ -56,8 +70,78 @@ def test_adapter_round_trip_and_mismatch(quantized, tmp_path, tiny_llama):
     other = LlamaForCausalLM(LlamaConfig(**{**tiny_llama.config.to_dict(), "vocab_size": 96})).eval()
     torch.manual_seed(1)
     lords.quantize(other, lords.LoRDSConfig(bits=4, block_size=32, steps=0), progress=False)
-    with pytest.raises(ValueError, match="trained on other codes"):
+    with pytest.raises(ValueError, match=r"adapter .* was trained on other codes \(base 'tiny'\); it does not fit"):
         load_adapter(other, folder)
+
+
+def test_adapter_holds_only_the_trained_scales(quantized, tmp_path):
+    from safetensors.torch import load_file
+
+    mark_trainable(quantized, ("scale_a",))
+    folder = save_adapter(quantized, tmp_path / "adapter")
+    tensors = load_file(str(folder / "adapter.safetensors"))
+    layers = {name: m for name, m in quantized.named_modules() if isinstance(m, lords.LoRDSLinear)}
+    assert sorted(tensors) == sorted(f"{name}.scale_a" for name in layers)
+    for name, layer in layers.items():
+        assert tensors[f"{name}.scale_a"].dtype == torch.bfloat16
+        assert torch.equal(tensors[f"{name}.scale_a"], layer.scale_a.detach().bfloat16())
+
+
+def test_fingerprint_covers_names_shapes_bits_ranks_and_codes(quantized):
+    """The fingerprint is the adapter format's check that it fits a base: sha256 over name:out x in:bits:rank; and
+    the packed codes of every layer in order."""
+    digest = hashlib.sha256()
+    for name, layer in quantized.named_modules():
+        if isinstance(layer, lords.LoRDSLinear):
+            digest.update(f"{name}:{layer.out_features}x{layer.in_features}:{layer.bits}:{layer.rank};".encode())
+            digest.update(layer.codes.numpy().tobytes())
+    assert codes_fingerprint(quantized) == digest.hexdigest()
+    layer = quantized.model.layers[1].mlp.down_proj
+    before = codes_fingerprint(quantized)
+    with torch.no_grad():
+        layer.codes[-1, -1] ^= 1
+    assert codes_fingerprint(quantized) != before
+
+
+def test_mark_trainable_keeps_the_trained_scales_in_float32(quantized):
+    assert quantized.model.layers[0].mlp.up_proj.scale_b.dtype == torch.bfloat16
+    mark_trainable(quantized, ("scale_b",))
+    layer = quantized.model.layers[0].mlp.up_proj
+    assert layer.scale_b.dtype == torch.float32 and layer.scale_b.requires_grad
+    assert layer.scale_a.dtype == torch.bfloat16 and not layer.scale_a.requires_grad
+    for parts in ((), ("scale_b", "weight")):
+        with pytest.raises(ValueError, match=r"parts must be a non-empty subset of \('scale_b', 'scale_a'\)"):
+            mark_trainable(quantized, parts)
+
+
+def test_bad_adapters_are_refused(quantized, tmp_path):
+    quantized.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable scales: call mark_trainable"):
+        save_adapter(quantized, tmp_path / "none")
+    mark_trainable(quantized)
+    folder = save_adapter(quantized, tmp_path / "adapter")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "format_version": 2}))
+    with pytest.raises(ValueError, match="adapter_config.json is not a lords adapter of format version 1"):
+        load_adapter(quantized, folder)
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "format": "peft"}))
+    with pytest.raises(ValueError, match="is not a lords adapter of format version 1"):
+        load_adapter(quantized, folder)
+    (folder / "adapter_config.json").write_text("{")
+    with pytest.raises(ValueError, match=f"{folder} is not a readable lords adapter"):
+        load_adapter(quantized, folder)
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(folder / "adapter.safetensors"))
+    key = "model.layers.0.mlp.up_proj.scale_b"
+    save_file({**tensors, key: tensors[key].repeat(1, 2)}, str(folder / "adapter.safetensors"))
+    rank = tensors[key].shape[1]
+    with pytest.raises(ValueError, match=rf"adapter tensor {re.escape(key)} has shape \(128, {2 * rank}\), the model "
+                                         rf"expects \(128, {rank}\)"):
+        load_adapter(quantized, folder)
+    with pytest.raises(ValueError, match="the model has no LoRDSLinear layers; quantize it"):
+        mark_trainable(torch.nn.Sequential(torch.nn.Linear(4, 4)))
 
 
 def test_finetune_needs_trainable_parameters(quantized):

@@ -121,6 +121,7 @@ def _post(url: str, body: dict) -> dict:
 
 
 def test_openai_server_answers_a_completion_and_a_chat(checkpoint, reference, tmp_path):
+    """The server as a user starts it: vLLM compiles the model (the LoRDS layers' torch reference included)."""
     tokenizer, generate = reference
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -129,7 +130,7 @@ def test_openai_server_answers_a_completion_and_a_chat(checkpoint, reference, tm
     log = open(tmp_path / "server.log", "w")
     server = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(checkpoint), "--host",
-         "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", "128",
+         "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "128",
          "--distributed-executor-backend", "uni"], stdout=log, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
