@@ -6,8 +6,7 @@ perplexity; the seed draws the calibration windows. Runs accumulate in a JSON fi
 widths, finished runs are skipped) and the table is rendered from it after every run, with every command that
 contributed written above it:
 
-    nice python -m benchmarks.quality_gptq --bits 4 3 2 --seeds 0 --max-tokens 8192 --calib-samples 16
-    nice python -m benchmarks.quality_gptq --bits 4 3 --seeds 1 2 --max-tokens 8192 --calib-samples 16
+    nice python -m benchmarks.quality_gptq --bits 4 3 --seeds 0 --max-tokens 4096 --calib-samples 8 --threads 1
 """
 
 import argparse
@@ -83,7 +82,12 @@ def main() -> None:
     parser.add_argument("--calib-len", type=int, default=512)
     parser.add_argument("--max-tokens", type=int, default=40_000, help="held-out tokens")
     parser.add_argument("--out", default="results/quality_gptq.md")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (1 on a CPU shared with other jobs: two threads spent most of their time "
+                             "waiting for each other in the small ops of the GPTQ column loop)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     state_path = Path(args.out).with_suffix(".json")
     settings = {"steps": args.steps, "refit_rounds": args.refit_rounds, "calib_samples": args.calib_samples,
                 "calib_len": args.calib_len, "max_tokens": args.max_tokens}

@@ -41,14 +41,19 @@ def _columns(tensor: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
 
 def inverse_hessian_factor(hessian: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
     """The upper Cholesky factor U of (H + damp mean(diag H) I)^-1 (L, m, m): row j of U, divided by U[j, j], is the
-    update that column j's rounding error makes to the columns after it (GPTQ's Cholesky reformulation)."""
+    update that column j's rounding error makes to the columns after it (GPTQ's Cholesky reformulation).
+
+    With J the reversal of rows and columns, J H J = K K^T (K lower) gives H = R R^T with R = J K J upper, so
+    H^-1 = (R^-1)^T R^-1 and U = R^-1 = J K^-1 J: one Cholesky and one triangular solve, where GPTQ's
+    cholesky_inverse and second Cholesky took 6 s for a 576 x 576 H on a loaded 2-core CPU."""
     hessian = hessian.clone()
     diagonal = hessian.diagonal(dim1=-2, dim2=-1)
     # a channel that no calibration input reached has no effect on the output: rounding it cannot matter
     diagonal.masked_fill_(diagonal == 0, 1.0)
     diagonal.add_(damp * diagonal.mean(dim=-1, keepdim=True))
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(hessian))
-    return torch.linalg.cholesky(inverse, upper=True)
+    lower = torch.linalg.cholesky(hessian.flip(-2, -1))
+    identity = torch.eye(hessian.shape[-1], dtype=hessian.dtype, device=hessian.device).expand_as(hessian)
+    return torch.linalg.solve_triangular(lower, identity, upper=False).flip(-2, -1)
 
 
 def gptq_codes(
@@ -81,21 +86,23 @@ def gptq_codes(
         work, scale = _columns(work, order), _columns(scale, order)
         hessian = _columns(hessian, order).gather(-2, order[:, :, None].expand_as(hessian))
     factor = inverse_hessian_factor(hessian, damp)
+    # Columns as rows (L, m, n): each step reads contiguous vectors. A column's value when its turn comes is its
+    # value at the block's start minus the block's earlier errors along U (one small matmul): GPTQ's in-block update
+    # done lazily. Updating the block's remaining columns after every column cost 10x more on a loaded 2-core CPU.
+    work, scale = work.transpose(-1, -2).contiguous(), scale.transpose(-1, -2).contiguous()
     codes = torch.empty_like(work, dtype=torch.int32)
-    column, scratch = torch.empty_like(work[..., 0]), grid.scratch(work[..., 0])
-    column_codes = torch.empty_like(column, dtype=torch.int32)
+    ratio, scratch = torch.empty_like(work[:, 0]), grid.scratch(work[:, 0])
+    column_codes = torch.empty_like(ratio, dtype=torch.int32)
     for start in range(0, in_features, column_block):
         end = min(start + column_block, in_features)
-        block, block_factor = work[..., start:end], factor[:, start:end, start:end]
-        errors = torch.empty_like(block)
-        for j in range(end - start):
-            code = grid.codes(safe_divide(block[..., j], scale[..., start + j], out=column), column_codes, scratch)
-            codes[..., start + j] = code
-            quantized = scale[..., start + j] * levels[code.long()]
-            error = (block[..., j] - quantized) / block_factor[:, j, j, None]
-            block[..., j:] -= error[..., None] * block_factor[:, None, j, j:]
-            errors[..., j] = error
-        work[..., end:] -= errors @ factor[:, start:end, end:]
+        errors = torch.zeros_like(work[:, start:end])
+        for j in range(start, end):
+            column = work[:, j] - (factor[:, None, start:j, j] @ errors[:, : j - start]).squeeze(1)
+            code = grid.codes(safe_divide(column, scale[:, j], out=ratio), column_codes, scratch)
+            codes[:, j] = code
+            errors[:, j - start] = (column - scale[:, j] * levels[code.long()]) / factor[:, j, j, None]
+        work[:, end:] -= factor[:, start:end, end:].transpose(-1, -2) @ errors
+    codes = codes.transpose(-1, -2)
     if act_order:
         codes = codes.scatter(-1, order[:, None, :].expand_as(codes), codes.clone())
     codes = codes.to(torch.uint8)
