@@ -86,7 +86,7 @@ def _separates(codebook, cells) -> bool:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_level_grid_is_the_coarsest_that_separates_the_midpoints(kind, bits, dtype):
     codebook = get_codebook(kind, bits).to(dtype)
-    grid = level_grid(codebook)
+    grid = LevelGrid(codebook)  # not the cached one: built here, so the test covers the construction
     levels = codebook.double()
     assert grid.low == levels[0].item()
     assert grid.inverse_width == pytest.approx(grid.cells / (levels[-1] - levels[0]).item(), rel=1e-12)
