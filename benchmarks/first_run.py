@@ -35,8 +35,9 @@ from benchmarks.tables import finish_report, produced_by
 
 REPO = Path(__file__).resolve().parents[1]
 # the lines of `/usr/bin/time -v` that the report keeps
-TIME_FIELDS = {"wall": "Elapsed (wall clock) time", "user": "User time (seconds)", "system": "System time (seconds)",
-               "max_rss_kb": "Maximum resident set size (kbytes)", "minor_faults": "Minor (reclaiming a frame) page faults"}
+TIME_FIELDS = {"wall": "Elapsed (wall clock) time", "user": "User time (seconds)",
+               "system": "System time (seconds)", "max_rss_kb": "Maximum resident set size (kbytes)",
+               "minor_faults": "Minor (reclaiming a frame) page faults"}
 
 
 def readme_command(readme: Path) -> str:
