@@ -113,5 +113,6 @@ def calibration_tokens(tokenizer, n_samples: int, seq_len: int, source: str = "d
 def describe_data(heldout: torch.Tensor, calibration: torch.Tensor) -> str:
     return (
         f"held-out: {heldout.numel()} tokens of Lee news documents 240-298 + lee.cor (gensim test data); "
-        f"calibration: {calibration.shape[0]} x {calibration.shape[1]} tokens from documents 0-{CALIBRATION_DOCUMENTS - 1}"
+        f"calibration: {calibration.shape[0]} x {calibration.shape[1]} tokens from documents "
+        f"0-{CALIBRATION_DOCUMENTS - 1}"
     )

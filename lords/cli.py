@@ -418,7 +418,8 @@ def cmd_compare(args) -> None:
             f"    {shlex.join(['lords', *args.argv])}",
             "",
             f"- date: {time.strftime('%Y-%m-%d')}; device: {_device_name(device)}; "
-            f"torch {torch.__version__}, transformers {transformers.__version__}; total {time.perf_counter() - start:.0f} s",
+            f"torch {torch.__version__}, transformers {transformers.__version__}; "
+            f"total {time.perf_counter() - start:.0f} s",
             f"- model: {path.name}; {describe_data(heldout, calibration)}",
             f"- block size {args.block_size} for every block-wise method and for the LoRDS parity rank; "
             f"refinement {args.steps} Adam steps (lr {args.lr}, relative) for lords, lords-aware and nf-refined-aware",
@@ -511,7 +512,8 @@ def cmd_skill_analyze(args) -> None:
     blocks = sorted(means["pair"], key=lambda key: (not key.isdigit(), int(key) if key.isdigit() else 0))
     lines = [f"| block | {' | '.join(f'cosine, {label}' for label in means)} |", "|---" * (len(means) + 1) + "|"]
     for block in blocks:
-        lines.append(f"| {block} | " + " | ".join(f"{means[label].get(block, float('nan')):.4f}" for label in means) + " |")
+        cells = (f"{means[label].get(block, float('nan')):.4f}" for label in means)
+        lines.append(f"| {block} | " + " | ".join(cells) + " |")
     header = [f"- pair: {args.skills[0]} vs {args.skills[1]}"]
     if args.control:
         header.append(f"- control: {args.control[0]} vs {args.control[1]}")
@@ -528,7 +530,8 @@ def cmd_skill_analyze(args) -> None:
         figure, axis = plt.subplots(figsize=(6, 3.5))
         numbered = [block for block in blocks if block.isdigit()]
         for label, values in means.items():
-            axis.plot([int(b) for b in numbered], [values.get(b, float("nan")) for b in numbered], marker="o", label=label)
+            axis.plot([int(b) for b in numbered], [values.get(b, float("nan")) for b in numbered], marker="o",
+                      label=label)
         axis.axhline(0, color="gray", linewidth=0.8)
         axis.set_xlabel("decoder block")
         axis.set_ylabel("cosine similarity of the deltas")
@@ -740,7 +743,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="block size of every method (and the parity rank)")
     c.add_argument("--steps", type=non_negative_int, default=500, help="refinement steps of the refined methods")
     c.add_argument("--lr", type=positive_float, default=0.1, help="refinement Adam step relative to the scales' RMS")
-    c.add_argument("--refit-rounds", type=non_negative_int, default=0, help="lords-gptq: refit rounds (lords quantize's)")
+    c.add_argument("--refit-rounds", type=non_negative_int, default=0,
+                   help="lords-gptq: refit rounds (lords quantize's)")
     c.add_argument("--methods", nargs="+", help="rows of the table (also: lords-gptq, gptq-g64, gptq-g128)",
                    default=["nf-rtn", "hqq", "lords-init", "lords", "lords-aware", "nf-refined-aware"])
     c.add_argument("--codebooks", nargs="+", choices=("nf", "int"), default=["nf"],

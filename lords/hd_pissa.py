@@ -70,7 +70,8 @@ class HDPiSSALinear(nn.Module):
     def apply_deltas(self, delta_a: torch.Tensor, delta_b: torch.Tensor) -> None:
         """delta_a (K, r, m), delta_b (K, n, r), every slice in order: W += sum_k (B_k - dB_k)(A_k - dA_k) - B_k A_k."""
         slices, rank, m = self.fixed_a.shape
-        fixed_a, fixed_b = self.fixed_a.reshape(slices * rank, m), self.fixed_b.transpose(0, 1).reshape(-1, slices * rank)
+        fixed_a = self.fixed_a.reshape(slices * rank, m)
+        fixed_b = self.fixed_b.transpose(0, 1).reshape(-1, slices * rank)
         new_a = fixed_a - delta_a.reshape(slices * rank, m)
         new_b = fixed_b - delta_b.transpose(0, 1).reshape(-1, slices * rank)
         self.master += new_b @ new_a - fixed_b @ fixed_a

@@ -13,10 +13,10 @@ from .factorize import LoRDSFactors, bits_per_weight
 from .packing import pack_codes, row_bytes, unpack_codes, unpack_levels
 
 # "auto": "triton" for CUDA inputs when Triton is installed, "torch" otherwise.
-# "torch": the reference, dequantize in torch + matmul. "triton": lords.kernels.lords_matmul, which picks the decode,
-# tiled or dequantize + cuBLAS kernel by the number of rows (results/kernels_h100.md). "fused": Triton kernels that never
-# hold the dense weight, at any number of rows. Both Triton paths call lords.kernels.ops, torch operators while
-# torch.compile traces, so a model with LoRDS layers compiles.
+# "torch": the reference, dequantize in torch + matmul. "triton": lords.kernels.lords_matmul, which picks the
+# decode, tiled or dequantize + cuBLAS kernel by the number of rows (results/kernels_h100.md). "fused": Triton kernels
+# that never hold the dense weight, at any number of rows. Both Triton paths call lords.kernels.ops, torch operators
+# while torch.compile traces, so a model with LoRDS layers compiles.
 BACKENDS = ("auto", "torch", "triton", "fused")
 
 # a constant, not a call: torch.compile traces forward() and would stop at a cached function

@@ -500,7 +500,8 @@ def precompile_kernels(
 
 
 def format_report(reports: list[LayerReport]) -> str:
-    lines = [f"{'layer':<44} {'shape':>12} {'bits':>4} {'rank':>4} {'bpw':>6} {'err init':>9} {'err':>8} {'w err':>8} {'sec':>6}"]
+    lines = [f"{'layer':<44} {'shape':>12} {'bits':>4} {'rank':>4} {'bpw':>6} {'err init':>9} {'err':>8} "
+             f"{'w err':>8} {'sec':>6}"]
     for r in reports:
         shape = f"{r.shape[0]}x{r.shape[1]}"
         rank = "-" if r.rank is None else r.rank

@@ -102,7 +102,8 @@ def load_adapter(model: nn.Module, folder: str | Path, verify: bool = True) -> n
             or meta.get("format_version") != ADAPTER_FORMAT_VERSION or not isinstance(meta.get("codes_sha256"), str)):
         raise ValueError(f"{folder / ADAPTER_CONFIG} is not a lords adapter of format version {ADAPTER_FORMAT_VERSION}")
     if meta["codes_sha256"] != codes_fingerprint(model):
-        raise ValueError(f"adapter {folder} was trained on other codes (base {meta.get('base')!r}); it does not fit this model")
+        raise ValueError(f"adapter {folder} was trained on other codes (base {meta.get('base')!r}); it does not fit "
+                         "this model")
     path = folder / ADAPTER_WEIGHTS
     try:
         if verify:
