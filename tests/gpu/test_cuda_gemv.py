@@ -11,6 +11,7 @@ import os
 
 import pytest
 import torch
+from layers import poison, random_layer, reference, relative_error
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
@@ -34,32 +35,6 @@ TOLERANCE = 6e-3
 SHAPES = [(14336, 4096, 49), (4096, 14336, 49), (4096, 4096, 32), (1024, 4096, 12), (28672, 8192, 99),
           (16, 1024, 17), (384, 128, 5), (1008, 512, 1), (2048, 1024, 128), (640, 3072, 65), (4112, 2048, 33),
           (8192, 8192, 64)]
-
-
-def random_layer(n, k, rank, kind, generator):
-    from lords.codebooks import get_codebook
-    from lords.packing import pack_codes
-
-    codes = torch.randint(0, 16, (n, k), device="cuda", dtype=torch.uint8, generator=generator)
-    scale_b = (torch.rand(n, rank, device="cuda", generator=generator) + 0.1).bfloat16()
-    scale_a = (torch.rand(rank, k, device="cuda", generator=generator) + 0.1).bfloat16()
-    return codes, pack_codes(codes, 4), get_codebook(kind, 4).cuda(), scale_b, scale_a
-
-
-def reference(x, codes, codebook, scale_b, scale_a, bias):
-    weight = (scale_b.double() @ scale_a.double()) * codebook.double()[codes.long()]
-    out = x.double() @ weight.T
-    return out if bias is None else out + bias.double()
-
-
-def relative_error(out, expected) -> float:
-    return ((out.double() - expected).norm() / expected.norm()).item()
-
-
-def poison() -> None:
-    """Fill free cached blocks with NaN, so that an output element the kernel never writes shows up."""
-    poisoned = torch.full((2**26,), float("nan"), device="cuda")
-    del poisoned
 
 
 def launch_shapes(n, k, rank):

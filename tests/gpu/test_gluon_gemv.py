@@ -11,6 +11,7 @@ import os
 
 import pytest
 import torch
+from layers import poison, random_layer, reference, relative_error
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
@@ -37,32 +38,6 @@ SHAPES = [(14336, 4096, 49), (4096, 14336, 49), (4096, 4096, 32), (1024, 4096, 1
           (4100, 2048, 33), (64, 1024, 17), (384, 128, 5), (1000, 512, 1), (2048, 1024, 128), (640, 3072, 65)]
 
 
-def random_layer(n, k, rank, kind, dtype, generator):
-    from lords.codebooks import get_codebook
-    from lords.packing import pack_codes
-
-    codes = torch.randint(0, 16, (n, k), device="cuda", dtype=torch.uint8, generator=generator)
-    scale_b = (torch.rand(n, rank, device="cuda", generator=generator) + 0.1).to(dtype)
-    scale_a = (torch.rand(rank, k, device="cuda", generator=generator) + 0.1).to(dtype)
-    return codes, pack_codes(codes, 4), get_codebook(kind, 4).cuda(), scale_b, scale_a
-
-
-def reference(x, codes, codebook, scale_b, scale_a, bias):
-    weight = (scale_b.double() @ scale_a.double()) * codebook.double()[codes.long()]
-    out = x.double() @ weight.T
-    return out if bias is None else out + bias.double()
-
-
-def relative_error(out, expected) -> float:
-    return ((out.double() - expected).norm() / expected.norm()).item()
-
-
-def poison() -> None:
-    """Fill free cached blocks with NaN, so that an output element the kernel never writes shows up."""
-    poisoned = torch.full((2**26,), float("nan"), device="cuda")
-    del poisoned
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16], ids=["bf16"])
 @pytest.mark.parametrize("kind", ["nf", "int"])
 @pytest.mark.parametrize("n,k,rank", SHAPES, ids=[f"{n}x{k}-r{rank}" for n, k, rank in SHAPES])
@@ -71,7 +46,7 @@ def test_gemv_matches_float64(n, k, rank, kind, dtype, record_property):
     from lords.kernels.stream_k import workspace_tensors
 
     generator = torch.Generator("cuda").manual_seed(n + k + rank)
-    codes, packed, codebook, scale_b, scale_a = random_layer(n, k, rank, kind, dtype, generator)
+    codes, packed, codebook, scale_b, scale_a = random_layer(n, k, rank, kind, generator, dtype)
     bias = torch.randn(n, device="cuda", generator=generator).to(dtype) if rank % 2 else None
     worst = 0.0
     for call in range(CALLS):
@@ -91,7 +66,7 @@ def test_gemv_replays_in_a_cuda_graph(n, k, rank, record_property):
     from lords.kernels import gemv_matmul
 
     generator = torch.Generator("cuda").manual_seed(1)
-    codes, packed, codebook, scale_b, scale_a = random_layer(n, k, rank, "nf", torch.bfloat16, generator)
+    codes, packed, codebook, scale_b, scale_a = random_layer(n, k, rank, "nf", generator)
     x = torch.randn(1, k, device="cuda", generator=generator).bfloat16()
     gemv_matmul(x, packed, codebook, scale_b, scale_a, 4)  # compiles outside the capture
     graph = torch.cuda.CUDAGraph()
@@ -112,7 +87,7 @@ def test_gemv_is_what_lords_matmul_offers_for_one_row(monkeypatch):
     from lords.kernels import candidates, gemv_ready
 
     generator = torch.Generator("cuda").manual_seed(2)
-    _, _, _, scale_b, scale_a = random_layer(4096, 4096, 32, "nf", torch.bfloat16, generator)
+    _, _, _, scale_b, scale_a = random_layer(4096, 4096, 32, "nf", generator)
     x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
     assert gemv_ready(x, 4, scale_b, scale_a)
     with monkeypatch.context() as off:
@@ -126,5 +101,5 @@ def test_gemv_is_what_lords_matmul_offers_for_one_row(monkeypatch):
     assert not gemv_ready(x, 4, scale_b, offset)  # A is read by TMA, which needs 16-byte alignment
     assert "gluon-gemv" not in candidates(1, 32)  # offered by lords_matmul itself, where gemv_ready says so
     # 28672 x 8192 at rank 99: no split of the work keeps a program within MAX_PIECES row tiles
-    _, _, _, scale_b, scale_a = random_layer(28672, 8192, 99, "nf", torch.bfloat16, generator)
+    _, _, _, scale_b, scale_a = random_layer(28672, 8192, 99, "nf", generator)
     assert not gemv_ready(torch.randn(1, 8192, device="cuda", dtype=torch.bfloat16), 4, scale_b, scale_a)

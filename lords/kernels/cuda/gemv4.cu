@@ -192,6 +192,37 @@ __device__ __forceinline__ void write_rows(const float (&acc)[ROW_TILES][RANK_TI
     if (threadIdx.x == 0) counters[blockIdx.x] = 0;
 }
 
+// XA, formed once per call, in the order the product kernel reads it. mma.sync build, the B operand's register
+// order: for step s, tile pair i and lane (g, t), 4 * RANK_TILES words: tile 2i + u, rank tile p, register j (slots
+// 2t + 8j, 2t + 8j + 1 of rank row 8p + g) at word (u * RANK_TILES + p) * 2 + j. wgmma build, 8 x 8 core matrices:
+// for step s, tile T, rank tile p and K half h, 8 rank rows x 8 slots (128 bytes), at ((s * 8 + T) * RANK_TILES + p)
+// * 2 + h.
+template <int RANK_TILES, bool TABLE>
+__global__ void xa_kernel(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ scale_a,
+                          uint32_t* __restrict__ xa, int k, int rank, int words) {
+    const int index = blockIdx.x * blockDim.x + threadIdx.x;
+    if (index >= words) return;
+#if LORDS_WGMMA
+    const int row = (index >> 2) & 7, p = (index >> 6) % RANK_TILES;
+    const int tile = (index / (64 * RANK_TILES)) & 7, step = index / (512 * RANK_TILES);
+    const int r = 8 * p + row, slot = 8 * ((index >> 5) & 1) + 2 * (index & 3);
+#else
+    const int j = index & 1, p = (index >> 1) % RANK_TILES, u = (index / (2 * RANK_TILES)) & 1;
+    const int lane = (index / (4 * RANK_TILES)) & 31, pair = index / (4 * RANK_TILES * 32);
+    const int step = pair / PAIRS, tile = 2 * (pair % PAIRS) + u;
+    const int r = 8 * p + (lane >> 2), slot = 2 * (lane & 3) + 8 * j;
+#endif
+    float value[2] = {0.f, 0.f};
+    if (r < rank) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+            const int column = step * STEP_BYTES + slot_column<TABLE>(tile, slot + c, k / 2);
+            value[c] = __bfloat162float(scale_a[(size_t)r * k + column]) * __bfloat162float(x[column]);
+        }
+    }
+    xa[index] = pack_bf16(value[0], value[1]);
+}
+
 #if LORDS_WGMMA
 // The same product on Hopper's asynchronous tensor cores: wgmma.m64nNk16 with the weight tile from registers (each
 // warp's 16 rows in the mma.sync fragment layout above) and XA from shared memory, so that a warp converts the next
@@ -281,27 +312,6 @@ __device__ __forceinline__ void fence_registers(uint32_t (&a)[8][4]) {
     for (int i = 0; i < 8; ++i)
 #pragma unroll
         for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(a[i][j])::"memory");
-}
-
-// XA as wgmma's B operand: for step s, tile T, rank tile p and K half h, a core matrix of 8 rank rows x 8 slots
-// (128 bytes), at ((s * 8 + T) * RANK_TILES + p) * 2 + h.
-template <int RANK_TILES, bool TABLE>
-__global__ void xa_kernel(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ scale_a,
-                          uint32_t* __restrict__ xa, int k, int rank, int words) {
-    const int index = blockIdx.x * blockDim.x + threadIdx.x;
-    if (index >= words) return;
-    const int pair = index & 3, row = (index >> 2) & 7, h = (index >> 5) & 1, p = (index >> 6) % RANK_TILES;
-    const int tile = (index / (64 * RANK_TILES)) & 7, step = index / (512 * RANK_TILES);
-    const int r = 8 * p + row;
-    float value[2] = {0.f, 0.f};
-    if (r < rank) {
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-            const int column = step * STEP_BYTES + slot_column<TABLE>(tile, 8 * h + 2 * pair + c, k / 2);
-            value[c] = __bfloat162float(scale_a[(size_t)r * k + column]) * __bfloat162float(x[column]);
-        }
-    }
-    xa[index] = pack_bf16(value[0], value[1]);
 }
 
 template <int RANK_TILES, int ROW_TILES, bool TABLE>
@@ -397,28 +407,6 @@ __global__ void __launch_bounds__(256) gemv4_kernel(
     write_rows<RANK_TILES, 1>(acc, row0, block_rows, scale_b, bias, y, partial, counters, n, rank, out_scale);
 }
 #else
-// XA in the B operand's register order: for step s, tile pair i and lane (g, t), 4 * RANK_TILES words: tile 2i + u,
-// rank tile p, register j (slots 2t + 8j, 2t + 8j + 1 of rank row 8p + g) at word (u * RANK_TILES + p) * 2 + j.
-template <int RANK_TILES, bool TABLE>
-__global__ void xa_kernel(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ scale_a,
-                          uint32_t* __restrict__ xa, int k, int rank, int words) {
-    const int index = blockIdx.x * blockDim.x + threadIdx.x;
-    if (index >= words) return;
-    const int j = index & 1, p = (index >> 1) % RANK_TILES, u = (index / (2 * RANK_TILES)) & 1;
-    const int lane = (index / (4 * RANK_TILES)) & 31, pair = index / (4 * RANK_TILES * 32);
-    const int step = pair / PAIRS, tile = 2 * (pair % PAIRS) + u;
-    const int r = 8 * p + (lane >> 2), slot = 2 * (lane & 3) + 8 * j;
-    float value[2] = {0.f, 0.f};
-    if (r < rank) {
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-            const int column = step * STEP_BYTES + slot_column<TABLE>(tile, slot + c, k / 2);
-            value[c] = __bfloat162float(scale_a[(size_t)r * k + column]) * __bfloat162float(x[column]);
-        }
-    }
-    xa[index] = pack_bf16(value[0], value[1]);
-}
-
 template <int RANK_TILES, int ROW_TILES, bool TABLE>
 __global__ void __launch_bounds__(256) gemv4_kernel(
     const uint8_t* __restrict__ codes, const uint32_t* __restrict__ xa, const __nv_bfloat16* __restrict__ scale_b,
