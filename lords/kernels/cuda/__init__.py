@@ -70,8 +70,10 @@ def config(out_features: int, in_features: int, rank: int, sms: int, warps: int 
 
 
 def _library(rank_tiles: int, row_tiles: int, table: bool, wgmma: bool = False) -> ctypes.CDLL:
-    flags = ["-O3", "-std=c++17", "-arch=sm_90a", "-shared", "-Xcompiler", "-fPIC", f"-DLORDS_RANK_TILES={rank_tiles}",
-             f"-DLORDS_ROW_TILES={row_tiles}", f"-DLORDS_TABLE={int(table)}", f"-DLORDS_WGMMA={int(wgmma)}"]
+    # -arch=sm_90a with -shared emits compute_90 PTX, which has no wgmma: name the architecture-specific target
+    flags = ["-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-shared", "-Xcompiler", "-fPIC",
+             f"-DLORDS_RANK_TILES={rank_tiles}", f"-DLORDS_ROW_TILES={row_tiles}", f"-DLORDS_TABLE={int(table)}",
+             f"-DLORDS_WGMMA={int(wgmma)}"]
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
     path = CACHE / f"gemv4_{rank_tiles}_{row_tiles}_{int(table)}{'_wgmma' * wgmma}_{digest}.so"
     if not path.exists():
