@@ -341,7 +341,8 @@ def load(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dt
     dtype: the non-quantized tensors' dtype; by default float32 on the CPU (lords' CPU convention, as
     lords.assets.load_pretrained does for dense models) and the stored dtype elsewhere ("auto").
     verify: check every tensor against the sha256 stored at save, and floating tensors for NaN/Inf, in a thread
-        that overlaps the load (lords.integrity); False skips it, for trusted files.
+        that overlaps the load, and each quantized layer's output on the first forward (lords.integrity); False skips
+        both, for trusted files.
     Further keyword arguments go to from_pretrained (max_memory, ...). Format-2 checkpoints (lords_config.json)
     load as well; a folder that is not a lords checkpoint is refused.
     """

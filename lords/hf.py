@@ -201,6 +201,9 @@ class LoRDSHfQuantizer(HfQuantizer):
                     if not getattr(tensor, "_is_hf_initialized", False) and tensor.device.type != "meta":
                         raise ValueError(f"{name}.{key} is missing from the checkpoint (or has another shape); "
                                          "the folder is incomplete or does not match its quantization_config")
+        if getattr(self, "verification", None) is not None:
+            integrity.check_first_outputs({name: module for name, module in model.named_modules()
+                                           if isinstance(module, (LoRDSLinear, LoRDSExperts))})
         return model
 
     def is_serializable(self, safe_serialization=None) -> bool:

@@ -57,6 +57,27 @@ def check_finite(tensors: dict[str, torch.Tensor]) -> None:
             raise IntegrityError(f"tensor {name} holds NaN or Inf values; refusing to save it")
 
 
+def check_first_outputs(layers: dict[str, torch.nn.Module]) -> None:
+    """Each layer checks its output on its first forward and then unhooks itself: non-finite values out of finite
+    inputs raise IntegrityError naming the layer. The load check sees finite stored tensors only; scales whose
+    product overflows (scale_b @ scale_a) show only here. One reduction per layer, once; not inside a CUDA-graph
+    capture or torch.compile's tracing, where the check cannot read the result (the hook is then dropped)."""
+    for name, layer in layers.items():
+        handles = []
+
+        def check(module, inputs, output, name=name, handles=handles):
+            handles.pop().remove()
+            if torch.compiler.is_compiling() or (output.is_cuda and torch.cuda.is_current_stream_capturing()):
+                return
+            x = inputs[0]
+            if bool(torch.isfinite(x).all()) and not bool(torch.isfinite(output).all()):
+                raise IntegrityError(f"{name} gives NaN or Inf outputs for finite inputs on the model's first forward: "
+                                     f"its scales or codebook overflow {output.dtype} (the checkpoint is damaged or "
+                                     "was written from a diverged model)")
+
+        handles.append(layer.register_forward_hook(check))
+
+
 # the exponent bits of each floating dtype, as unsigned integers of its width: all ones for Inf and NaN
 EXPONENT_MASKS = {torch.bfloat16: (numpy.uint16, 0x7F80), torch.float16: (numpy.uint16, 0x7C00),
                   torch.float32: (numpy.uint32, 0x7F800000), torch.float64: (numpy.uint64, 0x7FF0000000000000)}

@@ -129,6 +129,28 @@ def test_a_nan_in_a_file_without_digests_is_refused(ckpt):
     assert str(error.value) == f"cannot load {ckpt}: {path}: tensor model.embed_tokens.weight holds NaN or Inf values"
 
 
+def test_scales_that_overflow_are_caught_on_the_first_forward(made, tmp_path):
+    """Finite stored scales whose product overflows pass the load check; the first forward names the layer."""
+    model = lords.load(made / "ckpt")
+    layer = model.model.layers[1].mlp.up_proj
+    with torch.no_grad():
+        layer.scale_b.mul_(1e25)
+        layer.scale_a.mul_(1e25)
+    lords.save(model, tmp_path / "overflow")
+    tokens = torch.tensor([[1, 2, 3]])
+    loaded = lords.load(tmp_path / "overflow")
+    with pytest.raises(integrity.IntegrityError) as error:
+        loaded(tokens)
+    assert str(error.value) == (
+        "model.layers.1.mlp.up_proj gives NaN or Inf outputs for finite inputs on the model's first forward: its "
+        "scales or codebook overflow torch.float32 (the checkpoint is damaged or was written from a diverged model)")
+    assert not bool(torch.isfinite(lords.load(tmp_path / "overflow", verify=False)(tokens).logits).all())
+    healthy = lords.load(made / "ckpt")
+    assert all(len(m._forward_hooks) == 1 for m in healthy.modules() if isinstance(m, lords.LoRDSLinear))
+    healthy(tokens)
+    assert all(len(m._forward_hooks) == 0 for m in healthy.modules() if isinstance(m, lords.LoRDSLinear))
+
+
 def test_a_model_with_nan_is_not_saved(made, tmp_path):
     model = lords.load(made / "ckpt")
     with torch.no_grad():
