@@ -18,6 +18,19 @@ def test_with_an_identity_hessian_it_is_round_to_nearest_with_fp16_absmax_groups
     assert torch.equal(codes, assign_codes(weight, scale, nf_codebook(4)))
 
 
+def test_a_group_size_that_does_not_divide_the_width_leaves_a_shorter_last_group():
+    """576 columns (the default model's width) in groups of 128: four groups of 128 and one of 64, as in GPTQ."""
+    weight = torch.randn(3, 576, generator=torch.Generator().manual_seed(2))
+    codes, absmax = gptq_blockwise(weight, torch.eye(576), nf_codebook(4), 128)
+    assert codes.shape == (3, 576) and absmax.shape == (3, 5)
+    expected = torch.stack([weight[:, i:i + 128].abs().amax(dim=1) for i in range(0, 576, 128)], dim=1)
+    assert torch.equal(absmax, expected.to(torch.float16))
+    scale = absmax.float().repeat_interleave(128, dim=1)[:, :576]
+    assert torch.equal(codes, assign_codes(weight, scale, nf_codebook(4)))
+    approx = gptq_blockwise_weight(weight, torch.eye(576), nf_codebook(4), 128)
+    torch.testing.assert_close(approx, scale * nf_codebook(4)[codes.long()], rtol=0, atol=0)
+
+
 def test_error_feedback_lowers_the_output_error_of_rounding_at_every_width():
     generator = torch.Generator().manual_seed(1)
     weight = torch.randn(16, 128, generator=generator)

@@ -64,10 +64,11 @@ def _blockwise_group(names, linears, config, channel_weights, method: str, devic
         scale_bits = 32  # an fp16 scale and an fp16 zero point per group
     errors = relative_error(weight, approx)
     seconds = (time.perf_counter() - start) / len(linears)
+    groups = -(-weight.shape[2] // config.block_size)  # per row; GPTQ's last group may be shorter
     results = []
     for i, (name, linear) in enumerate(zip(names, linears)):
         report = LayerReport(
-            name, tuple(weight.shape[1:]), config.bits, None, config.bits + scale_bits / config.block_size,
+            name, tuple(weight.shape[1:]), config.bits, None, config.bits + scale_bits * groups / weight.shape[2],
             float("nan"), errors[i].item(), errors[i].item(), seconds,
         )
         # the candidate is already a copy of the model, so the baseline's weights can go into its linears in place
