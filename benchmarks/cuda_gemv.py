@@ -28,22 +28,12 @@ SHAPES = [(14336, 4096), (4096, 14336), (4096, 4096), (1024, 4096), (28672, 8192
 
 
 def sweep(out_features, in_features, rank, sms) -> list[dict]:
-    """Launch shapes to time besides the defaults: the wgmma build at 4 or 8 warps and 1-2x its default split, where
-    the rank has a wgmma shape; the mma.sync build at 8 warps, 1, 2 or 4 row tiles where they fit, 1-2x the default
-    split."""
+    """Launch shapes to time besides the default: 4 or 8 warps a block, 1-3x the default split."""
     shapes = []
-    rank_tiles = -(-rank // 8)
-    if rank_tiles in gemv4.WGMMA_RANK_TILES:
-        for warps in (4, 8):
-            base = gemv4.config(out_features, in_features, rank, sms, warps=warps, wgmma=True)["splits"]
-            shapes += [dict(warps=warps, splits=s, wgmma=True) for s in sorted({base, 2 * base})
-                       if s <= in_features // gemv4.STEP_COLS]
-    for row_tiles in (1, 2, 4):
-        if rank_tiles * row_tiles > 16:
-            continue
-        base = gemv4.config(out_features, in_features, rank, sms, row_tiles=row_tiles)["splits"]
-        shapes += [dict(warps=8, row_tiles=row_tiles, splits=s, wgmma=False)
-                   for s in sorted({base, 2 * base}) if s <= in_features // gemv4.STEP_COLS]
+    for warps in (4, 8):
+        base = gemv4.config(out_features, in_features, rank, sms, warps=warps)["splits"]
+        shapes += [dict(warps=warps, splits=s) for s in sorted({base, 2 * base, 3 * base})
+                   if s <= in_features // gemv4.STEP_COLS]
     return shapes
 
 
@@ -55,25 +45,18 @@ def main() -> None:
     torch.manual_seed(0)
     started = time.perf_counter()
     sms = processors(device)
-    gemv4.ENABLED = True  # opt-in in the library (lords.kernels.cuda); this benchmark is about it
-    keys = set()  # every configuration a launch below uses, compiled in parallel
-    for n, k in SHAPES:
-        rank = parity_rank(n, k, 64)
-        for shape in [{}, {"wgmma": True}, *sweep(n, k, rank, sms)]:
-            launch = gemv4.config(n, k, rank, sms, **shape)
-            if not launch["wgmma"] or launch["rank_tiles"] in gemv4.WGMMA_RANK_TILES:
-                keys |= {(launch["rank_tiles"], launch["row_tiles"], table, launch["wgmma"]) for table in (False, True)}
-    with ThreadPoolExecutor(16) as pool:
+    gemv4.ENABLED = True  # whatever LORDS_CUDA says: this benchmark is about it
+    keys = {(-(-parity_rank(n, k, 64) // 8), table) for n, k in SHAPES for table in (False, True)}
+    with ThreadPoolExecutor(16) as pool:  # every configuration used below, compiled in parallel
         list(pool.map(lambda key: gemv4.library(*key), keys))
     lines = produced_by("# The CUDA gemv4 kernel at one row", "benchmarks.cuda_gemv")
     lines += [f"- date: {time.strftime('%Y-%m-%d')}; device: {torch.cuda.get_device_name()}; torch {torch.__version__},"
               f" triton {triton.__version__}; 4 bits, rank at b = 64 parity; bf16; CUDA-graph medians (us); ratios "
               "are the method's time over bf16's (lower is faster)", "- lords Triton: what lords_matmul picks among "
-              "the Triton kernels; CUDA mma / wgmma: gemv4's mma.sync and wgmma builds at their default launch "
-              "(wgmma: where the rank has a wgmma shape); CUDA best: the fastest of those and the sweep "
-              "(benchmarks.cuda_gemv.sweep), with its launch", "",
-              "| shape (N x K) | rank | codebook | bf16 | tinygemm int4 | lords Triton | CUDA mma | CUDA wgmma | "
-              "CUDA best (launch) | best / bf16 | best / tinygemm |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "the Triton kernels; lords CUDA: gemv4 (wgmma) at its default launch; CUDA best: the fastest of the "
+              "sweep (benchmarks.cuda_gemv.sweep), with its launch", "",
+              "| shape (N x K) | rank | codebook | bf16 | tinygemm int4 | lords Triton | lords CUDA | CUDA best "
+              "(launch) | CUDA / bf16 | CUDA / tinygemm |", "|---|---|---|---|---|---|---|---|---|---|"]
     rows = []
     for n, k in SHAPES:
         rank = parity_rank(n, k, 64)
@@ -87,25 +70,19 @@ def main() -> None:
         scale_a = (torch.rand(rank, k, device=device) * 0.1 + 0.01).bfloat16()
         for kind in ("int", "nf"):
             codebook = get_codebook(kind, 4).to(device)
+            gemv4.ENABLED = False  # lords_matmul among the Triton kernels alone
             triton_us = bench(lambda x: lords_matmul(x, packed, codebook, scale_b, scale_a, 4), x)
-            cuda_us = bench(lambda x: gemv4.gemv4_matmul(x, packed, codebook, scale_b, scale_a, 4, wgmma=False), x)
-            timed = [(cuda_us, "mma default")]
-            wgmma_us = None
-            if -(-rank // 8) in gemv4.WGMMA_RANK_TILES:
-                wgmma_us = bench(lambda x: gemv4.gemv4_matmul(x, packed, codebook, scale_b, scale_a, 4, wgmma=True), x)
-                timed.append((wgmma_us, "wgmma default"))
-            for shape in (sweep(n, k, rank, sms) if n * k <= 4096 * 14336 else []):
+            gemv4.ENABLED = True
+            cuda_us = bench(lambda x: gemv4.gemv4_matmul(x, packed, codebook, scale_b, scale_a, 4), x)
+            timed = [(cuda_us, "default")]
+            for shape in sweep(n, k, rank, sms):
                 timed.append((bench(lambda x: gemv4.gemv4_matmul(x, packed, codebook, scale_b, scale_a, 4, **shape),
-                                    x), "w{warps} s{splits}".format(**shape) + (" wgmma" if shape["wgmma"] else
-                                                                                " r{row_tiles}".format(**shape))))
+                                    x), "w{warps} s{splits}".format(**shape)))
             best, launch = min(timed)
             rows.append(dict(shape=f"{n}x{k}", rank=rank, codebook=kind, bf16=bf16, tinygemm=tinygemm,
-                             lords_triton=triton_us, cuda_mma=cuda_us, cuda_wgmma=wgmma_us, cuda_best=best,
-                             cuda_best_launch=launch))
-            wgmma_text = "-" if wgmma_us is None else f"{wgmma_us:.1f}"
+                             lords_triton=triton_us, lords_cuda=cuda_us, cuda_best=best, cuda_best_launch=launch))
             lines.append(f"| {n} x {k} | {rank} | {kind} | {bf16:.1f} | {tinygemm:.1f} | {triton_us:.1f} | "
-                         f"{cuda_us:.1f} | {wgmma_text} | {best:.1f} ({launch}) | {best / bf16:.2f} | "
-                         f"{best / tinygemm:.2f} |")
+                         f"{cuda_us:.1f} | {best:.1f} ({launch}) | {cuda_us / bf16:.2f} | {cuda_us / tinygemm:.2f} |")
             print(lines[-1], flush=True)
             finish_report([*lines, "", elapsed(time.perf_counter() - started, False)], args.out, done=False)
     lines += ["", elapsed(time.perf_counter() - started, True)]

@@ -239,8 +239,8 @@ def write_report(args, rows: dict, previous: str, seconds: float, done: bool) ->
         f"- date: {time.strftime('%Y-%m-%d')}; device: {torch.cuda.get_device_name()}; torch {torch.__version__}, "
         f"transformers {transformers.__version__}; {args.layers} decoder layers, prompt {args.prompt} tokens",
         "- lords rows: LoRDSLinear's CUDA path, lords.kernels.lords_matmul: per layer shape and batch, the fastest of the "
-        "decode kernel (X*A per tile or once per call), the tiled kernel and Triton dequantize + cuBLAS, timed at first "
-        "use",
+        "decode kernel (X*A per tile or once per call), the tiled kernel, Triton dequantize + cuBLAS and, for one row on "
+        "Hopper, the CUDA wgmma kernel (lords.kernels.cuda), timed at first use",
         "- decode: median of 50 single-token steps at KV position = prompt, replayed from a CUDA graph (decode mode); "
         "eager decode: the same steps launched from Python, as a plain generate loop runs them (host time included); "
         "prefill: median of 10 eager passes",

@@ -1,16 +1,16 @@
-"""A CUDA kernel for one row of activations at 4 bits (gemv4.cu): the weight tile feeds mma.sync from registers.
+"""A CUDA kernel for one row of activations at 4 bits (gemv4.cu): the weight tile, converted in registers, feeds
+Hopper's wgmma with the x-scaled A factor from shared memory.
 
 GPU-only, like the Gluon kernels: the CPU interpreter cannot run it, so tests/gpu/ tests it on the H200 and
-results/gpu_tests.md records the run. It is off unless LORDS_CUDA=1: its source changed after the last GPU-suite
-run (the epilogue shared with a wgmma build, itself never run yet; docs/kernels.md). Turned on, it is offered to
-lords_matmul only where it was built and tested: a CUDA device of compute capability 9.0, an nvcc
+results/gpu_tests.md records the run. It is offered to lords_matmul (which times it against the Triton kernels and
+keeps the faster) where it was built and tested: a CUDA device of compute capability 9.0, an nvcc
 (torch.utils.cpp_extension's CUDA_HOME, or on the PATH), bfloat16 inputs and scales, 4-bit codes, K a multiple of
-128 and N of 16, rank at most 128. Everywhere else the Triton kernels serve.
+128 and N of 16, rank at most 128. LORDS_CUDA=0 turns it off.
 
-Each configuration (rank tiles, row tiles, table or integer codebook) is compiled with nvcc the first time a layer
-needs it, in about 5 s, and kept in LORDS_CUDA_CACHE (default ~/.cache/lords/cuda) under a hash of the source and
-flags, so later processes load it at once. The library is called through ctypes on torch's current stream, so the
-launch is captured by CUDA graphs like any kernel.
+Each configuration (rank tiles, table or integer codebook) is compiled with nvcc the first time a layer needs it, in
+about 5 s, and kept in LORDS_CUDA_CACHE (default ~/.cache/lords/cuda) under a hash of the source and flags, so later
+processes load it at once. The library is called through ctypes on torch's current stream, so the launch is captured
+by CUDA graphs like any kernel.
 """
 
 import ctypes
@@ -29,10 +29,7 @@ from ..autotune import INTERPRET, processors
 from ..codes import check_input, level_lookup
 from ..stream_k import workspace
 
-ENABLED = os.environ.get("LORDS_CUDA") == "1"  # opt-in: see the module docstring
-# The wgmma build (gemv4.cu, LORDS_WGMMA) is opt-in until the GPU suite has passed on it.
-WGMMA = os.environ.get("LORDS_CUDA_WGMMA") == "1"
-WGMMA_RANK_TILES = (2, 4, 7, 13)  # the wgmma shapes gemv4.cu spells out: N = 16, 32, 56, 104
+ENABLED = os.environ.get("LORDS_CUDA") != "0"
 # wgmma's shared-memory descriptor: bytes between XA's core matrices along K and along the rank
 DESCRIPTOR_OFFSETS = (128, 256)
 SOURCE = Path(__file__).with_name("gemv4.cu")
@@ -56,26 +53,21 @@ def _hopper(index: int) -> bool:
 
 
 def config(out_features: int, in_features: int, rank: int, sms: int, warps: int | None = None,
-           row_tiles: int | None = None, splits: int | None = None, wgmma: bool = False) -> dict:
-    """Launch shape: 8 warps of `row_tiles` 16-row tiles a block (4 for rank <= 32, 2 up to 64, else 1: what fits
-    in registers without spilling), the K steps split so that the grid fills the multiprocessors once. The wgmma
-    build: warpgroups of 64 rows (row_tiles 1), two blocks a multiprocessor."""
-    rank_tiles = -(-rank // 8)
+           splits: int | None = None) -> dict:
+    """Launch shape: blocks of 8 warps (two warpgroups of 64 rows), two to a multiprocessor; the K steps split so
+    that the grid fills them once."""
     warps = warps or 8
-    row_tiles = 1 if wgmma else row_tiles or (4 if rank_tiles <= 4 else 2 if rank_tiles <= 8 else 1)
-    row_blocks = -(-out_features // (warps * row_tiles * 16))
-    splits = splits or max(1, min(in_features // STEP_COLS, (2 if wgmma else 1) * sms // row_blocks))
-    return dict(rank_tiles=rank_tiles, warps=warps, row_tiles=row_tiles, splits=splits, row_blocks=row_blocks,
-                wgmma=wgmma)
+    row_blocks = -(-out_features // (warps * 16))
+    splits = splits or max(1, min(in_features // STEP_COLS, 2 * sms // row_blocks))
+    return dict(rank_tiles=-(-rank // 8), warps=warps, splits=splits, row_blocks=row_blocks)
 
 
-def _library(rank_tiles: int, row_tiles: int, table: bool, wgmma: bool = False) -> ctypes.CDLL:
+def _library(rank_tiles: int, table: bool) -> ctypes.CDLL:
     # -arch=sm_90a with -shared emits compute_90 PTX, which has no wgmma: name the architecture-specific target
     flags = ["-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-shared", "-Xcompiler", "-fPIC",
-             f"-DLORDS_RANK_TILES={rank_tiles}", f"-DLORDS_ROW_TILES={row_tiles}", f"-DLORDS_TABLE={int(table)}",
-             f"-DLORDS_WGMMA={int(wgmma)}"]
+             f"-DLORDS_RANK_TILES={rank_tiles}", f"-DLORDS_TABLE={int(table)}"]
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
-    path = CACHE / f"gemv4_{rank_tiles}_{row_tiles}_{int(table)}{'_wgmma' * wgmma}_{digest}.so"
+    path = CACHE / f"gemv4_{rank_tiles}_{int(table)}_{digest}.so"
     if not path.exists():
         CACHE.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=CACHE) as scratch:
@@ -108,32 +100,29 @@ def gemv4_ready(x: torch.Tensor, bits: int, codes: torch.Tensor, scale_b: torch.
         return False
     if not _hopper(x.device.index if x.device.index is not None else torch.cuda.current_device()):
         return False
-    wgmma = WGMMA and -(-rank // 8) in WGMMA_RANK_TILES
-    launch = config(out_features, in_features, rank, processors(x.device), wgmma=wgmma)
+    launch = config(out_features, in_features, rank, processors(x.device))
     sums, counts = workspace(x.device)
-    return (launch["rank_tiles"], launch["row_tiles"]) not in _failed and (
+    return launch["rank_tiles"] not in _failed and (
         launch["splits"] == 1 or (launch["splits"] * out_features <= sums.numel()
                                   and launch["row_blocks"] <= counts.numel()))
 
 
 def gemv4_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None, descriptor_offsets=DESCRIPTOR_OFFSETS,
                  **launch_shape):
-    """x (..., K) with one row -> (..., N), for inputs gemv4_ready accepts. launch_shape (warps, row_tiles, splits,
-    wgmma) overrides the default launch, for benchmarks; wgmma defaults to LORDS_CUDA_WGMMA where the rank has a
-    wgmma shape."""
+    """x (..., K) with one row -> (..., N), for inputs gemv4_ready accepts. launch_shape (warps, splits) overrides
+    the default launch, for benchmarks."""
     check_input(x, scale_a)
     if not gemv4_ready(x, bits, codes, scale_b, scale_a):
         raise ValueError("the CUDA gemv4 kernel does not take these inputs here (see lords.kernels.cuda.gemv4_ready)")
     (out_features, rank), in_features = scale_b.shape, scale_a.shape[1]
-    launch_shape.setdefault("wgmma", WGMMA and -(-rank // 8) in WGMMA_RANK_TILES)
     launch = config(out_features, in_features, rank, processors(x.device), **launch_shape)
     lookup = level_lookup(codebook, torch.bfloat16, "pairs")
-    key = (launch["rank_tiles"], launch["row_tiles"])
     try:
-        kernel = library(*key, not lookup.integer, launch["wgmma"]).lords_gemv4
+        kernel = library(launch["rank_tiles"], not lookup.integer).lords_gemv4
     except (RuntimeError, OSError) as error:
-        _failed.add(key)
-        warnings.warn(f"lords: the CUDA gemv4 kernel failed to build and is off for rank tiles {key[0]}: {error}")
+        _failed.add(launch["rank_tiles"])
+        warnings.warn(f"lords: the CUDA gemv4 kernel failed to build and is off for rank tiles "
+                      f"{launch['rank_tiles']}: {error}")
         raise RuntimeError("CUDA gemv4 kernel unavailable") from error
     y = torch.empty(out_features, device=x.device, dtype=x.dtype)
     xa = torch.empty(in_features // STEP_COLS * 512 * launch["rank_tiles"], device=x.device, dtype=torch.int32)

@@ -1,23 +1,24 @@
-// One row of activations times a 4-bit LoRDS weight, on the tensor cores (sm_80 and later, tuned on sm_90).
+// One row of activations times a 4-bit LoRDS weight, on Hopper's asynchronous tensor cores (sm_90a).
 //
 // y[n] = sum_k x[k] W[n,k] with W = (B A) * C[codes] regroups as
 //     y[n] = sum_r B[n,r] Z[n,r],    Z = C[codes] @ XA^T,    XA[r,k] = x[k] A[r,k],
-// so the per-weight work is a code-to-level conversion feeding mma.m16n8k16 (the weight tile is the A operand, XA
-// the B operand, the rank the N dimension), with no per-weight scale at all. The sum over k may run in any order,
-// as long as XA's columns follow the same order: each thread loads 16 bytes of packed codes per row and step and
-// takes its registers straight from them; XA is laid out in shared memory in the order the registers imply.
+// so the per-weight work is a code-to-level conversion feeding wgmma.m64nNk16 (the weight tile is the A operand, from
+// registers; XA the B operand, from shared memory; the rank the N dimension), with no per-weight scale at all. The
+// sum over k may run in any order, as long as XA's columns follow the same order: each thread loads 16 bytes of
+// packed codes per row and step and takes its registers straight from them; XA is laid out in the order the
+// registers imply.
 //
 // Codes are lords.packing's 4-bit layout: byte j of a row holds column j (low nibble) and column S + j (high
-// nibble), S = K / 2. A step is 64 bytes of every row: 128 columns, eight k16 tiles. Thread t (lane % 4) of a group
-// g (lane / 4) reads bytes 16t .. 16t+15 of the step from rows g and g+8 of its 16-row tile; word i of those holds
-// bytes b = 16t + 4i + e, e = 0..3. Integer codebooks put code + 128 in the mantissa of a bf16 (no table); the
-// fragment pairs two bytes' nibbles of the same half: tile 2i + h (h: low or high nibble), slots 2t + {0, 8, 1, 9}[e].
+// nibble), S = K / 2. A step is 64 bytes of every row: 128 columns, eight k16 tiles. Each warp of a warpgroup holds
+// 16 of its 64 rows, in the register layout of mma.m16n8k16's A operand, which wgmma shares. Thread t (lane % 4) of
+// a group g (lane / 4) reads bytes 16t .. 16t+15 of the step from rows g and g+8; word i of those holds bytes
+// b = 16t + 4i + e, e = 0..3. Integer codebooks put code + 128 in the mantissa of a bf16 (no table); the fragment
+// pairs two bytes' nibbles of the same half: tile 2i + h (h: low or high nibble), slots 2t + {0, 8, 1, 9}[e].
 // Other codebooks look up a byte's two levels at once in a 256-entry table of level pairs (one copy per lane, so
 // that lanes never share a bank): tile 2i + e / 2, slots 2t + 8 (e % 2) + h.
 //
-// XA is formed once per call by a small kernel (xa_kernel) in the order of the B operand's registers, so that a lane
-// reads its fragments of a step with 16-byte loads that hit L1 (every warp reads the same XA). Forming it in each
-// block instead cost as much as the product itself where the rank is large against the rows a block holds.
+// XA is formed once per call by a small kernel (xa_kernel) in wgmma's 8 x 8 core matrices, and reaches each block's
+// shared memory by cp.async, two steps ahead of its use, so that every warpgroup of a block reads the same copy.
 //
 // A grid of (row blocks) x (K splits); a split's partial sums meet in a float32 workspace, and the last program of a
 // row block to finish (counted on a per-block counter, which it sets back to zero) adds them in split order and
@@ -32,11 +33,7 @@
 // the ones a model needs, each in a few seconds, and keeps them on disk).
 #ifndef LORDS_RANK_TILES
 #define LORDS_RANK_TILES 7
-#define LORDS_ROW_TILES 2
 #define LORDS_TABLE 0
-#endif
-#ifndef LORDS_WGMMA
-#define LORDS_WGMMA 0
 #endif
 
 namespace {
@@ -53,14 +50,6 @@ struct Levels {
 __device__ __forceinline__ uint32_t pack_bf16(float low, float high) {
     __nv_bfloat162 pair = __floats2bfloat162_rn(low, high);
     return *reinterpret_cast<uint32_t*>(&pair);
-}
-
-__device__ __forceinline__ void mma_bf16(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 __device__ __forceinline__ uint4 load_codes(const uint8_t* address, bool valid) {
@@ -125,10 +114,10 @@ __device__ __forceinline__ void fill_table(uint32_t* table, const Levels& levels
     __syncthreads();
 }
 
-// y[row] = sum_r B[row, r] Z[row, r] for the rows of a warp's tiles; with several splits, the partial sums meet in
-// the workspace. A thread holds rank columns 8p + 2t, 8p + 2t + 1 of rows g and g + 8 of each tile.
-template <int RANK_TILES, int ROW_TILES>
-__device__ __forceinline__ void write_rows(const float (&acc)[ROW_TILES][RANK_TILES][4], int row0, int block_rows,
+// y[row] = sum_r B[row, r] Z[row, r] for the warp's 16 rows; with several splits, the partial sums meet in the
+// workspace. A thread holds rank columns 8p + 2t, 8p + 2t + 1 of rows g and g + 8.
+template <int RANK_TILES>
+__device__ __forceinline__ void write_rows(const float (&acc)[RANK_TILES][4], int row0, int block_rows,
                                            const __nv_bfloat16* __restrict__ scale_b,
                                            const __nv_bfloat16* __restrict__ bias, __nv_bfloat16* __restrict__ y,
                                            float* __restrict__ partial, int* __restrict__ counters, int n, int rank,
@@ -136,36 +125,32 @@ __device__ __forceinline__ void write_rows(const float (&acc)[ROW_TILES][RANK_TI
     __shared__ int last_flag;
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int splits = gridDim.y;
+    float sum[2] = {0.f, 0.f};
 #pragma unroll
-    for (int m = 0; m < ROW_TILES; ++m) {
-        float sum[2] = {0.f, 0.f};
+    for (int half = 0; half < 2; ++half) {
+        const int row = row0 + g + 8 * half;
+        if (row0 >= n) continue;
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-            int row = row0 + m * 16 + g + 8 * half;
-            if (row0 + m * 16 >= n) continue;
+        for (int p = 0; p < RANK_TILES; ++p) {
 #pragma unroll
-            for (int p = 0; p < RANK_TILES; ++p) {
-#pragma unroll
-                for (int c = 0; c < 2; ++c) {
-                    int r = 8 * p + 2 * t + c;
-                    if (r < rank)
-                        sum[half] += __bfloat162float(scale_b[(size_t)row * rank + r]) * acc[m][p][2 * half + c];
-                }
+            for (int c = 0; c < 2; ++c) {
+                const int r = 8 * p + 2 * t + c;
+                if (r < rank) sum[half] += __bfloat162float(scale_b[(size_t)row * rank + r]) * acc[p][2 * half + c];
             }
         }
+    }
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-            sum[half] += __shfl_xor_sync(0xffffffff, sum[half], 1);
-            sum[half] += __shfl_xor_sync(0xffffffff, sum[half], 2);
-            int row = row0 + m * 16 + g + 8 * half;
-            if (t == 0 && row0 + m * 16 < n) {
-                float value = sum[half] * out_scale;
-                if (splits == 1) {
-                    if (bias) value += __bfloat162float(bias[row]);
-                    y[row] = __float2bfloat16(value);
-                } else {
-                    partial[(size_t)blockIdx.y * n + row] = value;
-                }
+    for (int half = 0; half < 2; ++half) {
+        sum[half] += __shfl_xor_sync(0xffffffff, sum[half], 1);
+        sum[half] += __shfl_xor_sync(0xffffffff, sum[half], 2);
+        const int row = row0 + g + 8 * half;
+        if (t == 0 && row0 < n) {
+            float value = sum[half] * out_scale;
+            if (splits == 1) {
+                if (bias) value += __bfloat162float(bias[row]);
+                y[row] = __float2bfloat16(value);
+            } else {
+                partial[(size_t)blockIdx.y * n + row] = value;
             }
         }
     }
@@ -192,26 +177,17 @@ __device__ __forceinline__ void write_rows(const float (&acc)[ROW_TILES][RANK_TI
     if (threadIdx.x == 0) counters[blockIdx.x] = 0;
 }
 
-// XA, formed once per call, in the order the product kernel reads it. mma.sync build, the B operand's register
-// order: for step s, tile pair i and lane (g, t), 4 * RANK_TILES words: tile 2i + u, rank tile p, register j (slots
-// 2t + 8j, 2t + 8j + 1 of rank row 8p + g) at word (u * RANK_TILES + p) * 2 + j. wgmma build, 8 x 8 core matrices:
-// for step s, tile T, rank tile p and K half h, 8 rank rows x 8 slots (128 bytes), at ((s * 8 + T) * RANK_TILES + p)
-// * 2 + h.
+// XA, formed once per call, in 8 x 8 core matrices (wgmma's K-major B operand without swizzle): for step s, tile T,
+// rank tile p and K half h, 8 rank rows x 8 slots (128 bytes, a row's 8 slots contiguous), at
+// ((s * 8 + T) * RANK_TILES + p) * 2 + h.
 template <int RANK_TILES, bool TABLE>
 __global__ void xa_kernel(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ scale_a,
                           uint32_t* __restrict__ xa, int k, int rank, int words) {
     const int index = blockIdx.x * blockDim.x + threadIdx.x;
     if (index >= words) return;
-#if LORDS_WGMMA
     const int row = (index >> 2) & 7, p = (index >> 6) % RANK_TILES;
     const int tile = (index / (64 * RANK_TILES)) & 7, step = index / (512 * RANK_TILES);
     const int r = 8 * p + row, slot = 8 * ((index >> 5) & 1) + 2 * (index & 3);
-#else
-    const int j = index & 1, p = (index >> 1) % RANK_TILES, u = (index / (2 * RANK_TILES)) & 1;
-    const int lane = (index / (4 * RANK_TILES)) & 31, pair = index / (4 * RANK_TILES * 32);
-    const int step = pair / PAIRS, tile = 2 * (pair % PAIRS) + u;
-    const int r = 8 * p + (lane >> 2), slot = 2 * (lane & 3) + 8 * j;
-#endif
     float value[2] = {0.f, 0.f};
     if (r < rank) {
 #pragma unroll
@@ -223,23 +199,27 @@ __global__ void xa_kernel(const __nv_bfloat16* __restrict__ x, const __nv_bfloat
     xa[index] = pack_bf16(value[0], value[1]);
 }
 
-#if LORDS_WGMMA
-// The same product on Hopper's asynchronous tensor cores: wgmma.m64nNk16 with the weight tile from registers (each
-// warp's 16 rows in the mma.sync fragment layout above) and XA from shared memory, so that a warp converts the next
-// step's codes while the tensor cores work on this one. XA reaches shared memory by cp.async, two steps ahead, in
-// 8 x 8 core matrices (no swizzle).
-constexpr int STAGES = 3;  // XA of the step being multiplied, the next, and the one being copied
+constexpr int STAGES = 3;  // XA in shared memory: the step being multiplied, the next, and the one being copied
 
-template <int RANK_TILES>
+// wgmma.m64nNk16 with N = 8 * TILES, accumulating into d; the chunks of wgmma_rank_tiles.
+template <int TILES>
 __device__ __forceinline__ void wgmma_bf16(float* d, const uint32_t* a, uint64_t desc, int scale_d);
+
+template <>
+__device__ __forceinline__ void wgmma_bf16<1>(float* d, const uint32_t* a, uint64_t desc, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %9, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n8k16.f32.bf16.bf16 {%0,%1,%2,%3}, {%4,%5,%6,%7}, %8, p, 1, 1, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d));
+}
 
 template <>
 __device__ __forceinline__ void wgmma_bf16<2>(float* d, const uint32_t* a, uint64_t desc, int scale_d) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %13, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {"
-        "%0,%1,%2,%3,%4,%5,%6,%7"
-        "}, {%8,%9,%10,%11}, %12, p, 1, 1, 0;\n}\n"
+        "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7}, {%8,%9,%10,%11}, %12, p, 1, 1, "
+        "0;\n}\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d));
 }
@@ -257,38 +237,32 @@ __device__ __forceinline__ void wgmma_bf16<4>(float* d, const uint32_t* a, uint6
 }
 
 template <>
-__device__ __forceinline__ void wgmma_bf16<7>(float* d, const uint32_t* a, uint64_t desc, int scale_d) {
+__device__ __forceinline__ void wgmma_bf16<8>(float* d, const uint32_t* a, uint64_t desc, int scale_d) {
     asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %33, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n56k16.f32.bf16.bf16 {"
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
         "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
-        "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27"
-        "}, {%28,%29,%30,%31}, %32, p, 1, 1, 0;\n}\n"
+        "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31"
+        "}, {%32,%33,%34,%35}, %36, p, 1, 1, 0;\n}\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
           "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),
           "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
-          "+f"(d[25]), "+f"(d[26]), "+f"(d[27])
+          "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d));
 }
 
-template <>
-__device__ __forceinline__ void wgmma_bf16<13>(float* d, const uint32_t* a, uint64_t desc, int scale_d) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %57, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n104k16.f32.bf16.bf16 {"
-        "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
-        "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"
-        "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"
-        "%48,%49,%50,%51"
-        "}, {%52,%53,%54,%55}, %56, p, 1, 1, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
-          "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),
-          "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
-          "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]),
-          "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]),
-          "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
-          "+f"(d[49]), "+f"(d[50]), "+f"(d[51])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d));
+// One k16 tile times every rank tile, as wgmmas of 64, 32, 16 and 8 columns (the rank tiles' core matrices lie
+// `stride` bytes apart in shared memory, so a chunk's descriptor starts FIRST tiles further): every rank up to 128
+// with four instruction shapes.
+template <int RANK_TILES, int FIRST = 0>
+__device__ __forceinline__ void wgmma_rank_tiles(float (&acc)[RANK_TILES][4], const uint32_t* a, uint64_t desc,
+                                                 int stride, int accumulate) {
+    constexpr int LEFT = RANK_TILES - FIRST;
+    if constexpr (LEFT > 0) {
+        constexpr int CHUNK = LEFT >= 8 ? 8 : LEFT >= 4 ? 4 : LEFT >= 2 ? 2 : 1;
+        wgmma_bf16<CHUNK>(&acc[FIRST][0], a, desc + static_cast<uint64_t>((FIRST * stride) >> 4), accumulate);
+        wgmma_rank_tiles<RANK_TILES, FIRST + CHUNK>(acc, a, desc, stride, accumulate);
+    }
 }
 
 // Shared-memory matrix descriptor, no swizzle: start address, then the byte offsets between core matrices along K
@@ -299,11 +273,11 @@ __device__ __forceinline__ uint64_t descriptor(uint32_t address, uint32_t leadin
 }
 
 template <int RANK_TILES>
-__device__ __forceinline__ void fence_accumulators(float (&acc)[1][RANK_TILES][4]) {
+__device__ __forceinline__ void fence_accumulators(float (&acc)[RANK_TILES][4]) {
 #pragma unroll
     for (int p = 0; p < RANK_TILES; ++p)
 #pragma unroll
-        for (int c = 0; c < 4; ++c) asm volatile("" : "+f"(acc[0][p][c])::"memory");
+        for (int c = 0; c < 4; ++c) asm volatile("" : "+f"(acc[p][c])::"memory");
 }
 
 // Keeps the compiler from reusing registers that a wgmma in flight still reads (it does not see the asynchrony).
@@ -314,13 +288,12 @@ __device__ __forceinline__ void fence_registers(uint32_t (&a)[8][4]) {
         for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(a[i][j])::"memory");
 }
 
-template <int RANK_TILES, int ROW_TILES, bool TABLE>
+template <int RANK_TILES, bool TABLE>
 __global__ void __launch_bounds__(256) gemv4_kernel(
     const uint8_t* __restrict__ codes, const uint32_t* __restrict__ xa, const __nv_bfloat16* __restrict__ scale_b,
     const __nv_bfloat16* __restrict__ bias, __nv_bfloat16* __restrict__ y, float* __restrict__ partial,
     int* __restrict__ counters, int n, int k, int rank, int steps, Levels levels, uint32_t integer_bias,
     float out_scale, int leading, int stride) {
-    static_assert(ROW_TILES == 1, "a warp holds 16 rows of its warpgroup's 64");
     constexpr int STEP_WORDS = 512 * RANK_TILES;  // XA of one step, 32-bit words
     __shared__ uint32_t table[TABLE ? TABLE_WORDS : 1];
     extern __shared__ __align__(128) uint4 ring[];
@@ -336,9 +309,9 @@ __global__ void __launch_bounds__(256) gemv4_kernel(
     const uint32_t* my_table = table + lane;
     const uint32_t ring_base = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
 
-    float acc[1][RANK_TILES][4];
+    float acc[RANK_TILES][4];
 #pragma unroll
-    for (int r = 0; r < RANK_TILES; ++r) acc[0][r][0] = acc[0][r][1] = acc[0][r][2] = acc[0][r][3] = 0.f;
+    for (int r = 0; r < RANK_TILES; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = 0.f;
 
     auto copy_step = [&](int step) {  // one cp.async group per step, empty past the end
         if (step < end_step) {
@@ -396,7 +369,7 @@ __global__ void __launch_bounds__(256) gemv4_kernel(
         fence_accumulators(acc);
         asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
-        for (int tile = 0; tile < 8; ++tile) wgmma_bf16<RANK_TILES>(&acc[0][0][0], a[tile], tiles[tile], accumulate);
+        for (int tile = 0; tile < 8; ++tile) wgmma_rank_tiles<RANK_TILES>(acc, a[tile], tiles[tile], stride, accumulate);
         asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
         fence_accumulators(acc);
@@ -404,104 +377,19 @@ __global__ void __launch_bounds__(256) gemv4_kernel(
         next[0] = later[0], next[1] = later[1];
     }
 
-    write_rows<RANK_TILES, 1>(acc, row0, block_rows, scale_b, bias, y, partial, counters, n, rank, out_scale);
+    write_rows<RANK_TILES>(acc, row0, block_rows, scale_b, bias, y, partial, counters, n, rank, out_scale);
 }
-#else
-template <int RANK_TILES, int ROW_TILES, bool TABLE>
-__global__ void __launch_bounds__(256) gemv4_kernel(
-    const uint8_t* __restrict__ codes, const uint32_t* __restrict__ xa, const __nv_bfloat16* __restrict__ scale_b,
-    const __nv_bfloat16* __restrict__ bias, __nv_bfloat16* __restrict__ y, float* __restrict__ partial,
-    int* __restrict__ counters, int n, int k, int rank, int steps, Levels levels, uint32_t integer_bias,
-    float out_scale) {
-    __shared__ uint32_t table[TABLE ? TABLE_WORDS : 1];
-
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    const int g = lane >> 2, t = lane & 3;
-    const int half_k = k / 2;
-    const int block_rows = warps * ROW_TILES * 16;
-    const int row0 = blockIdx.x * block_rows + warp * ROW_TILES * 16;
-    const int splits = gridDim.y;
-    const int first_step = blockIdx.y * steps / splits, end_step = (blockIdx.y + 1) * steps / splits;
-
-    fill_table<TABLE>(table, levels);
-    const uint32_t* my_table = table + lane;
-
-    float acc[ROW_TILES][RANK_TILES][4];
-#pragma unroll
-    for (int m = 0; m < ROW_TILES; ++m)
-#pragma unroll
-        for (int r = 0; r < RANK_TILES; ++r) acc[m][r][0] = acc[m][r][1] = acc[m][r][2] = acc[m][r][3] = 0.f;
-
-    // Codes two steps ahead and XA one tile pair ahead, in registers: with two warps per scheduler, waiting for
-    // loads issued just before their use left the schedulers idle 82% of the time (ncu, H200).
-    uint4 current[ROW_TILES][2], next[ROW_TILES][2], later[ROW_TILES][2];
-    auto fetch = [&](uint4 (*into)[2], int step) {
-#pragma unroll
-        for (int m = 0; m < ROW_TILES; ++m) {
-            const bool valid = row0 + m * 16 < n && step < end_step;
-            const uint8_t* base = codes + (size_t)(row0 + m * 16 + g) * half_k + step * STEP_BYTES + t * 16;
-            into[m][0] = load_codes(base, valid);
-            into[m][1] = load_codes(base + (size_t)8 * half_k, valid);
-        }
-    };
-    // this lane's XA registers for tiles 2i and 2i + 1 of a step, every rank tile
-    uint32_t b[2][2][RANK_TILES][2];
-    auto fetch_xa = [&](uint32_t (*into)[RANK_TILES][2], int step, int i) {
-        const uint4* fragments = reinterpret_cast<const uint4*>(xa) + ((step * PAIRS + i) * 32 + lane) * RANK_TILES;
-#pragma unroll
-        for (int q = 0; q < RANK_TILES; ++q) {
-            const uint4 v = step < end_step ? __ldg(fragments + q) : make_uint4(0, 0, 0, 0);
-            uint32_t* flat = &into[0][0][0] + 4 * q;
-            flat[0] = v.x, flat[1] = v.y, flat[2] = v.z, flat[3] = v.w;
-        }
-    };
-    fetch(current, first_step);
-    fetch(next, first_step + 1);
-    fetch_xa(b[0], first_step, 0);
-
-    for (int step = first_step; step < end_step; ++step) {
-        fetch(later, step + 2);
-#pragma unroll
-        for (int i = 0; i < PAIRS; ++i) {
-            fetch_xa(b[(i + 1) & 1], i + 1 < PAIRS ? step : step + 1, (i + 1) % PAIRS);
-            const uint32_t (*xa_now)[RANK_TILES][2] = b[i & 1];
-#pragma unroll
-            for (int m = 0; m < ROW_TILES; ++m) {
-                // rows g and g + 8, each giving tile 2i's and tile 2i + 1's registers (slots 2t.. and 2t+8..)
-                uint32_t g_first[2], g_second[2], h_first[2], h_second[2];
-                levels_of<TABLE>(word(current[m][0], i), g_first, g_second, integer_bias, my_table);
-                levels_of<TABLE>(word(current[m][1], i), h_first, h_second, integer_bias, my_table);
-                const uint32_t first[4] = {g_first[0], h_first[0], g_first[1], h_first[1]};
-                const uint32_t second[4] = {g_second[0], h_second[0], g_second[1], h_second[1]};
-#pragma unroll
-                for (int r = 0; r < RANK_TILES; ++r) {
-                    mma_bf16(acc[m][r], first, xa_now[0][r][0], xa_now[0][r][1]);
-                    mma_bf16(acc[m][r], second, xa_now[1][r][0], xa_now[1][r][1]);
-                }
-            }
-        }
-#pragma unroll
-        for (int m = 0; m < ROW_TILES; ++m) {
-            current[m][0] = next[m][0], current[m][1] = next[m][1];
-            next[m][0] = later[m][0], next[m][1] = later[m][1];
-        }
-    }
-
-    write_rows<RANK_TILES, ROW_TILES>(acc, row0, block_rows, scale_b, bias, y, partial, counters, n, rank,
-                                      out_scale);
-}
-#endif
 
 }  // namespace
 
 extern "C" {
 
 // The 32-bit words of XA scratch a call needs for K = k.
-int lords_gemv4_xa_words(int k) { return k / STEP_COLS * PAIRS * 32 * 4 * LORDS_RANK_TILES; }
+int lords_gemv4_xa_words(int k) { return k / STEP_COLS * 512 * LORDS_RANK_TILES; }
 
 // Returns a cudaError_t (0: launched). xa: lords_gemv4_xa_words(k) words of scratch. levels: the codebook's 16
 // levels, read when the build has a table; integer_offset: the integer codebook's offset (levels = (code + offset) *
-// out_scale) otherwise. leading, stride: the wgmma build's shared-memory descriptor offsets (bytes).
+// out_scale) otherwise. leading, stride: the shared-memory descriptor's offsets between XA's core matrices (bytes).
 int lords_gemv4(const void* codes, const void* x, const void* scale_a, const void* scale_b, const void* bias, void* y,
                 float* partial, int* counters, void* xa, int n, int k, int rank, int warps, int splits,
                 const float* levels, int integer_offset, float out_scale, int leading, int stride, void* stream) {
@@ -514,26 +402,17 @@ int lords_gemv4(const void* codes, const void* x, const void* scale_a, const voi
     for (int i = 0; i < 16; ++i) table.value[i] = levels[i];
     // code + 128 sits in the bf16's mantissa; subtracting 128 - offset leaves code + offset exactly
     __nv_bfloat162 bias_pair = __floats2bfloat162_rn(128.f - integer_offset, 128.f - integer_offset);
-    const int block_rows = warps * LORDS_ROW_TILES * 16;
+    const int block_rows = warps * 16;
     dim3 grid((n + block_rows - 1) / block_rows, splits);
-    auto kernel = gemv4_kernel<LORDS_RANK_TILES, LORDS_ROW_TILES, LORDS_TABLE>;
-#if LORDS_WGMMA
+    auto kernel = gemv4_kernel<LORDS_RANK_TILES, LORDS_TABLE>;
     const int ring_bytes = STAGES * 2048 * LORDS_RANK_TILES;
     cudaError_t error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, ring_bytes);
     if (error != cudaSuccess) return error;
     kernel<<<grid, warps * 32, ring_bytes, s>>>(
-#else
-    (void)leading, (void)stride;
-    kernel<<<grid, warps * 32, 0, s>>>(
-#endif
         static_cast<const uint8_t*>(codes), static_cast<const uint32_t*>(xa),
         static_cast<const __nv_bfloat16*>(scale_b), static_cast<const __nv_bfloat16*>(bias),
         static_cast<__nv_bfloat16*>(y), partial, counters, n, k, rank, k / STEP_COLS, table,
-        *reinterpret_cast<uint32_t*>(&bias_pair), out_scale
-#if LORDS_WGMMA
-        , leading, stride
-#endif
-    );
+        *reinterpret_cast<uint32_t*>(&bias_pair), out_scale, leading, stride);
     return cudaGetLastError();
 }
 }
