@@ -201,69 +201,72 @@ __global__ void xa_kernel(const __nv_bfloat16* __restrict__ x, const __nv_bfloat
 
 constexpr int STAGES = 3;  // XA in shared memory: the step being multiplied, the next, and the one being copied
 
-// wgmma.m64nNk16 with N = 8 * TILES, accumulating into d; the chunks of wgmma_rank_tiles.
+// wgmma.m64nNk16, N = 8 * TILES, accumulating into d (4 * TILES registers a thread) with the weight tile a from
+// registers and XA from shared memory (desc); one instruction per k16 tile at every rank up to 128, since small
+// wgmmas run below the tensor cores' rate (one m64n56k16 took 24.5 us where n32 + n16 + n8 took 27.7, 14336 x
+// 4096 INT on the H200). LORDS_ACCn: the accumulators as operands; LORDS_NAMESn: their names in the template.
 template <int TILES>
 __device__ __forceinline__ void wgmma_bf16(float* d, const uint32_t* a, uint64_t desc, int scale_d);
 
-template <>
-__device__ __forceinline__ void wgmma_bf16<1>(float* d, const uint32_t* a, uint64_t desc, int scale_d) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %9, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n8k16.f32.bf16.bf16 {%0,%1,%2,%3}, {%4,%5,%6,%7}, %8, p, 1, 1, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d));
-}
+#define LORDS_ACC1 "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+#define LORDS_NAMES1 "%0,%1,%2,%3"
+#define LORDS_ACC2 LORDS_ACC1, "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+#define LORDS_NAMES2 LORDS_NAMES1 ",%4,%5,%6,%7"
+#define LORDS_ACC3 LORDS_ACC2, "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11])
+#define LORDS_NAMES3 LORDS_NAMES2 ",%8,%9,%10,%11"
+#define LORDS_ACC4 LORDS_ACC3, "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+#define LORDS_NAMES4 LORDS_NAMES3 ",%12,%13,%14,%15"
+#define LORDS_ACC5 LORDS_ACC4, "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19])
+#define LORDS_NAMES5 LORDS_NAMES4 ",%16,%17,%18,%19"
+#define LORDS_ACC6 LORDS_ACC5, "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23])
+#define LORDS_NAMES6 LORDS_NAMES5 ",%20,%21,%22,%23"
+#define LORDS_ACC7 LORDS_ACC6, "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27])
+#define LORDS_NAMES7 LORDS_NAMES6 ",%24,%25,%26,%27"
+#define LORDS_ACC8 LORDS_ACC7, "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+#define LORDS_NAMES8 LORDS_NAMES7 ",%28,%29,%30,%31"
+#define LORDS_ACC9 LORDS_ACC8, "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35])
+#define LORDS_NAMES9 LORDS_NAMES8 ",%32,%33,%34,%35"
+#define LORDS_ACC10 LORDS_ACC9, "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39])
+#define LORDS_NAMES10 LORDS_NAMES9 ",%36,%37,%38,%39"
+#define LORDS_ACC11 LORDS_ACC10, "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43])
+#define LORDS_NAMES11 LORDS_NAMES10 ",%40,%41,%42,%43"
+#define LORDS_ACC12 LORDS_ACC11, "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47])
+#define LORDS_NAMES12 LORDS_NAMES11 ",%44,%45,%46,%47"
+#define LORDS_ACC13 LORDS_ACC12, "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51])
+#define LORDS_NAMES13 LORDS_NAMES12 ",%48,%49,%50,%51"
+#define LORDS_ACC14 LORDS_ACC13, "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55])
+#define LORDS_NAMES14 LORDS_NAMES13 ",%52,%53,%54,%55"
+#define LORDS_ACC15 LORDS_ACC14, "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59])
+#define LORDS_NAMES15 LORDS_NAMES14 ",%56,%57,%58,%59"
+#define LORDS_ACC16 LORDS_ACC15, "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+#define LORDS_NAMES16 LORDS_NAMES15 ",%60,%61,%62,%63"
 
-template <>
-__device__ __forceinline__ void wgmma_bf16<2>(float* d, const uint32_t* a, uint64_t desc, int scale_d) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %13, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7}, {%8,%9,%10,%11}, %12, p, 1, 1, "
-        "0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d));
-}
-
-template <>
-__device__ __forceinline__ void wgmma_bf16<4>(float* d, const uint32_t* a, uint64_t desc, int scale_d) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {"
-        "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15"
-        "}, {%16,%17,%18,%19}, %20, p, 1, 1, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
-          "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d));
-}
-
-template <>
-__device__ __forceinline__ void wgmma_bf16<8>(float* d, const uint32_t* a, uint64_t desc, int scale_d) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
-        "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
-        "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31"
-        "}, {%32,%33,%34,%35}, %36, p, 1, 1, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
-          "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),
-          "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
-          "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d));
-}
-
-// One k16 tile times every rank tile, as wgmmas of 64, 32, 16 and 8 columns (the rank tiles' core matrices lie
-// `stride` bytes apart in shared memory, so a chunk's descriptor starts FIRST tiles further): every rank up to 128
-// with four instruction shapes.
-template <int RANK_TILES, int FIRST = 0>
-__device__ __forceinline__ void wgmma_rank_tiles(float (&acc)[RANK_TILES][4], const uint32_t* a, uint64_t desc,
-                                                 int stride, int accumulate) {
-    constexpr int LEFT = RANK_TILES - FIRST;
-    if constexpr (LEFT > 0) {
-        constexpr int CHUNK = LEFT >= 8 ? 8 : LEFT >= 4 ? 4 : LEFT >= 2 ? 2 : 1;
-        wgmma_bf16<CHUNK>(&acc[FIRST][0], a, desc + static_cast<uint64_t>((FIRST * stride) >> 4), accumulate);
-        wgmma_rank_tiles<RANK_TILES, FIRST + CHUNK>(acc, a, desc, stride, accumulate);
+#define LORDS_WGMMA(TILES, N, A0, A1, A2, A3, DESC, SCALE)                                                      \
+    template <>                                                                                                \
+    __device__ __forceinline__ void wgmma_bf16<TILES>(float* d, const uint32_t* a, uint64_t desc, int scale_d) { \
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " SCALE ", 0;\n"                                         \
+                     "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32.bf16.bf16 {" LORDS_NAMES##TILES "}, {" A0  \
+                     "," A1 "," A2 "," A3 "}, " DESC ", p, 1, 1, 0;\n}\n"                                         \
+                     : LORDS_ACC##TILES                                                                         \
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d));                    \
     }
-}
+
+LORDS_WGMMA(1, 8, "%4", "%5", "%6", "%7", "%8", "%9")
+LORDS_WGMMA(2, 16, "%8", "%9", "%10", "%11", "%12", "%13")
+LORDS_WGMMA(3, 24, "%12", "%13", "%14", "%15", "%16", "%17")
+LORDS_WGMMA(4, 32, "%16", "%17", "%18", "%19", "%20", "%21")
+LORDS_WGMMA(5, 40, "%20", "%21", "%22", "%23", "%24", "%25")
+LORDS_WGMMA(6, 48, "%24", "%25", "%26", "%27", "%28", "%29")
+LORDS_WGMMA(7, 56, "%28", "%29", "%30", "%31", "%32", "%33")
+LORDS_WGMMA(8, 64, "%32", "%33", "%34", "%35", "%36", "%37")
+LORDS_WGMMA(9, 72, "%36", "%37", "%38", "%39", "%40", "%41")
+LORDS_WGMMA(10, 80, "%40", "%41", "%42", "%43", "%44", "%45")
+LORDS_WGMMA(11, 88, "%44", "%45", "%46", "%47", "%48", "%49")
+LORDS_WGMMA(12, 96, "%48", "%49", "%50", "%51", "%52", "%53")
+LORDS_WGMMA(13, 104, "%52", "%53", "%54", "%55", "%56", "%57")
+LORDS_WGMMA(14, 112, "%56", "%57", "%58", "%59", "%60", "%61")
+LORDS_WGMMA(15, 120, "%60", "%61", "%62", "%63", "%64", "%65")
+LORDS_WGMMA(16, 128, "%64", "%65", "%66", "%67", "%68", "%69")
 
 // Shared-memory matrix descriptor, no swizzle: start address, then the byte offsets between core matrices along K
 // (leading) and along N (stride), each in units of 16 bytes.
@@ -369,7 +372,7 @@ __global__ void __launch_bounds__(256) gemv4_kernel(
         fence_accumulators(acc);
         asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
-        for (int tile = 0; tile < 8; ++tile) wgmma_rank_tiles<RANK_TILES>(acc, a[tile], tiles[tile], stride, accumulate);
+        for (int tile = 0; tile < 8; ++tile) wgmma_bf16<RANK_TILES>(&acc[0][0], a[tile], tiles[tile], accumulate);
         asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
         fence_accumulators(acc);
