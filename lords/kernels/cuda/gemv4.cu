@@ -202,9 +202,8 @@ __global__ void xa_kernel(const __nv_bfloat16* __restrict__ x, const __nv_bfloat
 constexpr int STAGES = 3;  // XA in shared memory: the step being multiplied, the next, and the one being copied
 
 // wgmma.m64nNk16, N = 8 * TILES, accumulating into d (4 * TILES registers a thread) with the weight tile a from
-// registers and XA from shared memory (desc); one instruction per k16 tile at every rank up to 128, since small
-// wgmmas run below the tensor cores' rate (one m64n56k16 took 24.5 us where n32 + n16 + n8 took 27.7, 14336 x
-// 4096 INT on the H200). LORDS_ACCn: the accumulators as operands; LORDS_NAMESn: their names in the template.
+// registers and XA from shared memory (desc). LORDS_ACCn: the accumulators as operands; LORDS_NAMESn: their names in
+// the template.
 template <int TILES>
 __device__ __forceinline__ void wgmma_bf16(float* d, const uint32_t* a, uint64_t desc, int scale_d);
 
@@ -253,20 +252,26 @@ __device__ __forceinline__ void wgmma_bf16(float* d, const uint32_t* a, uint64_t
 
 LORDS_WGMMA(1, 8, "%4", "%5", "%6", "%7", "%8", "%9")
 LORDS_WGMMA(2, 16, "%8", "%9", "%10", "%11", "%12", "%13")
-LORDS_WGMMA(3, 24, "%12", "%13", "%14", "%15", "%16", "%17")
 LORDS_WGMMA(4, 32, "%16", "%17", "%18", "%19", "%20", "%21")
-LORDS_WGMMA(5, 40, "%20", "%21", "%22", "%23", "%24", "%25")
-LORDS_WGMMA(6, 48, "%24", "%25", "%26", "%27", "%28", "%29")
 LORDS_WGMMA(7, 56, "%28", "%29", "%30", "%31", "%32", "%33")
 LORDS_WGMMA(8, 64, "%32", "%33", "%34", "%35", "%36", "%37")
-LORDS_WGMMA(9, 72, "%36", "%37", "%38", "%39", "%40", "%41")
-LORDS_WGMMA(10, 80, "%40", "%41", "%42", "%43", "%44", "%45")
-LORDS_WGMMA(11, 88, "%44", "%45", "%46", "%47", "%48", "%49")
-LORDS_WGMMA(12, 96, "%48", "%49", "%50", "%51", "%52", "%53")
 LORDS_WGMMA(13, 104, "%52", "%53", "%54", "%55", "%56", "%57")
-LORDS_WGMMA(14, 112, "%56", "%57", "%58", "%59", "%60", "%61")
-LORDS_WGMMA(15, 120, "%60", "%61", "%62", "%63", "%64", "%65")
-LORDS_WGMMA(16, 128, "%64", "%65", "%66", "%67", "%68", "%69")
+
+// One k16 tile times every rank tile. One instruction where its shape was measured on the GPU (m64n56k16 took 24.5 us
+// where n32 + n16 + n8 took 27.7, 14336 x 4096 INT on the H200: small wgmmas run below the tensor cores' rate);
+// elsewhere chunks of 64, 32, 16 and 8 columns, whose descriptors start FIRST rank tiles (`stride` bytes each)
+// further.
+template <int RANK_TILES, int FIRST = 0>
+__device__ __forceinline__ void wgmma_rank_tiles(float (&acc)[RANK_TILES][4], const uint32_t* a, uint64_t desc,
+                                                 int stride, int accumulate) {
+    constexpr int LEFT = RANK_TILES - FIRST;
+    if constexpr (LEFT > 0) {
+        constexpr bool WHOLE = FIRST == 0 && (RANK_TILES == 7 || RANK_TILES == 13);
+        constexpr int CHUNK = WHOLE ? RANK_TILES : LEFT >= 8 ? 8 : LEFT >= 4 ? 4 : LEFT >= 2 ? 2 : 1;
+        wgmma_bf16<CHUNK>(&acc[FIRST][0], a, desc + static_cast<uint64_t>((FIRST * stride) >> 4), accumulate);
+        wgmma_rank_tiles<RANK_TILES, FIRST + CHUNK>(acc, a, desc, stride, accumulate);
+    }
+}
 
 // Shared-memory matrix descriptor, no swizzle: start address, then the byte offsets between core matrices along K
 // (leading) and along N (stride), each in units of 16 bytes.
@@ -372,7 +377,8 @@ __global__ void __launch_bounds__(256) gemv4_kernel(
         fence_accumulators(acc);
         asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
-        for (int tile = 0; tile < 8; ++tile) wgmma_bf16<RANK_TILES>(&acc[0][0], a[tile], tiles[tile], accumulate);
+        for (int tile = 0; tile < 8; ++tile)
+            wgmma_rank_tiles<RANK_TILES>(acc, a[tile], tiles[tile], stride, accumulate);
         asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
         fence_accumulators(acc);
