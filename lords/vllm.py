@@ -14,14 +14,18 @@ of the codes and of B, and A whole; a row-parallel layer owns some columns: thos
 whole (vLLM sums the ranks' partial outputs). Codes are packed along the columns in segments (lords.packing), so a
 row-parallel shard unpacks, slices and packs again.
 
-On the CPU a layer runs the torch reference (dequantize, then matmul); on CUDA lords.kernels.lords_matmul through the
-torch operator of lords.kernels.ops, which CUDA graphs and torch.compile accept. vLLM's CUDA build cannot be installed
+On the CPU each layer dequantizes its weight once, after loading, in the model's dtype, and runs a dense matmul:
+dequantizing on every forward made decoding 15x slower than the dense model's, and vLLM on the CPU is for trying a
+checkpoint out, not for saving memory (the dense copies cost the dense model's memory; the checkpoint on disk stays
+4-bit). On CUDA lords.kernels.lords_matmul runs through the torch operator of lords.kernels.ops, which CUDA graphs and
+torch.compile accept. vLLM's CUDA build cannot be installed
 where the GPU is, so the CUDA path here is untested under vLLM; it is the call that LoRDSLinear makes on CUDA.
 """
 
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from vllm.model_executor.layers.linear import (
     ColumnParallelLinear,
     LinearBase,
@@ -35,7 +39,7 @@ from vllm.model_executor.layers.quantization.base_config import QuantizationConf
 from vllm.model_executor.utils import set_weight_attrs
 
 from .hf import QUANT_METHOD, LoRDSQuantizationConfig
-from .linear import lords_linear
+from .linear import lords_linear, reference_weight
 from .packing import pack_codes, row_bytes, unpack_codes
 
 TENSORS = ("codes", "codebook", "scale_b", "scale_a")
@@ -108,6 +112,7 @@ class LoRDSLinearMethod(LinearMethodBase):
             raise ValueError(f"{layer.prefix} has {len(output_partition_sizes)} parts in vLLM, {self.part_names} "
                              "in the quantization_config")
         self.rows, self.columns, self.full_columns = list(output_partition_sizes), input_size_per_partition, input_size
+        self.params_dtype = params_dtype
         scale_dtype = getattr(torch, self.entries[0]["scale_dtype"])
         max_rank = max(self.ranks)
         # zeros: the padding columns of B and rows of A of a part with a smaller rank are never loaded
@@ -174,8 +179,14 @@ class LoRDSLinearMethod(LinearMethodBase):
                 layer.scale_b[first:first + rows, :rank].contiguous(),
                 layer.scale_a[part * max_rank:part * max_rank + rank]))
             first += rows
+        layer.lords_dense = None
+        if layer.codes.device.type == "cpu":
+            layer.lords_dense = torch.cat([reference_weight(*part, self.bits, self.params_dtype)
+                                           for part in layer.lords_parts])
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if layer.lords_dense is not None and layer.lords_dense.dtype == x.dtype:
+            return F.linear(x, layer.lords_dense, bias)
         path = "triton" if x.is_cuda else "torch"
         outputs = [lords_linear(x, codes, codebook, scale_b, scale_a, self.bits, None, path)
                    for codes, codebook, scale_b, scale_a in layer.lords_parts]
