@@ -8,6 +8,7 @@ from lords.codebooks import get_codebook, nearest_codes, nf_codebook
 from lords.factorize import (
     LOW_RANK,
     bits_per_weight,
+    block_scale_form,
     blockwise_refine,
     lords_quantize,
     parity_rank,
@@ -259,6 +260,8 @@ def test_exact_init_takes_a_rank_up_to_the_width():
      "weight contains NaN or Inf values; refusing to quantize it"),
     (lambda: lords_quantize(torch.randn(8, 64), nf_codebook(4), 32, 1, channel_weight=torch.full((64,), float("inf"))),
      "channel_weight contains NaN or Inf values"),
+    (lambda: refine_scales(torch.randn(8, 64), nf_codebook(4), [torch.ones(8, 2)], block_scale_form(32), 1),
+     "weight must be a stack (layers, out, in), got shape (8, 64)"),
 ])
 def test_refusals_name_the_problem(call, message):
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
@@ -298,3 +301,60 @@ def test_default_refinement_runs_500_steps():
     calls = []
     lords_quantize(torch.randn(8, 32), nf_codebook(4), 32, 1, progress=calls.append)
     assert calls == [1] * 500
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_blockwise_refine_gives_a_zero_block_the_zero_level_in_every_scale_dtype(scale_dtype):
+    """A zero block keeps a zero scale; the codes are assigned with it widened to float32, whose 1e-12 floor (0 in
+    float16) keeps 0 / S finite."""
+    weight = structured_weight(4, 64).float()
+    weight[1, :32] = 0
+    codebook = nf_codebook(4)
+    codes, block_scale = blockwise_refine(weight, codebook, 32, steps=5, scale_dtype=scale_dtype)
+    assert block_scale[1, 0] == 0 and torch.all(codebook[codes[1, :32].long()] == 0)
+
+
+def test_svd_init_of_half_precision_weights_runs_in_float32():
+    weight = structured_weight(16, 128).to(torch.bfloat16)
+    for ours, reference in zip(svd_init(weight, 32, 2), svd_init(weight.float(), 32, 2)):
+        assert ours.dtype == torch.float32 and torch.equal(ours, reference)
+
+
+def test_quantize_passes_exact_init_on():
+    weight = structured_weight(30, 96)  # 64 does not divide 96: only the exact init (blocks of 20 and 19) accepts it
+    factors = lords_quantize(weight, nf_codebook(4), 64, 5, steps=0, exact_init=True, scale_dtype=torch.float64)
+    scale_b, scale_a = svd_init(weight, 64, 5, exact=True)
+    assert torch.equal(factors.scale_b, scale_b) and torch.equal(factors.scale_a, scale_a)
+
+
+def test_batched_with_channel_weights_equals_one_by_one():
+    weights = torch.stack([structured_weight(24, 128, seed=s).float() for s in range(2)])
+    channel_weight = torch.rand(2, 128, generator=torch.Generator().manual_seed(0)) + 0.1
+    batched = lords_quantize(weights, nf_codebook(4), 32, 2, steps=10, channel_weight=channel_weight)
+    for i in range(2):  # each layer with its own row of channel weights: bit-identical, as without them
+        single = lords_quantize(weights[i], nf_codebook(4), 32, 2, steps=10, channel_weight=channel_weight[i])
+        for field in ("scale_b", "scale_a", "codes", "error_init", "error"):
+            assert torch.equal(getattr(single, field), getattr(batched, field)[i]), field
+
+
+def test_refinement_runs_in_the_weights_dtype_whatever_the_codebook_and_channel_weights_dtype():
+    weight = structured_weight(16, 64, seed=6).float()[None]
+    channel_weight = torch.rand(1, 64, dtype=torch.float64) + 0.1
+    scale_b, scale_a = svd_init(weight, 32, 2)
+    ours = refine_scales(weight, nf_codebook(4).double(), [scale_b, scale_a], LOW_RANK, 5,
+                         channel_weight=channel_weight)
+    reference = refine_scales(weight, nf_codebook(4), [scale_b, scale_a], LOW_RANK, 5,
+                              channel_weight=channel_weight.float())
+    for got, expected in zip([*ours[0], *ours[1:]], [*reference[0], *reference[1:]]):
+        assert got.dtype == torch.float32 and torch.equal(got, expected)
+
+
+def test_errors_are_relative_for_weights_far_below_1():
+    """||W||^2 = 2.6e-5 here: the errors are relative to it (the 1e-30 floor only guards an all-zero layer)."""
+    weight = structured_weight(16, 64, seed=8) * 1e-4
+    codebook = nf_codebook(4).double()
+    factors = lords_quantize(weight, codebook, 32, 2, steps=0, scale_dtype=torch.float64)
+    scale = factors.scale_b @ factors.scale_a
+    expected = relative_error(weight, reconstruct(scale, nearest_codes(weight / scale, codebook), codebook))
+    torch.testing.assert_close(factors.error_init, expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(factors.error, expected, rtol=1e-12, atol=0)
