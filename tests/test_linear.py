@@ -106,6 +106,9 @@ def test_from_factors_keeps_shapes_dtypes_and_bias():
     empty = LoRDSLinear(96, 24, bits=3, rank=2)
     assert empty.bias is None and empty.scale_b.shape == (24, 2) and empty.scale_a.shape == (2, 96)
     assert empty.scale_b.dtype == torch.bfloat16 and empty.codes.dtype == torch.uint8
+    assert empty.dense_weight is None
+    with_bias = LoRDSLinear(96, 24, bits=3, rank=2, bias=True)
+    assert with_bias.bias.shape == (24,) and with_bias.bias.dtype == torch.float32 and not with_bias.bias.any()
 
 
 def test_dense_weights_use_the_models_dtype_unless_told():
@@ -122,3 +125,73 @@ def test_dense_weights_use_the_models_dtype_unless_told():
         assert model[0].dense_weight.dtype == torch.float16
         assert torch.equal(model(x), expected)  # float32 inputs keep the per-call path: the copy is float16
     assert model[0].dense_weight is None
+
+
+def test_integer_inputs_are_refused():
+    layer = LoRDSLinear(64, 8, bits=4, rank=1)
+    with pytest.raises(TypeError, match=r"^LoRDSLinear takes floating inputs, got torch.int64$"):
+        layer(torch.ones(2, 64, dtype=torch.long))
+
+
+@pytest.mark.parametrize("backend", ["triton", "fused"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_triton_backends_call_the_kernel_ops(monkeypatch, backend, bias):
+    """The "triton" and "fused" backends go through lords.kernels.ops, forward and backward (replaced here by the
+    torch reference, as the kernels need a GPU): the fused flag, the autograd node only when a gradient is needed
+    (its forward runs with grad mode off), and gradients equal to the torch backend's."""
+    import lords.linear
+    from lords.kernels import ops
+
+    calls = []
+
+    def matmul(x, codes, codebook, scale_b, scale_a, bits, bias, fused):
+        calls.append(("matmul", fused, torch.is_grad_enabled()))
+        return lords.linear.lords_linear(x, codes, codebook, scale_b, scale_a, bits, bias, "torch")
+
+    def dequantize(codes, codebook, scale_b, scale_a, bits, dtype):
+        calls.append(("dequantize", dtype))
+        return lords.linear.reference_weight(codes, codebook, scale_b, scale_a, bits, dtype)
+
+    def scale_grads(*args):
+        calls.append(("scale_grads",))
+        return lords.linear._scale_grads_torch(*args)
+
+    for name, function in (("matmul", matmul), ("dequantize", dequantize), ("scale_grads", scale_grads)):
+        monkeypatch.setattr(ops, name, function)
+    factors = lords_quantize(torch.randn(24, 96), get_codebook("nf", 3), 32, 3, steps=1)
+    layer = LoRDSLinear.from_factors(factors, 3, "nf", torch.randn(24) if bias else None)
+    x = torch.randn(2, 5, 96, requires_grad=True)
+    grad_out = torch.randn(2, 5, 24)
+    layer(x).backward(grad_out)
+    assert calls == []  # "auto" on CPU inputs is the torch path
+    expected = [p.grad.clone() for p in (x, layer.scale_b, layer.scale_a)]
+    expected_bias = layer.bias.grad.clone() if bias else None
+    for p in (x, *layer.parameters()):
+        p.grad = None
+
+    layer.backend = backend
+    out = layer(x)
+    out.backward(grad_out)
+    fused = backend == "fused"
+    assert calls == [("matmul", fused, False), ("dequantize", torch.float32), ("scale_grads",)]
+    for ours, reference in zip((x.grad, layer.scale_b.grad, layer.scale_a.grad), expected):
+        assert ours.dtype == reference.dtype and torch.equal(ours, reference)
+    if bias:
+        assert torch.equal(layer.bias.grad, expected_bias)
+
+    calls.clear()
+    with torch.no_grad():
+        assert torch.equal(layer(x), out)
+    assert calls == [("matmul", fused, False)]
+    calls.clear()
+    layer.requires_grad_(False)
+    layer(x.detach()).sum()
+    assert calls == [("matmul", fused, True)]  # nothing needs a gradient: no autograd node
+    calls.clear()
+    layer(x).backward(grad_out)  # only the input: dX = dY W, no scale gradients
+    assert calls == [("matmul", fused, False), ("dequantize", torch.float32)] and torch.equal(x.grad, 2 * expected[0])
+    if bias:  # only the bias: the autograd node, with neither kernel in its backward
+        calls.clear()
+        layer.bias.requires_grad_(True)
+        layer(x.detach()).backward(grad_out)
+        assert calls == [("matmul", fused, False)] and torch.equal(layer.bias.grad, 2 * expected_bias)
