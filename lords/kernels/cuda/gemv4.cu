@@ -233,12 +233,6 @@ __device__ __forceinline__ void wgmma_bf16(float* d, const uint32_t* a, uint64_t
 #define LORDS_NAMES12 LORDS_NAMES11 ",%44,%45,%46,%47"
 #define LORDS_ACC13 LORDS_ACC12, "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51])
 #define LORDS_NAMES13 LORDS_NAMES12 ",%48,%49,%50,%51"
-#define LORDS_ACC14 LORDS_ACC13, "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55])
-#define LORDS_NAMES14 LORDS_NAMES13 ",%52,%53,%54,%55"
-#define LORDS_ACC15 LORDS_ACC14, "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59])
-#define LORDS_NAMES15 LORDS_NAMES14 ",%56,%57,%58,%59"
-#define LORDS_ACC16 LORDS_ACC15, "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-#define LORDS_NAMES16 LORDS_NAMES15 ",%60,%61,%62,%63"
 
 #define LORDS_WGMMA(TILES, N, A0, A1, A2, A3, DESC, SCALE)                                                      \
     template <>                                                                                                \
