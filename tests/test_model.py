@@ -115,7 +115,7 @@ def test_input_hessians_match_direct_computation_and_their_diagonal_is_the_chann
     torch.testing.assert_close(hessian.diagonal(), moments, rtol=1e-5, atol=0)
 
 
-def test_gptq_codes_walk_the_quantized_blocks_and_lower_each_layers_output_error(tiny_llama):
+def test_gptq_codes_walk_the_quantized_blocks_and_lower_each_layers_output_error(tiny_llama, capsys):
     ids = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))
     config = lords.LoRDSConfig(bits=3, block_size=32, steps=10, codes="gptq")
     seen = []  # the inputs block 1 is calibrated on must come from the quantized block 0
@@ -130,6 +130,7 @@ def test_gptq_codes_walk_the_quantized_blocks_and_lower_each_layers_output_error
         reports = lords.quantize(tiny_llama, config, calibration=ids, progress=False)
     assert seen[1][:7] == ["LoRDSLinear"] * 7 and seen[1][7:] == ["Linear"] * 7
     assert len(reports) == 14 and all(r.error < r.error_init for r in reports)
+    assert capsys.readouterr().err == ""  # progress=False: no bar
 
 
 def test_gptq_codes_without_calibration_are_refused(tiny_llama):
