@@ -1,7 +1,5 @@
 import hashlib
 import json
-import re
-
 import warnings
 
 import pytest
@@ -9,6 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lords
+from conftest import exactly
 from lords import integrity
 from lords.peft import codes_fingerprint, load_adapter, mark_trainable, save_adapter
 from lords.train import finetune
@@ -124,11 +123,6 @@ def test_mark_trainable_keeps_the_trained_scales_in_float32(quantized):
     for parts in ((), ("scale_b", "weight")):
         with pytest.raises(ValueError, match=r"parts must be a non-empty subset of \('scale_b', 'scale_a'\)"):
             mark_trainable(quantized, parts)
-
-
-def exactly(message: str) -> str:
-    """A pytest.raises pattern that matches this whole message and nothing else."""
-    return f"^{re.escape(message)}$"
 
 
 def rewrite(path, tensors) -> None:
