@@ -111,7 +111,12 @@ def biased_llama():
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, attention_bias=True,
                          mlp_bias=True)
     torch.manual_seed(0)
-    return LlamaForCausalLM(config).eval()
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # transformers initialises biases to zero, which a dropped bias would not change
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(std=0.1)
+    return model
 
 
 def test_wrapped_model_computes_and_exports_the_original():
@@ -229,7 +234,11 @@ def test_distributed_path_matches_emulation_in_threads(tiny_llama, monkeypatch, 
     models = [copy.deepcopy(tiny_llama) for _ in range(2)]
 
     def train(model):
-        return hd_pissa_finetune(model, TOKENS, steps=3, rank=2, lr=1e-2, batch_size=4, seq_len=16, progress=True)
+        try:
+            return hd_pissa_finetune(model, TOKENS, steps=3, rank=2, lr=1e-2, batch_size=4, seq_len=16, progress=True)
+        except BaseException:
+            group.barrier.abort()  # the other thread fails at its next exchange instead of waiting for this one
+            raise
 
     with ThreadPoolExecutor(2, thread_name_prefix="process") as pool:
         results = list(pool.map(train, models))
