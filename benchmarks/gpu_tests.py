@@ -1,7 +1,7 @@
-"""Run the GPU-only kernels' suite (tests/gpu) and write its summary: every case, its outcome and the worst relative
-error against float64 it measured.
+"""Run the GPU suite (tests/gpu: the GPU-only kernels, and the Triton kernels compiled) and write its summary: every
+case, its outcome and the worst relative error against float64 it measured.
 
-    python -m benchmarks.gpu_tests --out results/gpu_tests.md     # on a Hopper GPU; elsewhere every case skips
+    python -m benchmarks.gpu_tests --out results/gpu_tests.md     # on a GPU (Hopper for the GPU-only kernels)
 """
 
 import argparse
@@ -52,7 +52,7 @@ def main() -> None:
         rows = cases(junit)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
     counts = {outcome: sum(row[1] == outcome for row in rows) for outcome in ("passed", "FAILED", "ERROR", "skipped")}
-    lines = produced_by("# GPU-only kernels: the tests/gpu suite", "benchmarks.gpu_tests")
+    lines = produced_by("# GPU kernels: the tests/gpu suite", "benchmarks.gpu_tests")
     lines += [f"- date: {time.strftime('%Y-%m-%d')}; device: {device}; torch {torch.__version__}, "
               f"triton {triton.__version__}; pytest exit code {code}; {time.perf_counter() - started:.0f} s",
               "- " + ", ".join(f"{count} {outcome}" for outcome, count in counts.items()),
