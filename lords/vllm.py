@@ -14,6 +14,8 @@ of the codes and of B, and A whole; a row-parallel layer owns some columns: thos
 whole (vLLM sums the ranks' partial outputs). Codes are packed along the columns in segments (lords.packing), so a
 row-parallel shard unpacks, slices and packs again.
 
+Mixture-of-experts experts (LoRDSExpertsMethod) keep vLLM's router and run lords.experts.LoRDSExperts on its top-k.
+
 On the CPU each layer dequantizes its weight once, after loading, in the model's dtype, and runs a dense matmul:
 dequantizing on every forward made decoding 15x slower than the dense model's, and vLLM on the CPU is for trying a
 checkpoint out, not for saving memory (the dense copies cost the dense model's memory; the checkpoint on disk stays
@@ -23,9 +25,11 @@ where the GPU is, so the CUDA path here is untested under vLLM; it is the call t
 """
 
 from functools import partial
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+from vllm.model_executor.layers.fused_moe import FusedMoEMethodBase, RoutedExperts, UnquantizedFusedMoEMethod
 from vllm.model_executor.layers.linear import (
     ColumnParallelLinear,
     LinearBase,
@@ -38,6 +42,7 @@ from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 from vllm.model_executor.utils import set_weight_attrs
 
+from .experts import PROJECTIONS, LoRDSExperts, LoRDSExpertWeights
 from .hf import QUANT_METHOD, LoRDSQuantizationConfig
 from .linear import lords_linear, reference_weight
 from .packing import pack_codes, row_bytes, unpack_codes
@@ -68,16 +73,11 @@ class LoRDSVllmConfig(QuantizationConfig):
 
     @classmethod
     def from_config(cls, config: dict) -> "LoRDSVllmConfig":
-        layers = LoRDSQuantizationConfig(**config).layers  # refuses what transformers would refuse
-        # vLLM runs experts in FusedMoE layers, which this plugin has no method for (docs/design.md says what one
-        # needs); served dense, they would be missing from the checkpoint
-        experts = sorted(name for name, entry in layers.items() if "experts" in entry)
-        if experts:
-            raise ValueError(f"lords' vLLM plugin does not serve mixture-of-experts experts yet ({experts[0]} and "
-                             f"{len(experts) - 1} more); load the checkpoint with transformers (lords.load)")
-        return cls(layers)
+        return cls(LoRDSQuantizationConfig(**config).layers)  # refuses what transformers would refuse
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
+        if isinstance(layer, RoutedExperts):
+            return self.experts_method(layer, prefix)
         if not isinstance(layer, LinearBase):
             return None
         head, _, name = prefix.rpartition(".")
@@ -95,6 +95,17 @@ class LoRDSVllmConfig(QuantizationConfig):
                 raise ValueError(f"vLLM fuses {part_names} into {prefix}; they must share one {field}, got "
                                  f"{sorted(values)}")
         return LoRDSLinearMethod(part_names, entries)
+
+    def experts_method(self, layer, prefix: str):
+        """The experts of one MoE block: both projections quantized (LoRDSExpertsMethod) or neither (dense)."""
+        names = [f"{prefix}.{projection}" for projection in PROJECTIONS]
+        entries = [self.layers.get(name) for name in names]
+        if all(entry is None for entry in entries):
+            return UnquantizedFusedMoEMethod(layer.moe_config)
+        if any(entry is None for entry in entries):
+            raise ValueError(f"quantization_config names one projection of the experts {prefix} but not the other "
+                             f"({names})")
+        return LoRDSExpertsMethod(layer.moe_config, prefix, dict(zip(PROJECTIONS, entries)))
 
 
 class LoRDSLinearMethod(LinearMethodBase):
@@ -192,6 +203,81 @@ class LoRDSLinearMethod(LinearMethodBase):
                    for codes, codebook, scale_b, scale_a in layer.lords_parts]
         output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
         return output if bias is None else output + bias
+
+
+class LoRDSExpertsMethod(FusedMoEMethodBase):
+    """The experts of one vLLM MoE layer as lords.experts.LoRDSExperts: the router is vLLM's, and apply runs the
+    experts of its top-k, so the routing and the expert arithmetic are those lords.load runs under transformers.
+
+    vLLM's expert loader maps checkpoint names to per-expert GPTQ-like parameters (w13_*, w2_*, one expert and one of
+    gate or up at a time); a lords checkpoint stores each projection stacked over experts, with one scale_a for gate
+    and up together, which that mapping would split. So the layer loads through this method's own load_weights,
+    set on the layer in create_weights. Served as lords.experts serves them: one process, all experts (neither
+    tensor nor expert parallelism for the experts yet), gated SiLU experts without biases (Qwen3-MoE, Qwen2-MoE,
+    Mixtral, OLMoE)."""
+
+    def __init__(self, moe, prefix: str, entries: dict[str, dict]):
+        super().__init__(moe)
+        self.prefix, self.entries = prefix, entries
+        self.loaded: set[str] = set()
+
+    def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
+                       **extra_weight_attrs):
+        moe = self.moe
+        if moe.tp_size != 1 or moe.ep_size != 1:
+            raise ValueError(f"lords' vLLM plugin serves the experts of {self.prefix} in one process only, got "
+                             f"tensor parallel size {moe.tp_size} and expert parallel size {moe.ep_size} for them")
+        if moe.has_bias or not moe.is_act_and_mul or moe.activation.value != "silu":
+            raise ValueError(f"lords' vLLM plugin serves gated SiLU experts without biases; {self.prefix} has "
+                             f"activation {moe.activation.value}, gated {moe.is_act_and_mul}, biases {moe.has_bias}")
+        shapes = {"gate_up_proj": (hidden_size, 2 * intermediate_size_per_partition),
+                  "down_proj": (intermediate_size_per_partition, hidden_size)}
+        projections = {}
+        for projection, (in_features, out_features) in shapes.items():
+            entry = self.entries[projection]
+            if entry["experts"] != num_experts:
+                raise ValueError(f"{self.prefix}.{projection} stacks {entry['experts']} experts in the "
+                                 f"quantization_config; the model has {num_experts}")
+            projections[projection] = LoRDSExpertWeights(
+                num_experts, in_features, out_features, entry["bits"], entry["rank"], entry["codebook"],
+                getattr(torch, entry["scale_dtype"]))
+        layer.lords_experts = LoRDSExperts(SimpleNamespace(num_experts=num_experts, act_fn=F.silu), **projections)
+        layer.lords_experts.requires_grad_(False)
+        self.params_dtype = params_dtype
+        layer.load_weights = partial(self.load_weights, layer)
+
+    def load_weights(self, layer, weights):
+        """The experts' tensors, named relative to the layer ("gate_up_proj.codes"); yields the names loaded, as
+        vLLM's loaders do, relative to the layer."""
+        for name, loaded_weight in weights:
+            projection, _, tensor = name.partition(".")
+            if projection not in PROJECTIONS or tensor not in TENSORS:
+                raise ValueError(f"{self.prefix}.{name} in the checkpoint is not a tensor of lords experts "
+                                 f"({PROJECTIONS} x {TENSORS})")
+            target = getattr(layer.lords_experts.get_submodule(projection), tensor)
+            if loaded_weight.shape != target.shape or loaded_weight.dtype != target.dtype:
+                raise ValueError(f"{self.prefix}.{name} in the checkpoint is {loaded_weight.dtype} "
+                                 f"{tuple(loaded_weight.shape)}, expected {target.dtype} {tuple(target.shape)} for "
+                                 f"its quantization_config entry {self.entries[projection]}")
+            target.data.copy_(loaded_weight)
+            self.loaded.add(name)
+            yield f"lords_experts.{name}"
+
+    def process_weights_after_loading(self, layer) -> None:
+        for projection in PROJECTIONS:
+            for tensor in TENSORS:
+                if f"{projection}.{tensor}" not in self.loaded:
+                    raise ValueError(f"{self.prefix}.{projection}.{tensor} is missing from the checkpoint; the folder "
+                                     "is incomplete or does not match its quantization_config")
+            weights = layer.lords_experts.get_submodule(projection)
+            if weights.codes.device.type == "cpu":  # dense copies, as LoRDSLinearMethod keeps on the CPU
+                weights.dense_weight = weights.dequantize(self.params_dtype)
+
+    def get_fused_moe_quant_config(self, layer):
+        return None
+
+    def apply(self, layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input) -> torch.Tensor:
+        return layer.lords_experts(x, topk_ids, topk_weights)
 
 
 def register() -> None:

@@ -36,12 +36,26 @@ CHAT_TEMPLATE = ("{% for message in messages %}{{ message['role'] }} {{ message[
                  "{% if add_generation_prompt %}assistant{% endif %}")
 
 
+def word_tokenizer():
+    """A word-level tokenizer of 96 words with a chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = "<unk> the a of to and in is was for on news said user assistant".split()
+    vocab = {word: i for i, word in enumerate(words)}
+    vocab.update({f"w{i}": len(vocab) + i for i in range(96 - len(vocab))})
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<unk>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A 2-block Llama (head size 64, which vLLM's CPU attention supports; 2 query heads and 1 key/value head, so q
     and k/v differ in rank) quantized to 4 bits, with a word-level tokenizer and a chat template."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     # initializer_range 0.2 makes the next token depend on the weights; at the default 0.02 every logit is near 0
     config = LlamaConfig(vocab_size=96, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
@@ -50,24 +64,32 @@ def checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
     lords.quantize(model, lords.LoRDSConfig(bits=4, block_size=32, steps=2), progress=False)
-    words = "<unk> the a of to and in is was for on news said user assistant".split()
-    vocab = {word: i for i, word in enumerate(words)}
-    vocab.update({f"w{i}": len(vocab) + i for i in range(96 - len(vocab))})
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<unk>")
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return lords.save(model, tmp_path_factory.mktemp("vllm") / "tiny-lords", tokenizer=tokenizer,
+    return lords.save(model, tmp_path_factory.mktemp("vllm") / "tiny-lords", tokenizer=word_tokenizer(),
                       dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")
-def reference(checkpoint):
-    """Greedy token ids and their log-probabilities from lords.load + transformers generate."""
+def moe_checkpoint(tmp_path_factory):
+    """A 2-block Qwen3-MoE (8 experts, top 2; attention as the Llama's) quantized to 4 bits, experts included."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    config = Qwen3MoeConfig(vocab_size=96, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
+                            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+                            num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, max_position_embeddings=128,
+                            tie_word_embeddings=True, initializer_range=0.2)
+    torch.manual_seed(0)
+    model = Qwen3MoeForCausalLM(config).eval()
+    lords.quantize(model, lords.LoRDSConfig(bits=4, block_size=32, steps=2), progress=False)
+    return lords.save(model, tmp_path_factory.mktemp("vllm") / "tiny-moe-lords", tokenizer=word_tokenizer(),
+                      dtype=torch.float32)
+
+
+def greedy_reference(folder):
+    """The tokenizer, and greedy token ids with their log-probabilities from lords.load + transformers generate."""
     from transformers import AutoTokenizer
 
-    model = lords.load(checkpoint)
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    model = lords.load(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
 
     def generate(prompt_ids: list[int]) -> tuple[list[int], list[float]]:
         out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=MAX_TOKENS, do_sample=False,
@@ -78,11 +100,15 @@ def reference(checkpoint):
     return tokenizer, generate
 
 
-def test_offline_greedy_tokens_and_logprobs_match_transformers(checkpoint, reference):
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    return greedy_reference(checkpoint)
+
+
+def check_offline_generation(folder, reference) -> "vllm.LLM":
+    """vLLM's greedy tokens and log-probabilities for PROMPTS are those of the reference."""
     tokenizer, generate = reference
-    llm = vllm.LLM(model=str(checkpoint), **ENGINE)
-    assert llm.apply_model(lambda model: type(model.model.layers[0].self_attn.qkv_proj.quant_method).__name__) == [
-        "LoRDSLinearMethod"]
+    llm = vllm.LLM(model=str(folder), **ENGINE)
     params = vllm.SamplingParams(temperature=0, max_tokens=MAX_TOKENS, logprobs=0, ignore_eos=True)
     prompts = [tokenizer(prompt).input_ids for prompt in PROMPTS]
     outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params)
@@ -92,6 +118,13 @@ def test_offline_greedy_tokens_and_logprobs_match_transformers(checkpoint, refer
         assert list(completion.token_ids) == expected_ids
         logprobs = [step[token].logprob for token, step in zip(completion.token_ids, completion.logprobs)]
         assert logprobs == pytest.approx(expected_logprobs, abs=LOGPROB_TOLERANCE)
+    return llm
+
+
+def test_offline_greedy_tokens_and_logprobs_match_transformers(checkpoint, reference):
+    llm = check_offline_generation(checkpoint, reference)
+    assert llm.apply_model(lambda model: type(model.model.layers[0].self_attn.qkv_proj.quant_method).__name__) == [
+        "LoRDSLinearMethod"]
 
 
 @pytest.mark.parametrize("edit,message", [
@@ -167,20 +200,52 @@ def test_openai_server_answers_a_completion_and_a_chat(checkpoint, reference, tm
         log.close()
 
 
-# The engine with two worker processes, in a child process of its own (this module keeps vLLM's engine in-process).
-TENSOR_PARALLEL_RUN = """
+# The engine in a child process of its own: vLLM sets up its process groups once per process, for the first model it
+# builds (an MoE model needs an expert-parallel group that a dense one does not make), and this module keeps its other
+# engines in-process.
+ENGINE_RUN = """
 import json, sys
 import vllm
+from engine_methods import quant_methods
 
 if __name__ == "__main__":
     llm = vllm.LLM(model=sys.argv[1], dtype="float32", enforce_eager=True, max_model_len=128, seed=0,
-                   tensor_parallel_size=2, distributed_executor_backend="mp")
+                   **json.loads(sys.argv[4]))
     params = vllm.SamplingParams(temperature=0, max_tokens=int(sys.argv[3]), logprobs=0, ignore_eos=True)
     outputs = llm.generate([{"prompt_token_ids": ids} for ids in json.loads(sys.argv[2])], params)
     completions = [output.outputs[0] for output in outputs]
     print("RESULT", json.dumps([[list(c.token_ids), [step[t].logprob for t, step in zip(c.token_ids, c.logprobs)]]
                                 for c in completions]))
+    print("METHODS", json.dumps(sorted(set().union(*llm.apply_model(quant_methods)))))
 """
+# vLLM's RPC to its workers pickles the function it sends, so by reference: it must live in a module they can import
+ENGINE_METHODS = """
+def quant_methods(model):
+    return sorted({type(module.quant_method).__name__ for module in model.modules()
+                   if getattr(module, "quant_method", None) is not None})
+"""
+
+
+def check_generation_in_a_child(folder, reference, tmp_path, engine: dict, env: dict) -> list[str]:
+    """vLLM's greedy tokens and log-probabilities for PROMPTS, from an engine in a child process, are those of the
+    reference. Returns the names of the quantization methods of the model's layers."""
+    tokenizer, generate = reference
+    prompts = [tokenizer(prompt).input_ids for prompt in PROMPTS]
+    script = tmp_path / "engine_run.py"
+    script.write_text(ENGINE_RUN)
+    (tmp_path / "engine_methods.py").write_text(ENGINE_METHODS)
+    env = {key: value for key, value in os.environ.items() if key != "VLLM_ENABLE_V1_MULTIPROCESSING"} | env | {
+        "VLLM_ALLOW_INSECURE_SERIALIZATION": "1", "PYTHONPATH": str(tmp_path)}
+    run = subprocess.run([sys.executable, str(script), str(folder), json.dumps(prompts), str(MAX_TOKENS),
+                          json.dumps(engine)], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    result = next(line for line in run.stdout.splitlines() if line.startswith("RESULT "))
+    for prompt_ids, (ids, logprobs) in zip(prompts, json.loads(result[len("RESULT "):])):
+        expected_ids, expected_logprobs = generate(prompt_ids)
+        assert ids == expected_ids
+        assert logprobs == pytest.approx(expected_logprobs, abs=LOGPROB_TOLERANCE)
+    methods = next(line for line in run.stdout.splitlines() if line.startswith("METHODS "))
+    return json.loads(methods[len("METHODS "):])
 
 
 def test_tensor_parallel_over_two_processes_matches_transformers(checkpoint, reference, tmp_path):
@@ -192,20 +257,72 @@ def test_tensor_parallel_over_two_processes_matches_transformers(checkpoint, ref
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2:
         pytest.skip("two worker processes need two CPU cores")
-    tokenizer, generate = reference
-    prompts = [tokenizer(prompt).input_ids for prompt in PROMPTS]
-    script = tmp_path / "tensor_parallel.py"
-    script.write_text(TENSOR_PARALLEL_RUN)
-    env = {key: value for key, value in os.environ.items() if key != "VLLM_ENABLE_V1_MULTIPROCESSING"}
-    env["VLLM_CPU_OMP_THREADS_BIND"] = f"{cores[0]}|{cores[1]}"
-    run = subprocess.run([sys.executable, str(script), str(checkpoint), json.dumps(prompts), str(MAX_TOKENS)],
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
-    result = next(line for line in run.stdout.splitlines() if line.startswith("RESULT "))
-    for prompt_ids, (ids, logprobs) in zip(prompts, json.loads(result[len("RESULT "):])):
-        expected_ids, expected_logprobs = generate(prompt_ids)
-        assert ids == expected_ids
-        assert logprobs == pytest.approx(expected_logprobs, abs=LOGPROB_TOLERANCE)
+    methods = check_generation_in_a_child(checkpoint, reference, tmp_path,
+                                          {"tensor_parallel_size": 2, "distributed_executor_backend": "mp"},
+                                          {"VLLM_CPU_OMP_THREADS_BIND": f"{cores[0]}|{cores[1]}"})
+    assert "LoRDSLinearMethod" in methods
+
+
+def test_moe_experts_are_served_as_transformers_runs_them(moe_checkpoint, tmp_path):
+    """vLLM's router, then the lords experts method (LoRDSExpertsMethod) on its top-k: the tokens and
+    log-probabilities of lords.load + transformers (measured: the same tokens, log-probabilities within 2.3e-6)."""
+    methods = check_generation_in_a_child(moe_checkpoint, greedy_reference(moe_checkpoint), tmp_path,
+                                          {"distributed_executor_backend": "uni"},
+                                          {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+    assert "LoRDSExpertsMethod" in methods and "UnquantizedFusedMoEMethod" not in methods
+
+
+def _experts_layer(moe_checkpoint, prefix: str = "model.layers.0.mlp.experts"):
+    """The lords experts method of one MoE block, its layer made as vLLM makes it (create_weights), and the block's
+    tensors in the checkpoint, named as vLLM hands them to the layer's loader."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import load_file
+    from vllm.model_executor.layers.fused_moe import MoEActivation
+
+    from lords.vllm import LoRDSExpertsMethod
+
+    layers = json.loads((moe_checkpoint / "config.json").read_text())["quantization_config"]["layers"]
+    moe = SimpleNamespace(tp_size=1, ep_size=1, has_bias=False, is_act_and_mul=True, activation=MoEActivation.SILU)
+    method = LoRDSExpertsMethod(moe, prefix, {part: layers[f"{prefix}.{part}"] for part in ("gate_up_proj",
+                                                                                         "down_proj")})
+    layer = torch.nn.Module()
+    method.create_weights(layer, 8, 128, 64, torch.float32)
+    tensors = {name.removeprefix(prefix + "."): tensor for name, tensor in load_file(moe_checkpoint / WEIGHTS_NAME)
+               .items() if name.startswith(prefix + ".")}
+    return method, layer, tensors
+
+
+def test_experts_method_computes_what_lords_load_computes(moe_checkpoint):
+    method, layer, tensors = _experts_layer(moe_checkpoint)
+    assert sorted(layer.load_weights(tensors.items())) == sorted(f"lords_experts.{name}" for name in tensors)
+    method.process_weights_after_loading(layer)
+    experts = lords.load(moe_checkpoint).model.layers[0].mlp.experts
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 128, generator=generator)
+    top_k_index = torch.randint(0, 8, (6, 2), generator=generator)
+    top_k_weights = torch.rand(6, 2, generator=generator)
+    with torch.no_grad():
+        torch.testing.assert_close(method.apply(layer, x, top_k_weights, top_k_index, None, None),
+                                   experts(x, top_k_index, top_k_weights), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda tensors: tensors.pop("down_proj.scale_a"),
+     r"^model\.layers\.0\.mlp\.experts\.down_proj\.scale_a is missing from the checkpoint; the folder is incomplete "
+     r"or does not match its quantization_config$"),
+    (lambda tensors: tensors.update({"gate_up_proj.codes": torch.zeros(8, 128, 63, dtype=torch.uint8)}),
+     r"^model\.layers\.0\.mlp\.experts\.gate_up_proj\.codes in the checkpoint is torch\.uint8 \(8, 128, 63\), "
+     r"expected torch\.uint8 \(8, 128, 64\) for its quantization_config entry \{'bits': 4, "),
+    (lambda tensors: tensors.update({"gate_up_proj.weight": torch.zeros(8, 128, 128)}),
+     r"^model\.layers\.0\.mlp\.experts\.gate_up_proj\.weight in the checkpoint is not a tensor of lords experts "),
+], ids=["missing", "wrong-shape", "dense-tensor"])
+def test_broken_experts_are_refused(moe_checkpoint, edit, message):
+    method, layer, tensors = _experts_layer(moe_checkpoint)
+    edit(tensors)
+    with pytest.raises(ValueError, match=message):
+        list(layer.load_weights(tensors.items()))
+        method.process_weights_after_loading(layer)
 
 
 # Tensor parallelism without processes: vLLM's layers read their rank and world size from these two functions, so
@@ -259,7 +376,8 @@ def test_tensor_parallel_shards_compose_to_the_whole_layer(monkeypatch, bits):
             vllm_linear.QKVParallelLinear(hidden, head, 2, 1, bias=False, quant_config=config, prefix="m.qkv_proj"),
             vllm_linear.MergedColumnParallelLinear(hidden, [intermediate] * 2, bias=False, quant_config=config,
                                                    prefix="m.gate_up_proj"),
-            vllm_linear.RowParallelLinear(intermediate, hidden, bias=False, quant_config=config, prefix="m.down_proj")))
+            vllm_linear.RowParallelLinear(intermediate, hidden, bias=False, quant_config=config,
+                                          prefix="m.down_proj")))
         _load(qkv, {"q": full["q_proj"], "k": full["k_proj"], "v": full["v_proj"]})
         _load(gate_up, {0: full["gate_proj"], 1: full["up_proj"]})
         _load(down, {None: full["down_proj"]})
@@ -288,10 +406,29 @@ def test_fused_parts_that_vllm_cannot_run_together_are_refused(monkeypatch, laye
             128, 64, 2, 1, bias=False, quant_config=config, prefix="m.qkv_proj"))
 
 
-def test_moe_experts_are_refused_by_name():
-    entry = {"bits": 4, "rank": 2, "codebook": "nf", "scale_dtype": "bfloat16", "experts": 8}
-    config = {"quant_method": "lords", "layers": {f"model.layers.0.mlp.experts.{part}": entry
-                                                  for part in ("gate_up_proj", "down_proj")}}
-    with pytest.raises(ValueError, match=r"^lords' vLLM plugin does not serve mixture-of-experts experts yet "
-                                         r"\(model\.layers\.0\.mlp\.experts\.down_proj and 1 more\)"):
-        LoRDSVllmConfig.from_config(config)
+EXPERTS_ENTRY = {"bits": 4, "rank": 2, "codebook": "nf", "scale_dtype": "bfloat16", "experts": 8}
+
+
+def test_experts_with_one_projection_quantized_are_refused():
+    config = LoRDSVllmConfig({"model.layers.0.mlp.experts.down_proj": EXPERTS_ENTRY})
+    with pytest.raises(ValueError, match=r"^quantization_config names one projection of the experts "
+                                         r"model\.layers\.0\.mlp\.experts but not the other \(\["):
+        config.experts_method(None, "model.layers.0.mlp.experts")
+
+
+@pytest.mark.parametrize("parallel,message", [
+    ({"tp_size": 2, "ep_size": 1}, "tensor parallel size 2 and expert parallel size 1"),
+    ({"tp_size": 1, "ep_size": 4}, "tensor parallel size 1 and expert parallel size 4"),
+])
+def test_experts_are_served_in_one_process_only(parallel, message):
+    """vLLM splits experts over processes by sharding each expert's matrices or by placing experts; neither is
+    implemented for lords experts, and either is refused before anything loads."""
+    from types import SimpleNamespace
+
+    from lords.vllm import LoRDSExpertsMethod
+
+    method = LoRDSExpertsMethod(SimpleNamespace(**parallel), "m.experts",
+                                {"gate_up_proj": EXPERTS_ENTRY, "down_proj": EXPERTS_ENTRY})
+    with pytest.raises(ValueError, match=rf"^lords' vLLM plugin serves the experts of m\.experts in one process "
+                                         rf"only, got {message} for them$"):
+        method.create_weights(torch.nn.Module(), 8, 64, 32, torch.float32)
