@@ -10,7 +10,10 @@ hidden states for every row, so every row computes the same experts on the same 
 experts module (Qwen3MoeExperts) through each experts implementation this transformers offers (eager: a loop over the
 experts hit; batched_mm; grouped_mm; others where they run). LoRDS rows: lords.experts.LoRDSExperts at 4 bits (NF
 codebook, parity rank for b = 64; random codes and scales, since speed does not depend on the values) through each
-backend of its expert matrices (lords.linear.BACKENDS; "auto" is what a model runs). Before timing, each LoRDS row is
+backend of its expert matrices (lords.linear.BACKENDS; "auto" is what a model runs), with the path it takes in
+brackets (lords_path): on the GPU "auto", "triton" and "fused" run every (token, expert) pair grouped, through the
+decode kernel up to lords.kernels.GROUPED_DECODE_MAX_PAIRS pairs (1 and 16 tokens at top-8) and through the grouped
+tiled kernel beyond (2048 tokens: 16384 pairs), "torch" one expert at a time. Before timing, each LoRDS row is
 checked against the eager bf16 experts holding the LoRDS weights dequantized (relative error of the outputs).
 
 Times: median wall time of a call in ms after warm-up (triton.testing.do_bench on a GPU, perf_counter on the CPU), the
@@ -30,6 +33,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts, Qw
 
 import lords
 from benchmarks.tables import devices, finish_report, produced_by
+from lords import kernels
 from lords.experts import LoRDSExperts, LoRDSExpertWeights
 from lords.factorize import parity_rank
 from lords.linear import BACKENDS
@@ -79,6 +83,14 @@ def timed_ms(fn, device: torch.device) -> float:
         fn()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def lords_path(experts: LoRDSExperts, hidden: torch.Tensor, top_k_index: torch.Tensor) -> str:
+    """What LoRDSExperts runs for this input at inference."""
+    with torch.no_grad():
+        if not experts.runs_grouped(hidden, top_k_index):
+            return "per-expert loop"
+    return "grouped decode" if top_k_index.numel() <= kernels.GROUPED_DECODE_MAX_PAIRS else "grouped tiled"
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -139,7 +151,8 @@ def main() -> None:
                 ms = timed_ms(lambda: experts(hidden, top_k_index, top_k_weights), device)
             target = TARGETS.get(tokens)
             ratio = f"{ms / fastest:.2f}" + (f" (target <= {target})" if target and not args.tiny else "")
-            report.append(f"| {tokens} | lords | {backend} | {ms:.3f} | {ratio} | {error:.1e} |")
+            path = lords_path(experts, hidden, top_k_index)
+            report.append(f"| {tokens} | lords | {backend} ({path}) | {ms:.3f} | {ratio} | {error:.1e} |")
         finish_report(report, args.out, done=False)
     report += ["", f"total {time.perf_counter() - started:.0f} s"]
     finish_report(report, args.out)

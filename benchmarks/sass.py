@@ -45,7 +45,7 @@ SHARED_LIMIT = 227 * 1024  # an H100 block's shared memory; a config over it fai
 # a lower bound on the time of N * K weights at a given instruction count per weight.
 ISSUE_PER_SECOND = 132 * 4 * 32 * 1.98e9
 POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.uint8: "*u8",
-                 torch.int32: "*i32"}
+                 torch.int32: "*i32", torch.int64: "*i64"}
 
 
 @contextmanager
@@ -182,7 +182,11 @@ CASES = [  # (what, N, K, rows, bits, activation dtype, codebook)
     ("decode", 14336, 4096, 1, 3, torch.bfloat16, "nf"), ("decode", 14336, 4096, 1, 2, torch.bfloat16, "nf"),
     ("decode", 4096, 4096, 1, 4, torch.float16, "nf"),
     ("tiled", 14336, 4096, 16, 4, torch.bfloat16, "nf"), ("dequantize", 14336, 4096, 2048, 4, torch.bfloat16, "nf"),
+    # mixture-of-experts prefill: Qwen3-30B-A3B's gate_up_proj, 2048 tokens at top-8 (GROUPED_EXPERTS experts: the
+    # count changes no compiled code)
+    ("grouped", 1536, 2048, 2048, 4, torch.bfloat16, "nf"),
 ]
+GROUPED_EXPERTS, GROUPED_TOP_K = 8, 8
 
 
 def launches_of(what: str, n: int, k: int, rows: int, bits: int, dtype, kind: str) -> list:
@@ -196,6 +200,11 @@ def launches_of(what: str, n: int, k: int, rows: int, bits: int, dtype, kind: st
             decode.decode_matmul(x, codes, codebook, scale_b, scale_a, bits, xa_once=what == "decode-xa")
         elif what == "tiled":
             forward.tiled_matmul(x, codes, codebook, scale_b, scale_a, bits)
+        elif what == "grouped":
+            experts = torch.randint(0, GROUPED_EXPERTS, (rows, GROUPED_TOP_K))
+            forward.grouped_tiled_matmul(x, experts, codes.expand(GROUPED_EXPERTS, -1, -1), codebook,
+                                         scale_b.expand(GROUPED_EXPERTS, -1, -1),
+                                         scale_a.expand(GROUPED_EXPERTS, -1, -1), bits)
         else:
             forward.dequantize(codes, codebook, scale_b, scale_a, bits, dtype)
     return launches
@@ -228,7 +237,8 @@ def main() -> None:
         for kernel, launch_args, launch_kwargs in launches_of(what, n, k, rows, bits, dtype, kind):
             if not isinstance(kernel, Autotuner):  # a helper pass without configs, not a loop over the weights
                 continue
-            name = kernel.fn.__name__.strip("_") + (" (X*A once)" if launch_kwargs.get("XA_ONCE") else "")
+            name = kernel.fn.__name__.strip("_") + (" (X*A once)" if launch_kwargs.get("XA_ONCE") else "") + (
+                " (grouped)" if launch_kwargs.get("GROUPED") else "")
             for config, compiled in compile_launch(kernel, launch_args, launch_kwargs):
                 result = analyse(compiled, weights_per_step(config.kwargs, bits), 32 * config.num_warps)
                 shown = " ".join(f"{key.removeprefix('BLOCK_')}={value}" for key, value in config.kwargs.items())

@@ -40,10 +40,6 @@ PRIOR_TOKENS = 32
 # per expert, no biases, no per-expert norm. gpt-oss (transposed, interleaved, with biases) is not among them.
 SUPPORTED_LAYOUT = {"is_transposed": False, "is_concatenated": True, "has_bias": False, "has_gate": True,
                     "has_post_expert_norm": False}
-# Up to this many (token, expert) pairs, inference through the Triton kernels runs every pair in two launches
-# (gate_up, then down: lords.kernels.grouped_decode_matmul), reading only the experts hit and never asking the host
-# which experts those are; beyond it, one kernel call per expert hit, on its tokens (run_experts).
-GROUPED_MAX_PAIRS = 256
 
 
 def run_experts(hidden_states, top_k_index, top_k_weights, num_experts: int, expert_mlp: Callable) -> torch.Tensor:
@@ -114,7 +110,8 @@ class LoRDSExpertWeights(nn.Module):
                              self.bits, None, self.backend, dense_weight)
 
     def grouped(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """Row g of x (G, in_features) through expert experts[g], every row in one kernel launch."""
+        """Row t of x (T, in_features) through each of its experts experts[t] (T, k) -> (T, k, out_features), every
+        row in one kernel launch (lords.kernels.grouped_matmul)."""
         from .kernels import ops
 
         return ops.grouped_matmul(x, experts, self.codes, self.codebook, self.scale_b, self.scale_a, self.bits)
@@ -145,24 +142,26 @@ class LoRDSExperts(nn.Module):
         return run_experts(hidden_states, top_k_index, top_k_weights, self.num_experts, self.expert_mlp)
 
     def runs_grouped(self, hidden_states, top_k_index) -> bool:
-        """Inference on a few tokens through the Triton kernels (GROUPED_MAX_PAIRS)."""
+        """Inference through the Triton kernels: every (token, expert) pair in two launches (gate_up, then down), for a
+        few tokens or many (lords.kernels.grouped_matmul chooses the kernel), reading only the experts hit and never
+        asking the host which experts those are. Training, and the torch backend, run one expert at a time."""
         projections = (self.gate_up_proj, self.down_proj)
         needs_grad = torch.is_grad_enabled() and (
             hidden_states.requires_grad or any(param.requires_grad for param in self.parameters()))
-        return (top_k_index.numel() <= GROUPED_MAX_PAIRS and not needs_grad
-                and all(isinstance(projection, LoRDSExpertWeights) and projection.dense_weight is None
-                        and kernel_path(projection.backend, hidden_states) != "torch" for projection in projections))
+        return not needs_grad and all(isinstance(projection, LoRDSExpertWeights) and projection.dense_weight is None
+                                      and kernel_path(projection.backend, hidden_states) != "torch"
+                                      for projection in projections)
 
     def grouped_forward(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
-        """run_experts' routing with every (token, expert) pair at once: pair p is token p // k through its expert
-        p % k, and each token's output the sum of its pairs' outputs weighted by top_k_weights."""
+        """run_experts' routing with every (token, expert) pair at once: token t through each of its experts
+        top_k_index[t], and each token's output the sum of its pairs' outputs weighted by top_k_weights."""
         tokens, k = top_k_index.shape
-        experts = top_k_index.reshape(-1)
-        routed = experts < self.num_experts  # a slot masked out by expert parallelism contributes nothing
-        experts = torch.where(routed, experts, 0)
-        gate, up = self.gate_up_proj.grouped(hidden_states.repeat_interleave(k, dim=0), experts).chunk(2, dim=-1)
-        out = self.down_proj.grouped(self.act_fn(gate) * up, experts).view(tokens, k, -1)
-        weights = top_k_weights * routed.view(tokens, k)
+        routed = top_k_index < self.num_experts  # a slot masked out by expert parallelism contributes nothing
+        experts = torch.where(routed, top_k_index, 0)
+        gate, up = self.gate_up_proj.grouped(hidden_states, experts).chunk(2, dim=-1)
+        hidden = (self.act_fn(gate) * up).reshape(tokens * k, -1)
+        out = self.down_proj.grouped(hidden, experts.reshape(-1, 1)).view(tokens, k, -1)
+        weights = top_k_weights * routed
         return (out * weights[..., None].to(out.dtype)).sum(1).to(hidden_states.dtype)
 
 

@@ -111,10 +111,15 @@ def test_quantized_hf_model_compiles_whole(tiny_llama):
     assert torch.allclose(compiled, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_grouped_experts_compile_as_one_graph():
-    """MoE decoding through the grouped operator: opcheck passes, and the experts module compiles with fullgraph
-    (nothing asks the host which experts were hit, which would break the graph) to what it computes eagerly."""
+@pytest.mark.parametrize("decode_max_pairs", [256, 3], ids=["decode", "tiled"])
+def test_grouped_experts_compile_as_one_graph(monkeypatch, decode_max_pairs):
+    """MoE inference through the grouped operator, decoding (the decode kernel) and prefill (the tiled kernel, its
+    bound lowered so that 4 pairs take it): opcheck passes, and the experts module compiles with fullgraph (nothing
+    asks the host which experts were hit, which would break the graph) to what it computes eagerly."""
+    import lords.kernels
     from lords.experts import LoRDSExperts, LoRDSExpertWeights
+
+    monkeypatch.setattr(lords.kernels, "GROUPED_DECODE_MAX_PAIRS", decode_max_pairs)
 
     class Original(nn.Module):
         num_experts, act_fn = 3, nn.SiLU()
@@ -133,9 +138,10 @@ def test_grouped_experts_compile_as_one_graph():
     top_k_index = torch.tensor([[0, 2], [3, 1]])  # 3: a slot masked out by expert parallelism
     proj = experts.gate_up_proj
     torch.library.opcheck(ops.grouped_matmul.operator, (
-        torch.randn(4, 48), torch.tensor([2, 0, 2, 1]), proj.codes, proj.codebook, proj.scale_b.detach(),
+        torch.randn(2, 48), torch.tensor([[2, 0], [2, 1]]), proj.codes, proj.codebook, proj.scale_b.detach(),
         proj.scale_a.detach(), 4))
     with torch.no_grad():
         eager = experts(hidden, top_k_index, top_k_weights)
         compiled = torch.compile(experts, backend="aot_eager", fullgraph=True)(hidden, top_k_index, top_k_weights)
+    torch._dynamo.reset()
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)

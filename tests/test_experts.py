@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -349,35 +351,83 @@ def test_a_checkpoint_naming_one_projection_or_another_expert_count_is_refused(q
         lords.load(tmp_path / "moe")
 
 
-def test_a_few_tokens_run_grouped_and_equal_one_call_per_expert(monkeypatch):
-    """Inference on a few tokens through the kernels: every (token, expert) pair in two grouped launches, equal to the
-    loop over the experts hit (a masked slot, index num_experts, included); with gradients, the loop."""
-    pytest.importorskip("triton")
-    import lords.experts
-
+def random_triton_experts(hidden_size, width):
+    """LoRDSExperts of 3 random 4-bit experts (float32 scales) on the Triton kernels, and a copy on the torch
+    reference."""
     class Original(nn.Module):
         num_experts, act_fn = 3, nn.SiLU()
 
-    def random_stack(out_features, in_features):
+    def random_stack(out_features, in_features, seed):
+        generator = torch.Generator().manual_seed(seed)
         stack = LoRDSExpertWeights(3, in_features, out_features, bits=4, rank=2, scale_dtype=torch.float32)
-        stack.set_factors(torch.rand(3, out_features, 2), torch.rand(3, 2, in_features),
-                          torch.randint(0, 16, (3, out_features, in_features)))
-        stack.backend = "triton"
+        stack.set_factors(torch.rand(3, out_features, 2, generator=generator),
+                          torch.rand(3, 2, in_features, generator=generator),
+                          torch.randint(0, 16, (3, out_features, in_features), generator=generator))
         return stack
 
-    torch.manual_seed(0)
-    experts = LoRDSExperts(Original(), random_stack(40, 48), random_stack(48, 20))
-    hidden, top_k_weights = torch.randn(4, 48), torch.rand(4, 2)
+    experts = LoRDSExperts(Original(), random_stack(2 * width, hidden_size, 0), random_stack(hidden_size, width, 1))
+    reference = copy.deepcopy(experts)
+    experts.gate_up_proj.backend = experts.down_proj.backend = "triton"
+    return experts, reference
+
+
+def relative_error(actual, expected):
+    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+@pytest.fixture
+def tiled_calls(monkeypatch):
+    """The calls of the grouped tiled kernel (lords.kernels.grouped_tiled_matmul) made while a test runs."""
+    pytest.importorskip("triton")
+    import lords.kernels
+
+    calls, kernel = [], lords.kernels.grouped_tiled_matmul
+
+    def recorded(x, experts, *args):
+        calls.append(tuple(experts.shape))
+        return kernel(x, experts, *args)
+
+    monkeypatch.setattr(lords.kernels, "grouped_tiled_matmul", recorded)
+    return calls
+
+
+def test_a_few_tokens_run_grouped_through_either_kernel_and_equal_the_torch_loop(monkeypatch, tiled_calls):
+    """Inference through the kernels: every (token, expert) pair in two grouped launches, through the decode kernel
+    for a few pairs and the tiled kernel for more (the bound lowered here to run it on the same tokens), each equal to
+    the torch reference's loop over the experts hit (a masked slot, index num_experts, included); with gradients,
+    the loop."""
+    import lords.kernels
+
+    experts, reference = random_triton_experts(48, 20)
+    generator = torch.Generator().manual_seed(0)
+    hidden, top_k_weights = torch.randn(4, 48, generator=generator), torch.rand(4, 2, generator=generator)
     top_k_index = torch.tensor([[0, 2], [2, 3], [1, 0], [2, 1]])
     with torch.no_grad():
-        assert experts.runs_grouped(hidden, top_k_index)
-        grouped = experts(hidden, top_k_index, top_k_weights)
-        monkeypatch.setattr(lords.experts, "GROUPED_MAX_PAIRS", 7)  # 8 pairs: the loop
-        assert not experts.runs_grouped(hidden, top_k_index)
-        looped = experts(hidden, top_k_index, top_k_weights)
-    torch.testing.assert_close(grouped, looped, rtol=1e-5, atol=1e-6)  # float32 sums in another order
-    monkeypatch.setattr(lords.experts, "GROUPED_MAX_PAIRS", 256)
+        assert experts.runs_grouped(hidden, top_k_index) and not reference.runs_grouped(hidden, top_k_index)
+        expected = reference(hidden, top_k_index, top_k_weights)
+        decoded = experts(hidden, top_k_index, top_k_weights)
+        assert tiled_calls == []
+        monkeypatch.setattr(lords.kernels, "GROUPED_DECODE_MAX_PAIRS", 7)  # 8 pairs: the tiled kernel
+        tiled = experts(hidden, top_k_index, top_k_weights)
+        assert tiled_calls == [(4, 2), (8, 1)]  # gate_up on the tokens, down on the pairs
+    # float32 sums in another order: measured 2.5e-7 (decode) and 2.0e-7 (tiled)
+    assert relative_error(decoded, expected) < 2e-6 and relative_error(tiled, expected) < 2e-6
     assert not experts.runs_grouped(hidden, top_k_index)  # gradients enabled, the scales train
+
+
+def test_prefill_runs_the_grouped_tiled_kernel_and_equals_the_torch_loop(tiled_calls):
+    """130 tokens at top-2 (260 pairs, beyond the decode kernel's bound) through the module: the tiled kernel once
+    per projection, equal to the torch reference's loop; expert 1 gets no token, a few slots are masked."""
+    experts, reference = random_triton_experts(32, 16)
+    generator = torch.Generator().manual_seed(0)
+    hidden, top_k_weights = torch.randn(130, 32, generator=generator), torch.rand(130, 2, generator=generator)
+    top_k_index = torch.tensor([0, 2])[torch.randint(0, 2, (130, 2), generator=generator)]
+    top_k_index[::40, 1] = 3
+    with torch.no_grad():
+        out = experts(hidden, top_k_index, top_k_weights)
+        expected = reference(hidden, top_k_index, top_k_weights)
+    assert tiled_calls == [(130, 2), (260, 1)]
+    assert relative_error(out, expected) < 2e-6  # measured 2.0e-7
 
 
 def test_the_triton_paths_of_the_experts_equal_the_torch_reference():

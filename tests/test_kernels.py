@@ -12,7 +12,8 @@ pytest.importorskip("triton")
 
 from lords.codebooks import get_codebook  # noqa: E402
 from lords.kernels import (MAX_ROWS, decode_matmul, decode_xa_matmul, dequant_matmul, dequantize,  # noqa: E402
-                           fused_matmul, grouped_decode_matmul, lords_matmul, tiled_matmul)
+                           fused_matmul, grouped_decode_matmul, grouped_tiled_matmul, lords_matmul, sort_by_expert,
+                           tiled_matmul)
 from lords.linear import LoRDSLinear  # noqa: E402
 from lords.packing import pack_codes  # noqa: E402
 
@@ -83,6 +84,54 @@ def test_grouped_decode_refuses_a_row_count_other_than_the_experts():
     with pytest.raises(ValueError, match=r"^grouped decoding takes rows \(G, K\) and one expert index per row, "
                                          r"got \(3, 16\) and \(2,\)$"):
         grouped_decode_matmul(x, experts, stack[0], get_codebook("nf", 4), stack[1], stack[2], 4)
+
+
+def test_sort_by_expert_pads_each_experts_run_to_the_tile():
+    rows = sort_by_expert(torch.tensor([2, 0, 2, 3, 0, 2]), num_experts=5, pad_rows=4)
+    # expert 0: pairs 1, 4; expert 2: 0, 2, 5; expert 3: 3; experts 1 and 4: none. 6 + 5 * 3 rows: any routing fits
+    assert rows.tolist() == [1, 4, -1, -1, 0, 2, 5, -1, 3, -1, -1, -1] + [-1] * 9
+    assert sort_by_expert(torch.zeros(6, dtype=torch.long), 5, 4).tolist() == [0, 1, 2, 3, 4, 5] + [-1] * 15
+
+
+def random_stack_problem(bits, kind, experts, n, k, rank, seed):
+    """x, packed codes, codebook, scales of a stack of 4 matrices, and the float64 x[t] W[experts[t, j]]^T."""
+    generator = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2**bits, (4, n, k), generator=generator, dtype=torch.uint8)
+    scale_b, scale_a = torch.rand(4, n, rank, generator=generator) + 0.1, torch.rand(4, rank, k, generator=generator)
+    x, codebook = torch.randn(experts.shape[0], k, generator=generator), get_codebook(kind, bits)
+    packed = torch.stack([pack_codes(expert_codes, bits) for expert_codes in codes])
+    weights = (scale_b.double() @ scale_a.double()) * codebook.double()[codes.long()]
+    return x, packed, codebook, scale_b, scale_a, torch.einsum("tjnk,tk->tjn", weights[experts], x.double())
+
+
+# 13 tokens at top-2: expert 0 gets 17 pairs (two M tiles of the interpreter's 16 rows, the second nearly empty),
+# expert 1 none, experts 2 and 3 a part of a tile each
+ROUTING = torch.tensor([[0, 2]] * 6 + [[3, 0]] * 3 + [[0, 2], [2, 0], [0, 0], [0, 0]])
+
+
+@pytest.mark.parametrize("bits,kind", BITS_AND_CODEBOOKS)
+def test_grouped_tiled_matches_float64(bits, kind):
+    x, packed, codebook, scale_b, scale_a, expected = random_stack_problem(bits, kind, ROUTING, 33, 72, 17, bits)
+    out = grouped_tiled_matmul(x, ROUTING, packed, codebook, scale_b, scale_a, bits)
+    assert out.shape == (13, 2, 33) and out.dtype == torch.float32
+    assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-6  # measured 1.0e-7 to 3.7e-7
+
+
+def test_grouped_tiled_with_every_token_on_one_expert():
+    """19 tokens on expert 2 (two M tiles, the second of 3 rows); K = 300: several steps a tile, shared by the
+    interpreter's three programs across M and N tiles."""
+    experts = torch.full((19, 1), 2)
+    x, packed, codebook, scale_b, scale_a, expected = random_stack_problem(4, "nf", experts, 24, 300, 3, 0)
+    out = grouped_tiled_matmul(x, experts, packed, codebook, scale_b, scale_a, 4)
+    assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-6  # measured 1.1e-7
+
+
+def test_grouped_tiled_refuses_experts_of_another_row_count():
+    x, experts = torch.randn(3, 16), torch.tensor([[0], [1]])
+    stack = torch.zeros(2, 8, 8, dtype=torch.uint8), torch.zeros(2, 8, 1), torch.zeros(2, 1, 16)
+    with pytest.raises(ValueError, match=r"^a grouped matmul takes rows \(T, K\) and the experts of each row "
+                                         r"\(T, k\), got \(3, 16\) and \(2, 1\)$"):
+        grouped_tiled_matmul(x, experts, stack[0], get_codebook("nf", 4), stack[1], stack[2], 4)
 
 
 @pytest.mark.parametrize("bits,kind", BITS_AND_CODEBOOKS)

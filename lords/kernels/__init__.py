@@ -12,6 +12,8 @@ configs; a choice stored by an earlier process, or shipped in the package for th
 taken without timing.
 On Hopper, GPU-only kernels join the candidates: lords.kernels.cuda's gemv4 (CUDA, one row, 4 bits) and, opt-in,
 lords.kernels.gluon's gemv.
+`grouped_matmul` multiplies rows by matrices of a stack (a mixture-of-experts layer's experts): the decode kernel
+for a few (row, expert) pairs, the tiled kernel on the pairs sorted by expert for more.
 `fused_matmul` never materialises the dense weight. backward.py's `scale_grads` gives dL/dB and dL/dA for PEFT
 without an n x m gradient.
 """
@@ -23,9 +25,9 @@ import torch.nn.functional as F
 
 from .autotune import INTERPRET, gpu_time, load_choice, save_choice
 from .backward import scale_grads  # noqa: F401
-from .codes import check_input, level_lookup
+from .codes import check_grouped_input, check_input, level_lookup
 from .decode import MAX_ROWS, decode_matmul, grouped_decode_matmul, spills  # noqa: F401
-from .forward import dequantize, m_bucket, tiled_matmul
+from .forward import dequantize, grouped_tiled_matmul, m_bucket, sort_by_expert, tiled_matmul  # noqa: F401
 from .cuda import gemv4_matmul, gemv4_ready
 from .gluon import gemv_matmul, gemv_ready
 
@@ -34,6 +36,10 @@ DECODE_ROWS = 2
 TILED_ROWS = 16
 # Beyond this the tiled kernel took milliseconds on every measured shape; it is not even timed.
 TILED_MAX_ROWS = 256
+# Up to this many (row, expert) pairs grouped_matmul runs the decode kernel, a group per pair, which reads the codes
+# of the experts hit once per pair; beyond it the tiled kernel on the pairs sorted by expert, which reads them once
+# per M tile of an expert's pairs. 256 pairs is decoding 32 tokens at top-8; the crossing is not measured on a GPU.
+GROUPED_DECODE_MAX_PAIRS = 256
 # At 4 rows the decode kernel with X*A once per call was slower than the tiled kernel on all five benchmark shapes
 # (H100, README), and with Triton 3.9 every one of its configs spills there.
 XA_ONCE_MAX_ROWS = 2
@@ -107,6 +113,20 @@ def lords_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None):
                 save_choice(key, device_name, choice, times)
         _choices[key] = choice
     return KERNELS[choice](*args)
+
+
+def grouped_matmul(x, experts, codes, codebook, scale_b, scale_a, bits):
+    """x (T, K) and experts (T, k) in [0, E) -> (T, k, N): y[t, j] = x[t] times matrix experts[t, j] of a stack
+    (packed codes (E, N, bytes), scales B (E, N, r), A (E, r, K)), through the decode kernel for a few pairs
+    (GROUPED_DECODE_MAX_PAIRS) and the grouped tiled kernel beyond: mixture-of-experts inference, one launch, and
+    nothing waits for the GPU to learn which experts were hit."""
+    check_grouped_input(x, experts, scale_a)
+    tokens, top_k = experts.shape
+    if experts.numel() > GROUPED_DECODE_MAX_PAIRS:
+        return grouped_tiled_matmul(x, experts, codes, codebook, scale_b, scale_a, bits)
+    rows = x.repeat_interleave(top_k, dim=0) if top_k > 1 else x
+    return grouped_decode_matmul(rows, experts.reshape(-1), codes, codebook, scale_b, scale_a, bits).view(
+        tokens, top_k, -1)
 
 
 def fused_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None):

@@ -180,6 +180,14 @@ def check_input(x: torch.Tensor, scale_a: torch.Tensor) -> None:
         raise ValueError(f"input has {x.shape[-1]} features, the layer expects {scale_a.shape[1]}")
 
 
+def check_grouped_input(x: torch.Tensor, experts: torch.Tensor, scale_a: torch.Tensor) -> None:
+    """For the grouped kernels: rows x (T, K), the experts of each row (T, k), and a stack of A (E, r, K)."""
+    check_input(x, scale_a[0])
+    if x.dim() != 2 or experts.dim() != 2 or experts.shape[0] != x.shape[0]:
+        raise ValueError(f"a grouped matmul takes rows (T, K) and the experts of each row (T, k), got "
+                         f"{tuple(x.shape)} and {tuple(experts.shape)}")
+
+
 def rank_pad(rank: int) -> int:
     """tl.dot needs every dimension >= 16; powers of two keep tl.arange legal."""
     return max(16, next_power_of_2(rank))
