@@ -25,7 +25,7 @@ import transformers
 
 from benchmarks.tables import write_table
 from lords.assets import calibration_tokens, default_model_path, describe_data, heldout_tokens, load_pretrained
-from lords.eval.compare import _summary, run_method
+from lords.eval.compare import GPTQ_GROUPS, _summary, run_method
 from lords.eval.perplexity import perplexity
 from lords.tasks import choice_accuracy, load_task
 
@@ -51,6 +51,49 @@ def run_key(run: dict) -> tuple:
     return run["method"], run["bits"], run["seed"]
 
 
+def arc_mean(runs: list[dict], metric: str) -> float | None:
+    scored = [run["arc_easy"][metric] for run in runs if "arc_easy" in run]
+    return statistics.mean(scored) if scored else None
+
+
+def target_lines(groups: dict[tuple, list], questions: int | None) -> list[str]:
+    """Issue 28's target, per bit width: lords-gptq against GPTQ's best group size, on perplexity and on ARC-Easy."""
+    lines = []
+    for bits in sorted({bits for bits, _ in groups}, reverse=True):
+        baselines = [method for method in GPTQ_GROUPS if (bits, method) in groups]
+        if (bits, "lords-gptq") not in groups or not baselines:
+            continue
+        ours = groups[(bits, "lords-gptq")]
+        ppl = {method: statistics.mean(run["score"] for run in groups[(bits, method)]) for method in baselines}
+        best = min(ppl, key=ppl.get)
+        mine = statistics.mean(run["score"] for run in ours)
+        if mine >= ppl[best]:
+            verdict = f"misses it, {100 * (mine / ppl[best] - 1):.1f}% higher"
+        elif ppl[best] < 2 * mine:
+            verdict = f"beats it, {100 * (1 - mine / ppl[best]):.1f}% lower"
+        else:
+            verdict = f"beats it, {ppl[best] / mine:.0f}x lower"
+        parts = [f"perplexity {mine:.3f} against {ppl[best]:.3f} ({best}): {verdict}"]
+        for metric in ARC_METRICS if questions else ():
+            accuracy = {method: arc_mean(groups[(bits, method)], metric) for method in baselines}
+            accuracy = {method: value for method, value in accuracy.items() if value is not None}
+            mine = arc_mean(ours, metric)
+            if mine is None or not accuracy:
+                continue
+            best = max(accuracy, key=accuracy.get)
+            # the two runs answer the same questions, so this s.e. (as for independent runs) overstates the noise
+            error = ((mine * (1 - mine) + accuracy[best] * (1 - accuracy[best])) / questions) ** 0.5
+            gap = mine - accuracy[best]
+            verdict = "beats it" if gap > 0 else "misses it" if gap < 0 else "ties it"
+            parts.append(f"ARC-Easy {metric} {mine:.3f} against {accuracy[best]:.3f} ({best}): {verdict} by "
+                         f"{100 * abs(gap):.1f} points ({abs(gap) / error:.1f} s.e. of the difference)")
+        lines.append(f"- {bits} bits: " + "; ".join(parts))
+    if not lines:
+        return []
+    return ["", "Against issue 28's target, lords-gptq beating GPTQ's best group size at each width (from the table; "
+            "s.e. of a difference of accuracies: as for two independent runs of that many questions):", ""] + lines
+
+
 def render(state: dict) -> str:
     reference = state["reference"]
     lines = ["# PTQ quality with error-feedback codes: LoRDS + GPTQ codes vs GPTQ vs LoRDS", "", "Produced by:", ""]
@@ -62,9 +105,9 @@ def render(state: dict) -> str:
         f"quant. times are only indicative); torch {state['torch']}, transformers {state['transformers']}",
         f"- model: the default model ({state['model']}) in fp32; {state['data']}; each seed draws other calibration "
         "windows",
-        f"- {settings['steps']} refinement steps (lr 0.1 relative) for LoRDS; lords-gptq: those scales, then GPTQ codes "
-        f"(act-order, damping 0.01, blocks of 128 columns), {settings['refit_rounds']} refit rounds; gptq-gN: static "
-        "absmax groups of N in fp16 with GPTQ codes (lords.baselines.gptq, checked against llm-compressor in "
+        f"- {settings['steps']} refinement steps (lr 0.1 relative) for LoRDS; lords-gptq: those scales, then GPTQ "
+        f"codes (act-order, damping 0.01, blocks of 128 columns), {settings['refit_rounds']} refit rounds; gptq-gN: "
+        "static absmax groups of N in fp16 with GPTQ codes (lords.baselines.gptq, checked against llm-compressor in "
         "results/gptq_reference_tiny.md); both GPTQ kinds calibrate each block on the quantized blocks' outputs",
         f"- {reference['method']} perplexity: {reference['score']:.3f}; ppl: mean over seeds, spread: min-max; "
         "vs fp32: the mean's excess",
@@ -99,6 +142,7 @@ def render(state: dict) -> str:
             f"{statistics.mean(r['weight_error'] for r in runs):.4f} | "
             f"{statistics.mean(r['seconds'] for r in runs):.0f} | {arc_cells(runs, questions)} |"
         )
+    lines += target_lines(groups, questions)
     return "\n".join(lines) + "\n"
 
 
@@ -172,6 +216,7 @@ def main() -> None:
                 write_table(args.out, render(state))
                 print(f"{method} {bits}-bit seed {seed}: ppl {row.score:.3f}, ARC-Easy {run.get('arc_easy', '-')} "
                       f"({run['wall_seconds']:.0f} s)", flush=True)
+    write_table(args.out, render(state))
     print(render(state))
 
 
