@@ -238,17 +238,17 @@ def write_report(args, rows: dict, previous: str, seconds: float, done: bool) ->
                      + ", ".join(args.variants), "benchmarks.e2e"),
         f"- date: {time.strftime('%Y-%m-%d')}; device: {torch.cuda.get_device_name()}; torch {torch.__version__}, "
         f"transformers {transformers.__version__}; {args.layers} decoder layers, prompt {args.prompt} tokens",
-        "- lords rows: LoRDSLinear's CUDA path, lords.kernels.lords_matmul: per layer shape and batch, the fastest of the "
-        "decode kernel (X*A per tile or once per call), the tiled kernel, Triton dequantize + cuBLAS and, for one row on "
-        "Hopper, the CUDA wgmma kernel (lords.kernels.cuda), timed at first use",
+        "- lords rows: LoRDSLinear's CUDA path, lords.kernels.lords_matmul: per layer shape and batch, the fastest of "
+        "the decode kernel (X*A per tile or once per call), the tiled kernel, Triton dequantize + cuBLAS and, for one "
+        "row on Hopper, the CUDA wgmma kernel (lords.kernels.cuda), timed at first use",
         "- decode: median of 50 single-token steps at KV position = prompt, replayed from a CUDA graph (decode mode); "
         "eager decode: the same steps launched from Python, as a plain generate loop runs them (host time included); "
         "prefill: median of 10 eager passes",
         "- compiled decode b1: the model's forward under torch.compile (fullgraph, inductor default mode, "
         "dynamic=False), the step then captured in a CUDA graph as above; compile (s): wall time of that whole "
         "measurement, nearly all of it compiling",
-        "- generate static b1: transformers' generate(cache_implementation=\"static\"), greedy, 64 new tokens after the "
-        "prompt (prefill included), the second of two calls; whatever generate compiles by itself", "",
+        "- generate static b1: transformers' generate(cache_implementation=\"static\"), greedy, 64 new tokens after "
+        "the prompt (prefill included), the second of two calls; whatever generate compiles by itself", "",
         "| model | weights (GB) | decode b1 (tok/s) | vs bf16 | decode b16 (tok/s) | vs bf16 | eager decode b1 (tok/s) "
         "| vs bf16 | compiled decode b1 (tok/s) | vs bf16 | compile (s) | generate static b1 (tok/s) | vs bf16 "
         "| prefill b1 (ms) | vs bf16 | prefill b16 (ms) | vs bf16 | decode mode (b1 / b16 / compiled b1) |",

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 import lords
-from lords.assets import calibration_tokens, default_model_path, documents, heldout_tokens, load_pretrained, token_stream
+from lords.assets import (calibration_tokens, default_model_path, documents, heldout_tokens, load_pretrained,
+                          token_stream)
 from lords.tasks import choice_accuracy, evaluation_split, load_task, training_tokens
 from lords.eval.perplexity import perplexity
 from benchmarks.e2e import to_nf4
@@ -307,7 +308,8 @@ def report(args, path, device, rows, qat_rows, spectra, checks, seconds, done=Fa
 
     lines = [
         *produced_by("# Fine-tuning: LoRDS-PEFT vs QLoRA, LoftQ and QPiSSA; LoRDS QAT vs PTQ", "benchmarks.finetune"),
-        f"- date: {time.strftime('%Y-%m-%d')}; device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; "
+        f"- date: {time.strftime('%Y-%m-%d')}; "
+        f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; "
         f"torch {torch.__version__}, transformers {transformers.__version__}; "
         + elapsed(seconds, done),
         f"- model: {path.name} (SmolLM2-135M-Instruct, dequantized from its GGUF); training: {args.training}, "
@@ -317,8 +319,8 @@ def report(args, path, device, rows, qat_rows, spectra, checks, seconds, done=Fa
         "LoRA ranks per module equal to the LoRDS ranks, alpha = 2 r, all seven decoder linears",
         f"- step time: median over steps 2..{args.steps}; peak: torch.cuda.max_memory_allocated while training; "
         "forward: latency of one (1, 256) window (median of CUDA-graph replays, eager where marked) through the "
-        "base (LoRDS before training, scales in bf16 as served; the peft model with its adapter disabled) -> through the trained model (LoRDS "
-        "scales back in bf16, as saved)",
+        "base (LoRDS before training, scales in bf16 as served; the peft model with its adapter disabled) -> through "
+        "the trained model (LoRDS scales back in bf16, as saved)",
         *checks, "",
         "| method | trainable floats | held-out after | before training | step (ms) | peak memory (GB) "
         "| forward (ms) | rank of ΔW (99% energy) |",
@@ -330,9 +332,11 @@ def report(args, path, device, rows, qat_rows, spectra, checks, seconds, done=Fa
     if qat_rows:
         lines += ["", f"LoRDS QAT vs PTQ (same PTQ start; QAT trains weights and scales for {args.steps} steps at lr "
                   f"{args.qat_lr}, scales x4, then exports to LoRDSLinear):", "",
-                  "| bits | PTQ held-out | QAT held-out | trainable floats | step (ms) | peak memory (GB) |", "|---|---|---|---|---|---|"]
+                  "| bits | PTQ held-out | QAT held-out | trainable floats | step (ms) | peak memory (GB) |",
+                  "|---|---|---|---|---|---|"]
         for bits, ptq_score, qat_score, floats, step, peak in qat_rows:
-            lines.append(f"| {bits} | {ptq_score:.3f} | {qat_score:.3f} | {floats / 1e6:.1f}M | {step:.1f} | {peak:.2f} |")
+            lines.append(f"| {bits} | {ptq_score:.3f} | {qat_score:.3f} | {floats / 1e6:.1f}M | {step:.1f} "
+                         f"| {peak:.2f} |")
     finish_report(lines, args.out, done)
     if args.out and spectra:
         plot_spectra(spectra, args.layer, Path(args.out).with_suffix(".png"))

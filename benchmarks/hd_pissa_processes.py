@@ -77,7 +77,8 @@ def main() -> None:
         f"Adam lr {args.lr} cosine; held-out: {emulated['metric']}",
         f"- difference between the two runs: relative, of {args.layer}'s float32 ΔW "
         f"{difference:.2e}; largest per-step loss difference {loss_gap:.2e}", "",
-        "| run | training wall (s) | per step (ms) | held-out | sent per step per device | final loss (mean of last 10) |",
+        "| run | training wall (s) | per step (ms) | held-out | sent per step per device "
+        "| final loss (mean of last 10) |",
         "|---|---|---|---|---|---|",
     ]
     for name, result in rows:

@@ -25,7 +25,8 @@ def synchronize(device: torch.device) -> None:
 def timed_quantize(weight, bits, block_size, rank, steps, channel_weight, device) -> tuple[float, object]:
     synchronize(device)
     start = time.perf_counter()
-    factors = lords_quantize(weight, nf_codebook(bits).to(device), block_size, rank, steps, channel_weight=channel_weight)
+    factors = lords_quantize(weight, nf_codebook(bits).to(device), block_size, rank, steps,
+                             channel_weight=channel_weight)
     synchronize(device)
     return time.perf_counter() - start, factors
 
@@ -50,10 +51,12 @@ def main() -> None:
     weight = (weight * 0.02).to(device)
     channel_weight = (torch.rand(m, generator=generator) ** 4 * 10).to(device)
     rank = parity_rank(n, m, args.block_size)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'cpu'} ({torch.get_num_threads()} threads)"
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"{platform.processor() or 'cpu'} ({torch.get_num_threads()} threads)")
     timed_quantize(weight[:256], args.bits, args.block_size, rank, 2, channel_weight, device)  # warm-up
     init_seconds, _ = timed_quantize(weight, args.bits, args.block_size, rank, 0, None, device)
-    print(f"# PTQ time, {n}x{m}, {args.bits}-bit NF, rank {rank} (parity at b={args.block_size}), {name}, torch {torch.__version__}")
+    print(f"# PTQ time, {n}x{m}, {args.bits}-bit NF, rank {rank} (parity at b={args.block_size}), {name}, "
+          f"torch {torch.__version__}")
     print()
     print("| objective | steps | seconds | ms / step | 500-step time (s) | rel. error init -> final |")
     print("|---|---|---|---|---|---|")

@@ -219,9 +219,9 @@ def main() -> None:
         "(132 SMs x 4, 1.98 GHz), a floor under the kernel's time that leaves out memory, tensor-core time and the "
         "work outside the loop; stack > 0 means register spills; sums read before cleared: a barrier between a "
         "shared tile's last read of its float32 sums and the zeros stored over them (stream-K kernels)", "",
-        "| kernel | shape (N x K) | rows | bits | codebook | dtype | config | registers | stack (B) | shared (KB) | fits | "
-        "loop instr. | weights / thread | instr. / weight | issue bound (us) | HGMMA | global loads | most frequent | "
-        "sums read before cleared |",
+        "| kernel | shape (N x K) | rows | bits | codebook | dtype | config | registers | stack (B) | shared (KB) "
+        "| fits | loop instr. | weights / thread | instr. / weight | issue bound (us) | HGMMA | global loads "
+        "| most frequent | sums read before cleared |",
         "|---" * 19 + "|",
     ]
     for what, n, k, rows, bits, dtype, kind in CASES:

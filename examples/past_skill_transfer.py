@@ -283,14 +283,16 @@ def main() -> None:
 
     lines = [
         "# PaST worked example: a task skill carried from documents 0-119 to a model tuned on documents 120-239", "",
-        "Produced by:", "", f"    python -m examples.past_skill_transfer --out results/{Path(args.out or 'past.md').name}", "",
+        "Produced by:", "",
+        f"    python -m examples.past_skill_transfer --out results/{Path(args.out or 'past.md').name}", "",
         f"- date: {time.strftime('%Y-%m-%d')}; device: cpu ({torch.get_num_threads()} threads); torch "
         f"{torch.__version__}; total {time.perf_counter() - started:.0f} s",
         f"- knowledge SFT stages: {args.steps} full fine-tuning steps, batch {args.batch_size}, AdamW lr {args.lr}, "
         f"windows of {args.seq_len} tokens",
         f"- {skill_line}",
-        f"- task: \"{QUESTION.strip().replace(chr(10), ' / ')}\" after a passage of at most {args.passage_tokens} tokens; {len(heldout)} "
-        "held-out passages (documents 240-298); exact match of the first answer word, and the answer tokens' loss",
+        f"- task: \"{QUESTION.strip().replace(chr(10), ' / ')}\" after a passage of at most {args.passage_tokens} "
+        f"tokens; {len(heldout)} held-out passages (documents 240-298); exact match of the first answer word, and "
+        "the answer tokens' loss",
         f"- mean cosine over parameters: skill vector v vs the target SFT delta {mean(cosine):+.4f}; control, two "
         f"SFT deltas (documents 120-239 vs a half-overlapping mix) {mean(control):+.4f}", *lords_lines, "",
         "| model | exact match | answer loss |", "|---|---|---|",

@@ -28,7 +28,7 @@ from torch import nn
 
 from .codebooks import check_bits, get_codebook
 from .factorize import bits_per_weight
-from .linear import LoRDSLinear, lords_forward, reference_weight
+from .linear import LoRDSLinear, kernel_path, lords_forward, reference_weight
 from .packing import pack_codes, row_bytes
 
 PROJECTIONS = ("gate_up_proj", "down_proj")
@@ -40,6 +40,10 @@ PRIOR_TOKENS = 32
 # per expert, no biases, no per-expert norm. gpt-oss (transposed, interleaved, with biases) is not among them.
 SUPPORTED_LAYOUT = {"is_transposed": False, "is_concatenated": True, "has_bias": False, "has_gate": True,
                     "has_post_expert_norm": False}
+# Up to this many (token, expert) pairs, inference through the Triton kernels runs every pair in two launches
+# (gate_up, then down: lords.kernels.grouped_decode_matmul), reading only the experts hit and never asking the host
+# which experts those are; beyond it, one kernel call per expert hit, on its tokens (run_experts).
+GROUPED_MAX_PAIRS = 256
 
 
 def run_experts(hidden_states, top_k_index, top_k_weights, num_experts: int, expert_mlp: Callable) -> torch.Tensor:
@@ -109,6 +113,12 @@ class LoRDSExpertWeights(nn.Module):
         return lords_forward(x, self.codes[expert], self.codebook, self.scale_b[expert], self.scale_a[expert],
                              self.bits, None, self.backend, dense_weight)
 
+    def grouped(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Row g of x (G, in_features) through expert experts[g], every row in one kernel launch."""
+        from .kernels import ops
+
+        return ops.grouped_matmul(x, experts, self.codes, self.codebook, self.scale_b, self.scale_a, self.bits)
+
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, in_features={self.in_features}, out_features={self.out_features}, "
                 f"bits={self.bits}, rank={self.rank}, codebook={self.codebook_kind}")
@@ -130,7 +140,30 @@ class LoRDSExperts(nn.Module):
         return self.down_proj(self.act_fn(gate) * up, expert)
 
     def forward(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+        if self.runs_grouped(hidden_states, top_k_index):
+            return self.grouped_forward(hidden_states, top_k_index, top_k_weights)
         return run_experts(hidden_states, top_k_index, top_k_weights, self.num_experts, self.expert_mlp)
+
+    def runs_grouped(self, hidden_states, top_k_index) -> bool:
+        """Inference on a few tokens through the Triton kernels (GROUPED_MAX_PAIRS)."""
+        projections = (self.gate_up_proj, self.down_proj)
+        needs_grad = torch.is_grad_enabled() and (
+            hidden_states.requires_grad or any(param.requires_grad for param in self.parameters()))
+        return (top_k_index.numel() <= GROUPED_MAX_PAIRS and not needs_grad
+                and all(isinstance(projection, LoRDSExpertWeights) and projection.dense_weight is None
+                        and kernel_path(projection.backend, hidden_states) != "torch" for projection in projections))
+
+    def grouped_forward(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+        """run_experts' routing with every (token, expert) pair at once: pair p is token p // k through its expert
+        p % k, and each token's output the sum of its pairs' outputs weighted by top_k_weights."""
+        tokens, k = top_k_index.shape
+        experts = top_k_index.reshape(-1)
+        routed = experts < self.num_experts  # a slot masked out by expert parallelism contributes nothing
+        experts = torch.where(routed, experts, 0)
+        gate, up = self.gate_up_proj.grouped(hidden_states.repeat_interleave(k, dim=0), experts).chunk(2, dim=-1)
+        out = self.down_proj.grouped(self.act_fn(gate) * up, experts).view(tokens, k, -1)
+        weights = top_k_weights * routed.view(tokens, k)
+        return (out * weights[..., None].to(out.dtype)).sum(1).to(hidden_states.dtype)
 
 
 def check_experts_layout(name: str, module: nn.Module) -> None:

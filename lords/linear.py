@@ -90,6 +90,12 @@ class _LoRDSFunction(torch.autograd.Function):
         return grad_x, grad_b, grad_a, grad_bias, None, None, None, None
 
 
+def kernel_path(backend: str, x: torch.Tensor) -> str:
+    """What a backend (BACKENDS) runs for input x: "auto" is the Triton kernels on CUDA, the torch reference
+    elsewhere."""
+    return backend if backend != "auto" else "triton" if x.is_cuda and _TRITON else "torch"
+
+
 def lords_forward(x, codes, codebook, scale_b, scale_a, bits: int, bias, backend: str, dense_weight=None):
     """x @ W^T + bias for one LoRDS matrix (a LoRDSLinear, or one expert of a lords.experts stack), with autograd to
     the scales when they need it; dense_weight: W already dequantized (dense_weights), used for inference."""
@@ -98,7 +104,7 @@ def lords_forward(x, codes, codebook, scale_b, scale_a, bits: int, bias, backend
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     if not x.is_floating_point():  # the weight would be cast to the input's dtype: integers give zeros
         raise TypeError(f"LoRDSLinear takes floating inputs, got {x.dtype}")
-    path = backend if backend != "auto" else "triton" if x.is_cuda and _TRITON else "torch"
+    path = kernel_path(backend, x)
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or scale_b.requires_grad or scale_a.requires_grad or (bias is not None and bias.requires_grad))
     if not needs_grad and dense_weight is not None and dense_weight.dtype == x.dtype:

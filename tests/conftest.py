@@ -3,8 +3,15 @@ import os
 # Kernel tests run in Triton's interpreter on the CPU; set before any test imports triton.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import re
+
 import pytest
 import torch
+
+
+def exactly(message: str) -> str:
+    """A pytest.raises pattern that matches this whole message and nothing else."""
+    return f"^{re.escape(message)}$"
 
 
 @pytest.fixture(autouse=True)

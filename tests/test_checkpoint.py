@@ -2,9 +2,16 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import lords
-from lords.checkpoint import LEGACY_CONFIG_NAME, WEIGHTS_NAME, CheckpointError, is_checkpoint
+from conftest import exactly, word_tokenizer
+from lords import integrity
+from lords.checkpoint import (
+    LEGACY_CONFIG_NAME, WEIGHTS_NAME, CheckpointError, ShardedSafetensors, is_checkpoint, parse_size,
+    quantized_tensor_names, read_header, read_tensor,
+)
 
 
 @pytest.fixture
@@ -171,6 +178,7 @@ def test_saving_a_large_checkpoint_shows_a_bar_of_its_bytes(quantized, tmp_path,
     stored = sum(t.numel() * t.element_size() for n, t in quantized.state_dict().items() if n != "lm_head.weight")
     bar = capsys.readouterr().err.splitlines()[-1]
     assert bar.startswith("saving: 100%") and f"{stored / 1e3:.1f}k/{stored / 1e3:.1f}k " in bar
+    assert bar.endswith("B/s]")  # bytes
     lords.save(quantized, tmp_path / "quiet", dtype=torch.float32, progress=False)
     assert "saving" not in capsys.readouterr().err
 
@@ -186,3 +194,124 @@ def test_bad_shard_size_is_named(quantized, tmp_path, size, message):
 def test_bad_dtype_is_named(quantized, tmp_path):
     with pytest.raises(ValueError, match="dtype must be a floating dtype .* got torch.int8"):
         lords.save(quantized, tmp_path / "ckpt", dtype=torch.int8)
+
+
+def test_defaults_load_verified_float32_on_the_cpu_and_record_the_stored_dtype(quantized, tmp_path):
+    folder = lords.save(quantized, tmp_path / "ckpt", tokenizer=word_tokenizer())  # bf16: the default storage
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["dtype"] == "bfloat16"
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(folder).get_vocab() == word_tokenizer().get_vocab()
+    for device in ("cpu", torch.device("cpu")):
+        loaded = lords.load(folder, device=device)
+        assert loaded.model.embed_tokens.weight.dtype == torch.float32  # lords' CPU convention
+        assert loaded.source_dtype == torch.bfloat16  # so that saving it again keeps bf16
+    assert lords.load(folder, dtype="auto").model.embed_tokens.weight.dtype == torch.bfloat16
+    data = bytearray((folder / WEIGHTS_NAME).read_bytes())
+    data[-1] ^= 1  # the last byte of the last tensor: stored bits that are not what was saved
+    (folder / WEIGHTS_NAME).write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="does not match its sha256 digest"):
+        lords.load(folder)
+
+
+def test_stripped_or_corrupt_configs_are_named(quantized, tmp_path):
+    folder = lords.save(quantized, tmp_path / "ckpt")
+    (folder / "config.json").write_text("[1]")
+    with pytest.raises(CheckpointError, match=exactly(f"{folder / 'config.json'} is corrupt: not a JSON object")):
+        lords.load(folder)
+    (folder / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=exactly(
+            f"{folder} holds tensors written by lords but its config.json has no quantization_config with "
+            "quant_method 'lords' (nor a lords_config.json); it would load with random weights: restore the "
+            "config.json that lords saved with it")):
+        lords.load(folder)
+    other = tmp_path / "undigested"  # an older lords wrote no digests: its tensors' names give it away
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    save_file({"model.layers.0.mlp.up_proj.codes": torch.zeros(4, dtype=torch.uint8)}, str(other / WEIGHTS_NAME))
+    with pytest.raises(CheckpointError, match=f"^{other} holds tensors written by lords"):
+        lords.load(other)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda meta: [1], "is corrupt: not a JSON object"),
+    (lambda meta: {**meta, "format": "other"}, "is not a lords config this lords reads (format='other', "
+                                               "format_version=2)"),
+    (lambda meta: {**meta, "layers": {"model.layers.0.mlp.up_proj": 5}},
+     "'layers' must map layer names to their fields, got {'model.layers.0.mlp.up_proj': 5}"),
+    (lambda meta: {**meta, "quantization": "abc"}, "quantization_config: quantization must be a dict or null, got "
+                                                   "'abc'"),
+])
+def test_bad_format_2_configs_are_named(quantized, tmp_path, change, message):
+    folder = lords.save(quantized, tmp_path / "ckpt")
+    _as_format_2(folder)
+    path = folder / LEGACY_CONFIG_NAME
+    path.write_text(json.dumps(change(json.loads(path.read_text()))))
+    separator = " " if message.startswith("is ") else ": "
+    with pytest.raises(CheckpointError, match=exactly(f"cannot load {folder}: {path}{separator}{message}")):
+        lords.load(folder)
+
+
+def test_format_2_keeps_its_quantization_settings(quantized, tmp_path):
+    folder = lords.save(quantized, tmp_path / "ckpt", config=lords.LoRDSConfig(bits=3, block_size=32))
+    quantization = json.loads((folder / "config.json").read_text())["quantization_config"]["quantization"]
+    _as_format_2(folder)
+    assert lords.load(folder).config.quantization_config.quantization == quantization
+
+
+def test_bad_storage_dtype_names_are_named(quantized, tmp_path):
+    with pytest.raises(ValueError, match=exactly("dtype must be a floating dtype such as bfloat16, float16 or "
+                                                 "float32, got 'float77'")):
+        lords.save(quantized, tmp_path / "ckpt", dtype="float77")
+
+
+def test_shard_sizes_are_parsed_as_transformers_does():
+    assert [parse_size(size) for size in (1, "1", "2KB", " 1.5 mb ", "5GB", "2GiB", "3KiB", "1TB")] == [
+        1, 1, 2000, 1_500_000, 5 * 10**9, 2 * 2**30, 3 * 1024, 10**12]
+
+
+def test_quantized_tensor_names_are_the_layers_codes_codebooks_and_scales(quantized):
+    names = quantized_tensor_names(quantized)
+    assert len(names) == 4 * 14 and {f"model.layers.1.mlp.down_proj.{part}" for part in (
+        "codes", "codebook", "scale_b", "scale_a")} <= names
+
+
+def test_sharded_writer_fills_shards_up_to_the_limit_and_writes_safetensors(tmp_path):
+    tensors = {f"t{i}": torch.arange(2, dtype=torch.float32) + i for i in range(4)}  # 8 bytes each
+    tensors["codes"] = torch.arange(3, dtype=torch.uint8)
+    writer = ShardedSafetensors(tmp_path, {n: (tuple(t.shape), t.dtype) for n, t in tensors.items()}, 16)
+    assert writer.files == {"model-00001-of-00003.safetensors": ["t0", "t1"],  # 8 + 8 bytes fill 16 exactly
+                            "model-00002-of-00003.safetensors": ["t2", "t3"],
+                            "model-00003-of-00003.safetensors": ["codes"]}
+    for name in ("codes", "t3", "t0", "t2"):  # any order
+        writer.write(name, tensors[name])
+    with pytest.raises(RuntimeError, match=exactly("1 tensors were never written, e.g. ['t1']")):
+        writer.close()
+    with pytest.raises(ValueError, match=exactly("t1: expected torch.float32 (2,), got torch.float64 (2,)")):
+        writer.write("t1", tensors["t1"].double())
+    writer.write("t1", tensors["t1"])
+    writer.close()
+    index = {"metadata": {"total_size": 35}, "weight_map": {n: f for f, ns in writer.files.items() for n in ns}}
+    assert (tmp_path / "model.safetensors.index.json").read_text() == json.dumps(index, indent=2)
+    for file, names in writer.files.items():
+        path = tmp_path / file
+        loaded = load_file(str(path))
+        assert loaded.keys() == set(names) and all(torch.equal(loaded[n], tensors[n]) for n in names)
+        with safe_open(str(path), "pt") as handle:
+            metadata = handle.metadata()
+        assert metadata.keys() == {"format", integrity.DIGESTS_KEY} and metadata["format"] == "pt"  # as transformers
+        assert json.loads(metadata[integrity.DIGESTS_KEY]) == {
+            n: integrity.digest(integrity.tensor_bytes(tensors[n])) for n in names}
+        start, header = read_header(path)
+        assert start % 8 == 0  # safetensors aligns the data to 8 bytes
+        for name in names:
+            value = read_tensor(path, start, header[name])
+            assert value.dtype == tensors[name].dtype and torch.equal(value, tensors[name])
+        assert path.stat().st_size == start + sum(tensors[n].numel() * tensors[n].element_size() for n in names)
+
+
+def test_more_than_three_unwritten_tensors_are_named_by_the_first_three(tmp_path):
+    writer = ShardedSafetensors(tmp_path, {f"t{i}": ((1,), torch.float32) for i in range(5)}, "1GB")
+    with pytest.raises(RuntimeError, match=exactly("5 tensors were never written, e.g. ['t0', 't1', 't2']")):
+        writer.close()

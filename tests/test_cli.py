@@ -99,7 +99,8 @@ def test_finetune_saves_an_adapter_that_eval_applies(model_folder, tmp_path, cap
     main(["eval", str(out), "--adapter", str(adapter), "--seq-len", "16", "--max-tokens", "128", "--device", "cpu"])
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("held-out perplexity (128 tokens")
     with pytest.raises(SystemExit, match="not a readable lords adapter"):
-        main(["eval", str(out), "--adapter", str(tmp_path), "--seq-len", "16", "--max-tokens", "128", "--device", "cpu"])
+        main(["eval", str(out), "--adapter", str(tmp_path), "--seq-len", "16", "--max-tokens", "128",
+              "--device", "cpu"])
 
 
 def test_finetune_a_dense_model_quantizes_first_and_saves_the_whole_model(model_folder, tmp_path, capsys):
@@ -172,7 +173,7 @@ def test_skill_extract_apply_and_sweep(model_folder, tmp_path, capsys):
     torch.testing.assert_close(applied.model.layers[1].mlp.down_proj.weight, tuned.model.layers[1].mlp.down_proj.weight)
     main(["skill", "sweep", str(model_folder), str(skill), "--scales", "0", "1", "--seq-len", "16", "--max-tokens",
           "64", "--device", "cpu"])
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 0 |") or line.startswith("| 1 |")]
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| 0 |", "| 1 |"))]
     assert len(rows) == 2
     with pytest.raises(SystemExit, match="exists"):
         main(["skill", "extract", "--base", str(model_folder), "--tuned", str(tmp_path / "tuned"), "--out", str(skill)])
@@ -196,7 +197,8 @@ def test_skill_apply_to_a_lords_target_reports_the_refit(model_folder, tmp_path,
     main(["skill", "apply", str(tmp_path / "q"), str(skill), "--refit-steps", "5", "--out", str(tmp_path / "applied"),
           "--device", "cpu"])
     printed = capsys.readouterr().out
-    before, after = map(float, re.search(r"error ([\d.]+) with the old scales, ([\d.]+) after 5 steps", printed).groups())
+    found = re.search(r"error ([\d.]+) with the old scales, ([\d.]+) after 5 steps", printed)
+    before, after = map(float, found.groups())
     assert after > 0.5 * before and "apply the skill to it and quantize afterwards" in printed
     assert is_checkpoint(tmp_path / "applied")
 

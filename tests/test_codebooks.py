@@ -110,5 +110,6 @@ def test_nearest_codes_of_float64_values_on_a_float32_codebook():
     """The codebook takes the values' dtype: float64 values one ulp either side of a midpoint get their own codes."""
     codebook = nf_codebook(4)
     midpoints = (codebook.double()[1:] + codebook.double()[:-1]) / 2
-    values = torch.cat([midpoints, torch.nextafter(midpoints, midpoints + 1), torch.nextafter(midpoints, midpoints - 1)])
+    values = torch.cat([midpoints, torch.nextafter(midpoints, midpoints + 1),
+                        torch.nextafter(midpoints, midpoints - 1)])
     assert torch.equal(nearest_codes(values, codebook), torch.bucketize(values, midpoints).to(torch.uint8))

@@ -17,7 +17,8 @@ def test_lords_methods_run_once_per_codebook(tiny_llama, monkeypatch):
 
     monkeypatch.setattr(compare, "quantize", recording_quantize)
     rows = compare.run_comparison(tiny_llama, lambda model: 1.0, None, bits_list=(4,), steps=2,
-                                  methods=("nf-rtn", "lords"), codebooks=("nf", "int"), device="cpu", log=lambda _: None)
+                                  methods=("nf-rtn", "lords"), codebooks=("nf", "int"), device="cpu",
+                                  log=lambda _: None)
     assert [row.method for row in rows] == ["fp32", "nf-rtn", "lords", "lords-int"]
     assert used == ["nf", "int"]
     # the two codebooks quantize differently: nonzero, unequal weight errors

@@ -349,6 +349,37 @@ def test_a_checkpoint_naming_one_projection_or_another_expert_count_is_refused(q
         lords.load(tmp_path / "moe")
 
 
+def test_a_few_tokens_run_grouped_and_equal_one_call_per_expert(monkeypatch):
+    """Inference on a few tokens through the kernels: every (token, expert) pair in two grouped launches, equal to the
+    loop over the experts hit (a masked slot, index num_experts, included); with gradients, the loop."""
+    pytest.importorskip("triton")
+    import lords.experts
+
+    class Original(nn.Module):
+        num_experts, act_fn = 3, nn.SiLU()
+
+    def random_stack(out_features, in_features):
+        stack = LoRDSExpertWeights(3, in_features, out_features, bits=4, rank=2, scale_dtype=torch.float32)
+        stack.set_factors(torch.rand(3, out_features, 2), torch.rand(3, 2, in_features),
+                          torch.randint(0, 16, (3, out_features, in_features)))
+        stack.backend = "triton"
+        return stack
+
+    torch.manual_seed(0)
+    experts = LoRDSExperts(Original(), random_stack(40, 48), random_stack(48, 20))
+    hidden, top_k_weights = torch.randn(4, 48), torch.rand(4, 2)
+    top_k_index = torch.tensor([[0, 2], [2, 3], [1, 0], [2, 1]])
+    with torch.no_grad():
+        assert experts.runs_grouped(hidden, top_k_index)
+        grouped = experts(hidden, top_k_index, top_k_weights)
+        monkeypatch.setattr(lords.experts, "GROUPED_MAX_PAIRS", 7)  # 8 pairs: the loop
+        assert not experts.runs_grouped(hidden, top_k_index)
+        looped = experts(hidden, top_k_index, top_k_weights)
+    torch.testing.assert_close(grouped, looped, rtol=1e-5, atol=1e-6)  # float32 sums in another order
+    monkeypatch.setattr(lords.experts, "GROUPED_MAX_PAIRS", 256)
+    assert not experts.runs_grouped(hidden, top_k_index)  # gradients enabled, the scales train
+
+
 def test_the_triton_paths_of_the_experts_equal_the_torch_reference():
     """Each expert's matrices go through LoRDSLinear's dispatch: the kernels under Triton's interpreter on the CPU."""
     pytest.importorskip("triton")

@@ -12,7 +12,7 @@ pytest.importorskip("triton")
 
 from lords.codebooks import get_codebook  # noqa: E402
 from lords.kernels import (MAX_ROWS, decode_matmul, decode_xa_matmul, dequant_matmul, dequantize,  # noqa: E402
-                           fused_matmul, lords_matmul, tiled_matmul)
+                           fused_matmul, grouped_decode_matmul, lords_matmul, tiled_matmul)
 from lords.linear import LoRDSLinear  # noqa: E402
 from lords.packing import pack_codes  # noqa: E402
 
@@ -57,6 +57,32 @@ def test_forward_matches_float64(kernel, bits, kind, m, n, k, rank):
     expected = reference(x, codes, codebook, scale_b, scale_a, bias)
     assert out.shape == (m, n) and torch.isfinite(out).all()
     assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("bits,kind", BITS_AND_CODEBOOKS)
+# K = 300: several steps a tile, so the interpreter's three programs share tiles across groups
+@pytest.mark.parametrize("n,k,rank", [(24, 40, 1), (33, 72, 17), (9, 300, 3)])
+def test_grouped_decode_matches_float64(bits, kind, n, k, rank):
+    """Row g through stacked matrix experts[g]: experts repeated, one unused, out of order."""
+    generator = torch.Generator().manual_seed(bits + n)
+    codes = torch.randint(0, 2**bits, (4, n, k), generator=generator, dtype=torch.uint8)
+    scale_b, scale_a = torch.rand(4, n, rank, generator=generator) + 0.1, torch.rand(4, rank, k, generator=generator)
+    experts, x = torch.tensor([2, 0, 2, 3, 0]), torch.randn(5, k, generator=generator)
+    codebook = get_codebook(kind, bits)
+    packed = torch.stack([pack_codes(expert_codes, bits) for expert_codes in codes])
+    out = grouped_decode_matmul(x, experts, packed, codebook, scale_b, scale_a, bits)
+    weights = (scale_b.double() @ scale_a.double()) * codebook.double()[codes.long()]
+    expected = torch.einsum("gnk,gk->gn", weights[experts], x.double())
+    assert out.shape == (5, n) and out.dtype == torch.float32
+    assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-6  # measured 6e-8 to 1.1e-7
+
+
+def test_grouped_decode_refuses_a_row_count_other_than_the_experts():
+    x, experts = torch.randn(3, 16), torch.tensor([0, 1])
+    stack = torch.zeros(2, 8, 8, dtype=torch.uint8), torch.zeros(2, 8, 1), torch.zeros(2, 1, 16)
+    with pytest.raises(ValueError, match=r"^grouped decoding takes rows \(G, K\) and one expert index per row, "
+                                         r"got \(3, 16\) and \(2,\)$"):
+        grouped_decode_matmul(x, experts, stack[0], get_codebook("nf", 4), stack[1], stack[2], 4)
 
 
 @pytest.mark.parametrize("bits,kind", BITS_AND_CODEBOOKS)

@@ -115,7 +115,7 @@ def test_input_hessians_match_direct_computation_and_their_diagonal_is_the_chann
     torch.testing.assert_close(hessian.diagonal(), moments, rtol=1e-5, atol=0)
 
 
-def test_gptq_codes_walk_the_quantized_blocks_and_lower_each_layers_output_error(tiny_llama):
+def test_gptq_codes_walk_the_quantized_blocks_and_lower_each_layers_output_error(tiny_llama, capsys):
     ids = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))
     config = lords.LoRDSConfig(bits=3, block_size=32, steps=10, codes="gptq")
     seen = []  # the inputs block 1 is calibrated on must come from the quantized block 0
@@ -130,6 +130,7 @@ def test_gptq_codes_walk_the_quantized_blocks_and_lower_each_layers_output_error
         reports = lords.quantize(tiny_llama, config, calibration=ids, progress=False)
     assert seen[1][:7] == ["LoRDSLinear"] * 7 and seen[1][7:] == ["Linear"] * 7
     assert len(reports) == 14 and all(r.error < r.error_init for r in reports)
+    assert capsys.readouterr().err == ""  # progress=False: no bar
 
 
 def test_gptq_codes_without_calibration_are_refused(tiny_llama):
@@ -191,3 +192,77 @@ def test_non_finite_weight_names_the_layer(tiny_llama):
         tiny_llama.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj contains NaN or Inf"):
         lords.quantize(tiny_llama, lords.LoRDSConfig(steps=0, block_size=32), progress=False)
+
+
+def test_format_report_lays_out_each_layer_and_the_total():
+    reports = [model_module.LayerReport("model.layers.0.mlp.down_proj", (64, 128), 4, 3, 4.25, 0.1234, 0.0567,
+                                        0.0789, 1.25),
+               model_module.LayerReport("model.layers.0.mlp.up_proj", (128, 64), 3, None, 3.5, 0.5, 0.25, 0.125, 0.5)]
+    lines = model_module.format_report(reports).splitlines()
+    assert lines[0] == f"{'layer':<44} {'shape':>12} {'bits':>4} {'rank':>4} {'bpw':>6} {'err init':>9} {'err':>8} " \
+                       f"{'w err':>8} {'sec':>6}"
+    assert lines[1] == f"{'model.layers.0.mlp.down_proj':<44} {'64x128':>12} {4:>4} {3:>4} {4.25:>6.3f} " \
+                       f"{0.1234:>9.4f} {0.0567:>8.4f} {0.0789:>8.4f} {1.25:>6.1f}"
+    assert lines[2].split()[1:4] == ["128x64", "3", "-"]  # out x in; a block-wise baseline has no rank
+    # 16,384 weights of each layer: (4.25 + 3.5) / 2 bits per weight, seconds summed
+    assert lines[3] == "2 layers, 0.0M weights, 3.875 bits/weight, 1.8 s"
+    assert len(lines) == 4 and model_module.format_report([]) == lines[0]
+
+
+def test_find_blocks_takes_the_list_of_num_hidden_layers_modules(tiny_llama):
+    """Another ModuleList registered first (a vision tower, extra heads) is not taken for the decoder blocks."""
+    wrapper = nn.Module()
+    wrapper.extra = nn.ModuleList([nn.Linear(4, 4)] * 3)
+    wrapper.model = tiny_llama.model
+    wrapper.config = tiny_llama.config
+    name, blocks = find_blocks(wrapper)
+    assert name == "model.layers" and blocks is tiny_llama.model.layers
+    del wrapper.config  # without a config, the first non-empty list
+    assert find_blocks(wrapper)[0] == "extra"
+
+
+def test_plan_layers_is_what_quantize_makes(tiny_llama):
+    config = lords.LoRDSConfig(bits=4, block_size=32, steps=0, scale_dtype="float16",
+                               overrides={"*.mlp.down_proj": {"bits": 3, "rank": 5}}, skip=["*.self_attn.v_proj"])
+    plan = model_module.plan_layers(tiny_llama, config)
+    lords.quantize(tiny_llama, config, progress=False)
+    made = {name: {"bits": layer.bits, "rank": layer.rank, "codebook": layer.codebook_kind,
+                   "scale_dtype": str(layer.scale_b.dtype).removeprefix("torch.")}
+            for name, layer in tiny_llama.named_modules() if isinstance(layer, LoRDSLinear)}
+    assert plan == made and len(plan) == 2 * 6
+    assert plan["model.layers.1.mlp.down_proj"] == {"bits": 3, "rank": 5, "codebook": "nf", "scale_dtype": "float16"}
+    assert plan["model.layers.0.self_attn.q_proj"]["rank"] == parity_rank(64, 64, 32)
+
+
+def test_scale_dtype_and_exact_init_reach_every_layer(tiny_llama, monkeypatch):
+    seen = []
+    real = model_module.lords_quantize
+
+    def spy(*args, **kwargs):
+        seen.append((args[7], args[8]))  # exact_init, scale_dtype
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model_module, "lords_quantize", spy)
+    lords.quantize(tiny_llama, lords.LoRDSConfig(block_size=32, steps=0, exact_init=True, scale_dtype="float16"),
+                   progress=False)
+    assert seen and set(seen) == {(True, torch.float16)}
+    assert {layer.scale_a.dtype for layer in tiny_llama.modules() if isinstance(layer, LoRDSLinear)} == {
+        torch.float16}
+
+
+def test_quantize_marks_a_transformers_model_for_save_pretrained(tiny_llama):
+    lords.quantize(tiny_llama, lords.LoRDSConfig(block_size=32, steps=0), progress=False)
+    assert tiny_llama.is_quantized and tiny_llama.config.quantization_config.quant_method == "lords"
+    assert type(tiny_llama.hf_quantizer).__name__ == "LoRDSHfQuantizer"
+
+
+def test_plan_layers_names_the_experts_projections():
+    from test_experts import tiny_qwen3_moe
+
+    model = tiny_qwen3_moe()
+    plan = model_module.plan_layers(model, lords.LoRDSConfig(bits=4, block_size=32))
+    experts = {name: entry for name, entry in plan.items() if ".experts." in name}
+    assert sorted(experts) == [f"model.layers.{i}.mlp.experts.{part}" for i in (0, 1)
+                               for part in ("down_proj", "gate_up_proj")]
+    assert experts["model.layers.0.mlp.experts.gate_up_proj"] == {
+        "bits": 4, "rank": parity_rank(64, 64, 32), "codebook": "nf", "scale_dtype": "bfloat16", "experts": 8}

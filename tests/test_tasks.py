@@ -18,8 +18,8 @@ def write_requests(root, task, split, docs):
             for offset in (0, 1_000_000):
                 for choice in doc["choices"]:
                     uncond = {**doc, "query": ""} if offset else doc
-                    out.write(json.dumps({"doc_id": doc_id + offset, "doc": uncond, "request": {"continuation": choice}})
-                              + "\n")
+                    request = {"doc_id": doc_id + offset, "doc": uncond, "request": {"continuation": choice}}
+                    out.write(json.dumps(request) + "\n")
 
 
 DOCS = [{"query": "Question: w1 w2?\nAnswer:", "choices": ["w3", "w4 w5", "the"], "gold": 1},
@@ -70,9 +70,12 @@ def test_choice_accuracy_matches_unbatched_scoring(model_folder, docs_per_batch)
     tokenizer = AutoTokenizer.from_pretrained(model_folder)
     generator = torch.Generator().manual_seed(0)
     words = ["the", "a", "of", "news", "said"] + [f"w{i}" for i in range(20)]
+
+    def pick(n):
+        return " ".join(words[i] for i in torch.randint(0, len(words), (n,), generator=generator))
+
     docs = []
     for index in range(12):
-        pick = lambda n: " ".join(words[i] for i in torch.randint(0, len(words), (n,), generator=generator))  # noqa: E731
         doc = {"query": f"Question: {pick(4)}\nAnswer:", "choices": [pick(1 + i % 3) for i in range(4)], "gold": 0}
         scores = reference_scores(model, tokenizer, doc)
         per_char = [s / len(" " + c) for s, c in zip(scores, doc["choices"])]

@@ -167,6 +167,47 @@ def test_openai_server_answers_a_completion_and_a_chat(checkpoint, reference, tm
         log.close()
 
 
+# The engine with two worker processes, in a child process of its own (this module keeps vLLM's engine in-process).
+TENSOR_PARALLEL_RUN = """
+import json, sys
+import vllm
+
+if __name__ == "__main__":
+    llm = vllm.LLM(model=sys.argv[1], dtype="float32", enforce_eager=True, max_model_len=128, seed=0,
+                   tensor_parallel_size=2, distributed_executor_backend="mp")
+    params = vllm.SamplingParams(temperature=0, max_tokens=int(sys.argv[3]), logprobs=0, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": ids} for ids in json.loads(sys.argv[2])], params)
+    completions = [output.outputs[0] for output in outputs]
+    print("RESULT", json.dumps([[list(c.token_ids), [step[t].logprob for t, step in zip(c.token_ids, c.logprobs)]]
+                                for c in completions]))
+"""
+
+
+def test_tensor_parallel_over_two_processes_matches_transformers(checkpoint, reference, tmp_path):
+    """tensor_parallel_size=2 on vLLM's CPU build: two worker processes, each bound to one core (the CPU build
+    refuses to place two workers on one NUMA node by itself). q/k/v and gate/up are split by rows, o and down by
+    columns, and the single key/value head is held whole by both ranks; the tokens and log-probabilities are those
+    of lords.load + transformers (measured on the 2-core machine: the same tokens, log-probabilities within 4e-6 of
+    one process)."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        pytest.skip("two worker processes need two CPU cores")
+    tokenizer, generate = reference
+    prompts = [tokenizer(prompt).input_ids for prompt in PROMPTS]
+    script = tmp_path / "tensor_parallel.py"
+    script.write_text(TENSOR_PARALLEL_RUN)
+    env = {key: value for key, value in os.environ.items() if key != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    env["VLLM_CPU_OMP_THREADS_BIND"] = f"{cores[0]}|{cores[1]}"
+    run = subprocess.run([sys.executable, str(script), str(checkpoint), json.dumps(prompts), str(MAX_TOKENS)],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    result = next(line for line in run.stdout.splitlines() if line.startswith("RESULT "))
+    for prompt_ids, (ids, logprobs) in zip(prompts, json.loads(result[len("RESULT "):])):
+        expected_ids, expected_logprobs = generate(prompt_ids)
+        assert ids == expected_ids
+        assert logprobs == pytest.approx(expected_logprobs, abs=LOGPROB_TOLERANCE)
+
+
 # Tensor parallelism without processes: vLLM's layers read their rank and world size from these two functions, so
 # each rank's layer is built here in turn and the ranks' outputs are composed as vLLM's collectives would.
 def _layers_of_rank(monkeypatch, tp_size: int, tp_rank: int, config: LoRDSVllmConfig, build):

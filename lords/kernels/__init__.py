@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .autotune import INTERPRET, gpu_time, load_choice, save_choice
 from .backward import scale_grads  # noqa: F401
 from .codes import check_input, level_lookup
-from .decode import MAX_ROWS, decode_matmul, spills
+from .decode import MAX_ROWS, decode_matmul, grouped_decode_matmul, spills  # noqa: F401
 from .forward import dequantize, m_bucket, tiled_matmul
 from .cuda import gemv4_matmul, gemv4_ready
 from .gluon import gemv_matmul, gemv_ready

@@ -63,18 +63,20 @@ def spills(rows: int, rank: int) -> bool:
     return all(values_per_thread(config, next_power_of_2(rows), rank_pad(rank)) > MAX_VALUES for config in CONFIGS)
 
 
-@triton.jit(do_not_specialize=["PER_SM"])  # one binary for every PER_SM
+@triton.jit(do_not_specialize=["PER_SM", "GROUPS"])  # one binary for every PER_SM and group count
 def _decode_kernel(
     x_ptr, xa_ptr, codes_ptr, codebook_ptr, scale_b_ptr, scale_a_ptr, bias_ptr, y_ptr, sums_ptr, counts_ptr,
-    M, N, K, RANK, SEGMENT, ROW_BYTES, stride_xm, PER_SM, LEVEL_SCALE,
+    expert_ptr, M, N, K, RANK, SEGMENT, ROW_BYTES, stride_xm, GROUPS, PER_SM, LEVEL_SCALE,
     BITS: tl.constexpr, SEGMENTS: tl.constexpr, TABLE: tl.constexpr, BF16_LEVELS: tl.constexpr, RANK_PAD: tl.constexpr,
-    M_PAD: tl.constexpr, XA_ONCE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+    M_PAD: tl.constexpr, XA_ONCE: tl.constexpr, HAS_BIAS: tl.constexpr, GROUPED: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_J: tl.constexpr,
 ):
-    # the work is n_tiles x steps units, N tile major; this program takes an equal, contiguous share of them, which
-    # may end in one tile and go on in the next (PER_SM only sizes the grid)
+    # the work is groups x n_tiles x steps units, N tile major; this program takes an equal, contiguous share of them,
+    # which may end in one tile and go on in the next (PER_SM only sizes the grid). GROUPED: group g is M rows of x
+    # and y times the matrix expert_ptr[g] of the stacked codes and scales (mixture-of-experts decoding)
     steps = tl.cdiv(SEGMENT, BLOCK_J)
-    units = tl.cdiv(N, BLOCK_N) * steps
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    units = GROUPS * n_tiles * steps
     start, end = work_share(units)
     offs_m = tl.arange(0, M_PAD)
     offs_r = tl.arange(0, RANK_PAD)
@@ -82,13 +84,22 @@ def _decode_kernel(
     xa_rows = (offs_m[:, None] * RANK + offs_r[None, :]).reshape(M_PAD * RANK_PAD)
     xa_mask = ((offs_m[:, None] < M) & (offs_r[None, :] < RANK)).reshape(M_PAD * RANK_PAD)
     for tile in range(start // steps, (end - 1) // steps + 1):
-        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        group = tile // n_tiles
+        offs_n = (tile - group * n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
+        codes, scale_a_tile, scale_b_tile, x_rows, y_rows = codes_ptr, scale_a_ptr, scale_b_ptr, x_ptr, y_ptr
+        if GROUPED:
+            expert = tl.load(expert_ptr + group).to(tl.int64)
+            codes += expert * N * ROW_BYTES
+            scale_a_tile += expert * RANK * K
+            scale_b_tile += expert * N * RANK
+            x_rows += group.to(tl.int64) * M * stride_xm
+            y_rows += group.to(tl.int64) * M * N
         first, last = tile_steps(tile, start, end, steps)
         acc = tl.zeros((BLOCK_N, M_PAD * RANK_PAD), dtype=tl.float32)
         for step in range(first, last):
             offs_j = step * BLOCK_J + tl.arange(0, BLOCK_J)
-            quad, quad_mid, quad_high = load_planes(codes_ptr, offs_n, offs_j, N, SEGMENT, ROW_BYTES, BITS, BLOCK_N,
+            quad, quad_mid, quad_high = load_planes(codes, offs_n, offs_j, N, SEGMENT, ROW_BYTES, BITS, BLOCK_N,
                                                     BLOCK_J)
             for segment in tl.static_range(SEGMENTS):
                 offs_k, mask_k = segment_columns(offs_j, segment, SEGMENT, K)
@@ -96,9 +107,9 @@ def _decode_kernel(
                     xa = tl.load(xa_ptr + xa_rows[:, None] * K + offs_k[None, :],
                                  mask=xa_mask[:, None] & mask_k[None, :], other=0.0)
                 else:
-                    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    x = tl.load(x_rows + offs_m[:, None] * stride_xm + offs_k[None, :],
                                 mask=(offs_m[:, None] < M) & mask_k[None, :], other=0.0).to(tl.float32)
-                    scale_a = load_scale_a(scale_a_ptr, offs_r, offs_k, mask_k, K, RANK).to(tl.float32)
+                    scale_a = load_scale_a(scale_a_tile, offs_r, offs_k, mask_k, K, RANK).to(tl.float32)
                     if M_PAD == 1:
                         xa = scale_a * x
                     else:
@@ -107,14 +118,14 @@ def _decode_kernel(
                 level = quad_levels(segment_quad(quad, quad_mid, quad_high, segment, BITS), codebook_ptr, TABLE,
                                     BF16_LEVELS, BLOCK_N, BLOCK_J)
                 acc += tl.dot(level.to(x_ptr.dtype.element_ty), tl.trans(xa.to(x_ptr.dtype.element_ty)))
-        scale_b = load_scale_b(scale_b_ptr, offs_n, offs_r, N, RANK).to(tl.float32) * LEVEL_SCALE
+        scale_b = load_scale_b(scale_b_tile, offs_n, offs_r, N, RANK).to(tl.float32) * LEVEL_SCALE
         y = tl.sum(acc.reshape(BLOCK_N, M_PAD, RANK_PAD) * scale_b[:, None, :], axis=2)
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
         else:
             bias = 0.0
         slot = tile_slot(tile, steps, units)
-        store_tile(y, bias, y_ptr + offs_m[None, :] * N + offs_n[:, None], mask_n[:, None] & (offs_m[None, :] < M),
+        store_tile(y, bias, y_rows + offs_m[None, :] * N + offs_n[:, None], mask_n[:, None] & (offs_m[None, :] < M),
                    sums_ptr + slot * (BLOCK_N * M_PAD) + tl.arange(0, BLOCK_N)[:, None] * M_PAD + offs_m[None, :],
                    counts_ptr + slot, last - first, steps)
 
@@ -122,7 +133,7 @@ def _decode_kernel(
 _decode = autotune(
     # the level lookup in the key: an integer codebook's (no table) fastest config is not a table's (H100: 41 against 32
     # us at M = 1 on 14336 x 4096 with the config tuned for NF)
-    CONFIGS, INTERPRET_CONFIGS, key=["M", "N", "K", "RANK", "BITS", "TABLE", "XA_ONCE"],
+    CONFIGS, INTERPRET_CONFIGS, key=["M", "N", "K", "RANK", "BITS", "TABLE", "XA_ONCE", "GROUPED"],
     prune_configs_by={"early_config_prune": fits_registers},
 )(_decode_kernel)
 
@@ -157,8 +168,40 @@ def decode_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None, xa_once
 
     _decode[grid](
         x2, xa, codes, lookup.levels, scale_b.contiguous(), scale_a.contiguous(), bias if bias is not None else y, y,
-        sums, counts, M, out_features, in_features, rank, **layout, stride_xm=x2.stride(0), LEVEL_SCALE=lookup.scale,
-        RANK_PAD=rank_pad(rank), M_PAD=next_power_of_2(M), XA_ONCE=xa_once, HAS_BIAS=bias is not None,
-        **layout_meta(bits, lookup),
+        sums, counts, y, M, out_features, in_features, rank, **layout, stride_xm=x2.stride(0), GROUPS=1,
+        LEVEL_SCALE=lookup.scale, RANK_PAD=rank_pad(rank), M_PAD=next_power_of_2(M), XA_ONCE=xa_once,
+        HAS_BIAS=bias is not None, GROUPED=False, **layout_meta(bits, lookup),
     )
     return y.reshape(*x.shape[:-1], out_features)
+
+
+def grouped_decode_matmul(x, experts, codes, codebook, scale_b, scale_a, bits) -> torch.Tensor:
+    """Row g of x (G, K) times matrix experts[g] of a stack: packed codes (E, N, bytes), scales B (E, N, r) and
+    A (E, r, K) -> (G, N). One launch for every row, with no host synchronisation, and only the matrices named in
+    experts are read: mixture-of-experts decoding, where a few tokens each go to their top-k experts. experts must
+    lie in [0, E)."""
+    check_input(x, scale_a[0])
+    (_, out_features, rank), in_features = scale_b.shape, scale_a.shape[2]
+    if x.dim() != 2 or experts.shape != (x.shape[0],):
+        raise ValueError(f"grouped decoding takes rows (G, K) and one expert index per row, got {tuple(x.shape)} "
+                         f"and {tuple(experts.shape)}")
+    x = x.contiguous()
+    groups = x.shape[0]
+    y = torch.empty(groups, out_features, device=x.device, dtype=x.dtype)
+    if groups == 0:
+        return y
+    sums, counts = workspace(x.device)
+    layout = layout_args(in_features, bits)
+    lookup = level_lookup(codebook, x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float16)
+
+    def grid(meta):
+        units = groups * cdiv(out_features, meta["BLOCK_N"]) * cdiv(layout["SEGMENT"], meta["BLOCK_J"])
+        return (min(units, processors(x.device) * meta["PER_SM"]),)
+
+    _decode[grid](
+        x, y, codes.contiguous(), lookup.levels, scale_b.contiguous(), scale_a.contiguous(), y, y, sums, counts,
+        experts.to(torch.int32).contiguous(), 1, out_features, in_features, rank, **layout, stride_xm=x.stride(0),
+        GROUPS=groups, LEVEL_SCALE=lookup.scale, RANK_PAD=rank_pad(rank), M_PAD=1, XA_ONCE=False, HAS_BIAS=False,
+        GROUPED=True, **layout_meta(bits, lookup),
+    )
+    return y

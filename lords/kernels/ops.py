@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from . import dequantize as _dequantize
-from . import fused_matmul, lords_matmul
+from . import fused_matmul, grouped_decode_matmul, lords_matmul
 from . import scale_grads as _scale_grads
 
 
@@ -65,6 +65,17 @@ def _scale_grads_fake(grad_out, x, codes, codebook, scale_b, scale_a, bits):
             scale_a.new_empty(scale_a.shape, dtype=torch.float32))
 
 
+def _grouped_matmul(x: Tensor, experts: Tensor, codes: Tensor, codebook: Tensor, scale_b: Tensor, scale_a: Tensor,
+                    bits: int) -> Tensor:
+    """Row g of x (G, K) times stacked matrix experts[g]: grouped_decode_matmul."""
+    return grouped_decode_matmul(x, experts, codes, codebook, scale_b, scale_a, bits)
+
+
+def _grouped_matmul_fake(x, experts, codes, codebook, scale_b, scale_a, bits):
+    return x.new_empty(x.shape[0], scale_b.shape[1])
+
+
 matmul = _operator("matmul", _matmul, _matmul_fake)
+grouped_matmul = _operator("grouped_matmul", _grouped_matmul, _grouped_matmul_fake)
 dequantize = _operator("dequantize", _dequantize_op, _dequantize_fake)
 scale_grads = _operator("scale_grads", _scale_grads_op, _scale_grads_fake)

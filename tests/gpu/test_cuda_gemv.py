@@ -111,12 +111,14 @@ def test_gemv4_gives_the_same_bits_every_call():
 
 def test_gemv4_takes_only_what_it_was_built_for(monkeypatch):
     import lords.kernels.cuda
-    from lords.kernels.cuda import gemv4_ready
+    from lords.kernels.cuda import gemv4_matmul, gemv4_ready
 
     generator = torch.Generator("cuda").manual_seed(2)
-    _, packed, _, scale_b, scale_a = random_layer(4096, 4096, 32, "nf", generator)
+    _, packed, codebook, scale_b, scale_a = random_layer(4096, 4096, 32, "nf", generator)
     x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
     assert gemv4_ready(x, 4, packed, scale_b, scale_a)
+    with pytest.raises(ValueError, match="^the CUDA gemv4 kernel is built for blocks of 4 or 8 warps, not 6$"):
+        gemv4_matmul(x, packed, codebook, scale_b, scale_a, 4, warps=6)
     with monkeypatch.context() as off:
         off.setattr(lords.kernels.cuda, "ENABLED", False)
         assert not gemv4_ready(x, 4, packed, scale_b, scale_a)  # LORDS_CUDA=0

@@ -54,8 +54,8 @@ def _hopper(index: int) -> bool:
 
 def config(out_features: int, in_features: int, rank: int, sms: int, warps: int | None = None,
            splits: int | None = None) -> dict:
-    """Launch shape: blocks of 8 warps (two warpgroups of 64 rows), two to a multiprocessor; the K steps split so
-    that the grid fills them once."""
+    """Launch shape: blocks of 8 warps (two warpgroups of 64 rows; 4 also built), two to a multiprocessor; the K
+    steps split so that the grid fills them once."""
     warps = warps or 8
     row_blocks = -(-out_features // (warps * 16))
     splits = splits or max(1, min(in_features // STEP_COLS, 2 * sms // row_blocks))
@@ -116,6 +116,8 @@ def gemv4_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None, descript
         raise ValueError("the CUDA gemv4 kernel does not take these inputs here (see lords.kernels.cuda.gemv4_ready)")
     (out_features, rank), in_features = scale_b.shape, scale_a.shape[1]
     launch = config(out_features, in_features, rank, processors(x.device), **launch_shape)
+    if launch["warps"] not in (4, 8):
+        raise ValueError(f"the CUDA gemv4 kernel is built for blocks of 4 or 8 warps, not {launch['warps']}")
     lookup = level_lookup(codebook, torch.bfloat16, "pairs")
     try:
         kernel = library(launch["rank_tiles"], not lookup.integer).lords_gemv4

@@ -29,6 +29,8 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 // One build of this file serves one configuration, chosen at compile time (lords/kernels/cuda/__init__.py compiles
 // the ones a model needs, each in a few seconds, and keeps them on disk).
 #ifndef LORDS_RANK_TILES
@@ -61,6 +63,13 @@ __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
     return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
+// (v & 0x000F000F) | 0x43004300 in one LOP3 (given both constants as immediates, the compiler emits two)
+__device__ __forceinline__ uint32_t magic_or(uint32_t v) {
+    uint32_t out;
+    asm("lop3.b32 %0, %1, 0x000F000F, %2, 0xEA;" : "=r"(out) : "r"(v), "r"(0x43004300u));
+    return out;
+}
+
 // The level pairs of one word of codes as the fragment registers of its two k16 tiles: a[0] for row g, slots 2t..;
 // a[2] for row g, slots 2t+8..; the caller fills a[1], a[3] from row g+8.
 template <bool TABLE>
@@ -73,8 +82,11 @@ __device__ __forceinline__ void levels_of(uint32_t w, uint32_t* first, uint32_t*
         second[1] = table[(w >> 24) << 5];
     } else {
         const __nv_bfloat162 bias = *reinterpret_cast<const __nv_bfloat162*>(&integer_bias);
-        uint32_t q[4] = {(w & 0x000F000F) | 0x43004300, ((w >> 8) & 0x000F000F) | 0x43004300,
-                         ((w >> 4) & 0x000F000F) | 0x43004300, ((w >> 12) & 0x000F000F) | 0x43004300};
+        uint32_t q[4];
+        q[0] = magic_or(w);
+        q[1] = magic_or(w >> 8);
+        q[2] = magic_or(w >> 4);
+        q[3] = magic_or(w >> 12);
         __nv_bfloat162 v[4];
 #pragma unroll
         for (int j = 0; j < 4; ++j) v[j] = __hsub2(*reinterpret_cast<__nv_bfloat162*>(&q[j]), bias);
@@ -290,64 +302,73 @@ __device__ __forceinline__ void fence_registers(uint32_t (&a)[8][4]) {
         for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(a[i][j])::"memory");
 }
 
-template <int RANK_TILES, bool TABLE>
-__global__ void __launch_bounds__(256) gemv4_kernel(
+template <int RANK_TILES, bool TABLE, int WARPS>
+__global__ void __launch_bounds__(WARPS * 32) gemv4_kernel(
     const uint8_t* __restrict__ codes, const uint32_t* __restrict__ xa, const __nv_bfloat16* __restrict__ scale_b,
     const __nv_bfloat16* __restrict__ bias, __nv_bfloat16* __restrict__ y, float* __restrict__ partial,
     int* __restrict__ counters, int n, int k, int rank, int steps, Levels levels, uint32_t integer_bias,
     float out_scale, int leading, int stride) {
-    constexpr int STEP_WORDS = 512 * RANK_TILES;  // XA of one step, 32-bit words
+    constexpr int XA_BYTES = 2048 * RANK_TILES;  // XA of one step
+    constexpr int THREADS = WARPS * 32, CHUNKS = XA_BYTES / 16;
     __shared__ uint32_t table[TABLE ? TABLE_WORDS : 1];
     extern __shared__ __align__(128) uint4 ring[];
 
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int half_k = k / 2;
-    const int block_rows = warps * 16;
+    constexpr int block_rows = WARPS * 16;
     const int row0 = blockIdx.x * block_rows + warp * 16;
     const int splits = gridDim.y;
     const int first_step = blockIdx.y * steps / splits, end_step = (blockIdx.y + 1) * steps / splits;
     fill_table<TABLE>(table, levels);
     const uint32_t* my_table = table + lane;
     const uint32_t ring_base = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
+    const uint64_t ring_descriptor = descriptor(ring_base, leading, stride);
 
     float acc[RANK_TILES][4];
 #pragma unroll
     for (int r = 0; r < RANK_TILES; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = 0.f;
 
-    auto copy_step = [&](int step) {  // one cp.async group per step, empty past the end
+    const char* xa_source = reinterpret_cast<const char*>(xa) + threadIdx.x * 16;
+    const uint32_t xa_target = ring_base + threadIdx.x * 16;
+    auto copy_step = [&](int step, int slot) {  // one cp.async group per step, empty past the end
         if (step < end_step) {
-            const uint4* source = reinterpret_cast<const uint4*>(xa) + (size_t)step * (STEP_WORDS / 4);
-            uint4* target = ring + (step % STAGES) * (STEP_WORDS / 4);
-            for (int i = threadIdx.x; i < STEP_WORDS / 4; i += blockDim.x) {
-                const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(target + i));
-                asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(address), "l"(source + i));
-            }
+            const char* source = xa_source + (size_t)step * XA_BYTES;
+            const uint32_t target = xa_target + slot * XA_BYTES;
+#pragma unroll
+            for (int i = 0; i < (CHUNKS + THREADS - 1) / THREADS; ++i)
+                if (CHUNKS % THREADS == 0 || threadIdx.x + i * THREADS < CHUNKS)
+                    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(target + i * THREADS * 16),
+                                 "l"(source + i * THREADS * 16));
         }
         asm volatile("cp.async.commit_group;\n" ::);
     };
+    const bool rows_valid = row0 < n;
+    const uint8_t* my_codes = codes + (size_t)(row0 + g) * half_k + t * 16;
     auto fetch = [&](uint4 (&into)[2], int step) {
-        const bool valid = row0 < n && step < end_step;
-        const uint8_t* base = codes + (size_t)(row0 + g) * half_k + step * STEP_BYTES + t * 16;
-        into[0] = load_codes(base, valid);
-        into[1] = load_codes(base + (size_t)8 * half_k, valid);
+        const bool valid = rows_valid && step < end_step;
+        into[0] = load_codes(my_codes + step * STEP_BYTES, valid);
+        into[1] = load_codes(my_codes + (size_t)8 * half_k + step * STEP_BYTES, valid);
     };
-    uint4 current[2], next[2], later[2];
-    fetch(current, first_step);
-    fetch(next, first_step + 1);
-    copy_step(first_step);
-    copy_step(first_step + 1);
+    uint4 codes0[2], codes1[2], codes2[2];
+    fetch(codes0, first_step);
+    fetch(codes1, first_step + 1);
+    copy_step(first_step, 0);
+    copy_step(first_step + 1, 1);
     // One step: its XA in shared memory (waited for), the copies two steps ahead started, the codes turned into the
     // eight tiles' register operands, eight wgmmas issued and waited for. Waiting for only the step before's (so
     // that this step's conversions overlap them) makes ptxas serialise every wgmma (C7513): the overlap comes from
-    // the other warpgroups of the multiprocessor instead.
+    // the other warpgroups of the multiprocessor instead. The loop runs three steps a turn so that the ring slot
+    // (SLOT), its descriptors and the three code registers are fixed at compile time: computing them and moving the
+    // codes along took a third of the instructions of a step.
     uint32_t a[8][4];
-    for (int step = first_step; step < end_step; ++step) {
+    auto run_step = [&](int step, auto slot_constant, uint4 (&current)[2], uint4 (&later)[2]) {
+        constexpr int SLOT = decltype(slot_constant)::value;
         fetch(later, step + 2);
         asm volatile("cp.async.wait_group 1;\n" ::);
         asm volatile("fence.proxy.async.shared::cta;\n" ::);
         __syncthreads();
-        copy_step(step + 2);
+        copy_step(step + 2, (SLOT + 2) % STAGES);
 #pragma unroll
         for (int i = 0; i < PAIRS; ++i) {
             uint32_t g_first[2], g_second[2], h_first[2], h_second[2];
@@ -358,26 +379,25 @@ __global__ void __launch_bounds__(256) gemv4_kernel(
             a[2 * i + 1][3] = h_second[1];
         }
         // every input of the eight wgmmas is defined before the fence, or ptxas serialises them
-        const uint32_t slot = ring_base + (step % STAGES) * STEP_WORDS * 4;
         uint64_t tiles[8];
 #pragma unroll
         for (int tile = 0; tile < 8; ++tile) {
-            tiles[tile] = descriptor(slot + tile * RANK_TILES * 256, leading, stride);
+            tiles[tile] = ring_descriptor + ((SLOT * XA_BYTES + tile * RANK_TILES * 256) >> 4);
             asm volatile("" : "+l"(tiles[tile])::"memory");
         }
-        int accumulate = 1;
-        asm volatile("" : "+r"(accumulate));
         fence_registers(a);
         fence_accumulators(acc);
         asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
-        for (int tile = 0; tile < 8; ++tile)
-            wgmma_rank_tiles<RANK_TILES>(acc, a[tile], tiles[tile], stride, accumulate);
+        for (int tile = 0; tile < 8; ++tile) wgmma_rank_tiles<RANK_TILES>(acc, a[tile], tiles[tile], stride, 1);
         asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
         fence_accumulators(acc);
-        current[0] = next[0], current[1] = next[1];
-        next[0] = later[0], next[1] = later[1];
+    };
+    for (int step = first_step; step < end_step; step += 3) {
+        run_step(step, std::integral_constant<int, 0>{}, codes0, codes2);
+        if (step + 1 < end_step) run_step(step + 1, std::integral_constant<int, 1>{}, codes1, codes0);
+        if (step + 2 < end_step) run_step(step + 2, std::integral_constant<int, 2>{}, codes2, codes1);
     }
 
     write_rows<RANK_TILES>(acc, row0, block_rows, scale_b, bias, y, partial, counters, n, rank, out_scale);
@@ -407,7 +427,9 @@ int lords_gemv4(const void* codes, const void* x, const void* scale_a, const voi
     __nv_bfloat162 bias_pair = __floats2bfloat162_rn(128.f - integer_offset, 128.f - integer_offset);
     const int block_rows = warps * 16;
     dim3 grid((n + block_rows - 1) / block_rows, splits);
-    auto kernel = gemv4_kernel<LORDS_RANK_TILES, LORDS_TABLE>;
+    if (warps != 4 && warps != 8) return cudaErrorInvalidValue;
+    auto kernel = warps == 4 ? gemv4_kernel<LORDS_RANK_TILES, LORDS_TABLE, 4>
+                             : gemv4_kernel<LORDS_RANK_TILES, LORDS_TABLE, 8>;
     const int ring_bytes = STAGES * 2048 * LORDS_RANK_TILES;
     cudaError_t error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, ring_bytes);
     if (error != cudaSuccess) return error;
