@@ -6,7 +6,7 @@ The CPU suite runs these kernels under Triton's interpreter in float32 and fp16 
 wrong for bf16 inputs), and the interpreter does not compile: a kernel that the GPU compiler rejects, or that
 computes differently once compiled (register layouts, pipelining, the split-K workspace), shows only here. Every
 kernel lords_matmul can choose runs on every bit width and both codebooks, with odd shapes, a bias, the grouped
-(mixture-of-experts) decode, and lords_matmul replayed in a CUDA graph.
+(mixture-of-experts) decode and prefill, and lords_matmul replayed in a CUDA graph.
 """
 
 import os
@@ -77,29 +77,34 @@ def test_kernel_matches_float64(kernel, rows, n, k, rank, bits, kind, dtype, rec
     assert error < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("tokens,top_k", [(3, 2), (300, 4)], ids=["decode-6pairs", "tiled-1200pairs"])
 @pytest.mark.parametrize("bits,kind", [(4, "nf"), (4, "int"), (3, "nf")], ids=["4bit-nf", "4bit-int", "3bit-nf"])
-def test_grouped_decode_matches_float64(bits, kind, record_property):
-    """Row g through stacked matrix experts[g] (repeated, out of order, one expert unused), as MoE decoding runs."""
+def test_grouped_matmul_matches_float64(bits, kind, tokens, top_k, record_property):
+    """Token t through stacked matrices experts[t, :], as MoE layers run: a few pairs through the decode kernel, many
+    (prefill) through the tiled kernel over the pairs sorted by expert; one of the 6 experts is never routed to."""
     from lords.codebooks import get_codebook
-    from lords.kernels import grouped_decode_matmul
+    from lords.kernels import grouped_matmul
     from lords.packing import pack_codes
 
-    generator = torch.Generator(device="cuda").manual_seed(bits)
-    count, n, k, rank = 4, 768, 2048, 13
+    generator = torch.Generator(device="cuda").manual_seed(bits + tokens)
+    count, n, k, rank = 6, 768, 2048, 13
     codes = torch.randint(0, 2**bits, (count, n, k), device="cuda", dtype=torch.uint8, generator=generator)
     scale_b = (torch.rand(count, n, rank, device="cuda", generator=generator) + 0.1).bfloat16()
     scale_a = (torch.rand(count, rank, k, device="cuda", generator=generator) + 0.1).bfloat16()
-    experts = torch.tensor([2, 0, 2, 3, 0, 0, 3], device="cuda")
-    x = torch.randn(len(experts), k, device="cuda", generator=generator).bfloat16()
+    experts = torch.rand(tokens, count - 1, device="cuda", generator=generator).argsort(-1)[:, :top_k]
+    x = torch.randn(tokens, k, device="cuda", generator=generator).bfloat16()
     codebook = get_codebook(kind, bits).cuda()
     packed = torch.stack([pack_codes(expert_codes, bits) for expert_codes in codes])
     poison()
-    out = grouped_decode_matmul(x, experts, packed, codebook, scale_b, scale_a, bits)
+    out = grouped_matmul(x, experts, packed, codebook, scale_b, scale_a, bits)
     weights = (scale_b.double() @ scale_a.double()) * codebook.double()[codes.long()]
-    expected = torch.einsum("gnk,gk->gn", weights[experts], x.double())
+    expected = torch.zeros(tokens, top_k, n, dtype=torch.float64, device="cuda")
+    for expert in range(count):
+        token, slot = torch.where(experts == expert)
+        expected[token, slot] = x[token].double() @ weights[expert].T
     error = relative_error(out, expected)
     record_property("rel_error", error)
-    assert out.shape == (len(experts), n) and out.dtype == torch.bfloat16
+    assert out.shape == (tokens, top_k, n) and out.dtype == torch.bfloat16
     assert error < TOLERANCE[torch.bfloat16]
 
 
