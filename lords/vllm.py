@@ -15,7 +15,8 @@ whole (vLLM sums the ranks' partial outputs). Codes are packed along the columns
 row-parallel shard unpacks, slices and packs again.
 
 Mixture-of-experts experts (LoRDSExpertsMethod) keep vLLM's router and run lords.experts.LoRDSExperts on its top-k;
-tensor parallelism splits each expert's width the same way (gate and up by rows, down by columns).
+tensor parallelism splits each expert's width the same way (gate and up by rows, down by columns), and expert
+parallelism places whole experts.
 
 On the CPU each layer dequantizes its weight once, after loading, in the model's dtype, and runs a dense matmul:
 dequantizing on every forward made decoding 15x slower than the dense model's, and vLLM on the CPU is for trying a
@@ -215,8 +216,9 @@ class LoRDSExpertsMethod(FusedMoEMethodBase):
     and up together, which that mapping would split. So the layer loads through this method's own load_weights,
     set on the layer in create_weights. Tensor parallelism splits each expert's width, as for the dense MLP: a rank
     keeps its rows of gate and of up (codes and scale_b; scale_a whole) and its columns of down (codes and scale_a;
-    scale_b whole), and vLLM sums the ranks' outputs. Expert parallelism (placing experts on processes) is not
-    implemented. Gated SiLU experts without biases (Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE)."""
+    scale_b whole). Expert parallelism places whole experts: a rank keeps the experts vLLM's expert map gives it and
+    runs the router's choices among them. vLLM sums the ranks' outputs either way. Gated SiLU experts without biases
+    (Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE)."""
 
     def __init__(self, moe, prefix: str, entries: dict[str, dict]):
         super().__init__(moe)
@@ -226,9 +228,6 @@ class LoRDSExpertsMethod(FusedMoEMethodBase):
     def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
                        **extra_weight_attrs):
         moe = self.moe
-        if moe.ep_size != 1:
-            raise ValueError(f"lords' vLLM plugin does not place the experts of {self.prefix} on processes (expert "
-                             f"parallel size {moe.ep_size}); serve without expert parallelism")
         if moe.has_bias or not moe.is_act_and_mul or moe.activation.value != "silu":
             raise ValueError(f"lords' vLLM plugin serves gated SiLU experts without biases; {self.prefix} has "
                              f"activation {moe.activation.value}, gated {moe.is_act_and_mul}, biases {moe.has_bias}")
@@ -239,9 +238,9 @@ class LoRDSExpertsMethod(FusedMoEMethodBase):
         projections = {}
         for projection, (in_features, out_features) in shapes.items():
             entry = self.entries[projection]
-            if entry["experts"] != num_experts:
+            if entry["experts"] != moe.num_logical_experts:
                 raise ValueError(f"{self.prefix}.{projection} stacks {entry['experts']} experts in the "
-                                 f"quantization_config; the model has {num_experts}")
+                                 f"quantization_config; the model has {moe.num_logical_experts}")
             projections[projection] = LoRDSExpertWeights(
                 num_experts, in_features, out_features, entry["bits"], entry["rank"], entry["codebook"],
                 getattr(torch, entry["scale_dtype"]))
@@ -252,17 +251,24 @@ class LoRDSExpertsMethod(FusedMoEMethodBase):
 
     def checkpoint_shape(self, projection: str, tensor: str, local: torch.Size) -> tuple[int, ...]:
         """The shape the checkpoint holds of a tensor of which this rank keeps local."""
-        full_width = self.width * self.tp_size
+        if tensor == "codebook":
+            return tuple(local)
+        full_width, experts = self.width * self.tp_size, self.moe.num_logical_experts
         if projection == "gate_up_proj" and tensor in ("codes", "scale_b"):
-            return (local[0], 2 * full_width, local[2])
+            return (experts, 2 * full_width, local[2])
         if projection == "down_proj" and tensor == "codes":
-            return (local[0], local[1], row_bytes(full_width, self.entries[projection]["bits"]))
+            return (experts, local[1], row_bytes(full_width, self.entries[projection]["bits"]))
         if projection == "down_proj" and tensor == "scale_a":
-            return (local[0], local[1], full_width)
-        return tuple(local)
+            return (experts, local[1], full_width)
+        return (experts, *local[1:])
 
-    def shard(self, projection: str, tensor: str, loaded: torch.Tensor) -> torch.Tensor:
-        """This rank's part of a checkpoint tensor: its rows of gate and of up, its columns of down."""
+    def shard(self, layer, projection: str, tensor: str, loaded: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a checkpoint tensor: its experts (expert parallelism), of each its rows of gate and of
+        up and its columns of down (tensor parallelism)."""
+        if tensor == "codebook":
+            return loaded
+        if layer.expert_map is not None:
+            loaded = loaded[self.local_experts(layer)]
         if self.tp_size == 1:
             return loaded
         first, width = self.tp_rank * self.width, self.width
@@ -293,7 +299,7 @@ class LoRDSExpertsMethod(FusedMoEMethodBase):
                 raise ValueError(f"{self.prefix}.{name} in the checkpoint is {loaded_weight.dtype} "
                                  f"{tuple(loaded_weight.shape)}, expected {target.dtype} {expected} for its "
                                  f"quantization_config entry {self.entries[projection]}")
-            target.data.copy_(self.shard(projection, tensor, loaded_weight))
+            target.data.copy_(self.shard(layer, projection, tensor, loaded_weight))
             self.loaded.add(name)
             yield f"lords_experts.{name}"
 
@@ -310,7 +316,19 @@ class LoRDSExpertsMethod(FusedMoEMethodBase):
     def get_fused_moe_quant_config(self, layer):
         return None
 
+    @staticmethod
+    def local_experts(layer) -> torch.Tensor:
+        """The global index of each expert this rank holds, in its local order (vLLM's expert map: global -> local
+        slot, or -1 for another rank's expert)."""
+        expert_map = layer.expert_map.cpu()
+        held = torch.nonzero(expert_map >= 0).flatten()
+        return held[expert_map[held].argsort()]
+
     def apply(self, layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input) -> torch.Tensor:
+        if layer.expert_map is not None:
+            # another rank's expert becomes an index past this rank's experts, which LoRDSExperts skips
+            local = layer.expert_map[topk_ids]
+            topk_ids = torch.where(local >= 0, local, layer.lords_experts.num_experts)
         return layer.lords_experts(x, topk_ids, topk_weights)
 
 

@@ -220,9 +220,10 @@ if __name__ == "__main__":
 """
 # vLLM's RPC to its workers pickles the function it sends, so by reference: it must live in a module they can import
 ENGINE_METHODS = """
-def quant_methods(model):
-    return sorted({type(module.quant_method).__name__ for module in model.modules()
-                   if getattr(module, "quant_method", None) is not None})
+def quant_methods(model):  # a lords experts layer's method with the number of experts this worker holds
+    return sorted({type(module.quant_method).__name__ + (f"({module.lords_experts.num_experts})"
+                                                         if hasattr(module, "lords_experts") else "")
+                   for module in model.modules() if getattr(module, "quant_method", None) is not None})
 """
 
 
@@ -269,7 +270,7 @@ def test_moe_experts_are_served_as_transformers_runs_them(moe_checkpoint, tmp_pa
     methods = check_generation_in_a_child(moe_checkpoint, greedy_reference(moe_checkpoint), tmp_path,
                                           {"distributed_executor_backend": "uni"},
                                           {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
-    assert "LoRDSExpertsMethod" in methods and "UnquantizedFusedMoEMethod" not in methods
+    assert "LoRDSExpertsMethod(8)" in methods and "UnquantizedFusedMoEMethod" not in methods
 
 
 def test_moe_experts_split_over_two_processes_match_transformers(moe_checkpoint, tmp_path):
@@ -280,12 +281,26 @@ def test_moe_experts_split_over_two_processes_match_transformers(moe_checkpoint,
     methods = check_generation_in_a_child(moe_checkpoint, greedy_reference(moe_checkpoint), tmp_path,
                                           {"tensor_parallel_size": 2, "distributed_executor_backend": "mp"},
                                           {"VLLM_CPU_OMP_THREADS_BIND": f"{cores[0]}|{cores[1]}"})
-    assert "LoRDSExpertsMethod" in methods
+    assert "LoRDSExpertsMethod(8)" in methods
 
 
-def _experts_layer(moe_checkpoint, tp_size: int = 1, tp_rank: int = 0, prefix: str = "model.layers.0.mlp.experts"):
-    """The lords experts method of one MoE block on one tensor-parallel rank, its layer made as vLLM makes it
-    (create_weights), and the block's tensors in the checkpoint, named as vLLM hands them to the layer's loader."""
+def test_moe_experts_placed_on_two_processes_match_transformers(moe_checkpoint, tmp_path):
+    """Expert parallelism over two worker processes: each holds 4 of the 8 experts of every block, whole."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        pytest.skip("two worker processes need two CPU cores")
+    methods = check_generation_in_a_child(moe_checkpoint, greedy_reference(moe_checkpoint), tmp_path,
+                                          {"tensor_parallel_size": 2, "enable_expert_parallel": True,
+                                           "distributed_executor_backend": "mp"},
+                                          {"VLLM_CPU_OMP_THREADS_BIND": f"{cores[0]}|{cores[1]}"})
+    assert "LoRDSExpertsMethod(4)" in methods
+
+
+def _experts_layer(moe_checkpoint, tp_size: int = 1, tp_rank: int = 0, ep_size: int = 1, ep_rank: int = 0,
+                   prefix: str = "model.layers.0.mlp.experts"):
+    """The lords experts method of one MoE block on one tensor- or expert-parallel rank (experts placed as vLLM's
+    linear placement does), its layer made as vLLM makes it (create_weights), and the block's tensors in the
+    checkpoint, named as vLLM hands them to the layer's loader."""
     from types import SimpleNamespace
 
     from safetensors.torch import load_file
@@ -294,12 +309,17 @@ def _experts_layer(moe_checkpoint, tp_size: int = 1, tp_rank: int = 0, prefix: s
     from lords.vllm import LoRDSExpertsMethod
 
     layers = json.loads((moe_checkpoint / "config.json").read_text())["quantization_config"]["layers"]
-    moe = SimpleNamespace(tp_size=tp_size, ep_size=1, has_bias=False, is_act_and_mul=True,
-                          activation=MoEActivation.SILU, moe_parallel_config=SimpleNamespace(tp_rank=tp_rank))
+    moe = SimpleNamespace(tp_size=tp_size, ep_size=ep_size, has_bias=False, is_act_and_mul=True,
+                          activation=MoEActivation.SILU, moe_parallel_config=SimpleNamespace(tp_rank=tp_rank),
+                          num_logical_experts=8)
     method = LoRDSExpertsMethod(moe, prefix, {part: layers[f"{prefix}.{part}"] for part in ("gate_up_proj",
                                                                                          "down_proj")})
-    layer = torch.nn.Module()
-    method.create_weights(layer, 8, 128, 64 // tp_size, torch.float32)
+    layer, held = torch.nn.Module(), 8 // ep_size
+    layer.expert_map = None
+    if ep_size > 1:
+        layer.expert_map = torch.full((8,), -1)
+        layer.expert_map[ep_rank * held:(ep_rank + 1) * held] = torch.arange(held)
+    method.create_weights(layer, held, 128, 64 // tp_size, torch.float32)
     tensors = {name.removeprefix(prefix + "."): tensor for name, tensor in load_file(moe_checkpoint / WEIGHTS_NAME)
                .items() if name.startswith(prefix + ".")}
     return method, layer, tensors
@@ -328,12 +348,31 @@ def test_tensor_parallel_expert_shards_sum_to_the_whole_experts(moe_checkpoint):
     top_k_weights = torch.rand(6, 2, generator=generator)
     outputs = []
     for tp_size, tp_rank in [(1, 0), (2, 0), (2, 1)]:
-        method, layer, tensors = _experts_layer(moe_checkpoint, tp_size, tp_rank)
+        method, layer, tensors = _experts_layer(moe_checkpoint, tp_size=tp_size, tp_rank=tp_rank)
         list(layer.load_weights(tensors.items()))
         method.process_weights_after_loading(layer)
         with torch.no_grad():
             outputs.append(method.apply(layer, x, top_k_weights, top_k_index, None, None))
     # float32 sums in another order: measured 1.9e-6 at most, on outputs up to 15
+    torch.testing.assert_close(outputs[1] + outputs[2], outputs[0], rtol=1e-5, atol=5e-6)
+
+
+def test_expert_parallel_ranks_sum_to_the_whole_experts(moe_checkpoint):
+    """Two ranks, each holding 4 of the 8 experts whole: the router's choices among other ranks' experts contribute
+    nothing on this one, and the ranks' outputs sum to the one-process output."""
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(6, 128, generator=generator)
+    top_k_index = torch.randint(0, 8, (6, 2), generator=generator)
+    top_k_weights = torch.rand(6, 2, generator=generator)
+    outputs = []
+    for ep_size, ep_rank in [(1, 0), (2, 0), (2, 1)]:
+        method, layer, tensors = _experts_layer(moe_checkpoint, ep_size=ep_size, ep_rank=ep_rank)
+        list(layer.load_weights(tensors.items()))
+        method.process_weights_after_loading(layer)
+        assert layer.lords_experts.gate_up_proj.num_experts == 8 // ep_size
+        with torch.no_grad():
+            outputs.append(method.apply(layer, x, top_k_weights, top_k_index, None, None))
+    # a token's two experts may be added in another order (float32 rounding); measured: bit-identical here
     torch.testing.assert_close(outputs[1] + outputs[2], outputs[0], rtol=1e-5, atol=5e-6)
 
 
@@ -444,17 +483,3 @@ def test_experts_with_one_projection_quantized_are_refused():
     with pytest.raises(ValueError, match=r"^quantization_config names one projection of the experts "
                                          r"model\.layers\.0\.mlp\.experts but not the other \(\["):
         config.experts_method(None, "model.layers.0.mlp.experts")
-
-
-def test_experts_are_not_placed_on_processes():
-    """Expert parallelism (each process holding some experts whole) is not implemented, and refused before anything
-    loads."""
-    from types import SimpleNamespace
-
-    from lords.vllm import LoRDSExpertsMethod
-
-    method = LoRDSExpertsMethod(SimpleNamespace(ep_size=4), "m.experts",
-                                {"gate_up_proj": EXPERTS_ENTRY, "down_proj": EXPERTS_ENTRY})
-    with pytest.raises(ValueError, match=r"^lords' vLLM plugin does not place the experts of m\.experts on processes "
-                                         r"\(expert parallel size 4\); serve without expert parallelism$"):
-        method.create_weights(torch.nn.Module(), 8, 64, 32, torch.float32)
