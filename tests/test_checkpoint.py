@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -9,9 +10,10 @@ import lords
 from conftest import exactly, word_tokenizer
 from lords import integrity
 from lords.checkpoint import (
-    LEGACY_CONFIG_NAME, WEIGHTS_NAME, CheckpointError, ShardedSafetensors, is_checkpoint, parse_size,
+    LEGACY_CONFIG_NAME, WEIGHTS_NAME, CheckpointError, ShardedSafetensors, dense_dtype, is_checkpoint, parse_size,
     quantized_tensor_names, read_header, read_tensor,
 )
+from lords.linear import LoRDSLinear
 
 
 @pytest.fixture
@@ -107,7 +109,9 @@ def test_format_2_checkpoints_still_load(quantized, tmp_path):
 def test_format_1_checkpoints_say_what_to_do(quantized, tmp_path):
     folder = lords.save(quantized, tmp_path / "ckpt")
     _as_format_2(folder, version=1)
-    with pytest.raises(CheckpointError, match="format_version 1: .* quantize the model again"):
+    with pytest.raises(CheckpointError, match=exactly(
+            f"cannot load {folder}: {folder / LEGACY_CONFIG_NAME} has format_version 1: its codes are packed in a "
+            "layout this lords no longer reads; quantize the model again")):
         lords.load(folder)
 
 
@@ -119,7 +123,7 @@ def test_not_a_checkpoint(tmp_path, model_folder):
 
 
 def test_saving_an_unquantized_model_is_refused(tiny_llama, tmp_path):
-    with pytest.raises(ValueError, match="no LoRDSLinear layers"):
+    with pytest.raises(ValueError, match=exactly("the model has no LoRDSLinear layers; quantize it before saving")):
         lords.save(tiny_llama, tmp_path / "ckpt")
 
 
@@ -173,13 +177,15 @@ def test_large_checkpoints_are_sharded_as_transformers_does(quantized, tmp_path)
 
 
 def test_saving_a_large_checkpoint_shows_a_bar_of_its_bytes(quantized, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(lords.checkpoint, "PROGRESS_BYTES", 0)
-    lords.save(quantized, tmp_path / "ckpt", dtype=torch.float32)
     stored = sum(t.numel() * t.element_size() for n, t in quantized.state_dict().items() if n != "lm_head.weight")
+    monkeypatch.setattr(lords.checkpoint, "PROGRESS_BYTES", stored)  # a bar from PROGRESS_BYTES on, that size included
+    lords.save(quantized, tmp_path / "ckpt", dtype=torch.float32)
     bar = capsys.readouterr().err.splitlines()[-1]
     assert bar.startswith("saving: 100%") and f"{stored / 1e3:.1f}k/{stored / 1e3:.1f}k " in bar
     assert bar.endswith("B/s]")  # bytes
     lords.save(quantized, tmp_path / "quiet", dtype=torch.float32, progress=False)
+    monkeypatch.setattr(lords.checkpoint, "PROGRESS_BYTES", stored + 1)
+    lords.save(quantized, tmp_path / "small", dtype=torch.float32)
     assert "saving" not in capsys.readouterr().err
 
 
@@ -226,12 +232,14 @@ def test_stripped_or_corrupt_configs_are_named(quantized, tmp_path):
             "quant_method 'lords' (nor a lords_config.json); it would load with random weights: restore the "
             "config.json that lords saved with it")):
         lords.load(folder)
-    other = tmp_path / "undigested"  # an older lords wrote no digests: its tensors' names give it away
-    other.mkdir()
-    (other / "config.json").write_text("{}")
-    save_file({"model.layers.0.mlp.up_proj.codes": torch.zeros(4, dtype=torch.uint8)}, str(other / WEIGHTS_NAME))
-    with pytest.raises(CheckpointError, match=f"^{other} holds tensors written by lords"):
-        lords.load(other)
+    for part, dtype in (("codes", torch.uint8), ("scale_b", torch.bfloat16)):
+        other = tmp_path / part  # an older lords wrote no digests: its tensors' names give it away
+        other.mkdir()
+        (other / "config.json").write_text("{}")
+        (other / "broken.safetensors").write_bytes(b"not a safetensors file")  # read first, skipped
+        save_file({f"model.layers.0.mlp.up_proj.{part}": torch.zeros(4, dtype=dtype)}, str(other / WEIGHTS_NAME))
+        with pytest.raises(CheckpointError, match=f"^{other} holds tensors written by lords"):
+            lords.load(other)
 
 
 @pytest.mark.parametrize("change,message", [
@@ -240,6 +248,7 @@ def test_stripped_or_corrupt_configs_are_named(quantized, tmp_path):
                                                "format_version=2)"),
     (lambda meta: {**meta, "layers": {"model.layers.0.mlp.up_proj": 5}},
      "'layers' must map layer names to their fields, got {'model.layers.0.mlp.up_proj': 5}"),
+    (lambda meta: {**meta, "layers": {}}, "'layers' must map layer names to their fields, got {}"),
     (lambda meta: {**meta, "quantization": "abc"}, "quantization_config: quantization must be a dict or null, got "
                                                    "'abc'"),
 ])
@@ -250,6 +259,17 @@ def test_bad_format_2_configs_are_named(quantized, tmp_path, change, message):
     path.write_text(json.dumps(change(json.loads(path.read_text()))))
     separator = " " if message.startswith("is ") else ": "
     with pytest.raises(CheckpointError, match=exactly(f"cannot load {folder}: {path}{separator}{message}")):
+        lords.load(folder)
+
+
+def test_corrupt_format_2_config_is_named(quantized, tmp_path):
+    folder = lords.save(quantized, tmp_path / "ckpt")
+    _as_format_2(folder)
+    path = folder / LEGACY_CONFIG_NAME
+    path.write_text("{not json")
+    with pytest.raises(json.JSONDecodeError) as error:
+        json.loads(path.read_text())
+    with pytest.raises(CheckpointError, match=exactly(f"cannot load {folder}: {path} is corrupt: {error.value}")):
         lords.load(folder)
 
 
@@ -277,6 +297,7 @@ def test_quantized_tensor_names_are_the_layers_codes_codebooks_and_scales(quanti
         "codes", "codebook", "scale_b", "scale_a")} <= names
 
 
+@pytest.mark.filterwarnings("error")  # e.g. Python's warning for a binary file opened line-buffered
 def test_sharded_writer_fills_shards_up_to_the_limit_and_writes_safetensors(tmp_path):
     tensors = {f"t{i}": torch.arange(2, dtype=torch.float32) + i for i in range(4)}  # 8 bytes each
     tensors["codes"] = torch.arange(3, dtype=torch.uint8)
@@ -315,3 +336,60 @@ def test_more_than_three_unwritten_tensors_are_named_by_the_first_three(tmp_path
     writer = ShardedSafetensors(tmp_path, {f"t{i}": ((1,), torch.float32) for i in range(5)}, "1GB")
     with pytest.raises(RuntimeError, match=exactly("5 tensors were never written, e.g. ['t0', 't1', 't2']")):
         writer.close()
+
+
+def test_load_hands_the_device_map_dtype_and_other_arguments_to_transformers(quantized, tmp_path):
+    folder = lords.save(quantized, tmp_path / "ckpt")  # bf16
+    for device in ("auto", {"": "cpu"}):  # a device map, not one device: the stored dtype
+        assert lords.load(folder, device=device).model.embed_tokens.weight.dtype == torch.bfloat16
+    on_meta = lords.load(folder, device="meta")
+    assert {p.device.type for p in on_meta.parameters()} == {"meta"}
+    assert lords.load(folder).config._attn_implementation == "sdpa"  # transformers' default, so the next check counts
+    assert lords.load(folder, attn_implementation="eager").config._attn_implementation == "eager"
+
+
+def test_missing_weights_are_named(quantized, tmp_path):
+    folder = lords.save(quantized, tmp_path / "ckpt")
+    (folder / WEIGHTS_NAME).unlink()
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"cannot load {folder}: a weights file is corrupt, truncated or missing: ") + ".*no file named"):
+        lords.load(folder)
+
+
+@pytest.mark.parametrize("change,expected", [
+    (lambda config: config.update(torch_dtype=config.pop("dtype")), torch.bfloat16),  # as older transformers wrote it
+    (lambda config: config.pop("dtype"), None),
+    (lambda config: config.update(dtype="float77"), None),
+])
+def test_the_source_dtype_is_read_from_either_config_key(quantized, tmp_path, change, expected):
+    folder = lords.save(quantized, tmp_path / "ckpt")
+    edit_json(folder / "config.json", change)
+    assert lords.load(folder).source_dtype == expected
+
+
+def test_read_header_and_read_tensor_name_a_broken_file(tmp_path):
+    path = tmp_path / "broken.safetensors"
+    path.write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match=exactly(
+            f"{path} is not a safetensors file (truncated, or its header length is wrong)")):
+        read_header(path)
+    path = tmp_path / WEIGHTS_NAME
+    save_file({"weight": torch.ones(4)}, str(path))
+    start, header = read_header(path)
+    with open(path, "r+b") as handle:  # shortened after its header was read, as by a copy still under way
+        handle.truncate(start + 8)
+    with pytest.raises(CheckpointError, match=exactly(f"{path} is truncated: {header['weight']} runs past its end")):
+        read_tensor(path, start, header["weight"])
+
+
+def test_dense_dtype_is_the_first_floating_tensor_outside_the_lords_layers():
+    lords_first = torch.nn.Sequential(LoRDSLinear(64, 8, bits=4, rank=1), torch.nn.LayerNorm(8, dtype=torch.float16))
+    assert list(lords_first.state_dict())[:4] == ["0.scale_b", "0.scale_a", "0.codes", "0.codebook"]  # bf16 first
+    assert dense_dtype(lords_first) == torch.float16
+    assert dense_dtype(torch.nn.Sequential(LoRDSLinear(64, 8, bits=4, rank=1))) == torch.bfloat16  # nothing dense
+
+
+def test_a_model_without_a_generation_config_is_saved_without_one(quantized, tmp_path):
+    del quantized.generation_config  # as a model that is not a transformers generator
+    folder = lords.save(quantized, tmp_path / "ckpt")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", WEIGHTS_NAME]

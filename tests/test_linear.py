@@ -1,3 +1,5 @@
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -96,6 +98,7 @@ def test_gradients_flow_only_where_asked():
 def test_from_factors_keeps_shapes_dtypes_and_bias():
     factors = lords_quantize(torch.randn(24, 96), get_codebook("int", 2), 32, 3, steps=1, scale_dtype=torch.float16)
     bias = torch.randn(24)
+    assert LoRDSLinear.from_factors(factors, 2, "int").bias is None
     layer = LoRDSLinear.from_factors(factors, 2, "int", bias)
     assert (layer.in_features, layer.out_features, layer.bits, layer.rank) == (96, 24, 2, 3)
     assert layer.scale_b.dtype == layer.scale_a.dtype == torch.float16 and layer.backend == "auto"
@@ -162,7 +165,8 @@ def test_triton_backends_call_the_kernel_ops(monkeypatch, backend, bias):
     layer = LoRDSLinear.from_factors(factors, 3, "nf", torch.randn(24) if bias else None)
     x = torch.randn(2, 5, 96, requires_grad=True)
     grad_out = torch.randn(2, 5, 24)
-    layer(x).backward(grad_out)
+    torch_out = layer(x)
+    torch_out.backward(grad_out)
     assert calls == []  # "auto" on CPU inputs is the torch path
     expected = [p.grad.clone() for p in (x, layer.scale_b, layer.scale_a)]
     expected_bias = layer.bias.grad.clone() if bias else None
@@ -174,6 +178,7 @@ def test_triton_backends_call_the_kernel_ops(monkeypatch, backend, bias):
     out.backward(grad_out)
     fused = backend == "fused"
     assert calls == [("matmul", fused, False), ("dequantize", torch.float32), ("scale_grads",)]
+    assert torch.equal(out, torch_out)  # the bias included
     for ours, reference in zip((x.grad, layer.scale_b.grad, layer.scale_a.grad), expected):
         assert ours.dtype == reference.dtype and torch.equal(ours, reference)
     if bias:
@@ -190,8 +195,43 @@ def test_triton_backends_call_the_kernel_ops(monkeypatch, backend, bias):
     calls.clear()
     layer(x).backward(grad_out)  # only the input: dX = dY W, no scale gradients
     assert calls == [("matmul", fused, False), ("dequantize", torch.float32)] and torch.equal(x.grad, 2 * expected[0])
+    calls.clear()
+    layer.scale_b.requires_grad_(True)
+    layer(x.detach()).backward(grad_out)  # only B: the autograd node, with the scale gradients' kernel alone
+    assert calls == [("matmul", fused, False), ("scale_grads",)] and torch.equal(layer.scale_b.grad, 2 * expected[1])
+    layer.scale_b.requires_grad_(False)
     if bias:  # only the bias: the autograd node, with neither kernel in its backward
         calls.clear()
         layer.bias.requires_grad_(True)
         layer(x.detach()).backward(grad_out)
         assert calls == [("matmul", fused, False)] and torch.equal(layer.bias.grad, 2 * expected_bias)
+
+
+def test_half_precision_inputs_meet_the_weight_in_their_dtype():
+    """On the torch path the dequantized weight is cast to the input's dtype, forward and backward (a float32 weight
+    could not multiply bfloat16 inputs): the same as F.linear with the layer's weight dequantized in bfloat16."""
+    factors = lords_quantize(torch.randn(24, 96), get_codebook("nf", 4), 32, 2, steps=1)
+    layer = LoRDSLinear.from_factors(factors, 4, "nf", torch.randn(24))
+    layer.backend = "torch"
+    weight = layer.dequantize(torch.bfloat16)
+    x = torch.randn(5, 96, dtype=torch.bfloat16, requires_grad=True)
+    with torch.no_grad():  # inference: no autograd node
+        expected = torch.nn.functional.linear(x, weight, layer.bias.to(torch.bfloat16))
+        assert torch.equal(layer(x), expected)
+    out = layer(x)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
+    grad_out = torch.randn(5, 24, dtype=torch.bfloat16)
+    out.backward(grad_out)
+    assert x.grad.dtype == torch.bfloat16 and torch.equal(x.grad, grad_out @ weight)
+
+
+@pytest.mark.parametrize("is_cuda,triton,expected", [(True, True, "triton"), (True, False, "torch"),
+                                                     (False, True, "torch")])
+def test_auto_is_triton_for_cuda_inputs_when_triton_is_installed(monkeypatch, is_cuda, triton, expected):
+    import lords.linear
+
+    monkeypatch.setattr(lords.linear, "_TRITON", triton)
+    x = SimpleNamespace(is_cuda=is_cuda)  # a CUDA tensor's stand-in: the CPU suite has none
+    assert lords.linear.kernel_path("auto", x) == expected
+    assert [lords.linear.kernel_path(backend, x) for backend in ("torch", "triton", "fused")] == [
+        "torch", "triton", "fused"]  # a named backend is taken as it is
