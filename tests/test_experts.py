@@ -451,3 +451,13 @@ def test_the_triton_paths_of_the_experts_equal_the_torch_reference():
         for backend in ("triton", "fused"):
             experts.gate_up_proj.backend = experts.down_proj.backend = backend
             torch.testing.assert_close(experts(hidden, top_k_index, top_k_weights), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_error_feedback_codes_refuse_experts_before_anything_changes():
+    model = tiny_qwen3_moe()
+    before = {name: param.detach().clone() for name, param in model.named_parameters()}
+    with pytest.raises(ValueError) as error:
+        lords.quantize(model, lords.LoRDSConfig(bits=4, block_size=32, steps=2, codes="gptq"),
+                       calibration=torch.randint(0, 96, (2, 8)), progress=False)
+    assert str(error.value) == "codes='gptq' does not cover MoE experts yet; quantize this model with codes='nearest'"
+    assert all(torch.equal(before[name], param) for name, param in model.named_parameters())

@@ -266,3 +266,77 @@ def test_plan_layers_names_the_experts_projections():
                                for part in ("down_proj", "gate_up_proj")]
     assert experts["model.layers.0.mlp.experts.gate_up_proj"] == {
         "bits": 4, "rank": parity_rank(64, 64, 32), "codebook": "nf", "scale_dtype": "bfloat16", "experts": 8}
+
+
+def test_format_report_counts_weights_in_millions():
+    """2.95M weights: 2.95 rounds up to 3.0 (a divisor off by one would give 2.9)."""
+    report = model_module.LayerReport("m.down_proj", (2950, 1000), 4, 7, 4.2, 0.1, 0.05, 0.07, 2.0)
+    assert model_module.format_report([report]).splitlines()[-1] == "1 layers, 3.0M weights, 4.200 bits/weight, 2.0 s"
+
+
+def test_a_bf16_model_is_refined_in_float32(tiny_llama):
+    """The stacks are refined in float32 whatever the model's dtype: a bf16 model gets the codes and scales of its
+    float32 copy (the same values)."""
+    config = lords.LoRDSConfig(bits=4, block_size=32, steps=3)
+    bf16 = copy.deepcopy(tiny_llama).bfloat16()
+    fp32 = copy.deepcopy(bf16).float()
+    lords.quantize(bf16, config, progress=False)
+    lords.quantize(fp32, config, progress=False)
+    for name, layer in bf16.named_modules():
+        if isinstance(layer, LoRDSLinear):
+            twin = fp32.get_submodule(name)
+            assert torch.equal(layer.codes, twin.codes), name
+            assert torch.equal(layer.scale_b, twin.scale_b) and torch.equal(layer.scale_a, twin.scale_a), name
+
+
+def test_biased_linears_keep_their_bias():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, attention_bias=True, mlp_bias=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    biases = {}
+    with torch.no_grad():  # transformers starts biases at zero, which a dropped bias would match
+        for name, layer in model.named_modules():
+            if isinstance(layer, nn.Linear) and layer.bias is not None:
+                layer.bias.normal_()
+                biases[name] = layer.bias.detach().clone()
+    lords.quantize(model, lords.LoRDSConfig(bits=4, block_size=32, steps=2), progress=False)
+    assert len(biases) == 7
+    for name, bias in biases.items():
+        layer = model.get_submodule(name)
+        assert isinstance(layer, LoRDSLinear) and torch.equal(layer.bias, bias), name
+
+
+class RecordingBar:
+    """tqdm's part that lords.model uses, recording what it is told."""
+    bars: list["RecordingBar"] = []
+
+    def __init__(self, iterable=None, total=None, desc=None, disable=False):
+        self.iterable, self.total, self.desc, self.n, self.postfix = iterable, total, desc, 0, None
+        RecordingBar.bars.append(self)
+
+    def __iter__(self):
+        return iter(self.iterable)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, count):
+        self.n += count
+
+    def set_postfix(self, **fields):
+        self.postfix = fields
+
+
+def test_the_progress_bar_counts_every_layer_and_shows_the_mean_error(tiny_llama, monkeypatch):
+    monkeypatch.setattr(model_module, "tqdm", RecordingBar)
+    RecordingBar.bars = []
+    reports = lords.quantize(tiny_llama, lords.LoRDSConfig(bits=4, block_size=32, steps=2), progress=True)
+    bar = next(bar for bar in RecordingBar.bars if bar.desc == "quantizing layers")
+    assert bar.n == bar.total == len(reports) == 14
+    assert bar.postfix == {"error": f"{sum(r.error for r in reports) / len(reports):.4f}"}
