@@ -1,4 +1,5 @@
 import copy
+import time
 
 import pytest
 import torch
@@ -340,3 +341,29 @@ def test_the_progress_bar_counts_every_layer_and_shows_the_mean_error(tiny_llama
     bar = next(bar for bar in RecordingBar.bars if bar.desc == "quantizing layers")
     assert bar.n == bar.total == len(reports) == 14
     assert bar.postfix == {"error": f"{sum(r.error for r in reports) / len(reports):.4f}"}
+
+
+def test_gptq_codes_take_the_configs_scale_dtype_seed_and_init(tiny_llama):
+    """codes="gptq" hands the config's scale dtype and init to the factorization (the seed draws only the extra
+    directions of a rank above the kept singular values, which a parity rank here never needs)."""
+    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+
+    def quantized(**settings):
+        model = copy.deepcopy(tiny_llama)
+        config = lords.LoRDSConfig(bits=4, block_size=32, steps=2, codes="gptq", **settings)
+        lords.quantize(model, config, calibration=ids, progress=False)
+        return model.model.layers[0].self_attn.q_proj
+
+    plain = quantized()
+    assert plain.scale_b.dtype == torch.bfloat16 and quantized(scale_dtype="float16").scale_b.dtype == torch.float16
+    assert torch.equal(quantized().scale_a, plain.scale_a)  # deterministic for one seed
+    assert not torch.equal(quantized(exact_init=True).scale_a, plain.scale_a)
+
+
+def test_each_report_times_its_layer(tiny_llama):
+    """A group's refinement time shared by its layers: positive, and summing to less than the whole call."""
+    start = time.perf_counter()
+    reports = lords.quantize(tiny_llama, lords.LoRDSConfig(bits=4, block_size=32, steps=2), progress=False)
+    elapsed = time.perf_counter() - start
+    assert all(report.seconds > 0 for report in reports)
+    assert sum(report.seconds for report in reports) < elapsed
