@@ -55,3 +55,29 @@ def model_folder(tiny_llama, tmp_path):
     tiny_llama.save_pretrained(folder)
     word_tokenizer().save_pretrained(folder)
     return folder
+
+
+def random_triton_experts(hidden_size, width):
+    """LoRDSExperts of 3 random 4-bit experts (float32 scales) on the Triton kernels, and a copy on the torch
+    reference."""
+    import copy
+
+    from torch import nn
+
+    from lords.experts import LoRDSExperts, LoRDSExpertWeights
+
+    class Original(nn.Module):
+        num_experts, act_fn = 3, nn.SiLU()
+
+    def random_stack(out_features, in_features, seed):
+        generator = torch.Generator().manual_seed(seed)
+        stack = LoRDSExpertWeights(3, in_features, out_features, bits=4, rank=2, scale_dtype=torch.float32)
+        stack.set_factors(torch.rand(3, out_features, 2, generator=generator),
+                          torch.rand(3, 2, in_features, generator=generator),
+                          torch.randint(0, 16, (3, out_features, in_features), generator=generator))
+        return stack
+
+    experts = LoRDSExperts(Original(), random_stack(2 * width, hidden_size, 0), random_stack(hidden_size, width, 1))
+    reference = copy.deepcopy(experts)
+    experts.gate_up_proj.backend = experts.down_proj.backend = "triton"
+    return experts, reference

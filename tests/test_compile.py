@@ -117,23 +117,10 @@ def test_grouped_experts_compile_as_one_graph(monkeypatch, decode_max_pairs):
     bound lowered so that 4 pairs take it): opcheck passes, and the experts module compiles with fullgraph (nothing
     asks the host which experts were hit, which would break the graph) to what it computes eagerly."""
     import lords.kernels
-    from lords.experts import LoRDSExperts, LoRDSExpertWeights
+    from conftest import random_triton_experts
 
     monkeypatch.setattr(lords.kernels, "GROUPED_DECODE_MAX_PAIRS", decode_max_pairs)
-
-    class Original(nn.Module):
-        num_experts, act_fn = 3, nn.SiLU()
-
-    def random_stack(out_features, in_features, seed):
-        generator = torch.Generator().manual_seed(seed)
-        stack = LoRDSExpertWeights(3, in_features, out_features, bits=4, rank=2, scale_dtype=torch.float32)
-        stack.set_factors(torch.rand(3, out_features, 2, generator=generator),
-                          torch.rand(3, 2, in_features, generator=generator),
-                          torch.randint(0, 16, (3, out_features, in_features), generator=generator))
-        stack.backend = "triton"
-        return stack
-
-    experts = LoRDSExperts(Original(), random_stack(40, 48, 0), random_stack(48, 20, 1)).eval()
+    experts = random_triton_experts(48, 20)[0].eval()
     hidden, top_k_weights = torch.randn(2, 48), torch.rand(2, 2)
     top_k_index = torch.tensor([[0, 2], [3, 1]])  # 3: a slot masked out by expert parallelism
     proj = experts.gate_up_proj

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import lords
-from conftest import word_tokenizer
+from conftest import random_triton_experts, word_tokenizer
 from lords.experts import (
     PRIOR_TOKENS, LoRDSExperts, LoRDSExpertWeights, recording_expert_moments, run_experts, shrink_moments,
 )
@@ -349,26 +349,6 @@ def test_a_checkpoint_naming_one_projection_or_another_expert_count_is_refused(q
     with pytest.raises(ValueError, match=r"names one projection of the experts model\.layers\.0\.mlp\.experts but not "
                                          r"model\.layers\.0\.mlp\.experts\.gate_up_proj"):
         lords.load(tmp_path / "moe")
-
-
-def random_triton_experts(hidden_size, width):
-    """LoRDSExperts of 3 random 4-bit experts (float32 scales) on the Triton kernels, and a copy on the torch
-    reference."""
-    class Original(nn.Module):
-        num_experts, act_fn = 3, nn.SiLU()
-
-    def random_stack(out_features, in_features, seed):
-        generator = torch.Generator().manual_seed(seed)
-        stack = LoRDSExpertWeights(3, in_features, out_features, bits=4, rank=2, scale_dtype=torch.float32)
-        stack.set_factors(torch.rand(3, out_features, 2, generator=generator),
-                          torch.rand(3, 2, in_features, generator=generator),
-                          torch.randint(0, 16, (3, out_features, in_features), generator=generator))
-        return stack
-
-    experts = LoRDSExperts(Original(), random_stack(2 * width, hidden_size, 0), random_stack(hidden_size, width, 1))
-    reference = copy.deepcopy(experts)
-    experts.gate_up_proj.backend = experts.down_proj.backend = "triton"
-    return experts, reference
 
 
 def relative_error(actual, expected):

@@ -339,40 +339,26 @@ def test_experts_method_computes_what_lords_load_computes(moe_checkpoint):
                                    experts(x, top_k_index, top_k_weights), rtol=0, atol=0)
 
 
-def test_tensor_parallel_expert_shards_sum_to_the_whole_experts(moe_checkpoint):
-    """Two ranks, each with half of every expert's width (its rows of gate and of up, its columns of down, 4-bit
-    codes unpacked and packed again): their outputs sum to the one-process output, as vLLM's all-reduce sums them."""
+# Two ranks against one process. Tensor parallel: each rank holds half of every expert's width (its rows of gate and
+# of up, its columns of down, 4-bit codes unpacked and packed again); float32 sums in another order, measured 1.9e-6
+# at most on outputs up to 15. Expert parallel: each holds 4 of the 8 experts whole, and the router's choices among
+# the other rank's experts contribute nothing on it; measured bit-identical.
+@pytest.mark.parametrize("parallel", ["tp", "ep"])
+def test_parallel_ranks_sum_to_the_whole_experts(moe_checkpoint, parallel):
+    """The ranks' outputs sum to the one-process output, as vLLM's all-reduce sums them."""
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(6, 128, generator=generator)
     top_k_index = torch.randint(0, 8, (6, 2), generator=generator)
     top_k_weights = torch.rand(6, 2, generator=generator)
     outputs = []
-    for tp_size, tp_rank in [(1, 0), (2, 0), (2, 1)]:
-        method, layer, tensors = _experts_layer(moe_checkpoint, tp_size=tp_size, tp_rank=tp_rank)
+    for size, rank in [(1, 0), (2, 0), (2, 1)]:
+        method, layer, tensors = _experts_layer(moe_checkpoint, **{f"{parallel}_size": size, f"{parallel}_rank": rank})
         list(layer.load_weights(tensors.items()))
         method.process_weights_after_loading(layer)
+        held = 8 // size if parallel == "ep" else 8
+        assert layer.lords_experts.gate_up_proj.num_experts == held
         with torch.no_grad():
             outputs.append(method.apply(layer, x, top_k_weights, top_k_index, None, None))
-    # float32 sums in another order: measured 1.9e-6 at most, on outputs up to 15
-    torch.testing.assert_close(outputs[1] + outputs[2], outputs[0], rtol=1e-5, atol=5e-6)
-
-
-def test_expert_parallel_ranks_sum_to_the_whole_experts(moe_checkpoint):
-    """Two ranks, each holding 4 of the 8 experts whole: the router's choices among other ranks' experts contribute
-    nothing on this one, and the ranks' outputs sum to the one-process output."""
-    generator = torch.Generator().manual_seed(2)
-    x = torch.randn(6, 128, generator=generator)
-    top_k_index = torch.randint(0, 8, (6, 2), generator=generator)
-    top_k_weights = torch.rand(6, 2, generator=generator)
-    outputs = []
-    for ep_size, ep_rank in [(1, 0), (2, 0), (2, 1)]:
-        method, layer, tensors = _experts_layer(moe_checkpoint, ep_size=ep_size, ep_rank=ep_rank)
-        list(layer.load_weights(tensors.items()))
-        method.process_weights_after_loading(layer)
-        assert layer.lords_experts.gate_up_proj.num_experts == 8 // ep_size
-        with torch.no_grad():
-            outputs.append(method.apply(layer, x, top_k_weights, top_k_index, None, None))
-    # a token's two experts may be added in another order (float32 rounding); measured: bit-identical here
     torch.testing.assert_close(outputs[1] + outputs[2], outputs[0], rtol=1e-5, atol=5e-6)
 
 
