@@ -43,6 +43,9 @@ QWEN3_30B_A3B = dict(hidden_size=2048, moe_intermediate_size=768, num_experts=12
 TINY = dict(hidden_size=64, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2)
 TOKENS, TINY_TOKENS = (1, 16, 2048), (1, 4, 32)
 TARGETS = {1: 0.6, 16: 0.6, 2048: 1.2}  # issue 30: LoRDS time / bf16 time
+# bf16 outputs of the same weights differ by under 1e-2 (7.5e-3 measured, H200); NaN or more means a wrong kernel,
+# whose time is no figure: the run is marked failed
+ERROR_BOUND = 0.05
 
 
 def random_stack(num_experts, out_features, in_features, bits, rank, device) -> LoRDSExpertWeights:
@@ -128,6 +131,7 @@ def main() -> None:
         "row at the same tokens; error: relative output error against eager bf16 experts holding the LoRDS weights",
         "", "| tokens | experts | implementation | ms | ratio | error |", "|---|---|---|---|---|---|",
     ]
+    failures = []
     for tokens in token_counts:
         hidden = torch.randn(tokens, shape["hidden_size"], device=device, dtype=torch.bfloat16)
         with torch.no_grad():
@@ -152,10 +156,17 @@ def main() -> None:
             target = TARGETS.get(tokens)
             ratio = f"{ms / fastest:.2f}" + (f" (target <= {target})" if target and not args.tiny else "")
             path = lords_path(experts, hidden, top_k_index)
-            report.append(f"| {tokens} | lords | {backend} ({path}) | {ms:.3f} | {ratio} | {error:.1e} |")
+            wrong = not error < ERROR_BOUND  # NaN too
+            failures += [f"{backend} at {tokens} tokens: error {error:.1e}"] if wrong else []
+            report.append(f"| {tokens} | lords | {backend} ({path}) | {ms:.3f} | {ratio} | {error:.1e}"
+                          f"{' WRONG' if wrong else ''} |")
         finish_report(report, args.out, done=False)
     report += ["", f"total {time.perf_counter() - started:.0f} s"]
+    if failures:
+        report += ["", f"FAILED: LoRDS outputs beyond the error bound {ERROR_BOUND}: {'; '.join(failures)}"]
     finish_report(report, args.out)
+    if failures:
+        raise SystemExit(f"benchmarks.moe: wrong LoRDS outputs ({'; '.join(failures)})")
 
 
 if __name__ == "__main__":

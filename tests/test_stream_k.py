@@ -48,6 +48,24 @@ def test_shared_tiles_get_distinct_slots_within_the_grid(tiles, steps, programs)
     assert len(shared) == len(set(shared)) and all(0 <= slot < programs for slot in shared)
 
 
+@triton.jit
+def _record_share_bounds(bounds_ptr, units):
+    start, end = work_share(units)
+    tl.store(bounds_ptr + 2 * tl.program_id(0), start)
+    tl.store(bounds_ptr + 2 * tl.program_id(0) + 1, end)
+
+
+def test_shares_of_more_units_than_int32_products_hold():
+    # A grouped MoE prefill (2048 tokens at top-8 over 128 experts, each expert's run padded to a whole M tile) has
+    # millions of units, and program p times units passed 2^31 in int32: negative shares, an illegal memory access
+    # on the H200 (2026-12-03). Shares must be p * units // programs in exact integers.
+    units, programs = 6_000_000, 528
+    bounds = torch.zeros(programs, 2, dtype=torch.int32)
+    _record_share_bounds[(programs,)](bounds, units)
+    expected = [[p * units // programs, (p + 1) * units // programs] for p in range(programs)]
+    assert bounds.tolist() == expected
+
+
 @pytest.mark.parametrize("kernel,m", [(decode_matmul, 3), (tiled_matmul, 20)], ids=["decode", "tiled"])
 def test_shared_tiles_leave_the_workspace_zero(kernel, m):
     # N = 24 and K = 600 under the interpreter's configs (three programs): decode has 2 tiles of 19 steps, shares of

@@ -66,7 +66,8 @@ def workspace_tensors() -> list[torch.Tensor]:
 @triton.jit
 def work_share(units):
     """[start, end) of this program's share of `units` work units: equal, contiguous shares over the grid."""
-    pid = tl.program_id(0)
+    # in int64: a grouped prefill's millions of units times a program id pass 2^31
+    pid = tl.program_id(0).to(tl.int64)
     programs = tl.num_programs(0)
     return (pid * units // programs).to(tl.int32), ((pid + 1) * units // programs).to(tl.int32)
 
