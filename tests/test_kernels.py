@@ -2,6 +2,9 @@
 
 import json
 import os
+import subprocess
+import sys
+import textwrap
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -447,6 +450,34 @@ def test_precompile_launches_are_what_lords_matmul_runs():
     assert kernel_launches(model, rows=(1,))[-1][6][1] == torch.bfloat16
     # every launch's tensors pass the wrappers' checks (widths, row limits)
     compile_launches(launches, device="cpu")
+
+
+def test_precompile_runs_from_a_script_without_a_main_guard(tmp_path):
+    # A spawned multiprocessing pool re-runs the calling script in each worker: without the guard the workers started
+    # pools of their own and the call never returned (seen on the H200 with a benchmark script, 2026-12-03).
+    script = tmp_path / "unguarded.py"
+    script.write_text(textwrap.dedent("""
+        import torch
+        from lords.linear import LoRDSLinear
+        from lords.model import kernel_launches
+        from lords.kernels.precompile import precompile
+
+        model = torch.nn.Sequential(LoRDSLinear(40, 24, 4, 3), LoRDSLinear(24, 33, 3, 5, bias=True))
+        seconds = precompile(kernel_launches(model, rows=(1, 16), dtype=torch.float32), workers=2, device="cpu")
+        print("compiled", seconds > 0)
+    """))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert (done.returncode, done.stdout) == (0, "compiled True\n"), done.stderr[-2000:]
+
+
+def test_precompile_names_a_failed_worker():
+    from lords.kernels.precompile import precompile
+
+    launch = ("no-such-kernel", 24, 40, 1, 4, 3, ((0.0,), torch.float32), torch.float32, torch.float32, False)
+    with pytest.raises(RuntimeError, match=r"^precompiling the LoRDS kernels failed in a worker process: "
+                                           r"KeyError: 'no-such-kernel'$"):
+        precompile([launch], workers=1, device="cpu")
 
 
 def test_w_left_configs_serve_small_row_counts_only():

@@ -5,9 +5,12 @@ forward. `precompile` compiles every config those calls will need into Triton's 
 per CPU core, so that autotuning only times them.
 """
 
-import multiprocessing
 import os
+import pickle
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -45,16 +48,18 @@ def compile_launches(launches, device="cuda") -> None:
                               torch.zeros(n, dtype=dtype, device=device) if bias else None)
 
 
-def precompile(launches, workers: int | None = None) -> float:
+def precompile(launches, workers: int | None = None, device: str = "cuda") -> float:
     """Compile every autotune config of these launches (layer_launches) into Triton's disk cache, in `workers`
     processes (default WORKERS: one per CPU core, at most 16). Launches that look like one Triton specialisation (same
     kernel, rank padding and divisibility) go to one worker in turn, so that the second finds the first's binary.
-    Nothing to do without CUDA: the CPU interpreter compiles nothing. Returns the seconds taken.
+    Nothing to do without CUDA: the CPU interpreter compiles nothing (device="cpu" runs the workers anyway, for the
+    tests). Returns the seconds taken.
 
-    The workers are spawned (a forked child cannot use CUDA once the parent has), so a script that calls this must do
-    so under `if __name__ == "__main__":`, as for any spawned pool."""
+    The workers are fresh interpreters (`python -m lords.kernels.precompile`, the launches on their stdin), not a
+    multiprocessing pool: a spawned pool re-runs the caller's script in every worker, which without an
+    `if __name__ == "__main__":` guard starts pools of its own and never finishes."""
     started = time.perf_counter()
-    if not torch.cuda.is_available():
+    if device == "cuda" and not torch.cuda.is_available():
         return 0.0
     groups = {}
     for launch in dict.fromkeys(launches):
@@ -64,6 +69,31 @@ def precompile(launches, workers: int | None = None) -> float:
         specialisation = (name, rows, bits, rank_pad(rank), rank % 16 == 0, rank == 1, n % 16 == 0, k % 256 == 0,
                           levels, dtype, scale_dtype, bias)
         groups.setdefault(specialisation, []).append(launch)
-    with multiprocessing.get_context("spawn").Pool(workers or WORKERS) as pool:
-        pool.map(compile_launches, sorted(groups.values(), key=len, reverse=True), chunksize=1)
+    # the largest groups first, each to the worker with the fewest launches so far
+    shares = [[] for _ in range(min(workers or WORKERS, len(groups)))]
+    for group in sorted(groups.values(), key=len, reverse=True):
+        min(shares, key=lambda share: sum(map(len, share))).append(group)
+    package_root = str(Path(__file__).resolve().parents[2])  # lords importable from a source checkout too
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root,
+                                                                            os.environ.get("PYTHONPATH")]))}
+    processes = [subprocess.Popen([sys.executable, "-m", "lords.kernels.precompile"], stdin=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, env=environment) for _ in shares]
+    for process, share in zip(processes, shares):
+        process.stdin.write(pickle.dumps((share, device)))
+        process.stdin.close()
+    failures = [process.stderr.read().decode().strip().splitlines() for process in processes]
+    for process, errors in zip(processes, failures):
+        if process.wait() != 0:
+            raise RuntimeError(f"precompiling the LoRDS kernels failed in a worker process: "
+                               f"{errors[-1] if errors else f'exit code {process.returncode}'}")
     return time.perf_counter() - started
+
+
+def _worker() -> None:
+    share, device = pickle.load(sys.stdin.buffer)
+    for group in share:
+        compile_launches(group, device)
+
+
+if __name__ == "__main__":
+    _worker()
