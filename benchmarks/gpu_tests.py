@@ -18,12 +18,14 @@ import triton
 from .tables import finish_report, produced_by
 
 
-def run_suite(junit: str, path: str = "tests/gpu") -> int:
+def run_suite(junit: str, path: str = "tests/gpu", workers: int = 1) -> int:
     """pytest on tests/gpu (or one file of it) in a child process without Triton's interpreter (tests/conftest.py
-    sets it otherwise)."""
+    sets it otherwise); with workers > 1, that many pytest-xdist processes share the GPU, so that the Triton cases'
+    compiles and autotuning run side by side."""
     environment = {**os.environ, "TRITON_INTERPRET": "0"}
     command = [sys.executable, "-m", "pytest", path, "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
                "-o", "junit_family=xunit1"]  # the family that keeps record_property's values
+    command += ["-n", str(workers)] if workers > 1 else []
     return subprocess.run(command, env=environment).returncode
 
 
@@ -44,11 +46,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default=None)
     parser.add_argument("--path", default="tests/gpu", help="the suite, or one file of it")
+    parser.add_argument("--workers", type=int, default=1, help="pytest-xdist processes (the Triton cases compile)")
     args = parser.parse_args()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
         junit = os.path.join(folder, "gpu.xml")
-        code = run_suite(junit, args.path)
+        code = run_suite(junit, args.path, args.workers)
         rows = cases(junit)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
     counts = {outcome: sum(row[1] == outcome for row in rows) for outcome in ("passed", "FAILED", "ERROR", "skipped")}
