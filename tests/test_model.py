@@ -1,5 +1,7 @@
 import copy
 import time
+import warnings
+from functools import partial
 
 import pytest
 import torch
@@ -367,3 +369,269 @@ def test_each_report_times_its_layer(tiny_llama):
     elapsed = time.perf_counter() - start
     assert all(report.seconds > 0 for report in reports)
     assert sum(report.seconds for report in reports) < elapsed
+
+
+# --- the walk's plumbing, each piece against what it must pass on (issue 27's surviving mutants) -----------------
+
+def test_block_output_is_the_hidden_states_of_a_tuple_or_the_tensor():
+    class TupleBlock(nn.Module):
+        def forward(self, hidden, scale=1.0):
+            return hidden * scale, "attention weights"
+
+    hidden = torch.randn(2, 3, 4)
+    assert torch.equal(model_module.block_output(TupleBlock(), (hidden,), {"scale": 2.0}), hidden * 2)
+    assert torch.equal(model_module.block_output(nn.Identity(), (hidden,), {}), hidden)
+
+
+def test_next_inputs_keep_every_argument_after_the_hidden_states():
+    class TwoArgumentBlock(nn.Module):
+        def forward(self, hidden, bias, *, scale):
+            return hidden * scale + bias
+
+    hidden, bias = torch.randn(2, 4), torch.randn(4)
+    [(args, kwargs)] = model_module.next_inputs(TwoArgumentBlock(), [((hidden, bias), {"scale": 3.0})])
+    assert torch.equal(args[0], hidden * 3 + bias) and args[1] is bias and kwargs == {"scale": 3.0}
+
+
+def test_captured_block_inputs_come_in_batches_and_carry_no_cache(tiny_llama):
+    """The captured inputs feed every block in turn: a KV cache in them would grow with each block run."""
+    from transformers.cache_utils import Cache
+
+    ids = torch.randint(0, 96, (5, 8), generator=torch.Generator().manual_seed(0))
+    _, blocks = find_blocks(tiny_llama)
+    captured = capture_block_inputs(tiny_llama, blocks[0], ids, batch_size=2)
+    assert [args[0].shape[0] for args, _ in captured] == [2, 2, 1]
+    assert not any(isinstance(value, Cache) for _, kwargs in captured for value in kwargs.values())
+
+
+def test_find_blocks_passes_over_an_empty_module_list_and_names_a_model_without_blocks():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.unused = nn.ModuleList()
+            self.layers = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
+
+    assert find_blocks(Model())[0] == "layers"
+    with pytest.raises(ValueError) as error:
+        find_blocks(nn.Sequential(nn.Linear(4, 4)))
+    assert str(error.value) == "Sequential has no ModuleList of decoder blocks; only transformer LMs are supported"
+
+
+def test_gptq_codes_without_calibration_are_refused_by_their_whole_message(tiny_llama):
+    with pytest.raises(ValueError) as error:
+        lords.quantize(tiny_llama, lords.LoRDSConfig(steps=0, codes="gptq"), progress=False)
+    assert str(error.value) == ("codes='gptq' needs calibration data: it minimises the error of the layers' outputs "
+                                "on calibration inputs")
+
+
+def test_kernel_launches_take_the_models_dtype_else_bfloat16(tiny_llama):
+    lords.quantize(tiny_llama, lords.LoRDSConfig(bits=4, block_size=32, steps=0), progress=False)
+    assert {launch[7] for launch in model_module.kernel_launches(tiny_llama, rows=(1,))} == {torch.float32}
+    plain = nn.Sequential(LoRDSLinear(64, 32, 4, 2))
+    assert {launch[7] for launch in model_module.kernel_launches(plain, rows=(1,))} == {torch.bfloat16}
+
+
+def test_precompile_kernels_compiles_the_models_launches(tiny_llama, monkeypatch):
+    import lords.kernels.precompile as precompile_module
+
+    calls = []
+    monkeypatch.setattr(precompile_module, "precompile", lambda launches, workers: calls.append((launches, workers))
+                        or 1.5)
+    lords.quantize(tiny_llama, lords.LoRDSConfig(bits=4, block_size=32, steps=0), progress=False)
+    assert model_module.precompile_kernels(tiny_llama, rows=(1, 16), dtype=torch.float16, workers=3) == 1.5
+    assert calls == [(model_module.kernel_launches(tiny_llama, (1, 16), torch.float16), 3)]
+
+
+def linear_of(weight: torch.Tensor) -> nn.Linear:
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    return layer
+
+
+@pytest.mark.parametrize("codes", ["nearest", "gptq"])
+def test_lords_linear_group_reports_each_refinement_step_and_names_a_bad_weight(codes):
+    weight = torch.randn(32, 64, generator=torch.Generator().manual_seed(0))
+    steps = []
+    config = lords.LoRDSConfig(bits=4, block_size=32, steps=3, codes=codes)
+    channels = [torch.eye(64) if codes == "gptq" else torch.ones(64)]
+    model_module.lords_linear_group(["up"], [linear_of(weight)], config, channels, "cpu", progress=steps.append)
+    assert len(steps) == 3 * (config.refit_rounds + 1 if codes == "gptq" else 1) and set(steps) == {1}
+    weight[3, 5] = float("inf")
+    with pytest.raises(ValueError, match=r"^model\.layers\.0\.mlp\.up_proj contains NaN or Inf values"):
+        model_module.lords_linear_group(["model.layers.0.mlp.up_proj"], [linear_of(weight)], config, None, "cpu")
+
+
+def test_gptq_codes_draw_the_extra_rank_directions_from_the_seed():
+    """A rank above the block statistics' singular values (2 blocks of 32, rank 4) starts its extra directions at
+    random (lords.factorize.svd_init): one seed gives one result, another seed another."""
+    weight = torch.randn(32, 64, generator=torch.Generator().manual_seed(0))
+
+    def scale_a(seed):
+        config = lords.LoRDSConfig(bits=4, block_size=32, rank=4, steps=1, codes="gptq", seed=seed)
+        [(module, _)] = model_module.lords_linear_group(["up"], [linear_of(weight)], config, [torch.eye(64)], "cpu")
+        return module.scale_a
+
+    assert torch.equal(scale_a(1), scale_a(1)) and not torch.equal(scale_a(1), scale_a(2))
+
+
+def test_plan_layers_applies_an_override_of_an_experts_projection():
+    from test_experts import tiny_qwen3_moe
+
+    config = lords.LoRDSConfig(bits=4, block_size=32, overrides={"*.experts.down_proj": {"bits": 3}})
+    plan = model_module.plan_layers(tiny_qwen3_moe(), config)
+    assert plan["model.layers.0.mlp.experts.down_proj"]["bits"] == 3
+    assert plan["model.layers.0.mlp.experts.gate_up_proj"]["bits"] == 4
+
+
+def test_calibration_runs_in_batches_of_batch_size(tiny_llama):
+    """batch_size bounds what one forward holds (8 by default), for the statistics and for the feedback walk."""
+    ids = torch.randint(0, 96, (17, 8), generator=torch.Generator().manual_seed(0))
+
+    def batches(codes, **settings):
+        model = copy.deepcopy(tiny_llama)
+        seen = []
+        model.model.embed_tokens.register_forward_pre_hook(lambda _module, args: seen.append(args[0].shape[0]))
+        lords.quantize(model, lords.LoRDSConfig(bits=4, block_size=32, steps=0, codes=codes), calibration=ids,
+                       progress=False, **settings)
+        return seen
+
+    assert batches("nearest") == [8, 8, 1]
+    assert batches("nearest", batch_size=3) == [3, 3, 3, 3, 3, 2]
+    assert batches("gptq", batch_size=5) == [5, 5, 5, 2]
+    model = copy.deepcopy(tiny_llama)
+    seen = []
+    model.model.embed_tokens.register_forward_pre_hook(lambda _module, args: seen.append(args[0].shape[0]))
+    model_module.walk_blocks(model, lords.LoRDSConfig(bits=4, block_size=32, steps=0),
+                             partial(model_module.lords_linear_group, device="cpu"), ids, progress=False)
+    assert seen == [8, 8, 1]
+
+
+class DisabledAwareBar(RecordingBar):
+    def __init__(self, iterable=None, total=None, desc=None, disable=False):
+        super().__init__(iterable, total, desc, disable)
+        self.disable = disable
+
+
+def bars_of(run) -> dict[str, bool]:
+    """{bar description: whether it was disabled} for the bars lords.model opened during run()."""
+    RecordingBar.bars = []
+    run()
+    return {bar.desc: bar.disable for bar in RecordingBar.bars}
+
+
+def test_progress_bars_show_by_default_and_only_when_asked(tiny_llama, monkeypatch):
+    monkeypatch.setattr(model_module, "tqdm", DisabledAwareBar)
+    ids = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(0))
+    config = lords.LoRDSConfig(bits=4, block_size=32, steps=0)
+    group = partial(model_module.lords_linear_group, device="cpu")
+    assert bars_of(lambda: lords.quantize(copy.deepcopy(tiny_llama), config)) == {"quantizing layers": False}
+    assert bars_of(lambda: lords.quantize(copy.deepcopy(tiny_llama), config, progress=False)) == {
+        "quantizing layers": True}
+    assert bars_of(lambda: lords.quantize(copy.deepcopy(tiny_llama), config, calibration=ids, progress=True)) == {
+        "calibration statistics": False, "quantizing layers": False}
+    gptq = lords.LoRDSConfig(bits=4, block_size=32, steps=0, codes="gptq")
+    assert bars_of(lambda: lords.quantize(copy.deepcopy(tiny_llama), gptq, calibration=ids, progress=True)) == {
+        "quantizing blocks (feedback)": False}
+    assert bars_of(lambda: model_module.walk_blocks(copy.deepcopy(tiny_llama), config, group)) == {
+        "quantizing layers": False}
+
+
+def test_stacks_hold_at_most_max_batch_numel_weights_in_the_feedback_walk_too(tiny_llama):
+    ids = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(0))
+    for codes in ("nearest", "gptq"):
+        stacks = []
+
+        def group(names, *args):
+            stacks.append(len(names))
+            return model_module.lords_linear_group(names, *args, device="cpu")
+
+        config = lords.LoRDSConfig(bits=4, block_size=32, steps=0, codes=codes)
+        model_module.walk_blocks(copy.deepcopy(tiny_llama), config, group, ids, max_batch_numel=1, progress=False)
+        assert stacks == [1] * 14, codes
+
+
+def test_same_shaped_layers_under_different_overrides_keep_their_own_config(tiny_llama):
+    config = lords.LoRDSConfig(bits=4, block_size=32, steps=0,
+                               overrides={"model.layers.0.self_attn.q_proj": {"bits": 3}})
+    lords.quantize(tiny_llama, config, progress=False)
+    assert tiny_llama.model.layers[0].self_attn.q_proj.bits == 3
+    assert tiny_llama.model.layers[1].self_attn.q_proj.bits == 4
+
+
+def test_quantize_records_its_config_and_marks_only_transformers_models(tiny_llama):
+    lords.quantize(tiny_llama, lords.LoRDSConfig(bits=3, block_size=32, steps=0), progress=False)
+    assert tiny_llama.config.quantization_config.quantization["bits"] == 3
+
+    class WithConfig(nn.Module):  # a config but no save_pretrained: nothing to mark
+        def __init__(self):
+            super().__init__()
+            self.config = type("Config", (), {})()
+            self.layers = nn.ModuleList([nn.Sequential(nn.Linear(64, 64)) for _ in range(2)])
+
+    class WithSavePretrained(WithConfig):  # save_pretrained but no config
+        def __init__(self):
+            super().__init__()
+            del self.config
+
+        def save_pretrained(self, folder):
+            raise AssertionError("not called")
+
+    for model in (WithConfig(), WithSavePretrained()):
+        lords.quantize(model, lords.LoRDSConfig(bits=4, block_size=32, steps=0), progress=False)
+        assert isinstance(model.layers[0][0], LoRDSLinear) and not hasattr(model, "hf_quantizer")
+
+
+def test_channel_moments_of_bf16_inputs_accumulate_in_float32():
+    layer = nn.Linear(64, 8).bfloat16()
+    x = torch.randn(512, 64, generator=torch.Generator().manual_seed(0)).bfloat16()
+    with model_module.recording_channel_moments([layer]) as moments:
+        layer(x)
+    expected = x.double().pow(2).mean(0)
+    # through a float32 norm: 1.6e-6 measured; through a bfloat16 one, 5.9e-3
+    assert ((moments[layer].double() - expected).abs() / expected).max() < 1e-5
+
+
+def test_a_linear_that_never_ran_gets_a_zero_hessian():
+    layer = nn.Linear(6, 3)
+    with recording_input_hessians([layer]) as hessians:
+        pass
+    assert hessians[layer].shape == (6, 6) and hessians[layer].dtype == torch.float32
+    assert not hessians[layer].any()
+
+
+def test_four_layers_are_enough_to_name_an_outlier_at_more_than_three_times_the_median():
+    from lords.model import LayerReport, warn_outliers
+
+    def warned(errors):
+        reports = [LayerReport(f"layer{i}", (4, 4), 4, 1, 4.5, e, e, e, 0.0) for i, e in enumerate(errors)]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            warn_outliers(reports)
+        return caught
+
+    [warning] = warned([0.25, 0.25, 0.25, 1.0])
+    assert str(warning.message) == ("layer3: relative weight error 1.0000 is 4.0x the median of the other layers "
+                                    "(0.2500)")
+    assert warned([0.25, 0.25, 0.25, 0.75]) == []  # exactly three times the median: not an outlier
+    [warning] = warned([0.1, 0.1, 0.2, 0.5, 0.5, 1.6])  # the median is the upper middle value, 0.5
+    assert str(warning.message).endswith("3.2x the median of the other layers (0.5000)")
+    assert warned([0.1, 0.1, 1.0]) == []  # three layers: too few to call one an outlier
+
+
+def test_the_progress_bar_counts_every_expert_matrix_and_calibration_reaches_the_experts(monkeypatch):
+    from test_experts import tiny_qwen3_moe
+
+    monkeypatch.setattr(model_module, "tqdm", RecordingBar)
+    RecordingBar.bars = []
+    config = lords.LoRDSConfig(bits=4, block_size=32, steps=2)
+    data_free = tiny_qwen3_moe()
+    lords.quantize(data_free, config, progress=True)
+    bar = next(bar for bar in RecordingBar.bars if bar.desc == "quantizing layers")
+    # 2 blocks x (4 attention linears + 8 experts x 2 projections)
+    assert bar.n == bar.total == 40
+    calibrated = tiny_qwen3_moe()
+    ids = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))
+    lords.quantize(calibrated, config, calibration=ids, progress=False)
+    experts = [model.model.layers[0].mlp.experts.gate_up_proj for model in (data_free, calibrated)]
+    assert not torch.equal(experts[0].scale_a, experts[1].scale_a)  # E[x^2] of the routed tokens weighs them
