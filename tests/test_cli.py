@@ -293,3 +293,23 @@ def test_compare_writes_the_command_that_made_the_table(model_folder, tmp_path, 
     text = out.read_text()
     assert f"\n    lords {' '.join(argv)}\n" in text
     assert text.endswith(table + "\n") and (tmp_path / "results" / "quality.png").is_file()
+    # every figure but the seconds is the library's for the same model, data and settings
+    from functools import partial
+
+    from lords.assets import calibration_tokens
+    from lords.cli import _load, build_parser
+    from lords.eval.compare import format_rows, run_comparison
+
+    args = build_parser().parse_args(argv)
+    model, tokenizer, _ = _load(args.model, torch.device("cpu"))
+    score = partial(perplexity, token_ids=heldout_tokens(tokenizer, args.max_tokens), seq_len=args.seq_len,
+                    progress=False)
+    rows = run_comparison(model, score, calibration_tokens(tokenizer, args.calib_samples, args.calib_len),
+                          tuple(args.bits), args.block_size, args.steps, args.lr, tuple(args.methods),
+                          torch.device("cpu"), codebooks=tuple(args.codebooks), refit_rounds=args.refit_rounds)
+
+    def without_seconds(lines: str) -> list[str]:
+        return [line.rsplit("|", 2)[0] for line in lines.splitlines()]
+
+    assert len(table.splitlines()) == 4  # header, rule, the model itself, nf-rtn at 4 bits
+    assert without_seconds(table) == without_seconds(format_rows(rows))
