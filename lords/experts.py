@@ -226,34 +226,42 @@ def expert_list_groups(block: nn.Module) -> list[list[nn.Linear]]:
 
 
 def shrink_moments(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """E[x^2] per expert (E, m) from the column sums of squares (E, m) and token counts (E,) of each expert's routed
-    tokens, shrunk toward the pooled moments of all of them by PRIOR_TOKENS pseudo-tokens; ones (data-free) when no
-    token was routed at all."""
-    sums, counts = sums.double(), counts.double()
+    """E[x^2] per expert (E, m), or E[x x^T] (E, m, m), from the sums over each expert's routed tokens (same shape)
+    and their counts (E,), shrunk toward the pooled statistic of all of them by PRIOR_TOKENS pseudo-tokens; the
+    data-free statistic (ones, or the identity) when no token was routed at all."""
+    sums, counts = sums.double(), counts.double().view(-1, *[1] * (sums.dim() - 1))
     if counts.sum() == 0:
-        return torch.ones(sums.shape, dtype=torch.float32)
+        empty = torch.ones(sums.shape[1]) if sums.dim() == 2 else torch.eye(sums.shape[1])
+        return empty.expand(sums.shape).clone().float()
     pooled = sums.sum(dim=0) / counts.sum()
-    return ((sums + PRIOR_TOKENS * pooled) / (counts[:, None] + PRIOR_TOKENS)).float()
+    return ((sums + PRIOR_TOKENS * pooled) / (counts + PRIOR_TOKENS)).float()
 
 
 def _sum_of_squares(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x, dim=0, dtype=torch.float32).double().pow(2)
 
 
+def _sum_of_products(x: torch.Tensor) -> torch.Tensor:
+    return (x.float().T @ x.float()).double()
+
+
 @contextmanager
-def recording_expert_moments(experts: list[tuple[str, nn.Module]]) -> Iterator[dict[str, torch.Tensor]]:
+def recording_expert_moments(experts: list[tuple[str, nn.Module]], hessians: bool = False
+                             ) -> Iterator[dict[str, torch.Tensor]]:
     """While open, the dense experts modules run run_experts (the eager routing) and record, per expert, E[x^2] of
-    each projection's input over the tokens routed to it; the dict yielded holds them once the block closes, by
-    projection name (f"{experts name}.gate_up_proj": (E, H), ".down_proj": (E, I)), shrunk by shrink_moments."""
+    each projection's input over the tokens routed to it (hessians=True: E[x x^T], which error-feedback codes
+    minimise); the dict yielded holds them once the block closes, by projection name (f"{experts name}.gate_up_proj":
+    (E, H) or (E, H, H), ".down_proj": (E, I) or (E, I, I)), shrunk by shrink_moments."""
     records = {}
+    reduce = _sum_of_products if hessians else _sum_of_squares
 
     def recording_forward(module, sums, counts, hidden_states, top_k_index, top_k_weights):
         def expert_mlp(expert, x):
             gate, up = F.linear(x, module.gate_up_proj[expert]).chunk(2, dim=-1)
             hidden = module.act_fn(gate) * up
             counts[expert] += x.shape[0]
-            sums["gate_up_proj"][expert] += _sum_of_squares(x)
-            sums["down_proj"][expert] += _sum_of_squares(hidden)
+            sums["gate_up_proj"][expert] += reduce(x)
+            sums["down_proj"][expert] += reduce(hidden)
             return F.linear(hidden, module.down_proj[expert])
 
         return run_experts(hidden_states, top_k_index, top_k_weights, module.num_experts, expert_mlp)
@@ -261,8 +269,11 @@ def recording_expert_moments(experts: list[tuple[str, nn.Module]]) -> Iterator[d
     for name, module in experts:
         # kept where the experts run: one copy to the host per block, not per expert and batch
         device = module.gate_up_proj.device
-        sums = {part: torch.zeros(getattr(module, part).shape[0], getattr(module, part).shape[2], dtype=torch.float64,
-                                  device=device) for part in PROJECTIONS}
+        sums = {}
+        for part in PROJECTIONS:
+            count, _, features = getattr(module, part).shape
+            shape = (count, features, features) if hessians else (count, features)
+            sums[part] = torch.zeros(shape, dtype=torch.float64, device=device)
         counts = torch.zeros(module.num_experts, dtype=torch.float64, device=device)
         records[name] = (sums, counts)
         module.forward = partial(recording_forward, module, sums, counts)

@@ -384,18 +384,17 @@ def walk_blocks(
 
     With calibration token ids (N, L), channel_weights are E[x^2] of each linear's input (activation-aware), and of
     each expert's input over the tokens routed to it; with config.codes == "gptq", E[x x^T] measured block by block
-    on the quantized model (walk_blocks_with_feedback), for models without MoE experts.
+    on the quantized model (walk_blocks_with_feedback), per expert from its routed tokens likewise.
     """
-    if config.codes == "gptq":
-        if model_experts(model, config):
-            raise ValueError("codes='gptq' does not cover MoE experts yet; quantize this model with codes='nearest'")
-        return walk_blocks_with_feedback(model, config, quantize_group, calibration, batch_size=batch_size,
-                                         max_batch_numel=max_batch_numel, progress=progress)
     targets = model_targets(model, config)
     experts = model_experts(model, config)
     # before minutes of calibration
     check_targets(targets + [(f"{name}.{part}", ExpertMatrix(getattr(module, part)))
                              for name, module in experts for part in PROJECTIONS])
+    if config.codes == "gptq":
+        return walk_blocks_with_feedback(model, config, quantize_group, calibration, batch_size=batch_size,
+                                         max_batch_numel=max_batch_numel, progress=progress,
+                                         stack_experts=stack_experts)
     stats = None if calibration is None else collect_channel_weights(
         model, targets, calibration, batch_size, progress, experts)
     matrices = sum(module.gate_up_proj.shape[0] + module.down_proj.shape[0] for _, module in experts)
@@ -428,22 +427,35 @@ def walk_blocks_with_feedback(
     batch_size: int = 8,
     max_batch_numel: int = 2**27,
     progress: bool = True,
+    stack_experts: Callable = LoRDSExpertWeights.from_linears,
 ) -> list[LayerReport]:
     """GPTQ's walk: block by block, E[x x^T] of each target's input is measured on the outputs of the blocks already
-    quantized, the block's targets are quantized with it (channel_weights of quantize_group), and the quantized block
-    makes the next block's inputs. Each block's error then becomes an input that the next blocks correct for.
+    quantized (of each expert's input, over the tokens routed to it, shrunk as lords.experts.shrink_moments does),
+    the block's targets and experts are quantized with it (channel_weights of quantize_group), and the quantized
+    block makes the next block's inputs. Each block's error then becomes an input that the next blocks correct for.
     Same-shaped targets share stacks within a block only."""
     check_feedback_calibration(config, calibration)
     prefix, blocks = find_blocks(model)
     inputs = capture_block_inputs(model, blocks[0], calibration, batch_size)
-    targets = model_targets(model, config)
+    matrices = sum(module.gate_up_proj.shape[0] + module.down_proj.shape[0]
+                   for _, module in model_experts(model, config))
     reports = []
-    with tqdm(total=len(targets), desc="quantizing blocks (feedback)", disable=not progress) as bar:
+    with tqdm(total=len(model_targets(model, config)) + matrices, desc="quantizing blocks (feedback)",
+              disable=not progress) as bar:
         for index, block in enumerate(blocks):
             own = block_targets(block, f"{prefix}.{index}", config)
-            hessians = channel_second_moments(block, [layer for _, layer in own], inputs, recording_input_hessians)
-            stats = {name: hessians[layer] for name, layer in own}
+            own_experts = block_experts(block, f"{prefix}.{index}", config)
+            with recording_expert_moments(own_experts, hessians=True) as stats:
+                hessians = channel_second_moments(block, [layer for _, layer in own], inputs,
+                                                  recording_input_hessians)
+            stats.update({name: hessians[layer] for name, layer in own})
+            expert_reports, replacements = quantize_experts(own_experts, config, quantize_group, stack_experts, stats,
+                                                            max_batch_numel, bar)
+            warn_outliers(expert_reports)
             reports += quantize_targets(model, own, config, quantize_group, stats, max_batch_numel, bar)
+            for name, module in replacements.items():
+                model.set_submodule(name, module)
+            reports += expert_reports
             inputs = next_inputs(block, inputs)
     return reports
 

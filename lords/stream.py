@@ -296,7 +296,8 @@ def quantize_to_folder(
     stored = choose_storage_dtype(dtype, (source.dtype,))
     model = empty_model(source.config, compute, device)
     if feedback and any(is_stacked_experts(module) for module in model.modules()):
-        raise ValueError("codes='gptq' does not cover MoE experts yet; quantize this model with codes='nearest'")
+        raise ValueError("the streaming quantizer's codes='gptq' does not cover MoE experts yet; quantize this model "
+                         "in memory (lords.quantize), or with codes='nearest'")
     layers = plan_layers(model, config)
     output = empty_model(source.config, compute)
     replace_linears(output, layers)

@@ -132,3 +132,16 @@ def test_a_lords_checkpoint_is_not_a_source(tiny_llama, tmp_path):
     folder = lords.save(tiny_llama, tmp_path / "ckpt")
     with pytest.raises(ValueError, match="is a lords checkpoint already"):
         open_source(folder)
+
+
+def test_streaming_gptq_codes_refuse_moe_experts_before_writing(tmp_path):
+    from test_experts import tiny_qwen3_moe
+
+    tiny_qwen3_moe().save_pretrained(tmp_path / "dense")
+    config = lords.LoRDSConfig(bits=4, block_size=32, steps=1, codes="gptq")
+    with pytest.raises(ValueError) as error:
+        quantize_to_folder(SafetensorsSource(tmp_path / "dense"), tmp_path / "out", config, CALIBRATION,
+                           device="cpu", progress=False)
+    assert str(error.value) == ("the streaming quantizer's codes='gptq' does not cover MoE experts yet; quantize this "
+                                "model in memory (lords.quantize), or with codes='nearest'")
+    assert not (tmp_path / "out").exists()
