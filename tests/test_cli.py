@@ -97,7 +97,17 @@ def test_finetune_saves_an_adapter_that_eval_applies(model_folder, tmp_path, cap
     printed = capsys.readouterr().out
     assert "training loss: first 10 steps" in printed and f"saved adapter to {adapter}" in printed
     main(["eval", str(out), "--adapter", str(adapter), "--seq-len", "16", "--max-tokens", "128", "--device", "cpu"])
-    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("held-out perplexity (128 tokens")
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    # the figure is the adapted model's: the checkpoint with the adapter loaded, whose scales training moved
+    from lords.peft import load_adapter
+
+    base, tokenizer = load(out), AutoTokenizer.from_pretrained(out)
+    adapted = load(out)
+    load_adapter(adapted, adapter)
+    layer = "model.layers.1.mlp.down_proj"
+    assert not torch.equal(adapted.get_submodule(layer).scale_b, base.get_submodule(layer).scale_b)
+    expected = perplexity(adapted, heldout_tokens(tokenizer, 128), seq_len=16, progress=False)
+    assert line == f"held-out perplexity (128 tokens, windows of 16): {expected:.3f}"
     with pytest.raises(SystemExit, match="not a readable lords adapter"):
         main(["eval", str(out), "--adapter", str(tmp_path), "--seq-len", "16", "--max-tokens", "128",
               "--device", "cpu"])
@@ -174,7 +184,12 @@ def test_skill_extract_apply_and_sweep(model_folder, tmp_path, capsys):
     main(["skill", "sweep", str(model_folder), str(skill), "--scales", "0", "1", "--seq-len", "16", "--max-tokens",
           "64", "--device", "cpu"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| 0 |", "| 1 |"))]
-    assert len(rows) == 2
+    # scale 0 is the base model, scale 1 the tuned one: their perplexities, as the library computes them
+    tokenizer = AutoTokenizer.from_pretrained(model_folder)
+    heldout = heldout_tokens(tokenizer, 64)
+    expected = [perplexity(model, heldout, seq_len=16, progress=False)
+                for model in (AutoModelForCausalLM.from_pretrained(model_folder), tuned)]
+    assert rows == [f"| 0 | {expected[0]:.3f} |", f"| 1 | {expected[1]:.3f} |"]
     with pytest.raises(SystemExit, match="exists"):
         main(["skill", "extract", "--base", str(model_folder), "--tuned", str(tmp_path / "tuned"), "--out", str(skill)])
 
