@@ -13,8 +13,10 @@ codebook, parity rank for b = 64; random codes and scales, since speed does not 
 backend of its expert matrices (lords.linear.BACKENDS; "auto" is what a model runs), with the path it takes in
 brackets (lords_path): on the GPU "auto", "triton" and "fused" run every (token, expert) pair grouped, through the
 decode kernel up to lords.kernels.GROUPED_DECODE_MAX_PAIRS pairs (1 and 16 tokens at top-8) and through the grouped
-tiled kernel beyond (2048 tokens: 16384 pairs), "torch" one expert at a time. Before timing, each LoRDS row is
-checked against the eager bf16 experts holding the LoRDS weights dequantized (relative error of the outputs).
+tiled kernel beyond (2048 tokens: 16384 pairs), "torch" one expert at a time. Before any LoRDS row is timed,
+every one is checked against the eager bf16 experts holding the LoRDS weights dequantized (relative error of the
+outputs), so that no row's time includes another's compiling or autotuning (the first row timed, "auto", had taken
+0.3 ms longer than "triton" and "fused", which run the same kernels, on the H200 on 2026-12-03).
 
 Times: median wall time of a call in ms after warm-up (triton.testing.do_bench on a GPU, perf_counter on the CPU), the
 same for every row: the routing loops sync with the host to find the experts hit, so no row is captured in a CUDA
@@ -147,10 +149,18 @@ def main() -> None:
                 continue
             report.append(f"| {tokens} | bf16 | {implementation} | {bf16[implementation]:.3f} | | |")
         fastest = min(bf16.values())
-        for backend in backends:
+
+        def use(backend):
             for projection in (experts.gate_up_proj, experts.down_proj):
                 projection.backend = backend
-            error = check(config, dense, experts, hidden, top_k_index, top_k_weights)
+
+        errors = {}
+        for backend in backends:  # every check first: its kernels' compiling and autotuning precede all timing
+            use(backend)
+            errors[backend] = check(config, dense, experts, hidden, top_k_index, top_k_weights)
+        for backend in backends:
+            use(backend)
+            error = errors[backend]
             with torch.no_grad():
                 ms = timed_ms(lambda: experts(hidden, top_k_index, top_k_weights), device)
             target = TARGETS.get(tokens)
