@@ -201,7 +201,7 @@ class Block:
 
 def walk_blocks(model: nn.Module, source, calibration: torch.Tensor | None, device, dtype: torch.dtype,
                 batch_size: int = 8, feedback: bool = False, watch=None,
-                recorder=None) -> Iterator[Block]:
+                recorder=None, expert_hessians: bool = False) -> Iterator[Block]:
     """Yield the decoder blocks of a meta-device model (empty_model) one at a time, each read from the source onto
     device in dtype, with the calibration activations that reach it; freed once the consumer hands control back.
     The next block's inputs are this block's outputs before the consumer runs (feedback=False: statistics of the
@@ -209,7 +209,8 @@ def walk_blocks(model: nn.Module, source, calibration: torch.Tensor | None, devi
     watch(module, name) -> linears: Block.moments holds E[x^2] of their inputs (recorder(linears): another
     statistic, e.g. lords.model.recording_input_hessians), recorded during the forward that makes the next block's
     inputs when feedback=False (calibration then costs one forward a block). The moments of the block's stacked
-    experts (lords.experts.recording_expert_moments) come with them in Block.expert_moments."""
+    experts (lords.experts.recording_expert_moments; E[x x^T] with expert_hessians) come with them in
+    Block.expert_moments."""
     prefix, blocks = find_blocks(model)
     inputs = []
     if calibration is not None:
@@ -227,12 +228,12 @@ def walk_blocks(model: nn.Module, source, calibration: torch.Tensor | None, devi
                    if watch is not None and inputs and is_stacked_experts(experts)]
         outputs = None
         if feedback:
-            with recording_expert_moments(experts) as expert_moments:
+            with recording_expert_moments(experts, expert_hessians) as expert_moments:
                 moments = channel_second_moments(module, watched, inputs, recorder)
         else:
             groups = expert_list_groups(module)
             recording = recorder(watched) if recorder else recording_channel_moments(watched, groups)
-            with recording as moments, recording_expert_moments(experts) as expert_moments:
+            with recording as moments, recording_expert_moments(experts, expert_hessians) as expert_moments:
                 outputs = _run(module, inputs)
         yield Block(index, name, module, inputs, moments, expert_moments)
         if feedback:
@@ -295,9 +296,6 @@ def quantize_to_folder(
     compute = torch.bfloat16 if device.type == "cuda" else torch.float32
     stored = choose_storage_dtype(dtype, (source.dtype,))
     model = empty_model(source.config, compute, device)
-    if feedback and any(is_stacked_experts(module) for module in model.modules()):
-        raise ValueError("the streaming quantizer's codes='gptq' does not cover MoE experts yet; quantize this model "
-                         "in memory (lords.quantize), or with codes='nearest'")
     layers = plan_layers(model, config)
     output = empty_model(source.config, compute)
     replace_linears(output, layers)
@@ -353,7 +351,8 @@ def quantize_to_folder(
             return [layer for _, layer in block_targets(module, name, config)]
 
         recorder = recording_input_hessians if feedback else None
-        blocks = walk_blocks(model, source, calibration, device, compute, batch_size, feedback, watch, recorder)
+        blocks = walk_blocks(model, source, calibration, device, compute, batch_size, feedback, watch, recorder,
+                             expert_hessians=feedback)
         description = "calibrating blocks" if calibration is not None else "reading blocks"
         walk_start, refining, writing = time.perf_counter(), seconds["refinement"], seconds["writing"]
         for block in tqdm(blocks, desc=description, total=len(find_blocks(model)[1]), disable=not progress):
@@ -386,7 +385,8 @@ def quantize_to_folder(
                     projection = model.get_submodule(f"{name}.{part}")
                     for key in ("codes", "codebook", "scale_b", "scale_a"):
                         writer.write(f"{name}.{part}.{key}", getattr(projection, key))
-                model.get_submodule(name).to("meta")
+                if not feedback:  # with feedback the walk runs the quantized experts next, then frees the block
+                    model.get_submodule(name).to("meta")
             seconds["writing"] += time.perf_counter() - start
         seconds["reading and calibration"] = (time.perf_counter() - walk_start - (seconds["refinement"] - refining)
                                               - (seconds["writing"] - writing))

@@ -134,14 +134,17 @@ def test_a_lords_checkpoint_is_not_a_source(tiny_llama, tmp_path):
         open_source(folder)
 
 
-def test_streaming_gptq_codes_refuse_moe_experts_before_writing(tmp_path):
+def test_streaming_gptq_codes_on_moe_experts_match_the_in_memory_path_bit_for_bit(tmp_path):
+    """Error-feedback codes for stacked experts too: each expert's E[x x^T] from its routed tokens, each block on the
+    quantized blocks before it, both ways."""
     from test_experts import tiny_qwen3_moe
 
-    tiny_qwen3_moe().save_pretrained(tmp_path / "dense")
-    config = lords.LoRDSConfig(bits=4, block_size=32, steps=1, codes="gptq")
-    with pytest.raises(ValueError) as error:
-        quantize_to_folder(SafetensorsSource(tmp_path / "dense"), tmp_path / "out", config, CALIBRATION,
-                           device="cpu", progress=False)
-    assert str(error.value) == ("the streaming quantizer's codes='gptq' does not cover MoE experts yet; quantize this "
-                                "model in memory (lords.quantize), or with codes='nearest'")
-    assert not (tmp_path / "out").exists()
+    model = tiny_qwen3_moe()
+    config = lords.LoRDSConfig(bits=3, block_size=32, steps=3, codes="gptq")
+    reports = quantize_to_folder(ModelSource(tiny_qwen3_moe(), "tiny MoE"), tmp_path / "streamed", config,
+                                 CALIBRATION, device="cpu", dtype=torch.float32, progress=False)
+    expected = lords.quantize(model, config, calibration=CALIBRATION, device="cpu", progress=False)
+    lords.save(model, tmp_path / "in_memory", config=config, dtype=torch.float32)
+    assert_same_checkpoints(tmp_path / "streamed", tmp_path / "in_memory")
+    assert [(r.name, r.error) for r in reports] == [(r.name, r.error) for r in expected]
+    assert sum(".experts." in r.name for r in reports) == 32  # 2 blocks x 8 experts x 2 projections
