@@ -17,6 +17,10 @@ from pathlib import Path
 # parameter.
 REFINE_SECONDS_PER_WEIGHT_STEP = 1e-8
 FORWARD_SECONDS_PER_TOKEN_PARAMETER = 2.5e-11
+# --codes gptq: stacks within a block only, then the codes column by column (refinement 175 s against nearest codes'
+# 124 s in the README command, 2026-12-03), and each block run twice, to record E[x x^T] and then quantized
+FEEDBACK_REFINE_FACTOR = 1.4
+FEEDBACK_CALIBRATION_FACTOR = 2
 
 
 def _number(kind, low: float, low_included: bool, text: str):
@@ -135,9 +139,12 @@ def _cpu_time_hint(source, config, calibration) -> str:
     model = empty_model(source.config, torch.float32)
     weights = sum(layer.weight.numel() for _, layer in model_targets(model, config))
     threads = torch.get_num_threads()
+    feedback = config.codes == "gptq"
     refine = REFINE_SECONDS_PER_WEIGHT_STEP * weights * config.steps * 2 / threads
+    refine *= FEEDBACK_REFINE_FACTOR if feedback else 1
     tokens = 0 if calibration is None else calibration.numel()
     calibrate = FORWARD_SECONDS_PER_TOKEN_PARAMETER * tokens * sum(p.numel() for p in model.parameters()) * 2 / threads
+    calibrate *= FEEDBACK_CALIBRATION_FACTOR if feedback else 1
     return (f"expected on this CPU ({threads} threads, if no other job shares them): about {_duration(refine)} of "
             f"refinement ({config.steps} steps x {weights / 1e6:.0f}M weights; --steps sets it) and "
             f"{_duration(calibrate)} of calibration ({tokens} tokens; --calib-samples sets it)")

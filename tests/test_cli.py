@@ -295,6 +295,17 @@ def test_cpu_hint_states_the_expected_time_from_the_model_size(model_folder):
     assert hint.startswith(f"expected on this CPU ({torch.get_num_threads()} threads")
     assert f"about {minutes:.0f} min of refinement (5000000 steps x 0M weights" in hint
     assert "0 s of calibration (0 tokens" in hint
+    # error-feedback codes: refinement in smaller stacks plus the code assignment, and two forwards a block
+    from lords.cli import FEEDBACK_CALIBRATION_FACTOR, FEEDBACK_REFINE_FACTOR, FORWARD_SECONDS_PER_TOKEN_PARAMETER
+    from lords.stream import empty_model
+
+    parameters = sum(p.numel() for p in empty_model(source.config, torch.float32).parameters())
+    tokens = 10**8
+    calibration_ids = torch.zeros(1, 1, dtype=torch.int64).expand(10**5, 10**3)  # only its size is read
+    hint = _cpu_time_hint(source, LoRDSConfig(steps=5 * 10**6, codes="gptq"), calibration_ids)
+    calibration = FORWARD_SECONDS_PER_TOKEN_PARAMETER * tokens * parameters * 2 / torch.get_num_threads() / 60
+    assert f"about {minutes * FEEDBACK_REFINE_FACTOR:.0f} min of refinement" in hint
+    assert f"{calibration * FEEDBACK_CALIBRATION_FACTOR:.0f} min of calibration ({tokens} tokens" in hint
 
 
 def test_compare_writes_the_command_that_made_the_table(model_folder, tmp_path, capsys):
