@@ -78,6 +78,14 @@ def unpack_codes(packed: torch.Tensor, bits: int, shape: tuple[int, int]) -> tor
     return segments.reshape(rows, -1)[:, :in_features].to(torch.uint8)
 
 
+def packed_columns(packed: torch.Tensor, bits: int, in_features: int, first: int, width: int) -> torch.Tensor:
+    """The packed codes of columns [first, first + width) of packed (n, row_bytes(in_features)) codes: a column
+    shard of a layer (tensor parallelism). Segments interleave the columns within each byte, so the codes are
+    unpacked, sliced and packed again."""
+    codes = unpack_codes(packed, bits, (packed.shape[0], in_features))
+    return pack_codes(codes[:, first:first + width], bits)
+
+
 def _lookup_keys(packed: torch.Tensor, bits: int, width: int) -> torch.Tensor:
     """(n, groups, 1, width) int64 keys of packed codes into the table of _key_levels. At 2 and 4 bits a byte holds
     the codes of every segment of its column: one group, keyed by the byte. At 3 bits a column's 24-bit word is too

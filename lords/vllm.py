@@ -47,7 +47,7 @@ from vllm.model_executor.utils import set_weight_attrs
 from .experts import PROJECTIONS, LoRDSExperts, LoRDSExpertWeights
 from .hf import QUANT_METHOD, LoRDSQuantizationConfig
 from .linear import lords_linear, reference_weight
-from .packing import pack_codes, row_bytes, unpack_codes
+from .packing import packed_columns, row_bytes
 
 TENSORS = ("codes", "codebook", "scale_b", "scale_a")
 
@@ -163,8 +163,7 @@ class LoRDSLinearMethod(LinearMethodBase):
         if name == "codes":
             codes = loaded_weight[first_row:first_row + local_rows]
             if local_columns != full_columns:
-                codes = unpack_codes(codes, self.bits, (local_rows, full_columns))
-                codes = pack_codes(codes[:, first_column:first_column + local_columns], self.bits)
+                codes = packed_columns(codes, self.bits, full_columns, first_column, local_columns)
             param.data[rows] = codes
         elif name == "codebook":
             param.data[part] = loaded_weight
@@ -280,9 +279,9 @@ class LoRDSExpertsMethod(FusedMoEMethodBase):
             return loaded[:, :, first:first + width]
         if projection == "down_proj" and tensor == "codes":
             experts, rows, _ = loaded.shape
-            bits = self.entries[projection]["bits"]
-            codes = unpack_codes(loaded.reshape(experts * rows, -1), bits, (experts * rows, width * self.tp_size))
-            return pack_codes(codes[:, first:first + width], bits).view(experts, rows, -1)
+            codes = packed_columns(loaded.reshape(experts * rows, -1), self.entries[projection]["bits"],
+                                   width * self.tp_size, first, width)
+            return codes.view(experts, rows, -1)
         return loaded
 
     def load_weights(self, layer, weights):

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from lords.codebooks import get_codebook
-from lords.packing import pack_codes, row_bytes, unpack_codes, unpack_levels
+from lords.packing import pack_codes, packed_columns, row_bytes, unpack_codes, unpack_levels
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -60,3 +60,11 @@ def test_rejects_wrong_packed_shape():
         unpack_codes(packed, 4, (4, 5))
     with pytest.raises(ValueError, match=r"packed codes have shape \(4, 2\), expected \(4, 3\)"):
         unpack_levels(packed, 4, (4, 5), get_codebook("nf", 4))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_packed_columns_are_the_packed_codes_of_those_columns(bits):
+    codes = torch.randint(0, 2**bits, (5, 70), generator=torch.Generator().manual_seed(bits), dtype=torch.uint8)
+    for first, width in ((0, 70), (0, 35), (35, 35), (13, 22)):
+        assert torch.equal(packed_columns(pack_codes(codes, bits), bits, 70, first, width),
+                           pack_codes(codes[:, first:first + width], bits))
