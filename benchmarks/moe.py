@@ -134,6 +134,11 @@ def main() -> None:
         "", "| tokens | experts | implementation | ms | ratio | error |", "|---|---|---|---|---|---|",
     ]
     failures = []
+
+    def use(backend):
+        for projection in (experts.gate_up_proj, experts.down_proj):
+            projection.backend = backend
+
     for tokens in token_counts:
         hidden = torch.randn(tokens, shape["hidden_size"], device=device, dtype=torch.bfloat16)
         with torch.no_grad():
@@ -149,11 +154,6 @@ def main() -> None:
                 continue
             report.append(f"| {tokens} | bf16 | {implementation} | {bf16[implementation]:.3f} | | |")
         fastest = min(bf16.values())
-
-        def use(backend):
-            for projection in (experts.gate_up_proj, experts.down_proj):
-                projection.backend = backend
-
         errors = {}
         for backend in backends:  # every check first: its kernels' compiling and autotuning precede all timing
             use(backend)

@@ -367,6 +367,12 @@ def warn_outliers(reports: list[LayerReport]) -> None:
                           stacklevel=3)
 
 
+def matrix_count(targets: list, experts: list) -> int:
+    """The matrices a walk quantizes, what its progress bar counts: each target, and each expert of each projection
+    of the stacked-experts modules."""
+    return len(targets) + sum(module.gate_up_proj.shape[0] + module.down_proj.shape[0] for _, module in experts)
+
+
 def walk_blocks(
     model: nn.Module,
     config: LoRDSConfig,
@@ -397,8 +403,7 @@ def walk_blocks(
                                          stack_experts=stack_experts)
     stats = None if calibration is None else collect_channel_weights(
         model, targets, calibration, batch_size, progress, experts)
-    matrices = sum(module.gate_up_proj.shape[0] + module.down_proj.shape[0] for _, module in experts)
-    with tqdm(total=len(targets) + matrices, desc="quantizing layers", disable=not progress) as bar:
+    with tqdm(total=matrix_count(targets, experts), desc="quantizing layers", disable=not progress) as bar:
         # experts first, replaced only after the linears (which quantize_targets replaces once all are done): an
         # error in either leaves the model as it was
         expert_reports, replacements = quantize_experts(experts, config, quantize_group, stack_experts, stats,
@@ -437,11 +442,9 @@ def walk_blocks_with_feedback(
     check_feedback_calibration(config, calibration)
     prefix, blocks = find_blocks(model)
     inputs = capture_block_inputs(model, blocks[0], calibration, batch_size)
-    matrices = sum(module.gate_up_proj.shape[0] + module.down_proj.shape[0]
-                   for _, module in model_experts(model, config))
     reports = []
-    with tqdm(total=len(model_targets(model, config)) + matrices, desc="quantizing blocks (feedback)",
-              disable=not progress) as bar:
+    total = matrix_count(model_targets(model, config), model_experts(model, config))
+    with tqdm(total=total, desc="quantizing blocks (feedback)", disable=not progress) as bar:
         for index, block in enumerate(blocks):
             own = block_targets(block, f"{prefix}.{index}", config)
             own_experts = block_experts(block, f"{prefix}.{index}", config)

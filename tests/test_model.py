@@ -136,11 +136,6 @@ def test_gptq_codes_walk_the_quantized_blocks_and_lower_each_layers_output_error
     assert capsys.readouterr().err == ""  # progress=False: no bar
 
 
-def test_gptq_codes_without_calibration_are_refused(tiny_llama):
-    with pytest.raises(ValueError, match="codes='gptq' needs calibration data"):
-        lords.quantize(tiny_llama, lords.LoRDSConfig(steps=0, codes="gptq"), progress=False)
-
-
 def test_calibrated_quantization_lowers_activation_weighted_error(tiny_llama):
     ids = torch.randint(0, 96, (4, 16))
     reports = lords.quantize(
@@ -317,7 +312,8 @@ class RecordingBar:
     bars: list["RecordingBar"] = []
 
     def __init__(self, iterable=None, total=None, desc=None, disable=False):
-        self.iterable, self.total, self.desc, self.n, self.postfix = iterable, total, desc, 0, None
+        self.iterable, self.total, self.desc, self.disable = iterable, total, desc, disable
+        self.n, self.postfix = 0, None
         RecordingBar.bars.append(self)
 
     def __iter__(self):
@@ -488,29 +484,21 @@ def test_calibration_runs_in_batches_of_batch_size(tiny_llama):
     """batch_size bounds what one forward holds (8 by default), for the statistics and for the feedback walk."""
     ids = torch.randint(0, 96, (17, 8), generator=torch.Generator().manual_seed(0))
 
-    def batches(codes, **settings):
+    def batches(run, codes="nearest"):
         model = copy.deepcopy(tiny_llama)
         seen = []
         model.model.embed_tokens.register_forward_pre_hook(lambda _module, args: seen.append(args[0].shape[0]))
-        lords.quantize(model, lords.LoRDSConfig(bits=4, block_size=32, steps=0, codes=codes), calibration=ids,
-                       progress=False, **settings)
+        run(model, lords.LoRDSConfig(bits=4, block_size=32, steps=0, codes=codes))
         return seen
 
-    assert batches("nearest") == [8, 8, 1]
-    assert batches("nearest", batch_size=3) == [3, 3, 3, 3, 3, 2]
-    assert batches("gptq", batch_size=5) == [5, 5, 5, 2]
-    model = copy.deepcopy(tiny_llama)
-    seen = []
-    model.model.embed_tokens.register_forward_pre_hook(lambda _module, args: seen.append(args[0].shape[0]))
-    model_module.walk_blocks(model, lords.LoRDSConfig(bits=4, block_size=32, steps=0),
-                             partial(model_module.lords_linear_group, device="cpu"), ids, progress=False)
-    assert seen == [8, 8, 1]
-
-
-class DisabledAwareBar(RecordingBar):
-    def __init__(self, iterable=None, total=None, desc=None, disable=False):
-        super().__init__(iterable, total, desc, disable)
-        self.disable = disable
+    assert batches(lambda model, config: lords.quantize(model, config, ids, progress=False)) == [8, 8, 1]
+    assert batches(lambda model, config: lords.quantize(model, config, ids, batch_size=3, progress=False)) == [
+        3, 3, 3, 3, 3, 2]
+    assert batches(lambda model, config: lords.quantize(model, config, ids, batch_size=5, progress=False),
+                   "gptq") == [5, 5, 5, 2]
+    group = partial(model_module.lords_linear_group, device="cpu")
+    assert batches(lambda model, config: model_module.walk_blocks(model, config, group, ids, progress=False)) == [
+        8, 8, 1]
 
 
 def bars_of(run) -> dict[str, bool]:
@@ -521,7 +509,7 @@ def bars_of(run) -> dict[str, bool]:
 
 
 def test_progress_bars_show_by_default_and_only_when_asked(tiny_llama, monkeypatch):
-    monkeypatch.setattr(model_module, "tqdm", DisabledAwareBar)
+    monkeypatch.setattr(model_module, "tqdm", RecordingBar)
     ids = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(0))
     config = lords.LoRDSConfig(bits=4, block_size=32, steps=0)
     group = partial(model_module.lords_linear_group, device="cpu")

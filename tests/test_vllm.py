@@ -273,27 +273,17 @@ def test_moe_experts_are_served_as_transformers_runs_them(moe_checkpoint, tmp_pa
     assert "LoRDSExpertsMethod(8)" in methods and "UnquantizedFusedMoEMethod" not in methods
 
 
-def test_moe_experts_split_over_two_processes_match_transformers(moe_checkpoint, tmp_path):
-    """tensor_parallel_size=2: each worker holds half of every expert's width, and vLLM sums their outputs."""
+# tensor parallelism: each worker holds half of every expert's width, and vLLM sums their outputs; expert
+# parallelism: each holds 4 of the 8 experts of every block, whole
+@pytest.mark.parametrize("options,held", [({}, 8), ({"enable_expert_parallel": True}, 4)], ids=["tp", "ep"])
+def test_moe_experts_over_two_processes_match_transformers(moe_checkpoint, tmp_path, options, held):
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2:
         pytest.skip("two worker processes need two CPU cores")
     methods = check_generation_in_a_child(moe_checkpoint, greedy_reference(moe_checkpoint), tmp_path,
-                                          {"tensor_parallel_size": 2, "distributed_executor_backend": "mp"},
+                                          {"tensor_parallel_size": 2, "distributed_executor_backend": "mp", **options},
                                           {"VLLM_CPU_OMP_THREADS_BIND": f"{cores[0]}|{cores[1]}"})
-    assert "LoRDSExpertsMethod(8)" in methods
-
-
-def test_moe_experts_placed_on_two_processes_match_transformers(moe_checkpoint, tmp_path):
-    """Expert parallelism over two worker processes: each holds 4 of the 8 experts of every block, whole."""
-    cores = sorted(os.sched_getaffinity(0))
-    if len(cores) < 2:
-        pytest.skip("two worker processes need two CPU cores")
-    methods = check_generation_in_a_child(moe_checkpoint, greedy_reference(moe_checkpoint), tmp_path,
-                                          {"tensor_parallel_size": 2, "enable_expert_parallel": True,
-                                           "distributed_executor_backend": "mp"},
-                                          {"VLLM_CPU_OMP_THREADS_BIND": f"{cores[0]}|{cores[1]}"})
-    assert "LoRDSExpertsMethod(4)" in methods
+    assert f"LoRDSExpertsMethod({held})" in methods
 
 
 def _experts_layer(moe_checkpoint, tp_size: int = 1, tp_rank: int = 0, ep_size: int = 1, ep_rank: int = 0,
