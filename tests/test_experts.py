@@ -60,7 +60,7 @@ def test_quantize_replaces_every_expert_weight_and_keeps_routers_dense(moe_model
     assert dense_3d == []
     assert {name: type(moe_model.get_submodule(name)) for name in routers} == routers
     out = moe_model(ids).logits
-    assert ((out - reference).norm() / reference.norm()).item() < 0.3  # the dense layers' measure (test_model)
+    assert ((out - reference).norm() / reference.norm()).item() < 0.15  # 0.111 and 0.113 measured
 
 
 def test_lords_experts_route_as_transformers_eager_forward():
@@ -235,7 +235,8 @@ def test_peft_trains_the_experts_scales_and_adapters_hold_them(tmp_path):
             stack.scale_b.zero_()
     load_adapter(quantized_moe, folder)
     with torch.no_grad():
-        assert torch.allclose(quantized_moe(ids).logits, expected, atol=5e-2, rtol=5e-2)  # bf16 scales, as test_peft
+        # the adapter's bf16 scales: 2.5e-3 at most measured, on logits of mean size 0.13
+        assert torch.allclose(quantized_moe(ids).logits, expected, atol=1e-2, rtol=0)
 
 
 def test_qat_covers_the_experts():
@@ -334,7 +335,7 @@ def test_the_list_layout_quantizes_its_expert_linears_and_an_unrouted_expert_get
         assert all(isinstance(getattr(expert, name), lords.LoRDSLinear) for expert in block.mlp.experts
                    for name in ("gate_proj", "up_proj", "down_proj"))
     out = tiny_llama(ids).logits
-    assert ((out - reference).norm() / reference.norm()).item() < 0.3
+    assert ((out - reference).norm() / reference.norm()).item() < 0.15  # 0.098 measured
 
 
 @pytest.mark.parametrize("entry, message", [
