@@ -503,6 +503,34 @@ def test_gemv4_launch_fits_the_kernel_and_one_wave(n, k, rank):
     assert launch["row_blocks"] * launch["splits"] <= max(2 * 132, launch["row_blocks"])
 
 
+@pytest.mark.parametrize("rows", [2, 8, 9, 16, 17, 33, 64, 65, 128])
+@pytest.mark.parametrize("n,k,rank", [(14336, 4096, 49), (4096, 14336, 49), (28672, 8192, 99), (384, 128, 1),
+                                      (2048, 1024, 128)])
+def test_gemm4_launch_covers_the_rows_once_and_fills_one_wave(n, k, rank, rows):
+    """gemm4's launch shape (lords.kernels.cuda.gemm4_config): the smallest M tile of 8-64 rows that holds the rows
+    (64-row tiles beyond), 128 weight rows a block, a rank group per 16, and splits of at least one 128-column step
+    that fill two blocks a multiprocessor at most once."""
+    from lords.kernels.cuda import gemm4_config
+
+    launch = gemm4_config(rows, n, k, rank, 132)
+    tile = 8 * launch["m_cores"]
+    assert launch["m_cores"] in (1, 2, 4, 8) and launch["m_tiles"] == -(-rows // tile)
+    assert tile >= rows or tile == 64
+    assert tile == 8 or tile // 2 < rows  # no smaller tile would do
+    assert launch["rank_groups"] == -(-rank // 16) and launch["row_blocks"] == -(-n // 128)
+    assert 1 <= launch["splits"] <= k // 128
+    blocks = launch["row_blocks"] * launch["m_tiles"]
+    assert blocks * launch["splits"] <= max(2 * 132, blocks)
+
+
+def test_gemm4_is_not_offered_off_the_gpu():
+    from lords.kernels.cuda import gemm4_ready
+
+    x = torch.randn(16, 256, dtype=torch.bfloat16)
+    scale_b, scale_a = torch.ones(64, 8, dtype=torch.bfloat16), torch.ones(8, 256, dtype=torch.bfloat16)
+    assert not gemm4_ready(x, 4, torch.zeros(64, 128, dtype=torch.uint8), scale_b, scale_a)
+
+
 def test_gemv4_is_not_offered_off_the_gpu():
     from lords.kernels.cuda import gemv4_ready
 

@@ -10,8 +10,8 @@ Which one is fastest depends on the shape as well as on M (results/kernels_h100.
 meets a (row bucket, N, K, bits, dtype, integer codebook or not) and keeps the winner, as Triton's autotuner does for
 configs; a choice stored by an earlier process, or shipped in the package for this GPU (autotune.load_choice), is
 taken without timing.
-On Hopper, GPU-only kernels join the candidates: lords.kernels.cuda's gemv4 (CUDA, one row, 4 bits) and, opt-in,
-lords.kernels.gluon's gemv.
+On Hopper, GPU-only kernels join the candidates: lords.kernels.cuda's gemv4 (CUDA, one row, 4 bits) and gemm4
+(CUDA, 2 to 128 rows, 4 bits) and, opt-in, lords.kernels.gluon's gemv.
 `grouped_matmul` multiplies rows by matrices of a stack (a mixture-of-experts layer's experts): the decode kernel
 for a few (row, expert) pairs, the tiled kernel on the pairs sorted by expert for more.
 `fused_matmul` never materialises the dense weight. backward.py's `scale_grads` gives dL/dB and dL/dA for PEFT
@@ -28,7 +28,7 @@ from .backward import scale_grads  # noqa: F401
 from .codes import check_grouped_input, check_input, level_lookup
 from .decode import MAX_ROWS, decode_matmul, grouped_decode_matmul, spills  # noqa: F401
 from .forward import dequantize, grouped_tiled_matmul, m_bucket, sort_by_expert, tiled_matmul  # noqa: F401
-from .cuda import gemv4_matmul, gemv4_ready
+from .cuda import gemm4_matmul, gemm4_ready, gemv4_matmul, gemv4_ready
 from .gluon import gemv_matmul, gemv_ready
 
 # Used where timing cannot run (the CPU interpreter, inside a CUDA-graph capture): the H100 measurements' majority.
@@ -58,7 +58,7 @@ def decode_xa_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None):
 
 
 KERNELS = {"decode": decode_matmul, "decode-xa": decode_xa_matmul, "tiled": tiled_matmul, "dequant": dequant_matmul,
-           "gluon-gemv": gemv_matmul, "cuda-gemv4": gemv4_matmul}
+           "gluon-gemv": gemv_matmul, "cuda-gemv4": gemv4_matmul, "cuda-gemm4": gemm4_matmul}
 _choices: dict[tuple, str] = {}
 
 
@@ -99,6 +99,8 @@ def lords_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None):
             names = ["gluon-gemv", *names]
         if gemv4_ready(x, bits, codes, scale_b, scale_a):
             names = ["cuda-gemv4", *names]
+        if gemm4_ready(x, bits, codes, scale_b, scale_a):
+            names = ["cuda-gemm4", *names]
         device_name = torch.cuda.get_device_name(x.device) if x.is_cuda else x.device.type
         choice = load_choice(key, device_name)
         if choice not in names:
