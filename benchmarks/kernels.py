@@ -235,9 +235,9 @@ def main() -> None:
         f"- date: {time.strftime('%Y-%m-%d')}; device: {torch.cuda.get_device_name()}; torch {torch.__version__}, "
         f"triton {triton.__version__}; {compiled}",
         "- lords-b64/b128 and the 3-/2-bit and int rows: `lords_matmul`, what LoRDSLinear runs on CUDA: whichever of "
-        "the decode kernel (X*A per tile or once per call), the tiled kernel and Triton dequantize + cuBLAS timed "
-        "fastest for the shape at first use; decode-b64 (X*A per tile), tiled-b64 and dequant-b64: each kernel on its "
-        "own",
+        "the decode kernel (X*A per tile or once per call), the tiled kernel, Triton dequantize + cuBLAS and, on "
+        "Hopper at 4 bits, the CUDA kernels (gemv4 for one row, gemm4 for 2-128 rows) timed fastest for the shape at "
+        "first use; decode-b64 (X*A per tile), tiled-b64 and dequant-b64: each kernel on its own",
     ]
     bandwidth = copy_bandwidth(device)
     report += [f"- measured copy bandwidth (read + write): {bandwidth:.0f} GB/s", "", "## Correctness on the GPU", ""]
