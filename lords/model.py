@@ -1,5 +1,6 @@
 """Walk a Hugging Face causal LM, gather calibration statistics block by block, and replace linears."""
 
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -354,6 +355,15 @@ def check_targets(targets: list[tuple[str, nn.Linear]]) -> None:
 OUTLIER_RATIO = 3.0  # a layer's weight error this many times its peers' median is worth a look
 
 
+def stacklevel_outside_lords() -> int:
+    """The warnings.warn stacklevel, for the function calling this one, of the first frame outside the lords package:
+    a warning raised deep in a walk then points at the user's line that called into lords."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").split(".")[0] == "lords":
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def warn_outliers(reports: list[LayerReport]) -> None:
     """Warn about layers whose weight error is far above the median of the layers quantized with them."""
     errors = sorted(report.weight_error for report in reports)
@@ -364,7 +374,7 @@ def warn_outliers(reports: list[LayerReport]) -> None:
         if report.weight_error > OUTLIER_RATIO * median:
             warnings.warn(f"{report.name}: relative weight error {report.weight_error:.4f} is "
                           f"{report.weight_error / median:.1f}x the median of the other layers ({median:.4f})",
-                          stacklevel=3)
+                          stacklevel=stacklevel_outside_lords())
 
 
 def matrix_count(targets: list, experts: list) -> int:
