@@ -60,7 +60,7 @@ def test_forward_matches_float64(kernel, bits, kind, m, n, k, rank):
     out = kernel(x, pack_codes(codes, bits), codebook, scale_b, scale_a, bits, bias)
     expected = reference(x, codes, codebook, scale_b, scale_a, bias)
     assert out.shape == (m, n) and torch.isfinite(out).all()
-    assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-5
+    assert ((out.double() - expected).norm() / expected.norm()).item() < 2e-6  # measured up to 4.1e-7 over the cases
 
 
 @pytest.mark.parametrize("bits,kind", BITS_AND_CODEBOOKS)
@@ -145,7 +145,7 @@ def test_dequantize_matches_float64(bits, kind, n, k, rank):
     weight = dequantize(pack_codes(codes, bits), codebook, scale_b, scale_a, bits, torch.float32)
     expected = (scale_b.double() @ scale_a.double()) * codebook.double()[codes.long()]
     assert weight.shape == (n, k) and weight.dtype == torch.float32
-    assert ((weight.double() - expected).norm() / expected.norm()).item() < 1e-6
+    assert ((weight.double() - expected).norm() / expected.norm()).item() < 1e-6  # measured up to 3.4e-7
 
 
 @pytest.mark.parametrize("kernel", [fused_matmul, lords_matmul], ids=["fused", "lords"])
@@ -177,7 +177,7 @@ def test_layer_dispatch_triton_equals_torch_reference():
         layer.backend = backend
         out = layer(x)
         assert out.shape == (2, 3, 20)
-        assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5), backend
+        assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5), backend  # measured 3.8e-6 at most
 
 
 def test_lords_matmul_times_the_candidates_once_per_shape(monkeypatch):
@@ -195,7 +195,7 @@ def test_lords_matmul_times_the_candidates_once_per_shape(monkeypatch):
         assert len(timed) == 4  # the second call reuses the choice
         assert list(kernels._choices.values()) == ["tiled"]
         expected = reference(x, codes, codebook, scale_b, scale_a, bias)
-        assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-5
+        assert ((out.double() - expected).norm() / expected.norm()).item() < 5e-7  # measured 6.7e-8
     # an integer codebook decodes without a table: the same shape is timed again for it
     lords_matmul(x, pack_codes(codes, 4), get_codebook("int", 4), scale_b, scale_a, 4, bias)
     assert len(timed) == 8 and len(kernels._choices) == 2
@@ -221,7 +221,7 @@ def test_lords_matmul_choice_is_kept_on_disk_for_the_next_process(monkeypatch, t
         monkeypatch.setattr(kernels, "_choices", {})
         out = lords_matmul(x, packed, codebook, scale_b, scale_a, 4, bias)
         assert list(kernels._choices.values()) == ["tiled"]
-        assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-5
+        assert ((out.double() - expected).norm() / expected.norm()).item() < 5e-7  # measured 6.7e-8
 
     first_call()
     (entry,) = tmp_path.rglob("lords_matmul.json")
@@ -280,7 +280,7 @@ def test_lords_matmul_leaves_out_a_kernel_whose_timing_fails(monkeypatch):
         out = lords_matmul(x, pack_codes(codes, 4), codebook, scale_b, scale_a, 4, bias)
     assert list(kernels._choices.values()) == ["dequant"]
     expected = reference(x, codes, codebook, scale_b, scale_a, bias)
-    assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-5
+    assert ((out.double() - expected).norm() / expected.norm()).item() < 5e-7  # measured 7.9e-8
 
 
 def test_kernels_take_parameters_that_require_grad():
@@ -290,7 +290,7 @@ def test_kernels_take_parameters_that_require_grad():
     expected = reference(x, codes, codebook, scale_b.detach(), scale_a.detach(), bias)
     for kernel in (decode_matmul, decode_xa_matmul, tiled_matmul, dequant_matmul):
         out = kernel(x.requires_grad_(), pack_codes(codes, 4), codebook, scale_b, scale_a, 4, bias)
-        assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-5
+        assert ((out.double() - expected).norm() / expected.norm()).item() < 5e-7  # measured 7.9e-8
 
 
 def test_decode_refuses_many_rows():
@@ -358,7 +358,7 @@ def test_compile_only_runs_nothing_and_restores_launches(monkeypatch):
     out = decode_matmul(x, packed, codebook, scale_b, scale_a, 4)
     assert runs == [True, False]
     expected = reference(x, codes, codebook, scale_b, scale_a, None)
-    assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-5
+    assert ((out.double() - expected).norm() / expected.norm()).item() < 5e-7  # measured 7.3e-8
 
 
 def test_launcher_reuses_a_compiled_launch_only_for_the_same_kind():
@@ -428,7 +428,7 @@ def test_tiled_grid_and_orientation_match_float64(monkeypatch, bits, kind, per_s
         out = tiled_matmul(x, pack_codes(codes, bits), codebook, scale_b, scale_a, bits, bias)
         expected = reference(x, codes, codebook, scale_b, scale_a, bias)
         assert out.shape == (m, n)
-        assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-5
+        assert ((out.double() - expected).norm() / expected.norm()).item() < 2e-6  # measured up to 3.7e-7
 
 
 def test_precompile_launches_are_what_lords_matmul_runs():
