@@ -27,8 +27,8 @@ import triton
 
 from lords.codebooks import get_codebook
 from lords.factorize import parity_rank
-from lords.kernels import (MAX_ROWS, TILED_MAX_ROWS, decode_matmul, decode_xa_matmul, dequant_matmul, gemv_matmul,
-                           gemv_ready, lords_matmul, tiled_matmul)
+from lords.kernels import (MAX_ROWS, TILED_MAX_ROWS, decode_matmul, decode_xa_matmul, dequant_matmul, lords_matmul,
+                           tiled_matmul)
 from lords.kernels.precompile import WORKERS, layer_launches, precompile
 from lords.kernels.stream_k import workspace_tensors
 from lords.linear import LoRDSLinear
@@ -68,7 +68,6 @@ def kernel_fns(layer: LoRDSLinear, bias=None) -> dict:
         "tiled": lambda x: tiled_matmul(x, *args, bias),
         "dequant": lambda x: dequant_matmul(x, *args, bias),
         "lords": lambda x: lords_matmul(x, *args, bias),
-        "gluon": lambda x: gemv_matmul(x, *args, bias),
     }
 
 
@@ -106,8 +105,7 @@ def check_correctness(device) -> list[str]:
             x = torch.randn(m, k, device=device, dtype=dtype)
             reference = x.double() @ reference_weight.T + (0 if bias is None else bias.double())
             for name, fn in kernel_fns(layer, None if bias is None else bias.to(dtype)).items():
-                if (name.startswith("decode") and m > MAX_ROWS) or (
-                        name == "gluon" and not gemv_ready(x, bits, layer.scale_b, layer.scale_a)):
+                if name.startswith("decode") and m > MAX_ROWS:
                     continue
                 poison_allocator(device)
                 out = fn(x)
@@ -255,8 +253,7 @@ def main() -> None:
                   for bits, block, kind in ((4, 64, "nf"), (4, 128, "nf"), (3, 64, "nf"), (2, 64, "nf"),
                                             (4, 64, "int"))}
         kernels = kernel_fns(layers[4, 64, "nf"])
-        ours = {"gluon-gemv-b64": kernels["gluon"], "gluon-gemv-int-b64": kernel_fns(layers[4, 64, "int"])["gluon"],
-                "lords-b64": kernels["lords"], "lords-b128": kernel_fns(layers[4, 128, "nf"])["lords"]}
+        ours = {"lords-b64": kernels["lords"], "lords-b128": kernel_fns(layers[4, 128, "nf"])["lords"]}
         if not args.anchors_only:
             naive = layers[4, 64, "nf"]
             anchors["lords-naive"] = lambda x, layer=naive: F.linear(x, layer.dequantize(x.dtype))
@@ -278,9 +275,6 @@ def main() -> None:
             timed = {**anchors, **ours, **(other_widths if m in other_width_ms else {})}
             for name, fn in timed.items():
                 if (name == "decode-b64" and m not in DECODE_MS) or (name == "tiled-b64" and m > TILED_MAX_ROWS):
-                    continue
-                if name.startswith("gluon") and not gemv_ready(x, 4, layers[4, 64, "nf"].scale_b,
-                                                              layers[4, 64, "nf"].scale_a):
                     continue
                 try:
                     with torch.no_grad():

@@ -11,7 +11,7 @@ meets a (row bucket, N, K, bits, dtype, integer codebook or not) and keeps the w
 configs; a choice stored by an earlier process, or shipped in the package for this GPU (autotune.load_choice), is
 taken without timing.
 On Hopper, GPU-only kernels join the candidates: lords.kernels.cuda's gemv4 (CUDA, one row, 4 bits) and gemm4
-(CUDA, 2 to 128 rows, 4 bits) and, opt-in, lords.kernels.gluon's gemv.
+(CUDA, 2 to 128 rows, 4 bits).
 `grouped_matmul` multiplies rows by matrices of a stack (a mixture-of-experts layer's experts): the decode kernel
 for a few (row, expert) pairs, the tiled kernel on the pairs sorted by expert for more.
 `fused_matmul` never materialises the dense weight. backward.py's `scale_grads` gives dL/dB and dL/dA for PEFT
@@ -29,7 +29,6 @@ from .codes import check_grouped_input, check_input, level_lookup
 from .decode import MAX_ROWS, decode_matmul, grouped_decode_matmul, spills  # noqa: F401
 from .forward import dequantize, grouped_tiled_matmul, m_bucket, sort_by_expert, tiled_matmul  # noqa: F401
 from .cuda import gemm4_matmul, gemm4_ready, gemv4_matmul, gemv4_ready
-from .gluon import gemv_matmul, gemv_ready
 
 # Used where timing cannot run (the CPU interpreter, inside a CUDA-graph capture): the H100 measurements' majority.
 DECODE_ROWS = 2
@@ -58,7 +57,7 @@ def decode_xa_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None):
 
 
 KERNELS = {"decode": decode_matmul, "decode-xa": decode_xa_matmul, "tiled": tiled_matmul, "dequant": dequant_matmul,
-           "gluon-gemv": gemv_matmul, "cuda-gemv4": gemv4_matmul, "cuda-gemm4": gemm4_matmul}
+           "cuda-gemv4": gemv4_matmul, "cuda-gemm4": gemm4_matmul}
 _choices: dict[tuple, str] = {}
 
 
@@ -92,11 +91,8 @@ def lords_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None):
     if choice is None:
         if not _can_time(x):
             return KERNELS[default_choice(rows, scale_b.shape[1])](*args)
-        # the GPU-only kernels (Hopper only: lords.kernels.gluon, lords.kernels.cuda) are timed with the others
-        # where they run
+        # the GPU-only kernels (Hopper only: lords.kernels.cuda) are timed with the others where they run
         names = candidates(rows, scale_b.shape[1])
-        if gemv_ready(x, bits, scale_b, scale_a):
-            names = ["gluon-gemv", *names]
         if gemv4_ready(x, bits, codes, scale_b, scale_a):
             names = ["cuda-gemv4", *names]
         if gemm4_ready(x, bits, codes, scale_b, scale_a):
