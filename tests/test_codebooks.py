@@ -7,7 +7,7 @@ from lords.codebooks import NF_OFFSET, LevelGrid, get_codebook, int_codebook, le
 def test_nf4_equals_bitsandbytes_table():
     bnb_functional = pytest.importorskip("bitsandbytes.functional")
     table = bnb_functional.get_4bit_type("nf4", device="cpu").float()
-    assert torch.allclose(nf_codebook(4), table, atol=1e-6, rtol=0)
+    assert torch.allclose(nf_codebook(4), table, atol=1e-6, rtol=0)  # bitsandbytes rounds its table: 1.2e-7 measured
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -24,7 +24,7 @@ def test_nf_levels_shape(bits):
 def test_int_levels(bits):
     half = 2 ** (bits - 1)
     expected = torch.arange(-half, half, dtype=torch.float64) / (half - 1)
-    assert torch.allclose(int_codebook(bits).double(), expected)
+    assert torch.allclose(int_codebook(bits).double(), expected, rtol=2e-7, atol=0)  # float32: 4.5e-8 measured
 
 
 @pytest.mark.parametrize("kind,bits", [("nf", 2), ("nf", 3), ("nf", 4), ("int", 3), ("int", 4)])
@@ -89,7 +89,8 @@ def test_level_grid_is_the_coarsest_that_separates_the_midpoints(kind, bits, dty
     grid = LevelGrid(codebook)  # not the cached one: built here, so the test covers the construction
     levels = codebook.double()
     assert grid.low == levels[0].item()
-    assert grid.inverse_width == pytest.approx(grid.cells / (levels[-1] - levels[0]).item(), rel=1e-12)
+    # float64 rounding: 1.6e-16 relative at most measured
+    assert grid.inverse_width == pytest.approx(grid.cells / (levels[-1] - levels[0]).item(), rel=1e-15)
     assert _separates(codebook, grid.cells)
     assert not any(_separates(codebook, cells) for cells in range(4 * len(codebook), grid.cells))
     starts = levels[0] + (levels[-1] - levels[0]) / grid.cells * torch.arange(grid.cells, dtype=torch.float64)

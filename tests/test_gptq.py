@@ -79,7 +79,8 @@ def test_output_error_is_the_relative_error_of_the_layer_outputs():
     approx = weight + 0.1 * weight_and_scale(8, 12, seed=6)[0]
     inputs = correlated_inputs(50, 12, seed=7)
     expected = torch.linalg.norm(inputs @ (weight - approx).T) / torch.linalg.norm(inputs @ weight.T)
-    assert output_error(weight, approx, inputs.T @ inputs).item() == pytest.approx(expected.item(), rel=1e-12)
+    # float64 rounding: 2.4e-16 relative measured (5.6e-16 at most over 300 other seeds)
+    assert output_error(weight, approx, inputs.T @ inputs).item() == pytest.approx(expected.item(), rel=2e-15)
 
 
 def test_a_stack_gives_each_layers_codes_in_uint8_and_a_shared_hessian_broadcasts():
@@ -127,4 +128,5 @@ def test_lords_with_gptq_codes_beats_its_nearest_codes_and_refit_rounds_never_hu
     refit = lords_gptq_quantize(weight, codebook, 16, 2, hessian, steps=10, refit_rounds=2)
     assert (refit.error <= plain.error).all()
     scale = refit.scale_b.float() @ refit.scale_a.float()
-    assert torch.allclose(output_error(weight, reconstruct(scale, refit.codes, codebook), hessian), refit.error)
+    # bit-identical: the computation lords_gptq_quantize makes
+    assert torch.equal(output_error(weight, reconstruct(scale, refit.codes, codebook), hessian), refit.error)

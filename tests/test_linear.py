@@ -21,13 +21,14 @@ def test_forward_matches_float64_reference(bits, kind, bias):
     reference = x.double() @ dense.T + (bias_tensor.double() if bias else 0)
     out = layer(x)
     assert out.shape == (5, 7, 24) and out.dtype == torch.float32
+    # float32 rounding: 1.2e-7 to 1.8e-7 measured (2.0e-7 at most over 40 seeds)
     assert ((out.double() - reference).norm() / reference.norm()).item() < 1e-6
     assert torch.equal(layer.unpacked_codes(), factors.codes)
 
 
 def test_bits_per_weight_counts_bf16_scales():
     layer = LoRDSLinear(128, 64, bits=3, rank=2)
-    assert layer.bits_per_weight == pytest.approx(3 + 16 * 2 * (128 + 64) / (128 * 64))
+    assert layer.bits_per_weight == 3 + 16 * 2 * (128 + 64) / (128 * 64)  # 3.75: exact in binary
     assert layer.codes.numel() == 128 * 64 * 3 // 8 and layer.codes.shape == (64, 128 * 3 // 8)
 
 

@@ -33,12 +33,12 @@ def test_extract_then_apply_reproduces_the_tuned_model(tiny_llama):
     target = copy.deepcopy(tiny_llama)
     assert apply_skill(target, deltas, scale=1.0) == {}
     for (name, value), expected in zip(target.named_parameters(), tuned.parameters()):
-        torch.testing.assert_close(value, expected, rtol=0, atol=1e-6, msg=name)
+        torch.testing.assert_close(value, expected, rtol=0, atol=0, msg=name)  # bit-identical
     half = copy.deepcopy(tiny_llama)
     apply_skill(half, deltas, scale=0.5)
     name = "model.layers.0.mlp.up_proj.weight"
     torch.testing.assert_close(dict(half.named_parameters())[name] - dict(tiny_llama.named_parameters())[name],
-                               0.5 * deltas[name], rtol=1e-4, atol=1e-7)
+                               0.5 * deltas[name], rtol=0, atol=2e-8)  # the rounding of the sum: 3.7e-9 measured
 
 
 def test_file_round_trip_keeps_provenance_and_refuses_foreign_files(tiny_llama, tmp_path):
@@ -187,14 +187,15 @@ def test_lords_target_is_refitted_and_moves_toward_the_shifted_weight(tiny_llama
 
 def test_cosines_and_the_cli(tiny_llama, tmp_path, capsys):
     first = extract(tiny_llama, perturbed(tiny_llama, 4))
-    assert all(value == pytest.approx(1.0) for value in layer_cosines(first, first).values())
+    # float64 rounding: 6.0e-15 at most measured
+    assert all(value == pytest.approx(1.0, abs=2e-14) for value in layer_cosines(first, first).values())
     names = sorted(first)
     cosines = layer_cosines({name: first[name] for name in names[:5]}, {name: -first[name] for name in names[3:]})
-    assert cosines == pytest.approx({name: -1.0 for name in names[3:5]}, abs=1e-12)  # only the names both hold
+    assert cosines == pytest.approx({name: -1.0 for name in names[3:5]}, abs=2e-14)  # only the names both hold
     with pytest.raises(ValueError, match=exactly("the two skill files share no parameter names")):
         layer_cosines({names[0]: first[names[0]]}, {names[1]: first[names[1]]})
     second = extract(tiny_llama, perturbed(tiny_llama, 5))
-    assert abs(sum(layer_cosines(first, second).values()) / len(first)) < 0.1  # independent noise: near 0
+    assert abs(sum(layer_cosines(first, second).values()) / len(first)) < 0.01  # independent noise: 1.8e-3 measured
     save_skill(first, tmp_path / "a.safetensors", {})
     save_skill(second, tmp_path / "b.safetensors", {})
     main(["skill", "analyze", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), "--control",

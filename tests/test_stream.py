@@ -67,7 +67,7 @@ def test_a_synthetic_source_streams_like_a_folder(tiny_llama, tmp_path):
     name = "model.layers.1.mlp.up_proj.weight"
     assert torch.equal(source.tensor(name, "cpu"), SyntheticSource(tiny_llama.config, seed=3).tensor(name, "cpu"))
     assert not torch.equal(source.tensor(name, "cpu"), SyntheticSource(tiny_llama.config, seed=4).tensor(name, "cpu"))
-    assert source.tensor(name, "cpu").std().item() == pytest.approx(0.02, rel=0.1)
+    assert source.tensor(name, "cpu").std().item() == pytest.approx(0.02, rel=5e-3)  # 9.8e-4 off measured
     quantize_to_folder(source, tmp_path / "streamed", CONFIG, CALIBRATION, device="cpu", progress=False)
     # the same weights in a model in memory, quantized there
     missing, _ = tiny_llama.load_state_dict({key: source.tensor(key, "cpu") for key in source.names()}, strict=False)

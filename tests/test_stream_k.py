@@ -79,7 +79,7 @@ def test_shared_tiles_leave_the_workspace_zero(kernel, m):
     expected = x.double() @ weight.T + bias.double()
     outs = [kernel(x, pack_codes(codes, 4), codebook, scale_b, scale_a, 4, bias) for _ in range(2)]
     for out in outs:
-        assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-5
+        assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-6  # 9.0e-8 and 1.2e-7 measured
     assert all((tensor == 0).all() for tensor in workspace_tensors())
 
 

@@ -66,9 +66,10 @@ def test_two_gloo_processes_match_one_process(quantized, tmp_path, fsdp):
     after = trained_scales(single)
     assert distributed.keys() == after.keys()
     assert any(not torch.equal(before[name], after[name]) for name in after)
+    # gradients summed in another order: 7.9e-7 measured on scales up to 0.39, 1.0e-7 relative on the losses
     for name, value in after.items():
-        torch.testing.assert_close(distributed[name], value, rtol=1e-4, atol=1e-6, msg=name)
-    assert distributed_losses == pytest.approx(losses, rel=1e-5)
+        torch.testing.assert_close(distributed[name], value, rtol=0, atol=5e-6, msg=name)
+    assert distributed_losses == pytest.approx(losses, rel=1e-6)
 
 
 def test_qat_under_fsdp_matches_ddp(tiny_llama, tmp_path):
@@ -80,11 +81,12 @@ def test_qat_under_fsdp_matches_ddp(tiny_llama, tmp_path):
     fsdp, fsdp_losses = run_distributed(tiny_llama, tmp_path, "qat", fsdp=True)
     assert fsdp.keys() == ddp.keys() and any(name.endswith("proj.weight") for name in fsdp)
     for name, value in ddp.items():
-        torch.testing.assert_close(fsdp[name], value, rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(fsdp[name], value, rtol=0, atol=0, msg=name)  # bit-identical
     single = copy.deepcopy(tiny_llama)
     losses = finetune(single, TOKENS, STEPS, lr=1e-2, batch_size=BATCH, seq_len=SEQ, progress=False,
                       param_groups=trainable_groups(single, "qat"))
-    assert fsdp_losses == pytest.approx(losses, rel=1e-5) and ddp_losses == pytest.approx(losses, rel=1e-5)
+    # 2.1e-7 measured with 2 threads in the one process, 1.1e-6 with 1 or 4
+    assert fsdp_losses == pytest.approx(losses, rel=5e-6) and ddp_losses == pytest.approx(losses, rel=5e-6)
 
 
 def _gradients(model, batch, **kwargs) -> dict[str, torch.Tensor]:
@@ -104,7 +106,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(quantized):
     checkpointed = _gradients(quantized, batch)
     assert plain.keys() == checkpointed.keys() and plain
     for name in plain:
-        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
+        # bit-identical: the recomputed forward is the same computation
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=0, atol=0, msg=name)
 
 
 def test_bf16_autocast_gradients_follow_float32(quantized):
@@ -115,7 +118,7 @@ def test_bf16_autocast_gradients_follow_float32(quantized):
     for name in full:
         assert mixed[name].dtype == torch.float32  # trained scales stay float32 under autocast
         cosine = torch.nn.functional.cosine_similarity(mixed[name].flatten(), full[name].flatten(), dim=0)
-        assert cosine > 0.98, (name, cosine.item())
+        assert cosine > 0.9995, (name, cosine.item())  # 1 - cosine: 8.5e-5 at most measured
 
 
 def test_hugging_face_trainer_trains_only_the_scales(quantized, tmp_path):
