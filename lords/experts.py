@@ -109,12 +109,12 @@ class LoRDSExpertWeights(nn.Module):
         return lords_forward(x, self.codes[expert], self.codebook, self.scale_b[expert], self.scale_a[expert],
                              self.bits, None, self.backend, dense_weight)
 
-    def grouped(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    def grouped(self, x: torch.Tensor, experts: torch.Tensor, pairs: torch.Tensor | None = None) -> torch.Tensor:
         """Row t of x (T, in_features) through each of its experts experts[t] (T, k) -> (T, k, out_features), every
-        row in one kernel launch (lords.kernels.grouped_matmul)."""
+        row in one kernel launch (lords.kernels.grouped_matmul; pairs: lords.kernels.route_pairs of experts)."""
         from .kernels import ops
 
-        return ops.grouped_matmul(x, experts, self.codes, self.codebook, self.scale_b, self.scale_a, self.bits)
+        return ops.grouped_matmul(x, experts, self.codes, self.codebook, self.scale_b, self.scale_a, self.bits, pairs)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, in_features={self.in_features}, out_features={self.out_features}, "
@@ -155,12 +155,16 @@ class LoRDSExperts(nn.Module):
     def grouped_forward(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
         """run_experts' routing with every (token, expert) pair at once: token t through each of its experts
         top_k_index[t], and each token's output the sum of its pairs' outputs weighted by top_k_weights."""
+        from . import kernels
+
         tokens, k = top_k_index.shape
         routed = top_k_index < self.num_experts  # a slot masked out by expert parallelism contributes nothing
         experts = torch.where(routed, top_k_index, 0)
-        gate, up = self.gate_up_proj.grouped(hidden_states, experts).chunk(2, dim=-1)
+        # the pairs sorted by expert once, for both launches: down's pairs are gate_up's, one a row
+        pairs = kernels.route_pairs(experts, self.num_experts)
+        gate, up = self.gate_up_proj.grouped(hidden_states, experts, pairs).chunk(2, dim=-1)
         hidden = (self.act_fn(gate) * up).reshape(tokens * k, -1)
-        out = self.down_proj.grouped(hidden, experts.reshape(-1, 1)).view(tokens, k, -1)
+        out = self.down_proj.grouped(hidden, experts.reshape(-1, 1), pairs).view(tokens, k, -1)
         weights = top_k_weights * routed
         return (out * weights[..., None].to(out.dtype)).sum(1).to(hidden_states.dtype)
 

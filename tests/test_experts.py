@@ -383,11 +383,16 @@ def tiled_calls(monkeypatch):
     pytest.importorskip("triton")
     import lords.kernels
 
-    calls, kernel = [], lords.kernels.grouped_tiled_matmul
+    class Calls(list):
+        pairs: list  # the sorted pairs each call was handed (lords.kernels.route_pairs), or None
 
-    def recorded(x, experts, *args):
+    calls, kernel = Calls(), lords.kernels.grouped_tiled_matmul
+    calls.pairs = []
+
+    def recorded(x, experts, codes, codebook, scale_b, scale_a, bits, pairs=None):
         calls.append(tuple(experts.shape))
-        return kernel(x, experts, *args)
+        calls.pairs.append(pairs)
+        return kernel(x, experts, codes, codebook, scale_b, scale_a, bits, pairs)
 
     monkeypatch.setattr(lords.kernels, "grouped_tiled_matmul", recorded)
     return calls
@@ -429,6 +434,13 @@ def test_prefill_runs_the_grouped_tiled_kernel_and_equals_the_torch_loop(tiled_c
         out = experts(hidden, top_k_index, top_k_weights)
         expected = reference(hidden, top_k_index, top_k_weights)
     assert tiled_calls == [(130, 2), (260, 1)]
+    # the pairs sorted once for both projections, as the kernel sorts them itself (slots of expert 3, masked, go to 0)
+    from lords.kernels import GROUPED_PAD_ROWS, sort_by_expert
+
+    first, second = tiled_calls.pairs
+    assert first is second
+    assert torch.equal(first, sort_by_expert(torch.where(top_k_index < 3, top_k_index, 0).reshape(-1), 3,
+                                             GROUPED_PAD_ROWS))
     assert relative_error(out, expected) < 2e-6  # measured 2.0e-7
 
 

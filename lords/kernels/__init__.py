@@ -27,7 +27,8 @@ from .autotune import INTERPRET, gpu_time, load_choice, save_choice
 from .backward import scale_grads  # noqa: F401
 from .codes import check_grouped_input, check_input, level_lookup
 from .decode import MAX_ROWS, decode_matmul, grouped_decode_matmul, spills  # noqa: F401
-from .forward import dequantize, grouped_tiled_matmul, m_bucket, sort_by_expert, tiled_matmul  # noqa: F401
+from .forward import (GROUPED_PAD_ROWS, dequantize, grouped_tiled_matmul, m_bucket, sort_by_expert,  # noqa: F401
+                      tiled_matmul)
 from .cuda import gemm4_matmul, gemm4_ready, gemv4_matmul, gemv4_ready
 
 # Used where timing cannot run (the CPU interpreter, inside a CUDA-graph capture): the H100 measurements' majority.
@@ -113,15 +114,24 @@ def lords_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None):
     return KERNELS[choice](*args)
 
 
-def grouped_matmul(x, experts, codes, codebook, scale_b, scale_a, bits):
+def route_pairs(experts: torch.Tensor, num_experts: int) -> torch.Tensor | None:
+    """The (token, expert) pairs of experts (T, k) sorted by expert for the grouped tiled kernel (sort_by_expert), or
+    None where grouped_matmul runs the decode kernel. Computed once, it serves every grouped_matmul over the same
+    routing: a layer's gate_up on its tokens and down on their pairs."""
+    if experts.numel() <= GROUPED_DECODE_MAX_PAIRS:
+        return None
+    return sort_by_expert(experts.reshape(-1), num_experts, GROUPED_PAD_ROWS)
+
+
+def grouped_matmul(x, experts, codes, codebook, scale_b, scale_a, bits, pairs=None):
     """x (T, K) and experts (T, k) in [0, E) -> (T, k, N): y[t, j] = x[t] times matrix experts[t, j] of a stack
     (packed codes (E, N, bytes), scales B (E, N, r), A (E, r, K)), through the decode kernel for a few pairs
     (GROUPED_DECODE_MAX_PAIRS) and the grouped tiled kernel beyond: mixture-of-experts inference, one launch, and
-    nothing waits for the GPU to learn which experts were hit."""
+    nothing waits for the GPU to learn which experts were hit. pairs: route_pairs(experts) if the caller has it."""
     check_grouped_input(x, experts, scale_a)
     tokens, top_k = experts.shape
     if experts.numel() > GROUPED_DECODE_MAX_PAIRS:
-        return grouped_tiled_matmul(x, experts, codes, codebook, scale_b, scale_a, bits)
+        return grouped_tiled_matmul(x, experts, codes, codebook, scale_b, scale_a, bits, pairs)
     rows = x.repeat_interleave(top_k, dim=0) if top_k > 1 else x
     return grouped_decode_matmul(rows, experts.reshape(-1), codes, codebook, scale_b, scale_a, bits).view(
         tokens, top_k, -1)

@@ -259,7 +259,7 @@ def sort_by_expert(experts: torch.Tensor, num_experts: int, pad_rows: int) -> to
     return rows.index_copy_(0, slots, order.to(torch.int32))
 
 
-def grouped_tiled_matmul(x, experts, codes, codebook, scale_b, scale_a, bits) -> torch.Tensor:
+def grouped_tiled_matmul(x, experts, codes, codebook, scale_b, scale_a, bits, pairs=None) -> torch.Tensor:
     """x (T, K) and experts (T, k) in [0, E) -> (T, k, N): y[t, j] = x[t] times matrix experts[t, j] of a stack
     (packed codes (E, N, bytes), scales B (E, N, r), A (E, r, K)). One launch of the tiled kernel over the (token,
     expert) pairs sorted by expert (sort_by_expert), so that each M tile is some tokens of one expert and its codes
@@ -270,7 +270,8 @@ def grouped_tiled_matmul(x, experts, codes, codebook, scale_b, scale_a, bits) ->
     out_features = scale_b.shape[1]
     y = torch.empty(tokens * top_k, out_features, device=x.device, dtype=x.dtype)
     if y.numel() > 0:
-        pairs = sort_by_expert(experts.reshape(-1), scale_b.shape[0], GROUPED_PAD_ROWS)
+        if pairs is None:  # the caller may have sorted this routing already (lords.kernels.route_pairs)
+            pairs = sort_by_expert(experts.reshape(-1), scale_b.shape[0], GROUPED_PAD_ROWS)
         _launch_tiled(x, y, pairs.numel(), codes.contiguous(), codebook, scale_b, scale_a, bits, pairs=pairs,
                       experts=experts.contiguous(), top_k=top_k)
     return y.view(tokens, top_k, out_features)

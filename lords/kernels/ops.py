@@ -67,13 +67,13 @@ def _scale_grads_fake(grad_out, x, codes, codebook, scale_b, scale_a, bits):
 
 
 def _grouped_matmul_op(x: Tensor, experts: Tensor, codes: Tensor, codebook: Tensor, scale_b: Tensor,
-                       scale_a: Tensor, bits: int) -> Tensor:
+                       scale_a: Tensor, bits: int, pairs: Optional[Tensor] = None) -> Tensor:
     """Row t of x (T, K) times each of its stacked matrices experts[t] (T, k) -> (T, k, N): lords.kernels'
-    grouped_matmul (decode kernel for a few pairs, grouped tiled kernel beyond)."""
-    return _grouped_matmul(x, experts, codes, codebook, scale_b, scale_a, bits)
+    grouped_matmul (decode kernel for a few pairs, grouped tiled kernel beyond; pairs from route_pairs)."""
+    return _grouped_matmul(x, experts, codes, codebook, scale_b, scale_a, bits, pairs)
 
 
-def _grouped_matmul_fake(x, experts, codes, codebook, scale_b, scale_a, bits):
+def _grouped_matmul_fake(x, experts, codes, codebook, scale_b, scale_a, bits, pairs=None):
     return x.new_empty(*experts.shape, scale_b.shape[1])
 
 
