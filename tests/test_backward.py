@@ -44,8 +44,8 @@ def test_scale_grads_kernel_matches_autograd(bits, kind, m, n, k, rank):
     grad_b, grad_a = scale_grads(grad_out, x, pack_codes(codes, bits), codebook, scale_b, scale_a, bits)
     _, expected_b, expected_a = autograd_reference(x, grad_out, codes, codebook, scale_b, scale_a)
     assert grad_b.shape == (n, rank) and grad_a.shape == (rank, k)
-    assert relative_error(grad_b, expected_b) < 1e-5
-    assert relative_error(grad_a, expected_a) < 1e-5
+    assert relative_error(grad_b, expected_b) < 1e-6  # float32 against float64: 1.7e-7 at most measured
+    assert relative_error(grad_a, expected_a) < 1e-6
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -67,7 +67,7 @@ def test_layer_backward_matches_autograd(backend):
         x.detach().reshape(-1, k), grad_out.reshape(-1, n), codes, layer.codebook, layer.scale_b.detach(),
         layer.scale_a.detach(),
     )
-    assert relative_error(x.grad.reshape(-1, k), expected_x) < 1e-5
-    assert relative_error(layer.scale_b.grad, expected_b) < 1e-5
-    assert relative_error(layer.scale_a.grad, expected_a) < 1e-5
-    assert torch.allclose(layer.bias.grad, grad_out.sum((0, 1)), atol=1e-5)
+    assert relative_error(x.grad.reshape(-1, k), expected_x) < 5e-7  # float32 against float64: 1.1e-7 at most measured
+    assert relative_error(layer.scale_b.grad, expected_b) < 5e-7
+    assert relative_error(layer.scale_a.grad, expected_a) < 5e-7
+    assert torch.equal(layer.bias.grad, grad_out.sum((0, 1)))  # bit-identical

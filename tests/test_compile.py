@@ -75,7 +75,7 @@ def test_compiled_layer_matches_eager_forward_and_backward(path):
     torch._dynamo.reset()
     for eager, compiled in zip(*results):
         assert compiled.shape == eager.shape
-        assert torch.allclose(compiled, eager, rtol=1e-5, atol=1e-5)
+        assert torch.equal(compiled, eager)  # bit-identical: aot_eager runs the same kernels
 
 
 def test_inductor_compiles_a_model_with_lords_layers():
@@ -90,7 +90,8 @@ def test_inductor_compiles_a_model_with_lords_layers():
         out = torch.compile(model, fullgraph=True)(x)
     torch._dynamo.reset()
     assert out.shape == (3, 16)
-    assert torch.allclose(out, expected, rtol=1e-4, atol=1e-4)
+    # x is unseeded: measured 9.5e-7 to 1.9e-6 here, at most 5.7e-6 (1.5 ulp at 46) over 60 seeded inputs
+    assert torch.allclose(out, expected, rtol=5e-6, atol=5e-6)
 
 
 def test_quantized_hf_model_compiles_whole(tiny_llama):
@@ -108,7 +109,7 @@ def test_quantized_hf_model_compiles_whole(tiny_llama):
         expected = tiny_llama(ids).logits
         compiled = torch.compile(tiny_llama.forward, backend="aot_eager", fullgraph=True)(ids).logits
     torch._dynamo.reset()
-    assert torch.allclose(compiled, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(compiled, expected)  # bit-identical: aot_eager runs the same kernels
 
 
 @pytest.mark.parametrize("decode_max_pairs", [256, 3], ids=["decode", "tiled"])

@@ -45,8 +45,11 @@ def test_two_processes_match_emulation_and_stay_identical(tiny_llama, tmp_path):
     before, after = weights(tiny_llama), weights(emulated)
     assert any(not torch.equal(before[n], after[n]) for n in after)
     for name, value in after.items():
-        torch.testing.assert_close(rank0[name], value, rtol=1e-5, atol=1e-6, msg=name)
-    assert result0["losses"] == pytest.approx(result["losses"], rel=1e-5)
+        # measured 2.6e-8 (0 with this process on one thread, as the workers are)
+        torch.testing.assert_close(rank0[name], value, rtol=0, atol=2e-7, msg=name)
+    # measured equal, but the processes sum the losses in float32 and one process in a Python float (the thread
+    # test's twin measured 5e-8 apart)
+    assert result0["losses"] == pytest.approx(result["losses"], rel=5e-7)
     assert result0["sent_values_per_step"] == result["sent_values_per_step"] > 0
 
 
@@ -72,7 +75,8 @@ def test_one_slice_first_step_is_a_pissa_step(tiny_llama):
     changed = [n for n, v in weights(hd).items() if n.endswith("down_proj.weight") and not torch.equal(v, original[n])]
     assert changed  # the step did move the weights, so the comparison below is not between two unchanged models
     for name, value in weights(merged).items():
-        torch.testing.assert_close(weights(hd)[name], value, rtol=1e-4, atol=1e-6, msg=name)
+        # measured 4.7e-7 in two of the 32x64 projections, 2e-8 elsewhere
+        torch.testing.assert_close(weights(hd)[name], value, rtol=0, atol=2e-6, msg=name)
 
 
 def test_accumulated_update_exceeds_the_slice_rank(tiny_llama):
@@ -158,7 +162,8 @@ def test_tracked_update_is_the_float32_master_change(tiny_llama):
     result = hd_pissa_finetune(tiny_llama, TOKENS, steps=2, rank=2, lr=1e-2, batch_size=4, seq_len=16, slices=2,
                                progress=False, updates_of=(LAYER,))
     exported = tiny_llama.get_submodule(LAYER).weight.detach()
-    torch.testing.assert_close(start + result["updates"][LAYER], exported, rtol=0, atol=1e-6)
+    # measured 4.7e-10: master - start rounds only where the update is as large as the weight
+    torch.testing.assert_close(start + result["updates"][LAYER], exported, rtol=0, atol=2e-9)
     assert tiny_llama.state_dict().keys() == names  # the export adds no bias to a linear that had none
 
 
