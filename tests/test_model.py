@@ -602,6 +602,7 @@ def test_four_layers_are_enough_to_name_an_outlier_at_more_than_three_times_the_
     [warning] = warned([0.25, 0.25, 0.25, 1.0])
     assert str(warning.message) == ("layer3: relative weight error 1.0000 is 4.0x the median of the other layers "
                                     "(0.2500)")
+    assert warning.filename == __file__  # the caller's line, outside lords
     assert warned([0.25, 0.25, 0.25, 0.75]) == []  # exactly three times the median: not an outlier
     [warning] = warned([0.1, 0.1, 0.2, 0.5, 0.5, 1.6])  # the median is the upper middle value, 0.5
     assert str(warning.message).endswith("3.2x the median of the other layers (0.5000)")
