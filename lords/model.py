@@ -355,13 +355,21 @@ def check_targets(targets: list[tuple[str, nn.Linear]]) -> None:
 OUTLIER_RATIO = 3.0  # a layer's weight error this many times its peers' median is worth a look
 
 
-def stacklevel_outside_lords() -> int:
-    """The warnings.warn stacklevel, for the function calling this one, of the first frame outside the lords package:
-    a warning raised deep in a walk then points at the user's line that called into lords."""
-    frame, level = sys._getframe(1), 1
-    while frame.f_back is not None and frame.f_globals.get("__name__", "").split(".")[0] == "lords":
+# Packages whose frames count as lords' own for a warning's line: lords, and mutmut, whose trampolines wrap every
+# function of a module under mutation testing (tests/mutate.py), so that a warning lands on the same line there.
+INTERNAL_PACKAGES = ("lords", "mutmut")
+
+
+def stacklevel_outside_lords(frame) -> int:
+    """The warnings.warn stacklevel, for a warning raised in `frame`, of the line that called into lords: the caller
+    of the outermost lords frame on the stack (decorators' frames between lords' own, torch.no_grad's, do not stop
+    the walk), so that a warning raised deep in a walk points at the user's call."""
+    level, outermost = 1, 1
+    while frame is not None:
+        if frame.f_globals.get("__name__", "").split(".")[0] in INTERNAL_PACKAGES:
+            outermost = level
         frame, level = frame.f_back, level + 1
-    return level
+    return outermost + 1
 
 
 def warn_outliers(reports: list[LayerReport]) -> None:
@@ -374,7 +382,7 @@ def warn_outliers(reports: list[LayerReport]) -> None:
         if report.weight_error > OUTLIER_RATIO * median:
             warnings.warn(f"{report.name}: relative weight error {report.weight_error:.4f} is "
                           f"{report.weight_error / median:.1f}x the median of the other layers ({median:.4f})",
-                          stacklevel=stacklevel_outside_lords())
+                          stacklevel=stacklevel_outside_lords(sys._getframe()))
 
 
 def matrix_count(targets: list, experts: list) -> int:

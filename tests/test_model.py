@@ -1,4 +1,5 @@
 import copy
+import inspect
 import time
 import warnings
 from functools import partial
@@ -587,6 +588,21 @@ def test_a_linear_that_never_ran_gets_a_zero_hessian():
         pass
     assert hessians[layer].shape == (6, 6) and hessians[layer].dtype == torch.float32
     assert not hessians[layer].any()
+
+
+@pytest.mark.parametrize("codes", ["nearest", "gptq"])
+def test_an_outlier_warning_points_at_the_line_that_called_lords(tiny_llama, monkeypatch, codes):
+    """Raised deep in either block walk (the error-feedback one runs under torch.no_grad, whose wrapper frame sits
+    between lords' own), the warning names the user's line."""
+    monkeypatch.setattr(model_module, "OUTLIER_RATIO", 1.0)  # every layer above the median is named
+    ids = torch.randint(0, tiny_llama.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        line = inspect.currentframe().f_lineno + 1
+        lords.quantize(tiny_llama, lords.LoRDSConfig(bits=2, block_size=32, steps=2, codes=codes), calibration=ids,
+                       progress=False)
+    named = [warning for warning in caught if "the median of the other layers" in str(warning.message)]
+    assert named and {(warning.filename, warning.lineno) for warning in named} == {(__file__, line)}
 
 
 def test_four_layers_are_enough_to_name_an_outlier_at_more_than_three_times_the_median():
