@@ -355,9 +355,9 @@ def check_targets(targets: list[tuple[str, nn.Linear]]) -> None:
 OUTLIER_RATIO = 3.0  # a layer's weight error this many times its peers' median is worth a look
 
 
-# Packages whose frames count as lords' own for a warning's line: lords, and mutmut, whose trampolines wrap every
+# Modules whose frames count as lords' own for a warning's line: lords, and mutmut's trampolines, which wrap every
 # function of a module under mutation testing (tests/mutate.py), so that a warning lands on the same line there.
-INTERNAL_PACKAGES = ("lords", "mutmut")
+INTERNAL_MODULES = ("lords", "mutmut.mutation.trampoline")
 
 
 def stacklevel_outside_lords(frame) -> int:
@@ -366,7 +366,8 @@ def stacklevel_outside_lords(frame) -> int:
     the walk), so that a warning raised deep in a walk points at the user's call."""
     level, outermost = 1, 1
     while frame is not None:
-        if frame.f_globals.get("__name__", "").split(".")[0] in INTERNAL_PACKAGES:
+        name = frame.f_globals.get("__name__", "")
+        if any(name == module or name.startswith(module + ".") for module in INTERNAL_MODULES):
             outermost = level
         frame, level = frame.f_back, level + 1
     return outermost + 1
