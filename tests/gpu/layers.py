@@ -1,7 +1,24 @@
-"""What the GPU suite's test files share: random 4-bit LoRDS layers and a float64 reference (the folder is on
-sys.path under pytest, as tests/ is for conftest)."""
+"""What the GPU suite's test files share: random 4-bit LoRDS layers and a float64 reference, and what the CUDA
+kernels' tests need (the folder is on sys.path under pytest, as tests/ is for conftest)."""
 
+import os
+
+import pytest
 import torch
+
+HOPPER_ONLY = pytest.mark.skipif(
+    not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+    or torch.cuda.get_device_capability() != (9, 0),
+    reason="the CUDA kernels need a Hopper GPU (sm_90) and no Triton interpreter")
+
+
+@pytest.fixture
+def cuda_kernels_on(monkeypatch):
+    """LORDS_CUDA=0 turns the CUDA kernels off in the library; their tests turn them on whatever the environment
+    says."""
+    import lords.kernels.cuda
+
+    monkeypatch.setattr(lords.kernels.cuda, "ENABLED", True)
 
 
 def random_layer(n, k, rank, kind, generator, dtype=torch.bfloat16):

@@ -8,27 +8,13 @@ block meet in the workspace), every M tile size and two M tiles, the workspace c
 the default, and CUDA-graph replays.
 """
 
-import os
-
 import pytest
 import torch
-from layers import poison, random_layer, reference, relative_error
+from layers import HOPPER_ONLY, cuda_kernels_on, poison, random_layer, reference, relative_error  # noqa: F401
 
-pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
-    or torch.cuda.get_device_capability() != (9, 0),
-    reason="the CUDA gemm4 kernel needs a Hopper GPU (sm_90) and no Triton interpreter")
+pytestmark = [HOPPER_ONLY, pytest.mark.usefixtures("cuda_kernels_on")]
 
 CALLS = 5
-
-
-@pytest.fixture(autouse=True)
-def cuda_kernel_on(monkeypatch):
-    """LORDS_CUDA=0 turns the kernel off in the library; these tests turn it on whatever the environment says."""
-    import lords.kernels.cuda
-
-    monkeypatch.setattr(lords.kernels.cuda, "ENABLED", True)
-
 
 # bf16 operands, and the weight rounded twice (the scale tile to bf16, then its product with the level): measured
 # 2.7e-3 to 3.0e-3 over every case on the H200 (results/gpu_tests.md of 2026-12-03)

@@ -7,27 +7,13 @@ block meet in the workspace: a missed partial sum shows in some call), the works
 launch shape the benchmarks time, and CUDA-graph replays.
 """
 
-import os
-
 import pytest
 import torch
-from layers import poison, random_layer, reference, relative_error
+from layers import HOPPER_ONLY, cuda_kernels_on, poison, random_layer, reference, relative_error  # noqa: F401
 
-pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
-    or torch.cuda.get_device_capability() != (9, 0),
-    reason="the CUDA gemv4 kernel needs a Hopper GPU (sm_90) and no Triton interpreter")
+pytestmark = [HOPPER_ONLY, pytest.mark.usefixtures("cuda_kernels_on")]
 
 CALLS = 20
-
-
-@pytest.fixture(autouse=True)
-def cuda_kernel_on(monkeypatch):
-    """LORDS_CUDA=0 turns the kernel off in the library; these tests turn it on whatever the environment says."""
-    import lords.kernels.cuda
-
-    monkeypatch.setattr(lords.kernels.cuda, "ENABLED", True)
-
 
 # bf16 operands round the levels (NF), x * A and the output to 8 significant bits, float32 accumulation; the Triton
 # kernels measured up to 2.4e-3 on the same cases (results/gpu_tests.md).

@@ -208,9 +208,9 @@ def gemm4_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None, **launch
         raise ValueError("the CUDA gemm4 kernel does not take these inputs here (see lords.kernels.cuda.gemm4_ready)")
     (out_features, rank), in_features = scale_b.shape, scale_a.shape[1]
     rows = x.numel() // in_features
-    launch = gemm4_config(rows, out_features, in_features, rank, processors(x.device), **launch_shape)
     lookup = level_lookup(codebook, torch.bfloat16, "pairs")
-    key = (launch["rank_groups"], launch["m_cores"])
+    shape = gemm4_config(rows, out_features, in_features, rank, 1)  # the build's parameters, not its launch
+    key = (shape["rank_groups"], shape["m_cores"])
     try:
         built = gemm4_library(*key, not lookup.integer)
     except (RuntimeError, OSError) as error:
@@ -218,8 +218,8 @@ def gemm4_matmul(x, codes, codebook, scale_b, scale_a, bits, bias=None, **launch
         warnings.warn(f"lords: the CUDA gemm4 kernel failed to build and is off for (rank groups, M cores) {key}: "
                       f"{error}")
         raise RuntimeError("CUDA gemm4 kernel unavailable") from error
-    if "splits" not in launch_shape:
-        launch = gemm4_config(rows, out_features, in_features, rank, processors(x.device), _occupancy(built))
+    sms = processors(x.device)
+    launch = gemm4_config(rows, out_features, in_features, rank, sms, _occupancy(built), **launch_shape)
     if not _fits_workspace(x.device, launch["splits"], rows * out_features, launch["row_blocks"] * launch["m_tiles"]):
         raise ValueError(f"the CUDA gemm4 kernel's {launch['splits']} splits of {rows} x {out_features} outputs do "
                          "not fit the stream-K workspace")

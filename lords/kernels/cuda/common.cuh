@@ -154,6 +154,25 @@ LORDS_WGMMA(7, 56, "%28", "%29", "%30", "%31", "%32", "%33")
 LORDS_WGMMA(8, 64, "%32", "%33", "%34", "%35", "%36", "%37")
 LORDS_WGMMA(13, 104, "%52", "%53", "%54", "%55", "%56", "%57")
 
+// cp.async of BYTES (a multiple of 16) from global memory to shared memory by a block of THREADS, 16 bytes a thread
+// a turn: `target` and `source` are the block's addresses plus 16 x threadIdx.x.
+template <int BYTES, int THREADS>
+__device__ __forceinline__ void copy_async(uint32_t target, const char* source) {
+    constexpr int CHUNKS = BYTES / 16;
+#pragma unroll
+    for (int i = 0; i < (CHUNKS + THREADS - 1) / THREADS; ++i)
+        if (CHUNKS % THREADS == 0 || threadIdx.x + i * THREADS < CHUNKS)
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(target + i * THREADS * 16),
+                         "l"(source + i * THREADS * 16));
+}
+
+// A thread's 16 bytes of a step from rows g and g + 8 (the layout above); `codes` points at its bytes of row g.
+__device__ __forceinline__ void load_step_codes(uint4 (&into)[2], const uint8_t* codes, int half_k, int step,
+                                                bool valid) {
+    into[0] = load_codes(codes + step * STEP_BYTES, valid);
+    into[1] = load_codes(codes + (size_t)8 * half_k + step * STEP_BYTES, valid);
+}
+
 // Shared-memory matrix descriptor, no swizzle: start address, then the byte offsets between core matrices along K
 // (leading) and along N (stride), each in units of 16 bytes.
 __device__ __forceinline__ uint64_t descriptor(uint32_t address, uint32_t leading, uint32_t stride) {

@@ -94,7 +94,6 @@ __global__ void __launch_bounds__(WARPS * 32) gemm4_kernel(
     uint32_t integer_bias, float out_scale) {
     constexpr int A_BYTES = a_step_bytes(RANK_GROUPS), X_BYTES = x_step_bytes(M_CORES);
     constexpr int SLOT_BYTES = A_BYTES + X_BYTES, THREADS = WARPS * 32;
-    constexpr int A_CHUNKS = A_BYTES / 16, X_CHUNKS = X_BYTES / 16;
     __shared__ uint32_t table[TABLE ? TABLE_WORDS : 1];
     extern __shared__ __align__(128) uint4 ring[];
 
@@ -131,26 +130,15 @@ __global__ void __launch_bounds__(WARPS * 32) gemm4_kernel(
     auto copy_step = [&](int step, int slot) {  // one cp.async group per step, empty past the end
         if (step < end_step) {
             const uint32_t target = ring_base + slot * SLOT_BYTES + threadIdx.x * 16;
-#pragma unroll
-            for (int i = 0; i < (A_CHUNKS + THREADS - 1) / THREADS; ++i)
-                if (A_CHUNKS % THREADS == 0 || threadIdx.x + i * THREADS < A_CHUNKS)
-                    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(target + i * THREADS * 16),
-                                 "l"(a_source + (size_t)step * A_BYTES + i * THREADS * 16));
-#pragma unroll
-            for (int i = 0; i < (X_CHUNKS + THREADS - 1) / THREADS; ++i)
-                if (X_CHUNKS % THREADS == 0 || threadIdx.x + i * THREADS < X_CHUNKS)
-                    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(target + A_BYTES +
-                                                                                   i * THREADS * 16),
-                                 "l"(x_source + (size_t)step * X_BYTES + i * THREADS * 16));
+            copy_async<A_BYTES, THREADS>(target, a_source + (size_t)step * A_BYTES);
+            copy_async<X_BYTES, THREADS>(target + A_BYTES, x_source + (size_t)step * X_BYTES);
         }
         asm volatile("cp.async.commit_group;\n" ::);
     };
     const bool rows_valid = row0 < n;
     const uint8_t* my_codes = codes + (size_t)(row0 + g) * half_k + t * 16;
     auto fetch = [&](uint4 (&into)[2], int step) {
-        const bool valid = rows_valid && step < end_step;
-        into[0] = load_codes(my_codes + step * STEP_BYTES, valid);
-        into[1] = load_codes(my_codes + (size_t)8 * half_k + step * STEP_BYTES, valid);
+        load_step_codes(into, my_codes, half_k, step, rows_valid && step < end_step);
     };
 
     // Half a step: S for its 64 columns, W in registers, Y^T += W X^T. Each wgmma batch is waited for before its

@@ -143,7 +143,7 @@ __global__ void __launch_bounds__(WARPS * 32) gemv4_kernel(
     int* __restrict__ counters, int n, int k, int rank, int steps, Levels levels, uint32_t integer_bias,
     float out_scale, int leading, int stride) {
     constexpr int XA_BYTES = 2048 * RANK_TILES;  // XA of one step
-    constexpr int THREADS = WARPS * 32, CHUNKS = XA_BYTES / 16;
+    constexpr int THREADS = WARPS * 32;
     __shared__ uint32_t table[TABLE ? TABLE_WORDS : 1];
     extern __shared__ __align__(128) uint4 ring[];
 
@@ -166,23 +166,14 @@ __global__ void __launch_bounds__(WARPS * 32) gemv4_kernel(
     const char* xa_source = reinterpret_cast<const char*>(xa) + threadIdx.x * 16;
     const uint32_t xa_target = ring_base + threadIdx.x * 16;
     auto copy_step = [&](int step, int slot) {  // one cp.async group per step, empty past the end
-        if (step < end_step) {
-            const char* source = xa_source + (size_t)step * XA_BYTES;
-            const uint32_t target = xa_target + slot * XA_BYTES;
-#pragma unroll
-            for (int i = 0; i < (CHUNKS + THREADS - 1) / THREADS; ++i)
-                if (CHUNKS % THREADS == 0 || threadIdx.x + i * THREADS < CHUNKS)
-                    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(target + i * THREADS * 16),
-                                 "l"(source + i * THREADS * 16));
-        }
+        if (step < end_step)
+            copy_async<XA_BYTES, THREADS>(xa_target + slot * XA_BYTES, xa_source + (size_t)step * XA_BYTES);
         asm volatile("cp.async.commit_group;\n" ::);
     };
     const bool rows_valid = row0 < n;
     const uint8_t* my_codes = codes + (size_t)(row0 + g) * half_k + t * 16;
     auto fetch = [&](uint4 (&into)[2], int step) {
-        const bool valid = rows_valid && step < end_step;
-        into[0] = load_codes(my_codes + step * STEP_BYTES, valid);
-        into[1] = load_codes(my_codes + (size_t)8 * half_k + step * STEP_BYTES, valid);
+        load_step_codes(into, my_codes, half_k, step, rows_valid && step < end_step);
     };
     uint4 codes0[2], codes1[2], codes2[2];
     fetch(codes0, first_step);
