@@ -44,6 +44,9 @@ def _distributed_worker(rank: int, world: int, init_file: str, model_file: str, 
                       param_groups=trainable_groups(model, mode), fsdp=fsdp)
     if rank == 0:
         torch.save((trained_scales(model), losses), out_file)
+    # both ranks tear gloo down together: rank 1 leaving while rank 0 still saved aborted it once
+    # ("terminate called without an active exception", SIGABRT) in a fresh-clone run
+    dist.barrier()
     dist.destroy_process_group()
 
 
